@@ -1,0 +1,38 @@
+//! `Children`: the process groups of running command tasks, so the foreman loop can signal them at
+//! shutdown. A pid is removed before it is reaped, so a signal never reaches a recycled pid.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+#[derive(Default)]
+pub struct Children {
+    /// task id → pid, which is also the process group id (each child leads its own group).
+    groups: Mutex<HashMap<i64, libc::pid_t>>,
+}
+
+impl Children {
+    fn lock(&self) -> MutexGuard<'_, HashMap<i64, libc::pid_t>> {
+        // The map stays consistent even if a holder panicked: every operation is a single call.
+        self.groups.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn insert(&self, task_id: i64, pid: libc::pid_t) {
+        self.lock().insert(task_id, pid);
+    }
+
+    pub fn remove(&self, task_id: i64) {
+        self.lock().remove(&task_id);
+    }
+
+    /// Sends `signal` to every running task's process group; returns how many were signalled.
+    pub fn signal_all(&self, signal: libc::c_int) -> usize {
+        let groups = self.lock();
+        for &pid in groups.values() {
+            // SAFETY: kill has no memory-safety preconditions; the group is alive (not yet reaped).
+            unsafe {
+                libc::kill(-pid, signal);
+            }
+        }
+        groups.len()
+    }
+}

@@ -1,0 +1,404 @@
+//! The effective configuration: `foreman.toml`, then `FOREMAN_*` env and flags on top (flag wins),
+//! validated once at startup. Owns the defaults; nothing else invents one.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration::{format_duration, parse_duration};
+use crate::error::{Error, Result};
+
+pub const DEFAULT_DB: &str = "foreman.sqlite3";
+pub const DEFAULT_CONFIG: &str = "foreman.toml";
+pub const DEFAULT_WORKERS: usize = 4;
+pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+/// More threads than this is a typo, not a configuration.
+const MAX_WORKERS: usize = 1024;
+/// Task names under this prefix belong to foreman's built-in handlers.
+pub const RESERVED_PREFIX: &str = "foreman.";
+
+/// Settings given on the command line or in `FOREMAN_*` variables; they override the config file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub db: Option<PathBuf>,
+    pub wakeup_dir: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub workers: Option<usize>,
+    pub graceful_timeout: Option<Duration>,
+    pub tick: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskConfig {
+    /// argv of the process started for each task; run directly, never through a shell.
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file that was read, if any.
+    pub file: Option<PathBuf>,
+    pub db: PathBuf,
+    pub wakeup_dir: PathBuf,
+    pub pid_file: PathBuf,
+    pub workers: usize,
+    pub graceful_timeout: Duration,
+    pub tick: Duration,
+    pub tasks: BTreeMap<String, TaskConfig>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    db: Option<PathBuf>,
+    wakeup_dir: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+    workers: Option<usize>,
+    graceful_timeout: Option<DurationValue>,
+    tick: Option<DurationValue>,
+    #[serde(default)]
+    tasks: BTreeMap<String, FileTask>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTask {
+    command: Vec<String>,
+}
+
+/// A duration in a config file: a string with a unit or a number of seconds.
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Int(u64),
+            Float(f64),
+        }
+        let parsed = match Raw::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom("expected a duration such as \"10s\" or a number of seconds")
+        })? {
+            Raw::Text(text) => parse_duration(&text),
+            Raw::Int(secs) => Ok(Duration::from_secs(secs)),
+            Raw::Float(secs) => {
+                Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {secs}"))
+            }
+        };
+        parsed.map(DurationValue).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Reads the config file (the given one, else `./foreman.toml` if present), applies the
+    /// overrides and validates the result.
+    pub fn load(config_file: Option<&Path>, overrides: &Overrides) -> Result<Config> {
+        let file = match config_file {
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.is_file()),
+        };
+        let parsed = match &file {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        // Paths written in a config file are relative to that file, so the file means the same
+        // whatever directory the daemon is started from.
+        let base = file
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let from_file = |p: Option<PathBuf>| p.map(|p| base.join(p));
+
+        let db = overrides
+            .db
+            .clone()
+            .or_else(|| from_file(parsed.db))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DB));
+        let wakeup_dir = overrides
+            .wakeup_dir
+            .clone()
+            .or_else(|| from_file(parsed.wakeup_dir))
+            .unwrap_or_else(|| suffixed(&db, ".wakeup"));
+        let pid_file = overrides
+            .pid_file
+            .clone()
+            .or_else(|| from_file(parsed.pid_file))
+            .unwrap_or_else(|| suffixed(&db, ".pid"));
+        let tasks = parsed
+            .tasks
+            .into_iter()
+            .map(|(name, task)| {
+                (
+                    name,
+                    TaskConfig {
+                        command: task.command,
+                    },
+                )
+            })
+            .collect();
+        let config = Config {
+            db,
+            wakeup_dir,
+            pid_file,
+            workers: overrides
+                .workers
+                .or(parsed.workers)
+                .unwrap_or(DEFAULT_WORKERS),
+            graceful_timeout: overrides
+                .graceful_timeout
+                .or(parsed.graceful_timeout.map(|d| d.0))
+                .unwrap_or(DEFAULT_GRACEFUL_TIMEOUT),
+            tick: overrides
+                .tick
+                .or(parsed.tick.map(|d| d.0))
+                .unwrap_or(DEFAULT_TICK),
+            tasks,
+            file,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(self.key_error(
+                "workers",
+                &format!("must be between 1 and {MAX_WORKERS}, got {}", self.workers),
+            ));
+        }
+        if self.tick.is_zero() {
+            return Err(self.key_error("tick", "must be greater than 0"));
+        }
+        for (name, task) in &self.tasks {
+            let key = format!("tasks.\"{name}\".command");
+            if name.is_empty() {
+                return Err(self.key_error("tasks", "a task name is empty"));
+            }
+            if name.starts_with(RESERVED_PREFIX) {
+                return Err(self.key_error(
+                    &format!("tasks.\"{name}\""),
+                    "names starting with \"foreman.\" are reserved for built-in tasks",
+                ));
+            }
+            let Some(program) = task.command.first() else {
+                return Err(self.key_error(&key, "is empty: expected [program, args…]"));
+            };
+            if let Err(why) = find_executable(program) {
+                return Err(self.key_error(&key, &why));
+            }
+        }
+        Ok(())
+    }
+
+    fn key_error(&self, key: &str, what: &str) -> Error {
+        match &self.file {
+            Some(file) => Error::Config(format!("{}: key `{key}` {what}", file.display())),
+            None => Error::Config(format!("configuration key `{key}` {what}")),
+        }
+    }
+
+    /// The effective configuration as TOML, as `foreman check-config` prints it.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let source = self.file.as_ref().map_or_else(
+            || "none (built-in defaults)".to_owned(),
+            |f| f.display().to_string(),
+        );
+        let _ = writeln!(out, "# config file: {source}");
+        let _ = writeln!(out, "db = {}", toml_str(&self.db.display().to_string()));
+        let _ = writeln!(
+            out,
+            "wakeup_dir = {}",
+            toml_str(&self.wakeup_dir.display().to_string())
+        );
+        let _ = writeln!(
+            out,
+            "pid_file = {}",
+            toml_str(&self.pid_file.display().to_string())
+        );
+        let _ = writeln!(out, "workers = {}", self.workers);
+        let _ = writeln!(
+            out,
+            "graceful_timeout = \"{}\"",
+            format_duration(self.graceful_timeout)
+        );
+        let _ = writeln!(out, "tick = \"{}\"", format_duration(self.tick));
+        for (name, task) in &self.tasks {
+            let argv: Vec<String> = task.command.iter().map(|a| toml_str(a)).collect();
+            let _ = writeln!(
+                out,
+                "\n[tasks.{}]\ncommand = [{}]",
+                toml_str(name),
+                argv.join(", ")
+            );
+        }
+        out
+    }
+}
+
+fn toml_str(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
+    let deserializer =
+        toml::de::Deserializer::parse(&text).map_err(|e| toml_error(path, &text, &e))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner.span().map(|s| line_of(&text, s.start));
+        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+        if key == "." || key.is_empty() {
+            Error::Config(format!(
+                "{}{at}: {}",
+                path.display(),
+                inner.message().trim()
+            ))
+        } else {
+            Error::Config(format!(
+                "{}{at}: key `{key}`: {}",
+                path.display(),
+                inner.message().trim()
+            ))
+        }
+    })
+}
+
+fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> Error {
+    let at = err
+        .span()
+        .map(|s| format!(" (line {})", line_of(text, s.start)))
+        .unwrap_or_default();
+    Error::Config(format!(
+        "{}{at}: invalid TOML: {}",
+        path.display(),
+        err.message().trim()
+    ))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+/// Finds `program` the way exec would (a path, or a search of `PATH`) and checks it is executable.
+fn find_executable(program: &str) -> std::result::Result<PathBuf, String> {
+    let is_executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return if !path.exists() {
+            Err(format!("names {program:?}, which does not exist"))
+        } else if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(format!(
+                "names {program:?}, which is not an executable file"
+            ))
+        };
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| format!("names {program:?}, which is not an executable in PATH"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("foreman.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path), &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_derive_from_the_db_path() {
+        let config = load_text("db = \"q.db\"").unwrap();
+        assert!(config.db.ends_with("q.db"));
+        assert!(config.wakeup_dir.to_string_lossy().ends_with("q.db.wakeup"));
+        assert!(config.pid_file.to_string_lossy().ends_with("q.db.pid"));
+        assert_eq!(config.workers, DEFAULT_WORKERS);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "workers = 2\ntick = \"5s\"").unwrap();
+        let overrides = Overrides {
+            workers: Some(7),
+            ..Overrides::default()
+        };
+        let config = Config::load(Some(&path), &overrides).unwrap();
+        assert_eq!(config.workers, 7);
+        assert_eq!(config.tick, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let err = load_text("workers = \"four\"").unwrap_err().to_string();
+        assert!(
+            err.contains("foreman.toml") && err.contains("`workers`"),
+            "{err}"
+        );
+        let err = load_text("wrokers = 4").unwrap_err().to_string();
+        assert!(err.contains("wrokers") && err.contains("line 1"), "{err}");
+        let err = load_text("[tasks.x]\ncommand = []")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tasks.\"x\".command"), "{err}");
+        let err = load_text("[tasks.x]\ncommand = [\"/nonexistent/prog\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        let err = load_text("tick = \"3 parsecs\"").unwrap_err().to_string();
+        assert!(
+            err.contains("`tick`") && err.contains("invalid duration"),
+            "{err}"
+        );
+        let err = load_text("[tasks.x]\nargv = [\"true\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("argv"), "{err}");
+        assert_eq!(load_text("workers = 0").unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn effective_config_parses_back() {
+        let config = load_text(
+            "workers = 3\ngraceful_timeout = 2.5\n[tasks.\"a.b\"]\ncommand = [\"true\", \"x y\"]",
+        )
+        .unwrap();
+        let printed = config.to_toml();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("again.toml");
+        std::fs::write(&path, &printed).unwrap();
+        let again = Config::load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(again.workers, 3);
+        assert_eq!(again.graceful_timeout, Duration::from_millis(2500));
+        assert_eq!(again.tasks, config.tasks);
+    }
+}

@@ -1,0 +1,284 @@
+//! The foreman loop: one thread, one `match` over `Event`. It alone pops (and so deletes) rows, and
+//! it never has more tasks out than there are workers. It blocks only on its event channels and,
+//! bounded by the busy timeout, on SQLite's write lock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, select};
+
+use crate::children::Children;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::pid_guard::PidGuard;
+use crate::pool::{Finished, Job, Outcome, WorkerPool};
+use crate::queue::Queue;
+use crate::registry::Registry;
+use crate::signals::Shutdown;
+use crate::wakeup::WakeupDir;
+
+/// Between SIGTERM and SIGKILL for command tasks still running at the graceful deadline.
+const KILL_GRACE: Duration = Duration::from_millis(500);
+
+/// Everything the daemon reacts to.
+#[derive(Debug)]
+enum Event {
+    /// A file appeared in the wakeup dir (or the watch overflowed).
+    Wakeup,
+    WorkerFinished(Finished),
+    /// The fallback tick: catches missed wakeups and stale wakeup files.
+    Tick,
+    Shutdown(Shutdown),
+    /// The current shutdown phase ran out of time.
+    Deadline,
+}
+
+enum Phase {
+    Running,
+    /// Stopped popping; waiting for running tasks until the deadline.
+    Draining {
+        deadline: Instant,
+    },
+    /// Sent SIGTERM to the survivors' processes; SIGKILL at the deadline.
+    Terminating {
+        deadline: Instant,
+    },
+}
+
+struct Running {
+    name: String,
+    started: Instant,
+}
+
+/// Runs the daemon until a shutdown signal arrives on `shutdown` and the running tasks are done
+/// (or the graceful timeout passes). Takes the PID lock, creates the schema and wakeup dir if
+/// absent, and drains the backlog first.
+pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
+    registry.add_commands(&config.tasks)?;
+    let _guard = PidGuard::acquire(&config.pid_file)?;
+    let mut queue = Queue::open(&config.db, true)?;
+    queue.ensure_schema()?;
+    let wakeup = WakeupDir::prepare(&config.wakeup_dir)?;
+    // Watch before the first pop, so a task enqueued during startup cannot slip between the two.
+    let (wake_tx, wakes) = crossbeam_channel::bounded(1);
+    let _watcher = wakeup.watch(wake_tx)?;
+    let (finished_tx, finished) = crossbeam_channel::unbounded();
+    let children = Arc::new(Children::default());
+    let pool = WorkerPool::start(config.workers, &finished_tx, &children)?;
+    log::info!(
+        "foreman running: pid {}, db {}, wakeup dir {}, {} workers, tasks: {}",
+        std::process::id(),
+        config.db.display(),
+        config.wakeup_dir.display(),
+        config.workers,
+        registry.names().join(", ")
+    );
+    let mut foreman = Foreman {
+        config,
+        registry,
+        queue,
+        wakeup,
+        pool,
+        children,
+        running: HashMap::with_capacity(config.workers),
+        phase: Phase::Running,
+        last_db_error: None,
+    };
+    foreman.wakeup.clear();
+    foreman.fill();
+    let ticker = crossbeam_channel::tick(config.tick);
+    let mut shutdown = shutdown.clone();
+    loop {
+        let deadline = match foreman.phase {
+            Phase::Running => crossbeam_channel::never(),
+            Phase::Draining { deadline } | Phase::Terminating { deadline } => {
+                crossbeam_channel::at(deadline)
+            }
+        };
+        let event = select! {
+            recv(shutdown) -> signal => match signal {
+                Ok(signal) => Event::Shutdown(signal),
+                // Nobody can ask for a shutdown any more; stop listening instead of spinning.
+                Err(_) => { shutdown = crossbeam_channel::never(); continue; }
+            },
+            recv(finished) -> done => done.map_or(Event::Tick, Event::WorkerFinished),
+            recv(wakes) -> _ => Event::Wakeup,
+            recv(ticker) -> _ => Event::Tick,
+            recv(deadline) -> _ => Event::Deadline,
+        };
+        match event {
+            Event::Wakeup => {
+                foreman.wakeup.clear();
+                foreman.fill();
+            }
+            Event::WorkerFinished(done) => {
+                foreman.finish(done);
+                // Coalesce: collect every worker that is done before popping once for all of them.
+                while let Ok(done) = finished.try_recv() {
+                    foreman.finish(done);
+                }
+                foreman.fill();
+            }
+            Event::Tick => foreman.tick(),
+            Event::Shutdown(signal) => foreman.shutdown(signal)?,
+            Event::Deadline => foreman.deadline(),
+        }
+        if !matches!(foreman.phase, Phase::Running) && foreman.running.is_empty() {
+            log::info!("foreman stopped: no task running");
+            return Ok(());
+        }
+        if let Phase::Terminating { deadline } = foreman.phase
+            && Instant::now() >= deadline
+        {
+            let killed = foreman.children.signal_all(libc::SIGKILL);
+            log::warn!(
+                "foreman stopped: killed {killed} command task(s); {} task(s) abandoned",
+                foreman.running.len()
+            );
+            return Ok(());
+        }
+    }
+}
+
+struct Foreman<'c> {
+    config: &'c Config,
+    registry: Registry,
+    queue: Queue,
+    wakeup: WakeupDir,
+    pool: WorkerPool,
+    children: Arc<Children>,
+    running: HashMap<i64, Running>,
+    phase: Phase,
+    /// When the last DB error was logged, so a broken DB logs once per tick, not once per event.
+    last_db_error: Option<Instant>,
+}
+
+impl Foreman<'_> {
+    /// Pops and starts tasks until the slots are full or the queue is empty.
+    fn fill(&mut self) {
+        while matches!(self.phase, Phase::Running) {
+            let free = self.config.workers - self.running.len();
+            if free == 0 {
+                return;
+            }
+            let registry = &self.registry;
+            let popped = match self.queue.pop(free, |name| registry.contains(name)) {
+                Ok(popped) => popped,
+                Err(e) => {
+                    self.db_error(&e);
+                    return;
+                }
+            };
+            for (id, reason) in &popped.dead {
+                log::error!("task {id} moved to foreman_dead: {reason}");
+            }
+            let rows = popped.rows();
+            for task in popped.tasks {
+                let Some(handler) = self.registry.get(&task.name).cloned() else {
+                    continue;
+                };
+                self.running.insert(
+                    task.id,
+                    Running {
+                        name: task.name.clone(),
+                        started: Instant::now(),
+                    },
+                );
+                self.pool.submit(Job { task, handler });
+            }
+            if rows < free {
+                return; // The queue is empty.
+            }
+        }
+    }
+
+    fn finish(&mut self, done: Finished) {
+        self.running.remove(&done.task_id);
+        match done.outcome {
+            Outcome::Done => log::debug!(
+                "task {} {} done in {:?}",
+                done.task_id,
+                done.task_name,
+                done.elapsed
+            ),
+            Outcome::Failed(reason) => {
+                log::warn!(
+                    "task {} {} failed after {:?}: {reason}",
+                    done.task_id,
+                    done.task_name,
+                    done.elapsed
+                );
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        if !matches!(self.phase, Phase::Running) || self.running.len() == self.config.workers {
+            return;
+        }
+        // A stale file would keep create-if-absent producers from ever signalling again.
+        self.wakeup.clear();
+        match self.queue.has_queued() {
+            Ok(true) => self.fill(),
+            Ok(false) => {}
+            Err(e) => self.db_error(&e),
+        }
+    }
+
+    fn db_error(&mut self, e: &Error) {
+        let now = Instant::now();
+        if self
+            .last_db_error
+            .is_none_or(|at| now.duration_since(at) >= self.config.tick)
+        {
+            log::error!(
+                "cannot pop tasks (retrying every {:?}): {e}",
+                self.config.tick
+            );
+            self.last_db_error = Some(now);
+        }
+    }
+
+    fn shutdown(&mut self, signal: Shutdown) -> Result<()> {
+        if let Phase::Running = self.phase {
+            log::info!(
+                "signal {}: stopping; waiting up to {:?} for {} running task(s)",
+                signal.0,
+                self.config.graceful_timeout,
+                self.running.len()
+            );
+            self.phase = Phase::Draining {
+                deadline: Instant::now() + self.config.graceful_timeout,
+            };
+            return Ok(());
+        }
+        self.log_survivors("abandoned at second signal");
+        self.children.signal_all(libc::SIGKILL);
+        Err(Error::Interrupted {
+            abandoned: self.running.len(),
+        })
+    }
+
+    fn deadline(&mut self) {
+        if let Phase::Draining { .. } = self.phase {
+            self.log_survivors("still running at the graceful timeout");
+            self.children.signal_all(libc::SIGTERM);
+            self.phase = Phase::Terminating {
+                deadline: Instant::now() + KILL_GRACE,
+            };
+        }
+    }
+
+    fn log_survivors(&self, what: &str) {
+        let mut survivors: Vec<_> = self.running.iter().collect();
+        survivors.sort_unstable_by_key(|(id, _)| **id);
+        for (id, task) in survivors {
+            log::warn!(
+                "task {id} {} {what} (started {:?} ago)",
+                task.name,
+                task.started.elapsed()
+            );
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! foreman: a background-task runner fed through SQLite. The library holds everything; the binary
+//! only parses arguments, sets up logging and signals, and calls `cli::execute`.
+//!
+//! To run in-process Rust handlers, build a [`Registry`] and call [`run`] from your own `main`
+//! (see `examples/inproc.rs`).
+
+pub mod children;
+pub mod cli;
+pub mod command;
+pub mod config;
+pub mod duration;
+pub mod error;
+pub mod foreman;
+pub mod pid_guard;
+pub mod pool;
+pub mod queue;
+pub mod registry;
+pub mod signals;
+pub mod task;
+pub mod wakeup;
+
+pub use config::{Config, Overrides};
+pub use error::{Error, Result};
+pub use foreman::run;
+pub use registry::{Registry, TaskResult};
+pub use signals::{Shutdown, forward_shutdown_signals};
+pub use task::Task;

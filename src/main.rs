@@ -1,0 +1,47 @@
+//! The `foreman` binary: parse the command line, set up logging, run the command, map errors to exit
+//! codes. Everything else lives in the library.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use foreman::cli::{Cli, execute};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level);
+    match execute(&cli, foreman::forward_shutdown_signals) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+/// `--log-level` wins over `RUST_LOG`; default info. Under systemd (`JOURNAL_STREAM` set) lines carry
+/// `<N>` syslog priorities and no timestamp, since the journal adds its own.
+fn init_logging(level: Option<log::LevelFilter>) {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(log::LevelFilter::Info);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    if let Some(level) = level {
+        builder.filter_level(level);
+    }
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.format(|buf, record| {
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(buf, "<{priority}>{}", record.args())
+        });
+    } else {
+        builder.format_target(false);
+    }
+    builder.init();
+}

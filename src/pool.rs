@@ -1,0 +1,111 @@
+//! `WorkerPool`: a fixed set of worker threads fed over a channel. Each runs one task at a time and
+//! reports a `Finished` back to the foreman loop; a panicking handler fails its task, never the pool.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::children::Children;
+use crate::command;
+use crate::error::{Error, Result};
+use crate::registry::Handler;
+use crate::task::Task;
+
+pub struct Job {
+    pub task: Task,
+    pub handler: Handler,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct Finished {
+    pub task_id: i64,
+    pub task_name: String,
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+}
+
+pub struct WorkerPool {
+    jobs: Sender<Job>,
+    _threads: Vec<JoinHandle<()>>,
+}
+
+impl WorkerPool {
+    /// Starts `workers` threads. The foreman loop never submits more jobs than there are idle
+    /// workers, so the channel never holds a task a worker could not start at once.
+    pub fn start(
+        workers: usize,
+        finished: &Sender<Finished>,
+        children: &Arc<Children>,
+    ) -> Result<WorkerPool> {
+        let (jobs, inbox) = crossbeam_channel::unbounded::<Job>();
+        let threads = (0..workers)
+            .map(|n| {
+                let inbox = inbox.clone();
+                let finished = finished.clone();
+                let children = Arc::clone(children);
+                std::thread::Builder::new()
+                    .name(format!("foreman-worker-{n}"))
+                    .spawn(move || work(&inbox, &finished, &children))
+                    .map_err(|e| Error::io("starting a worker thread", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WorkerPool {
+            jobs,
+            _threads: threads,
+        })
+    }
+
+    pub fn submit(&self, job: Job) {
+        // Workers only stop when this sender is dropped, so a send cannot fail while we hold it.
+        let _ = self.jobs.send(job);
+    }
+}
+
+fn work(inbox: &Receiver<Job>, finished: &Sender<Finished>, children: &Children) {
+    for Job { task, handler } in inbox {
+        let started = Instant::now();
+        log::debug!("task {} {} started", task.id, task.name);
+        let outcome = match catch_unwind(AssertUnwindSafe(|| run(&task, &handler, children))) {
+            Ok(Ok(())) => Outcome::Done,
+            Ok(Err(reason)) => Outcome::Failed(reason),
+            Err(panic) => Outcome::Failed(format!(
+                "handler panicked: {}",
+                panic_message(panic.as_ref())
+            )),
+        };
+        let report = Finished {
+            task_id: task.id,
+            task_name: task.name,
+            outcome,
+            elapsed: started.elapsed(),
+        };
+        if finished.send(report).is_err() {
+            return; // The foreman loop is gone; nobody is left to tell.
+        }
+    }
+}
+
+fn run(task: &Task, handler: &Handler, children: &Children) -> std::result::Result<(), String> {
+    match handler {
+        Handler::InProcess(f) => f(task).map_err(|e| e.to_string()),
+        Handler::Command(argv) => command::run(task, argv, children),
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
+}

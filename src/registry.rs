@@ -1,0 +1,125 @@
+//! `Registry`: which task names foreman can run and how (in-process Rust closure or a command per
+//! task). Built-in `foreman.*` tasks are in every registry. It only maps names; running is the pool's.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{RESERVED_PREFIX, TaskConfig};
+use crate::error::{Error, Result};
+use crate::task::Task;
+
+/// What an in-process handler returns: `Err` marks the task failed, with that message.
+pub type TaskResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+type HandlerFn = dyn Fn(&Task) -> TaskResult + Send + Sync;
+
+#[derive(Clone)]
+pub enum Handler {
+    InProcess(Arc<HandlerFn>),
+    /// argv of the process spawned per task.
+    Command(Arc<[String]>),
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    handlers: HashMap<String, Handler>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// A registry holding the built-in tasks: `foreman.echo` logs its args and kwargs,
+    /// `foreman.sleep` sleeps `args[0]` seconds.
+    pub fn new() -> Self {
+        let mut registry = Registry {
+            handlers: HashMap::new(),
+        };
+        registry.insert("foreman.echo", Handler::InProcess(Arc::new(echo)));
+        registry.insert("foreman.sleep", Handler::InProcess(Arc::new(sleep)));
+        registry
+    }
+
+    /// Adds (or replaces) an in-process handler. Handlers run on the worker threads, so they
+    /// must be `Send + Sync`; a panic fails the task and frees the slot.
+    #[must_use]
+    pub fn register<F>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(&Task) -> TaskResult + Send + Sync + 'static,
+    {
+        self.insert(name, Handler::InProcess(Arc::new(handler)));
+        self
+    }
+
+    fn insert(&mut self, name: &str, handler: Handler) {
+        self.handlers.insert(name.to_owned(), handler);
+    }
+
+    /// Adds the command tasks of the config; a name already served in-process is a config error.
+    pub fn add_commands<'a>(
+        &mut self,
+        tasks: impl IntoIterator<Item = (&'a String, &'a TaskConfig)>,
+    ) -> Result<()> {
+        for (name, task) in tasks {
+            if name.starts_with(RESERVED_PREFIX) {
+                return Err(Error::Config(format!(
+                    "task {name:?}: names starting with \"foreman.\" are reserved"
+                )));
+            }
+            match self.handlers.entry(name.clone()) {
+                Entry::Occupied(_) => {
+                    return Err(Error::Config(format!(
+                        "task {name:?} is defined both in the config file and as an in-process handler"
+                    )));
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(Handler::Command(task.command.clone().into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Handler> {
+        self.handlers.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.handlers.contains_key(name)
+    }
+
+    /// Task names, sorted, for the startup log line.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+#[allow(clippy::unnecessary_wraps)] // The handler signature is fixed.
+fn echo(task: &Task) -> TaskResult {
+    log::info!(
+        "task {} foreman.echo: args={} kwargs={}",
+        task.id,
+        serde_json::Value::from(task.args.clone()),
+        serde_json::Value::from(task.kwargs.clone())
+    );
+    Ok(())
+}
+
+fn sleep(task: &Task) -> TaskResult {
+    let seconds = task
+        .args
+        .first()
+        .and_then(serde_json::Value::as_f64)
+        .ok_or("foreman.sleep expects args [seconds]")?;
+    let duration = Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("foreman.sleep: bad duration {seconds}"))?;
+    std::thread::sleep(duration);
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! `WakeupDir`: the directory producers touch to wake the daemon. Owns its creation and ownership
+//! check, the inotify watch (through `notify`), and clearing the files the daemon has consumed.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crossbeam_channel::Sender;
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+
+use crate::error::{Error, Result};
+
+pub struct WakeupDir {
+    path: PathBuf,
+}
+
+impl WakeupDir {
+    /// Creates the directory with mode 0700 if it is missing; refuses one that is not a directory
+    /// or is owned by another user (who could then stall or flood this daemon).
+    pub fn prepare(path: &Path) -> Result<WakeupDir> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(path)
+                    .map_err(|e| {
+                        Error::io(format!("cannot create wakeup dir {}", path.display()), e)
+                    })?;
+                // `mode` is filtered by the umask; the directory must be 0700 whatever it is.
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(
+                    |e| Error::io(format!("cannot chmod wakeup dir {}", path.display()), e),
+                )?;
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot inspect wakeup dir {}", path.display()),
+                    e,
+                ));
+            }
+            Ok(meta) if !meta.is_dir() => {
+                return Err(Error::Config(format!(
+                    "wakeup dir {} exists but is not a directory",
+                    path.display()
+                )));
+            }
+            Ok(meta) => {
+                // SAFETY: geteuid has no preconditions.
+                let me = unsafe { libc::geteuid() };
+                if meta.uid() != me {
+                    return Err(Error::Config(format!(
+                        "wakeup dir {} is owned by uid {}, not by this user (uid {me}); refusing it",
+                        path.display(),
+                        meta.uid()
+                    )));
+                }
+            }
+        }
+        Ok(WakeupDir {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory as a producer sees it: no checks, nothing created.
+    pub fn at(path: &Path) -> WakeupDir {
+        WakeupDir {
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Watches the directory; every creation or change in it (and every overflow or error of the
+    /// watch) sends one wake. `wakes` should be bounded(1): a pending wake already covers the rest.
+    pub fn watch(&self, wakes: Sender<()>) -> Result<RecommendedWatcher> {
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let wake = match &event {
+                    Ok(event) => {
+                        event.need_rescan()
+                            || !matches!(event.kind, EventKind::Remove(_) | EventKind::Access(_))
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "wakeup watch error (the fallback tick keeps the queue moving): {e}"
+                        );
+                        true
+                    }
+                };
+                if wake {
+                    let _ = wakes.try_send(());
+                }
+            })
+            .map_err(|e| Error::io("cannot start the inotify watcher", io::Error::other(e)))?;
+        watcher
+            .watch(&self.path, RecursiveMode::NonRecursive)
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot watch wakeup dir {}", self.path.display()),
+                    io::Error::other(e),
+                )
+            })?;
+        Ok(watcher)
+    }
+
+    /// Removes the wakeup files, so that producers which create a file only when it is absent will
+    /// create (and so signal) again. Returns how many were removed.
+    pub fn clear(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return 0;
+        };
+        entries
+            .filter_map(std::result::Result::ok)
+            .filter(|entry| std::fs::remove_file(entry.path()).is_ok())
+            .count()
+    }
+
+    /// What a producer does after committing: create a file named `name` unless it already exists.
+    pub fn touch(&self, name: &str) -> io::Result<()> {
+        let file = self.path.join(name);
+        if file.exists() {
+            return Ok(());
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .map(drop)
+    }
+}
