@@ -1,6 +1,7 @@
 //! The `foreman` command line: argument definitions (clap) and what each subcommand does. Output
 //! formats live here; the work they report on lives in the other modules.
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -213,13 +214,13 @@ fn status(cli: &Cli, json: bool) -> Result<()> {
         (true, None) => "running (pid unknown)".to_owned(),
         (false, _) => "not running".to_owned(),
     };
-    out.push_str(&format!("daemon   {daemon_line}\n"));
-    out.push_str(&format!("db       {}\n", config.db.display()));
+    let _ = writeln!(out, "daemon   {daemon_line}");
+    let _ = writeln!(out, "db       {}", config.db.display());
     let oldest = status
         .oldest_age_seconds
         .map(|a| format!(", oldest queued {:.1}s ago", a.max(0.0)))
         .unwrap_or_default();
-    out.push_str(&format!("queued   {}{oldest}\n", status.total));
+    let _ = writeln!(out, "queued   {}{oldest}", status.total);
     let width = status
         .by_task
         .iter()
@@ -227,8 +228,8 @@ fn status(cli: &Cli, json: bool) -> Result<()> {
         .max()
         .unwrap_or(0);
     for (name, count) in &status.by_task {
-        out.push_str(&format!("  {name:<width$}  {count:>8}\n"));
+        let _ = writeln!(out, "  {name:<width$}  {count:>8}");
     }
-    out.push_str(&format!("dead     {}\n", status.dead));
+    let _ = writeln!(out, "dead     {}", status.dead);
     print(&out)
 }

@@ -23,10 +23,10 @@ const MAX_DRAIN_AFTER_EXIT: usize = 1 << 20;
 
 /// Runs the task's command to completion; `Err` carries the one-line failure reason.
 pub fn run(task: &Task, argv: &[String], children: &Children) -> Result<(), String> {
-    let (program, args) = argv.split_first().ok_or("the task's command is empty")?;
+    let (program, program_args) = argv.split_first().ok_or("the task's command is empty")?;
     let mut command = Command::new(program);
     command
-        .args(args)
+        .args(program_args)
         .env("FOREMAN_TASK_ID", task.id.to_string())
         .env("FOREMAN_TASK_NAME", &task.name)
         .stdin(Stdio::piped())

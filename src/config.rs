@@ -238,7 +238,7 @@ impl Config {
             let _ = writeln!(
                 out,
                 "\n[tasks.{}]\ncommand = [{}]",
-                toml_str(name),
+                toml_key(name),
                 argv.join(", ")
             );
         }
@@ -248,6 +248,15 @@ impl Config {
 
 fn toml_str(text: &str) -> String {
     toml::Value::String(text.to_owned()).to_string()
+}
+
+/// A key as TOML writes it: bare when it can be, quoted otherwise (`a.b` is two keys unquoted).
+fn toml_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare { key.to_owned() } else { toml_str(key) }
 }
 
 fn suffixed(path: &Path, suffix: &str) -> PathBuf {

@@ -97,10 +97,12 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
             }
         };
         let event = select! {
-            recv(shutdown) -> signal => match signal {
-                Ok(signal) => Event::Shutdown(signal),
+            recv(shutdown) -> signal => if let Ok(signal) = signal {
+                Event::Shutdown(signal)
+            } else {
                 // Nobody can ask for a shutdown any more; stop listening instead of spinning.
-                Err(_) => { shutdown = crossbeam_channel::never(); continue; }
+                shutdown = crossbeam_channel::never();
+                continue;
             },
             recv(finished) -> done => done.map_or(Event::Tick, Event::WorkerFinished),
             recv(wakes) -> _ => Event::Wakeup,

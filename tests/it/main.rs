@@ -1,0 +1,10 @@
+//! One integration-test crate (it builds once). Every test runs the real `foreman` binary on a temp
+//! dir with a real SQLite file, inotify, signals and child processes.
+
+mod cli;
+mod commands;
+mod drain;
+mod library;
+mod shutdown;
+mod support;
+mod tidy;
