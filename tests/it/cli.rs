@@ -251,3 +251,26 @@ fn a_wakeup_dir_owned_by_another_user_is_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn under_systemd_log_lines_carry_syslog_priorities_and_no_timestamp() {
+    let env = Env::new();
+    env.config("[tasks.t]\ncommand = [\"/no/such/program\"]");
+    let out = env
+        .command(&["run"])
+        .env("JOURNAL_STREAM", "8:1234")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.starts_with("<3>") && err.contains("tasks.\"t\".command"),
+        "{err}"
+    );
+    let out = env.run(&["run"]);
+    assert!(
+        stderr(&out).starts_with("[20"),
+        "a timestamp outside systemd: {}",
+        stderr(&out)
+    );
+}
