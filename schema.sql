@@ -27,9 +27,9 @@
 -- SEMANTICS
 --   Tasks run at most once: the daemon deletes a row in the same transaction that pops it, before the
 --   task starts. A crash loses at most the tasks that were running; none ever runs twice.
---   Rows are popped in id order. A row that cannot run (unknown task name, args not a JSON array,
---   kwargs not a JSON object, text that is not JSON) is moved to foreman_dead with the reason, in the
---   same transaction that pops it.
+--   Rows are popped in id order. A row that cannot run (unknown or empty task name, args not a JSON
+--   array, kwargs not a JSON object, text that is not JSON or not UTF-8) is moved to foreman_dead with
+--   the reason, in the same transaction that pops it.
 --
 -- The daemon puts the database in WAL mode (a persistent setting), so producers never block it for long.
 -- created_at and died_at are Unix times in seconds (REAL, millisecond precision). The default is

@@ -3,6 +3,9 @@
 //! `cargo bench --bench core`; prints a table and one JSON line. A task counts only once it has
 //! started, and every run checks that each id ran exactly once.
 
+// Counts of a few thousand convert to f64 exactly.
+#![allow(clippy::cast_precision_loss)]
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +23,8 @@ const REPS: usize = 3;
 type Starts = Arc<Mutex<HashMap<i64, Instant>>>;
 
 struct Bench {
-    dir: tempfile::TempDir,
+    /// Holds the DB and wakeup dir; removed on drop.
+    _dir: tempfile::TempDir,
     config: Config,
 }
 
@@ -34,7 +38,7 @@ impl Bench {
             ..Overrides::default()
         };
         let config = Config::load(Some(&path), &overrides).expect("config");
-        Bench { dir, config }
+        Bench { _dir: dir, config }
     }
 
     fn conn(&self) -> rusqlite::Connection {
@@ -152,7 +156,9 @@ fn bare_spawn() -> f64 {
             })
         })
         .collect();
-    threads.into_iter().for_each(|t| t.join().expect("thread"));
+    for thread in threads {
+        thread.join().expect("thread");
+    }
     COMMAND_TASKS as f64 / started.elapsed().as_secs_f64()
 }
 
@@ -209,7 +215,8 @@ fn percentile(sorted: &[f64], p: usize) -> f64 {
 }
 
 fn init(bench: &Bench) {
-    let mut queue = foreman::queue::Queue::open(&bench.config.db, true).expect("open");
+    let mut queue = foreman::queue::Queue::open(&bench.config.db, foreman::queue::Access::Create)
+        .expect("open");
     queue.ensure_schema().expect("schema");
     foreman::wakeup::WakeupDir::prepare(&bench.config.wakeup_dir).expect("wakeup dir");
 }

@@ -13,7 +13,7 @@ use crate::config::{Config, Overrides};
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
 use crate::pid_guard::DaemonState;
-use crate::queue::{Queue, SCHEMA_VERSION};
+use crate::queue::{Access, Queue, SCHEMA_VERSION};
 use crate::registry::Registry;
 use crate::signals::Shutdown;
 use crate::wakeup::WakeupDir;
@@ -121,6 +121,7 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
         Command::Status { json } => status(cli, *json),
         Command::CheckConfig(daemon) => {
             let config = cli.load_config(daemon)?;
+            config.check_commands()?;
             // Building the registry is what finds a config task clashing with a built-in.
             Registry::new().add_commands(&config.tasks)?;
             print(&config.to_toml())
@@ -137,7 +138,7 @@ fn print(text: &str) -> Result<()> {
 
 fn init(cli: &Cli) -> Result<()> {
     let config = cli.load_config(&DaemonArgs::default())?;
-    let mut queue = Queue::open(&config.db, true)?;
+    let mut queue = Queue::open(&config.db, Access::Create)?;
     queue.ensure_schema()?;
     WakeupDir::prepare(&config.wakeup_dir)?;
     print(&format!(
@@ -166,7 +167,7 @@ fn enqueue(cli: &Cli, name: &str, args: &str, kwargs: &str) -> Result<()> {
         ));
     }
     let config = cli.load_config(&DaemonArgs::default())?;
-    let mut queue = Queue::open(&config.db, false)?;
+    let mut queue = Queue::open(&config.db, Access::ReadWrite)?;
     queue.check_schema()?;
     let id = queue.enqueue(name, &args.to_string(), &kwargs.to_string())?;
     let wakeup = WakeupDir::at(&config.wakeup_dir);
@@ -183,7 +184,7 @@ fn enqueue(cli: &Cli, name: &str, args: &str, kwargs: &str) -> Result<()> {
 fn status(cli: &Cli, json: bool) -> Result<()> {
     let config = cli.load_config(&DaemonArgs::default())?;
     let daemon = DaemonState::probe(&config.pid_file)?;
-    let queue = Queue::open(&config.db, false)?;
+    let queue = Queue::open(&config.db, Access::ReadOnly)?;
     queue.check_schema()?;
     let status = queue.status()?;
     let (running, pid) = match daemon {

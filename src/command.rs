@@ -302,7 +302,7 @@ impl<'t> Stream<'t> {
         let text = String::from_utf8_lossy(&self.partial);
         let line = text.trim_end_matches('\r');
         log::info!(
-            "task {} ({}) {}: {line}",
+            "task {} {} {}: {line}",
             self.task.id,
             self.task.name,
             self.label

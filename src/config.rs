@@ -138,12 +138,16 @@ impl Config {
             .tasks
             .into_iter()
             .map(|(name, task)| {
-                (
-                    name,
-                    TaskConfig {
-                        command: task.command,
-                    },
-                )
+                let mut command = task.command;
+                // A relative program path is relative to the config file, like the other paths in
+                // it; a bare name is looked up in PATH when the task runs.
+                if let Some(program) = command.first_mut()
+                    && program.contains('/')
+                    && Path::new(program.as_str()).is_relative()
+                {
+                    *program = base.join(&*program).display().to_string();
+                }
+                (name, TaskConfig { command })
             })
             .collect();
         let config = Config {
@@ -165,19 +169,30 @@ impl Config {
             tasks,
             file,
         };
-        config.validate()?;
+        config.validate(overrides)?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks what every command needs; `check_commands` adds what only the daemon needs.
+    fn validate(&self, overrides: &Overrides) -> Result<()> {
+        // Name the flag when the value came from the command line or env, not the file.
+        let origin = |from_override: bool, key: &str, flag: &str| {
+            if from_override {
+                format!("--{flag} (or FOREMAN_{})", key.to_uppercase())
+            } else {
+                self.key_name(key)
+            }
+        };
         if self.workers == 0 || self.workers > MAX_WORKERS {
-            return Err(self.key_error(
-                "workers",
-                &format!("must be between 1 and {MAX_WORKERS}, got {}", self.workers),
-            ));
+            let key = origin(overrides.workers.is_some(), "workers", "workers");
+            return Err(Error::Config(format!(
+                "{key} must be between 1 and {MAX_WORKERS}, got {}",
+                self.workers
+            )));
         }
         if self.tick.is_zero() {
-            return Err(self.key_error("tick", "must be greater than 0"));
+            let key = origin(overrides.tick.is_some(), "tick", "tick");
+            return Err(Error::Config(format!("{key} must be greater than 0")));
         }
         for (name, task) in &self.tasks {
             let key = format!("tasks.\"{name}\".command");
@@ -190,21 +205,35 @@ impl Config {
                     "names starting with \"foreman.\" are reserved for built-in tasks",
                 ));
             }
-            let Some(program) = task.command.first() else {
+            if task.command.is_empty() {
                 return Err(self.key_error(&key, "is empty: expected [program, args…]"));
-            };
-            if let Err(why) = find_executable(program) {
-                return Err(self.key_error(&key, &why));
             }
         }
         Ok(())
     }
 
-    fn key_error(&self, key: &str, what: &str) -> Error {
-        match &self.file {
-            Some(file) => Error::Config(format!("{}: key `{key}` {what}", file.display())),
-            None => Error::Config(format!("configuration key `{key}` {what}")),
+    /// Checks that every command task's program exists and is executable. Only the daemon (and
+    /// `check-config`) needs this: a producer host sharing the config may lack the programs.
+    pub fn check_commands(&self) -> Result<()> {
+        for (name, task) in &self.tasks {
+            if let Some(program) = task.command.first()
+                && let Err(why) = find_executable(program)
+            {
+                return Err(self.key_error(&format!("tasks.\"{name}\".command"), &why));
+            }
         }
+        Ok(())
+    }
+
+    fn key_name(&self, key: &str) -> String {
+        match &self.file {
+            Some(file) => format!("{}: key `{key}`", file.display()),
+            None => format!("configuration key `{key}`"),
+        }
+    }
+
+    fn key_error(&self, key: &str, what: &str) -> Error {
+        Error::Config(format!("{} {what}", self.key_name(key)))
     }
 
     /// The effective configuration as TOML, as `foreman check-config` prints it.
@@ -379,10 +408,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tasks.\"x\".command"), "{err}");
-        let err = load_text("[tasks.x]\ncommand = [\"/nonexistent/prog\"]")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("does not exist"), "{err}");
+        // A missing program stops the daemon, not a producer that shares the config file.
+        let config = load_text("[tasks.x]\ncommand = [\"/nonexistent/prog\"]").unwrap();
+        let err = config.check_commands().unwrap_err().to_string();
+        assert!(
+            err.contains("does not exist") && err.contains("tasks.\"x\".command"),
+            "{err}"
+        );
+        let config = load_text("[tasks.x]\ncommand = [\"bin/prog\", \"bin/arg\"]").unwrap();
+        let command = &config.tasks["x"].command;
+        assert!(
+            command[0].ends_with("/bin/prog") && command[0].len() > "/bin/prog".len(),
+            "{command:?}"
+        );
+        assert_eq!(command[1], "bin/arg", "only the program is resolved");
         let err = load_text("tick = \"3 parsecs\"").unwrap_err().to_string();
         assert!(
             err.contains("`tick`") && err.contains("invalid duration"),
@@ -393,6 +432,20 @@ mod tests {
             .to_string();
         assert!(err.contains("argv"), "{err}");
         assert_eq!(load_text("workers = 0").unwrap_err().exit_code(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("foreman.toml");
+        std::fs::write(&path, "workers = 2").unwrap();
+        let overrides = Overrides {
+            workers: Some(0),
+            ..Overrides::default()
+        };
+        let err = Config::load(Some(&path), &overrides)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--workers (or FOREMAN_WORKERS)") && !err.contains("foreman.toml"),
+            "{err}"
+        );
     }
 
     #[test]

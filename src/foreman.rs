@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pid_guard::PidGuard;
 use crate::pool::{Finished, Job, Outcome, WorkerPool};
-use crate::queue::Queue;
+use crate::queue::{Access, Queue};
 use crate::registry::Registry;
 use crate::signals::Shutdown;
 use crate::wakeup::WakeupDir;
@@ -55,9 +55,10 @@ struct Running {
 /// (or the graceful timeout passes). Takes the PID lock, creates the schema and wakeup dir if
 /// absent, and drains the backlog first.
 pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
+    config.check_commands()?;
     registry.add_commands(&config.tasks)?;
     let _guard = PidGuard::acquire(&config.pid_file)?;
-    let mut queue = Queue::open(&config.db, true)?;
+    let mut queue = Queue::open(&config.db, Access::Create)?;
     queue.ensure_schema()?;
     let wakeup = WakeupDir::prepare(&config.wakeup_dir)?;
     // Watch before the first pop, so a task enqueued during startup cannot slip between the two.

@@ -30,7 +30,7 @@ fn init_logging(level: Option<log::LevelFilter>) {
     if let Some(level) = level {
         builder.filter_level(level);
     }
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
+    if stderr_is_journal() {
         builder.format(|buf, record| {
             let priority = match record.level() {
                 log::Level::Error => 3,
@@ -44,4 +44,22 @@ fn init_logging(level: Option<log::LevelFilter>) {
         builder.format_target(false);
     }
     builder.init();
+}
+
+/// systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it connected; it is ours only if
+/// stderr is still that stream (children and redirections inherit the variable, not the stream).
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|meta| {
+        std::os::unix::fs::MetadataExt::dev(&meta) == dev
+            && std::os::unix::fs::MetadataExt::ino(&meta) == ino
+    })
 }

@@ -17,6 +17,17 @@ pub const SCHEMA_VERSION: i64 = 1;
 /// How long a statement waits for another connection's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a command needs the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Create the file if it is missing (`init`, `run`).
+    Create,
+    /// It must exist (`enqueue`).
+    ReadWrite,
+    /// It must exist; nothing is written, so a user who may only read it can look (`status`).
+    ReadOnly,
+}
+
 pub struct Queue {
     conn: Connection,
     path: PathBuf,
@@ -49,14 +60,15 @@ pub struct QueueStatus {
 }
 
 impl Queue {
-    /// Opens (and with `create`, creates) the database and applies the connection settings.
-    pub fn open(path: &Path, create: bool) -> Result<Queue> {
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI;
-        if create {
-            flags |= OpenFlags::SQLITE_OPEN_CREATE;
-        } else if !path.exists() {
+    /// Opens the database as `access` says and applies the connection settings.
+    pub fn open(path: &Path, access: Access) -> Result<Queue> {
+        let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+        flags |= match access {
+            Access::Create => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+            Access::ReadWrite => OpenFlags::SQLITE_OPEN_READ_WRITE,
+            Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
+        };
+        if access != Access::Create && !path.exists() {
             return Err(Error::db(
                 path,
                 "no such file (run `foreman init` to create it)",
@@ -67,17 +79,20 @@ impl Queue {
             conn,
             path: path.to_path_buf(),
         };
-        queue.configure().map_err(|e| queue.err(e))?;
+        queue.configure(access).map_err(|e| queue.err(e))?;
         Ok(queue)
     }
 
-    fn configure(&self) -> rusqlite::Result<()> {
+    fn configure(&self, access: Access) -> rusqlite::Result<()> {
         self.conn.busy_timeout(BUSY_TIMEOUT)?;
         // Reading the journal mode first is what tells "not a database" apart early, with SQLite's
         // own message, instead of at the first pop.
         let mode: String = self
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if access == Access::ReadOnly {
+            return Ok(());
+        }
         if !mode.eq_ignore_ascii_case("wal") {
             self.conn
                 .query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;

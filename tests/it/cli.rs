@@ -1,6 +1,6 @@
 //! The CLI: init, enqueue, status, check-config, configuration errors and exit codes.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use crate::support::{Env, stderr};
 
@@ -256,21 +256,84 @@ fn a_wakeup_dir_owned_by_another_user_is_refused() {
 fn under_systemd_log_lines_carry_syslog_priorities_and_no_timestamp() {
     let env = Env::new();
     env.config("[tasks.t]\ncommand = [\"/no/such/program\"]");
-    let out = env
+    // systemd names the stream it connected by device and inode; stand in for it with a file.
+    let log_path = env.path("journal.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let meta = log.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let status = env
         .command(&["run"])
-        .env("JOURNAL_STREAM", "8:1234")
-        .output()
+        .env("JOURNAL_STREAM", &stream)
+        .stderr(log)
+        .status()
         .unwrap();
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(status.code(), Some(2));
+    let err = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         err.starts_with("<3>") && err.contains("tasks.\"t\".command"),
         "{err}"
     );
-    let out = env.run(&["run"]);
+    // Inherited by a process whose stderr is elsewhere, the variable must not apply.
+    let out = env
+        .command(&["run"])
+        .env("JOURNAL_STREAM", &stream)
+        .output()
+        .unwrap();
     assert!(
         stderr(&out).starts_with("[20"),
-        "a timestamp outside systemd: {}",
+        "a timestamp outside the journal: {}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn status_reads_without_writing() {
+    let env = Env::new();
+    env.init();
+    env.sql()
+        .execute_batch("PRAGMA journal_mode = DELETE")
+        .unwrap();
+    env.ok(&["status"]);
+    let mode: String = env
+        .sql()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete", "status changed the database");
+}
+
+#[test]
+fn a_producer_host_without_the_task_programs_can_still_enqueue() {
+    let env = Env::new();
+    env.init();
+    // The web app's host shares foreman.toml, but the program only exists where the daemon runs.
+    env.config("[tasks.resize]\ncommand = [\"/opt/only-on-the-worker/resize\"]");
+    let id = env.ok(&["enqueue", "resize", "[1]"]);
+    assert!(id.trim().parse::<i64>().is_ok(), "{id}");
+    env.ok(&["status"]);
+    let out = env.run(&["run"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the daemon itself must refuse it"
+    );
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+}
+
+#[test]
+fn sighup_stops_the_daemon_gracefully() {
+    let env = Env::new();
+    env.init();
+    let mut daemon = env.daemon(&[]);
+    let id = env.insert("foreman.sleep", "[0.3]");
+    env.touch_wakeup("w");
+    daemon.expect_log(&format!("task {id} foreman.sleep started"));
+    daemon.signal(libc::SIGHUP);
+    assert!(daemon.wait_exit(crate::support::PATIENCE).success());
+    assert!(
+        daemon
+            .log()
+            .contains(&format!("task {id} foreman.sleep done")),
+        "{}",
+        daemon.log()
     );
 }

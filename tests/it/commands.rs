@@ -64,11 +64,11 @@ command = ["sh", "-c", "echo working; echo 'first problem' >&2; echo 'smtp timed
         "{line}"
     );
     assert!(
-        log.contains(&format!("task {id} (fails) stdout: working")),
+        log.contains(&format!("task {id} fails stdout: working")),
         "{log}"
     );
     assert!(
-        log.contains(&format!("task {id} (fails) stderr: first problem")),
+        log.contains(&format!("task {id} fails stderr: first problem")),
         "{log}"
     );
     // The slot is free again: the next task runs.
@@ -95,7 +95,7 @@ command = ["sh", "-c", "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1));
     let id = env.insert("noisy", &big);
     let next = env.insert("foreman.echo", "[]");
     env.touch_wakeup("w");
-    daemon.expect_log(&format!("task {id} (noisy) stdout: line 1999"));
+    daemon.expect_log(&format!("task {id} noisy stdout: line 1999"));
     daemon.expect_log(&format!("task {id} noisy done"));
     daemon.expect_log(&format!("task {next} foreman.echo"));
     daemon.stop();
