@@ -166,7 +166,7 @@ impl Foreman<'_> {
                 return;
             }
             let registry = &self.registry;
-            let popped = match self.queue.pop(free, |name| registry.contains(name)) {
+            let popped = match self.queue.pop(free, |name| registry.get(name).cloned()) {
                 Ok(popped) => popped,
                 Err(e) => {
                     self.db_error(&e);
@@ -177,10 +177,7 @@ impl Foreman<'_> {
                 log::error!("task {id} moved to foreman_dead: {reason}");
             }
             let rows = popped.rows();
-            for task in popped.tasks {
-                let Some(handler) = self.registry.get(&task.name).cloned() else {
-                    continue;
-                };
+            for (task, handler) in popped.tasks {
                 self.running.insert(
                     task.id,
                     Running {

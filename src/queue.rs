@@ -33,16 +33,16 @@ pub struct Queue {
     path: PathBuf,
 }
 
-/// What one pop transaction did.
-#[derive(Debug, Default)]
-pub struct Popped {
-    /// Tasks to run, in id order. Their rows are deleted.
-    pub tasks: Vec<Task>,
+/// What one pop transaction did. `H` is whatever the caller's resolver gives for a task name.
+#[derive(Debug)]
+pub struct Popped<H> {
+    /// Tasks to run, in id order, each with what its name resolved to. Their rows are deleted.
+    pub tasks: Vec<(Task, H)>,
     /// Rows moved to `foreman_dead`: (task id, reason).
     pub dead: Vec<(i64, String)>,
 }
 
-impl Popped {
+impl<H> Popped<H> {
     pub fn rows(&self) -> usize {
         self.tasks.len() + self.dead.len()
     }
@@ -148,10 +148,18 @@ impl Queue {
     }
 
     /// In one `BEGIN IMMEDIATE` transaction, deletes up to `limit` rows in id order and returns the
-    /// ones that can run; rows that cannot (bad JSON, or a name `is_known` rejects) are moved to
-    /// `foreman_dead` with the reason in the same transaction.
-    pub fn pop(&mut self, limit: usize, is_known: impl Fn(&str) -> bool) -> Result<Popped> {
-        let mut popped = Popped::default();
+    /// ones that can run, each with what `resolve` gave for its name; rows that cannot (bad JSON,
+    /// or a name `resolve` does not know) are moved to `foreman_dead` with the reason in the same
+    /// transaction.
+    pub fn pop<H>(
+        &mut self,
+        limit: usize,
+        resolve: impl Fn(&str) -> Option<H>,
+    ) -> Result<Popped<H>> {
+        let mut popped = Popped {
+            tasks: Vec::with_capacity(limit),
+            dead: Vec::new(),
+        };
         if limit == 0 {
             return Ok(popped);
         }
@@ -186,11 +194,13 @@ impl Queue {
         raws.sort_unstable_by_key(|r| r.id);
         for raw in raws {
             let reason = match decode(&raw) {
-                Ok(task) if is_known(&task.name) => {
-                    popped.tasks.push(task);
-                    continue;
-                }
-                Ok(task) => format!("unknown task name {:?}", task.name),
+                Ok(task) => match resolve(&task.name) {
+                    Some(handler) => {
+                        popped.tasks.push((task, handler));
+                        continue;
+                    }
+                    None => format!("unknown task name {:?}", task.name),
+                },
                 Err(reason) => reason,
             };
             tx.prepare_cached(

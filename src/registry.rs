@@ -89,10 +89,6 @@ impl Registry {
         self.handlers.get(name)
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.handlers.contains_key(name)
-    }
-
     /// Task names, sorted, for the startup log line.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
