@@ -3,12 +3,28 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, PATIENCE, is_dead, read_pid, stderr, wait_until};
+use crate::support::{Daemon, Env, PATIENCE, is_dead, read_pid, stderr, wait_until};
 
 const HANG_TASK: &str = r#"
 [tasks.hang]
 command = ["sh", "-c", "echo $$ > \"$RECORD_FILE.pid\"; exec sleep 60"]
 "#;
+
+/// Starts a daemon running one `hang` task; returns it with the task id and the child's pid.
+fn start_hang(env: &Env, args: &[&str]) -> (Daemon, i64, i32) {
+    env.config(HANG_TASK);
+    env.init();
+    let daemon = env.daemon(args);
+    let id = env.insert("hang", "[]");
+    env.touch_wakeup("w");
+    let pid_file = env.path("ran.txt.pid");
+    assert!(
+        wait_until(PATIENCE, || read_pid(&pid_file).is_some()),
+        "task never started"
+    );
+    let child = read_pid(&pid_file).unwrap();
+    (daemon, id, child)
+}
 
 #[test]
 fn sigterm_waits_for_a_running_task_then_exits_0() {
@@ -52,17 +68,7 @@ fn tasks_queued_after_sigterm_stay_queued() {
 #[test]
 fn graceful_timeout_exceeded_logs_the_survivor_and_kills_its_child() {
     let env = Env::new();
-    env.config(HANG_TASK);
-    env.init();
-    let mut daemon = env.daemon(&["--graceful-timeout", "1s"]);
-    let id = env.insert("hang", "[]");
-    env.touch_wakeup("w");
-    let pid_file = env.path("ran.txt.pid");
-    assert!(
-        wait_until(PATIENCE, || read_pid(&pid_file).is_some()),
-        "task never started"
-    );
-    let child = read_pid(&pid_file).unwrap();
+    let (mut daemon, id, child) = start_hang(&env, &["--graceful-timeout", "1s"]);
     let signalled = Instant::now();
     daemon.signal(libc::SIGTERM);
     let status = daemon.wait_exit(Duration::from_secs(5));
@@ -86,17 +92,7 @@ fn graceful_timeout_exceeded_logs_the_survivor_and_kills_its_child() {
 #[test]
 fn a_second_signal_exits_at_once_and_kills_children() {
     let env = Env::new();
-    env.config(HANG_TASK);
-    env.init();
-    let mut daemon = env.daemon(&["--graceful-timeout", "1h"]);
-    env.insert("hang", "[]");
-    env.touch_wakeup("w");
-    let pid_file = env.path("ran.txt.pid");
-    assert!(
-        wait_until(PATIENCE, || read_pid(&pid_file).is_some()),
-        "task never started"
-    );
-    let child = read_pid(&pid_file).unwrap();
+    let (mut daemon, _, child) = start_hang(&env, &["--graceful-timeout", "1h"]);
     daemon.signal(libc::SIGTERM);
     daemon.expect_log("stopping");
     daemon.signal(libc::SIGINT);
@@ -112,17 +108,7 @@ fn a_second_signal_exits_at_once_and_kills_children() {
 #[test]
 fn children_die_with_the_daemon_even_on_kill_9() {
     let env = Env::new();
-    env.config(HANG_TASK);
-    env.init();
-    let mut daemon = env.daemon(&[]);
-    env.insert("hang", "[]");
-    env.touch_wakeup("w");
-    let pid_file = env.path("ran.txt.pid");
-    assert!(
-        wait_until(PATIENCE, || read_pid(&pid_file).is_some()),
-        "task never started"
-    );
-    let child = read_pid(&pid_file).unwrap();
+    let (mut daemon, _, child) = start_hang(&env, &[]);
     daemon.kill9();
     assert!(
         wait_until(PATIENCE, || is_dead(child)),
