@@ -218,7 +218,7 @@ impl Foreman<'_> {
             return;
         }
         // A stale file would keep create-if-absent producers from ever signalling again.
-        self.wakeup.clear();
+        self.wakeup.clear_if_changed();
         match self.queue.has_queued() {
             Ok(true) => self.fill(),
             Ok(false) => {}
