@@ -53,7 +53,8 @@ struct Running {
 
 /// Runs the daemon until a shutdown signal arrives on `shutdown` and the running tasks are done
 /// (or the graceful timeout passes). Takes the PID lock, creates the schema and wakeup dir if
-/// absent, and drains the backlog first.
+/// absent, and drains the backlog first. At the graceful deadline, command tasks are killed but an
+/// in-process handler cannot be: `run` returns without it, and it ends when the process exits.
 pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
     config.check_commands()?;
     registry.add_commands(&config.tasks)?;
