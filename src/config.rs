@@ -176,22 +176,22 @@ impl Config {
     /// Checks what every command needs; `check_commands` adds what only the daemon needs.
     fn validate(&self, overrides: &Overrides) -> Result<()> {
         // Name the flag when the value came from the command line or env, not the file.
-        let origin = |from_override: bool, key: &str, flag: &str| {
+        let origin = |from_override: bool, key: &str| {
             if from_override {
-                format!("--{flag} (or FOREMAN_{})", key.to_uppercase())
+                format!("--{key} (or FOREMAN_{})", key.to_uppercase())
             } else {
                 self.key_name(key)
             }
         };
         if self.workers == 0 || self.workers > MAX_WORKERS {
-            let key = origin(overrides.workers.is_some(), "workers", "workers");
+            let key = origin(overrides.workers.is_some(), "workers");
             return Err(Error::Config(format!(
                 "{key} must be between 1 and {MAX_WORKERS}, got {}",
                 self.workers
             )));
         }
         if self.tick.is_zero() {
-            let key = origin(overrides.tick.is_some(), "tick", "tick");
+            let key = origin(overrides.tick.is_some(), "tick");
             return Err(Error::Config(format!("{key} must be greater than 0")));
         }
         for (name, task) in &self.tasks {

@@ -94,8 +94,9 @@ fn a_row_without_a_wakeup_runs_within_the_tick() {
     env.record_config("");
     env.init();
     let daemon = env.daemon(&["--tick", "200ms"]);
-    // A stale wakeup file is what stalled snappea (#492): a create-if-absent producer sees it and
-    // signals nothing. The tick must still find the row, and clear the file.
+    // A stale wakeup entry is what stalled snappea (#492): a create-if-absent producer sees it and
+    // signals nothing. This one cannot even be removed (a directory), and the row comes with no
+    // wakeup at all: only the tick can find it.
     std::fs::create_dir(env.wakeup.join("stale-dir-entry")).unwrap();
     let id = env.insert("record", "[]");
     assert_eq!(env.wait_ran(1), vec![id]);
