@@ -1,0 +1,229 @@
+"""A persistent foreman worker for Python tasks (worker protocol version 1).
+
+Mark task functions with ``@task`` in your own modules::
+
+    # myapp/tasks.py
+    from foreman_worker import task
+
+    @task                      # task name "myapp.tasks.send_email"
+    def send_email(to, retry=False):
+        ...
+
+    @task(name="thumbnail")    # or choose the name
+    def make_thumbnail(path):
+        ...
+
+and point a foreman pool at them::
+
+    [pools.py]
+    command = ["python3", "-m", "foreman_worker", "myapp.tasks"]
+
+The process imports the modules once, says which tasks it serves, then runs tasks one at a time for
+as long as the daemon keeps it. The protocol is docs/worker-protocol.md; this file is stdlib-only
+and can be copied into a project as is.
+"""
+
+import importlib
+import types
+import json
+import os
+import sys
+import traceback
+
+__version__ = "1.0.0"
+PROTOCOL = 1
+
+__all__ = ["task", "main", "PROTOCOL", "__version__"]
+
+# Every @task function, in decoration order, as (name, function). Names are checked for duplicates
+# only in main(): a web app that imports the task modules to call the functions directly never runs
+# main(), and should not fail on a clash that matters only to the worker.
+_registered = []
+
+# The daemon rejects answer lines over 1 MiB as a protocol error. An error text is cut to this many
+# characters; json escapes a character to at most 12 bytes, so the line stays under 1 MiB.
+_MAX_ERROR_CHARS = 64 * 1024
+
+_USAGE = "usage: python3 -m foreman_worker MODULE [MODULE...]"
+
+
+def task(fn=None, *, name=None):
+    """Mark ``fn`` as a foreman task; usable as ``@task`` and ``@task(name="custom.name")``.
+
+    The default name is ``f"{fn.__module__}.{fn.__name__}"``. The function is returned unchanged,
+    so it can still be called directly (in tests, or synchronously).
+    """
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"@task(name=...) must be a non-empty str, not {name!r}")
+
+    def mark(f):
+        if not callable(f):
+            raise TypeError(f"@task decorates a function, not {f!r}")
+        task_name = name if name is not None else f"{f.__module__}.{f.__name__}"
+        _registered.append((task_name, f))
+        return f
+
+    if fn is None:
+        return mark
+    if isinstance(fn, str):
+        raise TypeError(f"use @task(name={fn!r}), not @task({fn!r})")
+    return mark(fn)
+
+
+def _describe(fn):
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _collect_tasks(module_names):
+    """Map task name -> function for everything registered, or exit 1 on a duplicate name."""
+    registered = list(_registered)
+    # With the sys.modules alias in main() there is one registry. Should a second copy of this
+    # module have been imported anyway (before the alias existed), take its tasks too.
+    other = sys.modules.get("foreman_worker")
+    if other is not None and other is not sys.modules[__name__]:
+        registered += getattr(other, "_registered", [])
+    tasks = {}
+    for task_name, fn in registered:
+        known = tasks.get(task_name)
+        if known is not None and known is not fn:
+            _fail(
+                f"duplicate task name {task_name!r}: {_describe(known)} and {_describe(fn)}; "
+                "give one of them @task(name=...)"
+            )
+        tasks[task_name] = fn
+    if not tasks:
+        _fail(f"no @task functions found in {', '.join(module_names)}")
+    return tasks
+
+
+def _fail(message):
+    sys.stderr.write(f"foreman_worker: {message}\n")
+    sys.stderr.flush()
+    sys.exit(1)
+
+
+def _write_all(fd, data):
+    # A blocking pipe write can come back short when a signal interrupts it part way.
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _error_line(task_id, error):
+    if len(error) > _MAX_ERROR_CHARS:
+        head = _MAX_ERROR_CHARS // 4
+        tail = _MAX_ERROR_CHARS - head
+        cut = len(error) - head - tail
+        error = f"{error[:head]}\n[... {cut} characters cut ...]\n{error[-tail:]}"
+    # ensure_ascii (the default) keeps the line valid UTF-8 even for lone surrogates in the text.
+    return (json.dumps({"id": task_id, "ok": False, "error": error}) + "\n").encode()
+
+
+def _serve(tasks, proto_in, proto_out):
+    """Answer task lines until EOF. Hot path: no logging, no allocation beyond what a task needs."""
+    readline = proto_in.readline
+    loads = json.loads
+    write = os.write
+    format_exception = traceback.format_exception
+    served = ", ".join(sorted(tasks))
+
+    while True:
+        line = readline()
+        if not line:
+            return 0  # EOF: the daemon closed our stdin, so it wants us gone.
+        try:
+            msg = loads(line)
+            task_id = msg["id"]
+            if type(task_id) is not int:
+                raise TypeError(f"id is {task_id!r}, not an integer")
+        except Exception as exc:
+            # Without a usable id there is no way to answer; the daemon never sends this.
+            _fail(f"malformed task line from the daemon ({exc!r}): {line[:200]!r}")
+
+        task_name = msg.get("task_name")
+        args = msg.get("args", [])
+        kwargs = msg.get("kwargs", {})
+        fn = tasks.get(task_name) if type(task_name) is str else None
+        if fn is None:
+            error = f"unknown task {task_name} (this worker serves: {served})"
+        elif type(args) is not list:
+            error = f"args must be a JSON array, got {type(args).__name__}: {args!r:.200}"
+        elif type(kwargs) is not dict:
+            error = f"kwargs must be a JSON object, got {type(kwargs).__name__}: {kwargs!r:.200}"
+        else:
+            try:
+                result = fn(*args, **kwargs)
+                if result is not None and isinstance(result, types.CoroutineType):
+                    # An `async def` task: calling it only made the coroutine, so run it.
+                    _run_coroutine(result)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit too: a failed task, not a dead worker
+                # The traceback starts in the task: this loop's own frame would only be noise.
+                lines = format_exception(type(exc), exc, exc.__traceback__.tb_next)
+                error = "".join(lines).rstrip("\n")
+            else:
+                # A small line (< PIPE_BUF) is written whole; id is an int, so this is valid JSON.
+                write(proto_out, b'{"id": %d, "ok": true}\n' % task_id)
+                continue
+        _write_all(proto_out, _error_line(task_id, error))
+
+
+def _run_coroutine(coroutine):
+    import asyncio  # only async tasks pay for the import
+
+    asyncio.run(coroutine)
+
+
+def main(argv=None):
+    """Run as ``python3 -m foreman_worker MODULE [MODULE...]``; returns the exit status."""
+    module_names = sys.argv[1:] if argv is None else list(argv)
+    if module_names[:1] in (["-h"], ["--help"]):
+        sys.stderr.write(f"{_USAGE}\n\nServe the @task functions of MODULEs to a foreman pool.\n")
+        return 0
+    if not module_names:
+        _fail(f"no module given\n{_USAGE}")
+
+    # Keep the protocol streams for ourselves before any user code runs. stdout: a print() in a
+    # task, or C code writing to fd 1, would corrupt the protocol, so fd 1 becomes a copy of
+    # stderr (the daemon logs stderr). stdin: a task reading stdin would eat task lines, so fd 0
+    # becomes /dev/null. The daemon's EOF still reaches us, since it holds the only write end.
+    proto_out = os.dup(1)
+    proto_in = os.fdopen(os.dup(0), "rb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    # THE -m PITFALL: under `python3 -m foreman_worker` this module is __main__, and a task module
+    # doing `from foreman_worker import task` would import a second copy with its own registry.
+    # Make that import find this very module instead.
+    if __name__ == "__main__":
+        sys.modules.setdefault("foreman_worker", sys.modules[__name__])
+    # `python3 -m` puts the working directory on sys.path; `python3 path/to/foreman_worker.py`
+    # puts this file's directory there instead. Behave the same either way.
+    # (Unless -P / PYTHONSAFEPATH asked for no such entry.)
+    cwd = os.getcwd()
+    if not getattr(sys.flags, "safe_path", False) and cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+    for module_name in module_names:
+        try:
+            importlib.import_module(module_name)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            _fail(f"cannot import module {module_name!r}:\n{traceback.format_exc().rstrip()}")
+    tasks = _collect_tasks(module_names)
+
+    hello = {
+        "protocol": PROTOCOL,
+        "tasks": sorted(tasks),
+        "worker": f"foreman_worker.py/{__version__}",
+    }
+    _write_all(proto_out, (json.dumps(hello) + "\n").encode())
+    return _serve(tasks, proto_in, proto_out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
