@@ -3,6 +3,19 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// Between SIGTERM and SIGKILL whenever foreman stops a process: at a task's timeout, at the
+/// graceful deadline, and when a pool stops a worker.
+pub const KILL_GRACE: Duration = Duration::from_millis(500);
+
+/// Sends `signal` to the process group led by `pid`.
+pub fn kill_group(pid: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions; callers only name groups not yet reaped.
+    unsafe {
+        libc::kill(-pid, signal);
+    }
+}
 
 #[derive(Default)]
 pub struct Children {
@@ -28,10 +41,7 @@ impl Children {
     pub fn signal_all(&self, signal: libc::c_int) -> usize {
         let groups = self.lock();
         for &pid in groups.values() {
-            // SAFETY: kill has no memory-safety preconditions; the group is alive (not yet reaped).
-            unsafe {
-                libc::kill(-pid, signal);
-            }
+            kill_group(pid, signal);
         }
         groups.len()
     }

@@ -123,7 +123,7 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
             let config = cli.load_config(daemon)?;
             config.check_commands()?;
             // Building the registry is what finds a config task clashing with a built-in.
-            Registry::new().add_commands(&config.tasks)?;
+            Registry::new().add_config(&config)?;
             print(&config.to_toml())
         }
     }

@@ -7,9 +7,11 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::children::Children;
+use crate::children::{Children, KILL_GRACE, kill_group};
+use crate::duration::format_duration;
 use crate::task::Task;
 
 /// Lines of stderr quoted in a failure message.
@@ -21,35 +23,24 @@ const MAX_LINE_BYTES: usize = 8192;
 /// this much, then the pipes are closed.
 const MAX_DRAIN_AFTER_EXIT: usize = 1 << 20;
 
-/// Runs the task's command to completion; `Err` carries the one-line failure reason.
-pub fn run(task: &Task, argv: &[String], children: &Children) -> Result<(), String> {
-    let (program, program_args) = argv.split_first().ok_or("the task's command is empty")?;
-    let mut command = Command::new(program);
+/// Runs the task's command to completion; `Err` carries the one-line failure reason. Past
+/// `timeout`, the command's process group gets SIGTERM, then SIGKILL after `KILL_GRACE`.
+pub fn run(
+    task: &Task,
+    argv: &[String],
+    timeout: Option<Duration>,
+    children: &Children,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut command = piped_command(argv)?;
     command
-        .args(program_args)
         .env("FOREMAN_TASK_ID", task.id.to_string())
-        .env("FOREMAN_TASK_NAME", &task.name)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so that a shutdown signal reaches the whole tree it started.
-        .process_group(0);
-    // SAFETY: getpid is async-signal-safe; read before fork, compared after.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid) and allocates nothing.
-    unsafe {
-        command.pre_exec(move || die_with_parent(parent));
-    }
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start command {program:?}: {e}"))?;
-    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
-        return Err(format!("child pid {} out of range", child.id()));
-    };
+        .env("FOREMAN_TASK_NAME", &task.name);
+    let (mut child, pid) = spawn(&mut command, argv)?;
     children.insert(task.id, pid);
 
     let mut pump = Pump::new(task, &mut child, pid);
-    pump.run();
+    let timed_out = pump.run(timeout.map(|t| started + t), pid);
     let stderr_tail = pump.stderr.tail.take().unwrap_or_default();
     drop(pump);
 
@@ -59,7 +50,10 @@ pub fn run(task: &Task, argv: &[String], children: &Children) -> Result<(), Stri
     children.remove(task.id);
     let status = child
         .wait()
-        .map_err(|e| format!("waiting for command {program:?}: {e}"))?;
+        .map_err(|e| format!("waiting for command {:?}: {e}", argv[0]))?;
+    if let Some(timeout) = timeout.filter(|_| timed_out) {
+        return Err(format!("timeout after {}", format_duration(timeout)));
+    }
     if status.success() {
         return Ok(());
     }
@@ -73,6 +67,42 @@ pub fn run(task: &Task, argv: &[String], children: &Children) -> Result<(), Stri
     } else {
         let tail: Vec<String> = stderr_tail.into_iter().collect();
         Err(format!("command {how}; stderr: {}", tail.join(" | ")))
+    }
+}
+
+/// A `Command` for `argv` with piped stdio, in its own process group (so a signal reaches the
+/// whole tree it starts) and set to die with the daemon, even on `kill -9`. The child inherits the
+/// daemon's environment and working directory.
+pub(crate) fn piped_command(argv: &[String]) -> Result<Command, String> {
+    let (program, program_args) = argv.split_first().ok_or("the command is empty")?;
+    let mut command = Command::new(program);
+    command
+        .args(program_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: getpid is async-signal-safe; read before fork, compared after.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid) and allocates nothing.
+    unsafe {
+        command.pre_exec(move || die_with_parent(parent));
+    }
+    Ok(command)
+}
+
+/// Spawns `command` and returns it with its pid (which is also its process group id).
+pub(crate) fn spawn(
+    command: &mut Command,
+    argv: &[String],
+) -> Result<(Child, libc::pid_t), String> {
+    let program = argv.first().map_or("", String::as_str);
+    let child = command
+        .spawn()
+        .map_err(|e| format!("cannot start command {program:?}: {e}"))?;
+    match libc::pid_t::try_from(child.id()) {
+        Ok(pid) => Ok((child, pid)),
+        Err(_) => Err(format!("child pid {} out of range", child.id())),
     }
 }
 
@@ -90,7 +120,7 @@ fn die_with_parent(parent: libc::pid_t) -> io::Result<()> {
     Ok(())
 }
 
-fn wait_exited_no_reap(pid: libc::pid_t) {
+pub(crate) fn wait_exited_no_reap(pid: libc::pid_t) {
     loop {
         // SAFETY: siginfo_t is plain data; waitid writes into it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -162,11 +192,20 @@ impl<'t> Pump<'t> {
         }
     }
 
-    fn run(&mut self) {
+    /// Pumps until the child has exited and its output is drained. Past `deadline`, signals the
+    /// child's group (SIGTERM, then SIGKILL after `KILL_GRACE`); returns whether it had to.
+    fn run(&mut self, deadline: Option<Instant>, group: libc::pid_t) -> bool {
         let mut exited = false;
         let mut drained_after_exit = 0;
         let mut buf = [0u8; 8192];
-        while self.stdout.pipe.is_some() || self.stderr.pipe.is_some() {
+        let mut next_signal = deadline.map(|at| (at, libc::SIGTERM));
+        let mut timed_out = false;
+        // A child that closed its pipes may still run: with a pidfd, wait for its exit here, where
+        // the deadline still applies.
+        while self.stdout.pipe.is_some()
+            || self.stderr.pipe.is_some()
+            || (!exited && self.pidfd.is_some())
+        {
             let fds = [
                 self.stdin.as_ref().map(|f| (f.as_raw_fd(), libc::POLLOUT)),
                 self.stdout
@@ -199,15 +238,24 @@ impl<'t> Pump<'t> {
                     )
                 })
                 .collect();
-            let timeout = if exited { 0 } else { -1 };
-            // SAFETY: `polled` is a valid array of pollfd of the given length; fd -1 entries are ignored.
-            let ready =
-                unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) };
-            if ready < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
+            let timeout = if exited {
+                Some(Duration::ZERO)
+            } else {
+                next_signal.map(|(at, _)| at.saturating_duration_since(Instant::now()))
+            };
+            let ready = match poll(&mut polled, timeout) {
+                Ok(ready) => ready,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if ready == 0 && !exited {
+                if let Some((_, signal)) = next_signal {
+                    kill_group(group, signal);
+                    timed_out = true;
+                    next_signal = (signal == libc::SIGTERM)
+                        .then(|| (Instant::now() + KILL_GRACE, libc::SIGKILL));
                 }
-                break;
+                continue;
             }
             if ready == 0 || drained_after_exit > MAX_DRAIN_AFTER_EXIT {
                 break;
@@ -230,6 +278,7 @@ impl<'t> Pump<'t> {
         }
         self.stdout.flush();
         self.stderr.flush();
+        timed_out
     }
 
     fn feed_stdin(&mut self) {
@@ -317,7 +366,19 @@ impl<'t> Stream<'t> {
     }
 }
 
-fn set_nonblocking(fd: RawFd) {
+/// `poll(2)` with an optional timeout (`None` waits forever), rounded up to whole milliseconds so
+/// a deadline is never reported early.
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms = timeout.map_or(-1, |t| {
+        let ms = t.as_micros().div_ceil(1000);
+        libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+    });
+    // SAFETY: `fds` is a valid array of pollfd of the given length; fd -1 entries are ignored.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    usize::try_from(ready).map_err(|_| io::Error::last_os_error())
+}
+
+pub(crate) fn set_nonblocking(fd: RawFd) {
     // SAFETY: fcntl on an fd we own, with integer arguments only.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);

@@ -17,6 +17,8 @@ pub const DEFAULT_CONFIG: &str = "foreman.toml";
 pub const DEFAULT_WORKERS: usize = 4;
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+/// Python importing a large app can take seconds; a hello later than this means something is wrong.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// More threads than this is a typo, not a configuration.
 const MAX_WORKERS: usize = 1024;
 /// Task names under this prefix belong to foreman's built-in handlers.
@@ -33,10 +35,30 @@ pub struct Overrides {
     pub tick: Option<Duration>,
 }
 
+/// How a configured task runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runner {
+    /// argv of the process started for each task; run directly, never through a shell.
+    Command(Vec<String>),
+    /// The name of the `[pools.NAME]` whose persistent processes run it.
+    Pool(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskConfig {
-    /// argv of the process started for each task; run directly, never through a shell.
+    pub runner: Runner,
+    /// Past this, the task's process is killed and the task fails.
+    pub timeout: Option<Duration>,
+}
+
+/// A pool of persistent worker processes speaking the worker protocol (docs/worker-protocol.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
     pub command: Vec<String>,
+    /// How many processes, each running one task at a time.
+    pub processes: usize,
+    /// How long a new process may take to write its hello line.
+    pub start_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +72,7 @@ pub struct Config {
     pub graceful_timeout: Duration,
     pub tick: Duration,
     pub tasks: BTreeMap<String, TaskConfig>,
+    pub pools: BTreeMap<String, PoolConfig>,
 }
 
 #[derive(Deserialize, Default)]
@@ -63,12 +86,24 @@ struct FileConfig {
     tick: Option<DurationValue>,
     #[serde(default)]
     tasks: BTreeMap<String, FileTask>,
+    #[serde(default)]
+    pools: BTreeMap<String, FilePool>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileTask {
+    command: Option<Vec<String>>,
+    pool: Option<String>,
+    timeout: Option<DurationValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePool {
     command: Vec<String>,
+    processes: Option<usize>,
+    start_timeout: Option<DurationValue>,
 }
 
 /// A duration in a config file: a string with a unit or a number of seconds.
@@ -134,30 +169,60 @@ impl Config {
             .clone()
             .or_else(|| from_file(parsed.pid_file))
             .unwrap_or_else(|| suffixed(&db, ".pid"));
-        let tasks = parsed
-            .tasks
-            .into_iter()
-            .map(|(name, task)| {
-                let mut command = task.command;
-                // A relative program path is relative to the config file, like the other paths in
-                // it; a bare name is looked up in PATH when the task runs.
-                if let Some(program) = command.first_mut()
-                    && program.contains('/')
-                    && Path::new(program.as_str()).is_relative()
-                {
-                    *program = base.join(&*program).display().to_string();
+        // A relative program path is relative to the config file, like the other paths in it; a
+        // bare name is looked up in PATH when the process starts.
+        let resolve_program = |mut command: Vec<String>| {
+            if let Some(program) = command.first_mut()
+                && program.contains('/')
+                && Path::new(program.as_str()).is_relative()
+            {
+                *program = base.join(&*program).display().to_string();
+            }
+            command
+        };
+        let workers = overrides
+            .workers
+            .or(parsed.workers)
+            .unwrap_or(DEFAULT_WORKERS);
+        let file_for_errors = file.clone();
+        let mut tasks = BTreeMap::new();
+        for (name, task) in parsed.tasks {
+            let runner = match (task.command, task.pool) {
+                (Some(command), None) => Runner::Command(resolve_program(command)),
+                (None, Some(pool)) => Runner::Pool(pool),
+                (command, _) => {
+                    let what = if command.is_some() {
+                        "has both `command` and `pool`: a task runs one way"
+                    } else {
+                        "needs `command = [program, args…]` or `pool = \"NAME\"`"
+                    };
+                    return Err(key_error_in(
+                        file_for_errors.as_deref(),
+                        &format!("tasks.\"{name}\""),
+                        what,
+                    ));
                 }
-                (name, TaskConfig { command })
+            };
+            let timeout = task.timeout.map(|d| d.0);
+            tasks.insert(name, TaskConfig { runner, timeout });
+        }
+        let pools = parsed
+            .pools
+            .into_iter()
+            .map(|(name, pool)| {
+                let config = PoolConfig {
+                    command: resolve_program(pool.command),
+                    processes: pool.processes.unwrap_or(workers),
+                    start_timeout: pool.start_timeout.map_or(DEFAULT_START_TIMEOUT, |d| d.0),
+                };
+                (name, config)
             })
             .collect();
         let config = Config {
             db,
             wakeup_dir,
             pid_file,
-            workers: overrides
-                .workers
-                .or(parsed.workers)
-                .unwrap_or(DEFAULT_WORKERS),
+            workers,
             graceful_timeout: overrides
                 .graceful_timeout
                 .or(parsed.graceful_timeout.map(|d| d.0))
@@ -167,6 +232,7 @@ impl Config {
                 .or(parsed.tick.map(|d| d.0))
                 .unwrap_or(DEFAULT_TICK),
             tasks,
+            pools,
             file,
         };
         config.validate(overrides)?;
@@ -195,18 +261,66 @@ impl Config {
             return Err(Error::Config(format!("{key} must be greater than 0")));
         }
         for (name, task) in &self.tasks {
-            let key = format!("tasks.\"{name}\".command");
+            let key = format!("tasks.\"{name}\"");
             if name.is_empty() {
                 return Err(self.key_error("tasks", "a task name is empty"));
             }
             if name.starts_with(RESERVED_PREFIX) {
                 return Err(self.key_error(
-                    &format!("tasks.\"{name}\""),
+                    &key,
                     "names starting with \"foreman.\" are reserved for built-in tasks",
                 ));
             }
-            if task.command.is_empty() {
-                return Err(self.key_error(&key, "is empty: expected [program, args…]"));
+            match &task.runner {
+                Runner::Command(command) if command.is_empty() => {
+                    return Err(self.key_error(
+                        &format!("{key}.command"),
+                        "is empty: expected [program, args…]",
+                    ));
+                }
+                Runner::Pool(pool) if !self.pools.contains_key(pool) => {
+                    return Err(self.key_error(
+                        &format!("{key}.pool"),
+                        &format!(
+                            "names pool {pool:?}, which has no [pools.{}] section",
+                            toml_key(pool)
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            if task.timeout.is_some_and(|t| t.is_zero()) {
+                return Err(self.key_error(&format!("{key}.timeout"), "must be greater than 0"));
+            }
+        }
+        for (name, pool) in &self.pools {
+            let key = format!("pools.\"{name}\"");
+            if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(self.key_error(
+                    &key,
+                    "a pool name must be non-empty, without spaces or control characters",
+                ));
+            }
+            if pool.command.is_empty() {
+                return Err(self.key_error(
+                    &format!("{key}.command"),
+                    "is empty: expected [program, args…]",
+                ));
+            }
+            if pool.processes == 0 || pool.processes > self.workers {
+                // More processes than workers could never all be busy: `workers` bounds every task.
+                return Err(self.key_error(
+                    &format!("{key}.processes"),
+                    &format!(
+                        "must be between 1 and workers ({}), got {}",
+                        self.workers, pool.processes
+                    ),
+                ));
+            }
+            if pool.start_timeout.is_zero() {
+                return Err(
+                    self.key_error(&format!("{key}.start_timeout"), "must be greater than 0")
+                );
             }
         }
         Ok(())
@@ -215,25 +329,34 @@ impl Config {
     /// Checks that every command task's program exists and is executable. Only the daemon (and
     /// `check-config`) needs this: a producer host sharing the config may lack the programs.
     pub fn check_commands(&self) -> Result<()> {
-        for (name, task) in &self.tasks {
-            if let Some(program) = task.command.first()
+        let tasks = self
+            .tasks
+            .iter()
+            .filter_map(|(name, task)| match &task.runner {
+                Runner::Command(command) => Some(("tasks", name, command)),
+                Runner::Pool(_) => None,
+            });
+        let pools = self
+            .pools
+            .iter()
+            .map(|(name, pool)| ("pools", name, &pool.command));
+        for (section, name, command) in tasks.chain(pools) {
+            if let Some(program) = command.first()
                 && let Err(why) = find_executable(program)
             {
-                return Err(self.key_error(&format!("tasks.\"{name}\".command"), &why));
+                let key = format!("{section}.\"{name}\".command");
+                return Err(self.key_error(&key, &why));
             }
         }
         Ok(())
     }
 
     fn key_name(&self, key: &str) -> String {
-        match &self.file {
-            Some(file) => format!("{}: key `{key}`", file.display()),
-            None => format!("configuration key `{key}`"),
-        }
+        key_name_in(self.file.as_deref(), key)
     }
 
     fn key_error(&self, key: &str, what: &str) -> Error {
-        Error::Config(format!("{} {what}", self.key_name(key)))
+        key_error_in(self.file.as_deref(), key, what)
     }
 
     /// The effective configuration as TOML, as `foreman check-config` prints it.
@@ -262,21 +385,48 @@ impl Config {
             format_duration(self.graceful_timeout)
         );
         let _ = writeln!(out, "tick = \"{}\"", format_duration(self.tick));
-        for (name, task) in &self.tasks {
-            let argv: Vec<String> = task.command.iter().map(|a| toml_str(a)).collect();
+        for (name, pool) in &self.pools {
             let _ = writeln!(
                 out,
-                "\n[tasks.{}]\ncommand = [{}]",
+                "\n[pools.{}]\ncommand = {}\nprocesses = {}\nstart_timeout = \"{}\"",
                 toml_key(name),
-                argv.join(", ")
+                toml_argv(&pool.command),
+                pool.processes,
+                format_duration(pool.start_timeout)
             );
+        }
+        for (name, task) in &self.tasks {
+            let _ = writeln!(out, "\n[tasks.{}]", toml_key(name));
+            let _ = match &task.runner {
+                Runner::Command(command) => writeln!(out, "command = {}", toml_argv(command)),
+                Runner::Pool(pool) => writeln!(out, "pool = {}", toml_str(pool)),
+            };
+            if let Some(timeout) = task.timeout {
+                let _ = writeln!(out, "timeout = \"{}\"", format_duration(timeout));
+            }
         }
         out
     }
 }
 
+fn key_name_in(file: Option<&Path>, key: &str) -> String {
+    match file {
+        Some(file) => format!("{}: key `{key}`", file.display()),
+        None => format!("configuration key `{key}`"),
+    }
+}
+
+fn key_error_in(file: Option<&Path>, key: &str, what: &str) -> Error {
+    Error::Config(format!("{} {what}", key_name_in(file, key)))
+}
+
 fn toml_str(text: &str) -> String {
     toml::Value::String(text.to_owned()).to_string()
+}
+
+fn toml_argv(argv: &[String]) -> String {
+    let quoted: Vec<String> = argv.iter().map(|a| toml_str(a)).collect();
+    format!("[{}]", quoted.join(", "))
 }
 
 /// A key as TOML writes it: bare when it can be, quoted otherwise (`a.b` is two keys unquoted).
@@ -416,7 +566,9 @@ mod tests {
             "{err}"
         );
         let config = load_text("[tasks.x]\ncommand = [\"bin/prog\", \"bin/arg\"]").unwrap();
-        let command = &config.tasks["x"].command;
+        let Runner::Command(command) = &config.tasks["x"].runner else {
+            panic!("x is a command task");
+        };
         assert!(
             command[0].ends_with("/bin/prog") && command[0].len() > "/bin/prog".len(),
             "{command:?}"

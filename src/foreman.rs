@@ -4,22 +4,20 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, select};
 
-use crate::children::Children;
-use crate::config::Config;
+use crate::children::{Children, KILL_GRACE};
+use crate::config::{Config, Runner};
 use crate::error::{Error, Result};
 use crate::pid_guard::PidGuard;
-use crate::pool::{Finished, Job, Outcome, WorkerPool};
+use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
 use crate::queue::{Access, Queue};
-use crate::registry::Registry;
+use crate::registry::{Handler, Registry};
 use crate::signals::Shutdown;
+use crate::thread_pool::{Finished, Job, Outcome, ThreadPool};
 use crate::wakeup::WakeupDir;
-
-/// Between SIGTERM and SIGKILL for command tasks still running at the graceful deadline.
-const KILL_GRACE: Duration = Duration::from_millis(500);
 
 /// Everything the daemon reacts to.
 #[derive(Debug)]
@@ -27,6 +25,8 @@ enum Event {
     /// A file appeared in the wakeup dir (or the watch overflowed).
     Wakeup,
     WorkerFinished(Finished),
+    /// A pool process said hello or failed to start.
+    Pool(PoolEvent),
     /// The fallback tick: catches missed wakeups and stale wakeup files.
     Tick,
     Shutdown(Shutdown),
@@ -57,7 +57,7 @@ struct Running {
 /// in-process handler cannot be: `run` returns without it, and it ends when the process exits.
 pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
     config.check_commands()?;
-    registry.add_commands(&config.tasks)?;
+    registry.add_config(config)?;
     let _guard = PidGuard::acquire(&config.pid_file)?;
     let mut queue = Queue::open(&config.db, Access::Create)?;
     queue.ensure_schema()?;
@@ -67,21 +67,24 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
     let _watcher = wakeup.watch(wake_tx)?;
     let (finished_tx, finished) = crossbeam_channel::unbounded();
     let children = Arc::new(Children::default());
-    let pool = WorkerPool::start(config.workers, &finished_tx, &children)?;
-    log::info!(
-        "foreman running: pid {}, db {}, wakeup dir {}, {} workers, tasks: {}",
-        std::process::id(),
-        config.db.display(),
-        config.wakeup_dir.display(),
-        config.workers,
-        registry.names().join(", ")
-    );
+    let threads = ThreadPool::start(config.workers, &finished_tx, &children)?;
+    let (pool_tx, pool_events) = crossbeam_channel::unbounded();
+    let pools = config
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(index, (name, pool))| {
+            ProcessPool::start(index, name, pool, &pool_tx, &finished_tx, &children)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    log_startup(config, &registry, &pools);
     let mut foreman = Foreman {
         config,
         registry,
         queue,
         wakeup,
-        pool,
+        threads,
+        pools,
         children,
         running: HashMap::with_capacity(config.workers),
         phase: Phase::Running,
@@ -107,6 +110,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
                 continue;
             },
             recv(finished) -> done => done.map_or(Event::Tick, Event::WorkerFinished),
+            recv(pool_events) -> event => event.map_or(Event::Tick, Event::Pool),
             recv(wakes) -> _ => Event::Wakeup,
             recv(ticker) -> _ => Event::Tick,
             recv(deadline) -> _ => Event::Deadline,
@@ -124,11 +128,16 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
                 }
                 foreman.fill();
             }
+            Event::Pool(event) => {
+                foreman.pool_event(event);
+                foreman.fill();
+            }
             Event::Tick => foreman.tick(),
             Event::Shutdown(signal) => foreman.shutdown(signal)?,
             Event::Deadline => foreman.deadline(),
         }
         if !matches!(foreman.phase, Phase::Running) && foreman.running.is_empty() {
+            foreman.stop_pools();
             log::info!("foreman stopped: no task running");
             return Ok(());
         }
@@ -136,6 +145,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
             && Instant::now() >= deadline
         {
             let killed = foreman.children.signal_all(libc::SIGKILL);
+            foreman.stop_pools();
             log::warn!(
                 "foreman stopped: killed {killed} command task(s); {} task(s) abandoned",
                 foreman.running.len()
@@ -145,12 +155,30 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
     }
 }
 
+fn log_startup(config: &Config, registry: &Registry, pools: &[ProcessPool]) {
+    let pools = if pools.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = pools.iter().map(|p| &*p.name).collect();
+        format!(", pools starting: {}", names.join(", "))
+    };
+    log::info!(
+        "foreman running: pid {}, db {}, wakeup dir {}, {} workers, tasks: {}{pools}",
+        std::process::id(),
+        config.db.display(),
+        config.wakeup_dir.display(),
+        config.workers,
+        registry.names().join(", "),
+    );
+}
+
 struct Foreman<'c> {
     config: &'c Config,
     registry: Registry,
     queue: Queue,
     wakeup: WakeupDir,
-    pool: WorkerPool,
+    threads: ThreadPool,
+    pools: Vec<ProcessPool>,
     children: Arc<Children>,
     running: HashMap<i64, Running>,
     phase: Phase,
@@ -159,15 +187,28 @@ struct Foreman<'c> {
 }
 
 impl Foreman<'_> {
-    /// Pops and starts tasks until the slots are full or the queue is empty.
+    /// Pops and starts tasks until the slots are full or the queue is empty. Waits until every
+    /// pool has said which tasks it serves (or cannot start), so none of them is refused as unknown.
     fn fill(&mut self) {
+        if !self.pools.iter().all(ProcessPool::settled) {
+            return;
+        }
         while matches!(self.phase, Phase::Running) {
             let free = self.config.workers - self.running.len();
             if free == 0 {
                 return;
             }
-            let registry = &self.registry;
-            let popped = match self.queue.pop(free, |name| registry.get(name).cloned()) {
+            let (registry, pools) = (&self.registry, &self.pools);
+            let resolve = |name: &str| match registry.get(name) {
+                None => Err(format!("unknown task name {name:?}")),
+                Some(handler @ Handler::Pool { pool, .. }) => pools
+                    .get(*pool)
+                    .ok_or_else(|| format!("task {name:?} routed to a missing pool"))?
+                    .accepts(name)
+                    .map(|()| handler.clone()),
+                Some(handler) => Ok(handler.clone()),
+            };
+            let popped = match self.queue.pop(free, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
                     self.db_error(&e);
@@ -186,7 +227,12 @@ impl Foreman<'_> {
                         started: Instant::now(),
                     },
                 );
-                self.pool.submit(Job { task, handler });
+                match handler {
+                    Handler::Pool { pool, timeout } => {
+                        self.pools[pool].submit(PoolJob { task, timeout });
+                    }
+                    handler => self.threads.submit(Job { task, handler }),
+                }
             }
             if rows < free {
                 return; // The queue is empty.
@@ -204,13 +250,79 @@ impl Foreman<'_> {
                 done.elapsed
             ),
             Outcome::Failed(reason) => {
+                // One log record per line: the journal splits multi-line messages anyway, and
+                // loses their priority. A traceback's last line says what went wrong.
+                let headline = reason.lines().rev().find(|l| !l.trim().is_empty());
                 log::warn!(
-                    "task {} {} failed after {:?}: {reason}",
+                    "task {} {} failed after {:?}: {}",
                     done.task_id,
                     done.task_name,
-                    done.elapsed
+                    done.elapsed,
+                    headline.unwrap_or("(no reason given)").trim()
+                );
+                if reason.contains('\n') {
+                    for line in reason.lines() {
+                        log::warn!("task {} {} | {line}", done.task_id, done.task_name);
+                    }
+                }
+            }
+        }
+    }
+
+    fn pool_event(&mut self, event: PoolEvent) {
+        let Some(pool) = self.pools.get_mut(event.pool) else {
+            return;
+        };
+        let applied = pool.apply(event.slot, event.kind);
+        let name = pool.name.clone();
+        if let Some(served) = applied.first_hello {
+            let elsewhere = self.registry.add_pool_tasks(event.pool, &served);
+            if !elsewhere.is_empty() {
+                log::warn!(
+                    "pool {name}: task(s) {} already run another way (config or in-process); they stay there",
+                    elsewhere.join(", ")
                 );
             }
+            let missing: Vec<&str> = self
+                .config
+                .tasks
+                .iter()
+                .filter(|(task, c)| {
+                    matches!(&c.runner, Runner::Pool(p) if **p == *name) && !served.contains(*task)
+                })
+                .map(|(task, _)| task.as_str())
+                .collect();
+            if !missing.is_empty() {
+                log::error!(
+                    "pool {name}: the config routes task(s) {} to this pool, but its worker does not serve them; they will go to foreman_dead",
+                    missing.join(", ")
+                );
+            }
+        }
+        for job in applied.orphans {
+            self.running.remove(&job.task.id);
+            let reason = match self.pools[event.pool].accepts(&job.task.name) {
+                Err(reason) => reason,
+                Ok(()) => format!("pool {name:?} went down before the task started"),
+            };
+            match self.queue.bury(&job.task, &reason) {
+                Ok(()) => log::error!("task {} moved to foreman_dead: {reason}", job.task.id),
+                // Nowhere left to keep it: say so loudly, with everything needed to redo it.
+                Err(e) => log::error!(
+                    "task {} {} lost: {reason}; and it could not be moved to foreman_dead: {e} (args {}, kwargs {})",
+                    job.task.id,
+                    job.task.name,
+                    serde_json::Value::from(job.task.args.clone()),
+                    serde_json::Value::from(job.task.kwargs.clone())
+                ),
+            }
+        }
+    }
+
+    /// Stops every pool's processes and waits until they are gone.
+    fn stop_pools(&mut self) {
+        for pool in std::mem::take(&mut self.pools) {
+            pool.stop();
         }
     }
 

@@ -12,11 +12,12 @@ pub mod duration;
 pub mod error;
 pub mod foreman;
 pub mod pid_guard;
-pub mod pool;
+pub mod process_pool;
 pub mod queue;
 pub mod registry;
 pub mod signals;
 pub mod task;
+pub mod thread_pool;
 pub mod wakeup;
 
 pub use config::{Config, Overrides};

@@ -149,12 +149,12 @@ impl Queue {
 
     /// In one `BEGIN IMMEDIATE` transaction, deletes up to `limit` rows in id order and returns the
     /// ones that can run, each with what `resolve` gave for its name; rows that cannot (bad JSON,
-    /// or a name `resolve` does not know) are moved to `foreman_dead` with the reason in the same
-    /// transaction.
+    /// or a name `resolve` refuses with a reason) are moved to `foreman_dead` with the reason in
+    /// the same transaction.
     pub fn pop<H>(
         &mut self,
         limit: usize,
-        resolve: impl Fn(&str) -> Option<H>,
+        resolve: impl Fn(&str) -> std::result::Result<H, String>,
     ) -> Result<Popped<H>> {
         let mut popped = Popped {
             tasks: Vec::with_capacity(limit),
@@ -193,14 +193,11 @@ impl Queue {
         // RETURNING gives no order guarantee; FIFO is promised.
         raws.sort_unstable_by_key(|r| r.id);
         for raw in raws {
-            let reason = match decode(&raw) {
-                Ok(task) => match resolve(&task.name) {
-                    Some(handler) => {
-                        popped.tasks.push((task, handler));
-                        continue;
-                    }
-                    None => format!("unknown task name {:?}", task.name),
-                },
+            let reason = match decode(&raw).and_then(|task| Ok((resolve(&task.name)?, task))) {
+                Ok((handler, task)) => {
+                    popped.tasks.push((task, handler));
+                    continue;
+                }
                 Err(reason) => reason,
             };
             tx.prepare_cached(
@@ -214,6 +211,22 @@ impl Queue {
         }
         tx.commit().map_err(err)?;
         Ok(popped)
+    }
+
+    /// Moves an already popped task that cannot run to `foreman_dead` (the pop itself buries the
+    /// rows it can judge; this is for tasks that turn out to be unrunnable after the pop).
+    pub fn bury(&mut self, task: &Task, reason: &str) -> Result<()> {
+        let args = serde_json::Value::from(task.args.clone()).to_string();
+        let kwargs = serde_json::Value::from(task.kwargs.clone()).to_string();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, created_at, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut insert| {
+                insert.execute(params![task.id, task.name, args, kwargs, task.created_at, reason])
+            })
+            .map(drop)
+            .map_err(|e| self.err(e))
     }
 
     /// A cheap read that tells whether a pop would find anything; used by the fallback tick so an

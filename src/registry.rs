@@ -6,7 +6,7 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{RESERVED_PREFIX, TaskConfig};
+use crate::config::{Config, RESERVED_PREFIX, Runner};
 use crate::error::{Error, Result};
 use crate::task::Task;
 
@@ -18,8 +18,16 @@ type HandlerFn = dyn Fn(&Task) -> TaskResult + Send + Sync;
 #[derive(Clone)]
 pub enum Handler {
     InProcess(Arc<HandlerFn>),
-    /// argv of the process spawned per task.
-    Command(Arc<[String]>),
+    /// A process spawned per task from this argv.
+    Command {
+        argv: Arc<[String]>,
+        timeout: Option<Duration>,
+    },
+    /// A persistent process of the pool at this index (in `Config::pools` order).
+    Pool {
+        pool: usize,
+        timeout: Option<Duration>,
+    },
 }
 
 #[derive(Clone)]
@@ -60,12 +68,10 @@ impl Registry {
         self.handlers.insert(name.to_owned(), handler);
     }
 
-    /// Adds the command tasks of the config; a name already served in-process is a config error.
-    pub fn add_commands<'a>(
-        &mut self,
-        tasks: impl IntoIterator<Item = (&'a String, &'a TaskConfig)>,
-    ) -> Result<()> {
-        for (name, task) in tasks {
+    /// Adds the tasks of the config (command and pool tasks); a name already served in-process is
+    /// a config error.
+    pub fn add_config(&mut self, config: &Config) -> Result<()> {
+        for (name, task) in &config.tasks {
             if name.starts_with(RESERVED_PREFIX) {
                 return Err(Error::Config(format!(
                     "task {name:?}: names starting with \"foreman.\" are reserved"
@@ -78,11 +84,49 @@ impl Registry {
                     )));
                 }
                 Entry::Vacant(slot) => {
-                    slot.insert(Handler::Command(task.command.clone().into()));
+                    let timeout = task.timeout;
+                    slot.insert(match &task.runner {
+                        Runner::Command(argv) => Handler::Command {
+                            argv: argv.clone().into(),
+                            timeout,
+                        },
+                        Runner::Pool(pool) => Handler::Pool {
+                            pool: config.pools.keys().position(|p| p == pool).ok_or_else(|| {
+                                Error::Config(format!("task {name:?}: no pool {pool:?}"))
+                            })?,
+                            timeout,
+                        },
+                    });
                 }
             }
         }
         Ok(())
+    }
+
+    /// Routes the names a pool's worker said it serves to that pool, unless they already run
+    /// another way; returns those names, which stay where they are.
+    pub fn add_pool_tasks<'n>(
+        &mut self,
+        pool: usize,
+        names: impl IntoIterator<Item = &'n String>,
+    ) -> Vec<&'n str> {
+        let mut elsewhere = Vec::new();
+        for name in names {
+            match self.handlers.entry(name.clone()) {
+                Entry::Occupied(existing) => {
+                    if !matches!(existing.get(), Handler::Pool { pool: p, .. } if *p == pool) {
+                        elsewhere.push(name.as_str());
+                    }
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(Handler::Pool {
+                        pool,
+                        timeout: None,
+                    });
+                }
+            }
+        }
+        elsewhere
     }
 
     pub fn get(&self, name: &str) -> Option<&Handler> {

@@ -1,4 +1,4 @@
-//! `WorkerPool`: a fixed set of worker threads fed over a channel. Each runs one task at a time and
+//! `ThreadPool`: a fixed set of worker threads fed over a channel. Each runs one task at a time and
 //! reports a `Finished` back to the foreman loop; a panicking handler fails its task, never the pool.
 
 use std::any::Any;
@@ -34,19 +34,19 @@ pub struct Finished {
     pub elapsed: Duration,
 }
 
-pub struct WorkerPool {
+pub struct ThreadPool {
     jobs: Sender<Job>,
     _threads: Vec<JoinHandle<()>>,
 }
 
-impl WorkerPool {
+impl ThreadPool {
     /// Starts `workers` threads. The foreman loop never submits more jobs than there are idle
     /// workers, so the channel never holds a task a worker could not start at once.
     pub fn start(
         workers: usize,
         finished: &Sender<Finished>,
         children: &Arc<Children>,
-    ) -> Result<WorkerPool> {
+    ) -> Result<ThreadPool> {
         let (jobs, inbox) = crossbeam_channel::unbounded::<Job>();
         let threads = (0..workers)
             .map(|n| {
@@ -59,7 +59,7 @@ impl WorkerPool {
                     .map_err(|e| Error::io("starting a worker thread", e))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(WorkerPool {
+        Ok(ThreadPool {
             jobs,
             _threads: threads,
         })
@@ -98,7 +98,8 @@ fn work(inbox: &Receiver<Job>, finished: &Sender<Finished>, children: &Children)
 fn run(task: &Task, handler: &Handler, children: &Children) -> std::result::Result<(), String> {
     match handler {
         Handler::InProcess(f) => f(task).map_err(|e| e.to_string()),
-        Handler::Command(argv) => command::run(task, argv, children),
+        Handler::Command { argv, timeout } => command::run(task, argv, *timeout, children),
+        Handler::Pool { .. } => Err("a pool task reached a worker thread".to_owned()),
     }
 }
 

@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod drain;
 mod library;
+mod pools;
 mod shutdown;
 mod support;
 mod tidy;

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_foreman");
 /// Generous: CI machines are slow and shared; a passing test never waits this long.
+pub static PYTHON_CLIENT: std::sync::LazyLock<PathBuf> =
+    std::sync::LazyLock::new(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python"));
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Polls `check` every few milliseconds until it holds or `timeout` passes.
@@ -61,6 +63,11 @@ impl Env {
             }
         }
         cmd.env("RECORD_FILE", self.path("ran.txt"));
+        // Pool workers inherit this: the Python client and worker, and task modules in the temp dir.
+        cmd.env(
+            "PYTHONPATH",
+            format!("{}:{}", PYTHON_CLIENT.display(), self.dir.path().display()),
+        );
         cmd
     }
 
@@ -187,6 +194,17 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Every line containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(needle))
+            .cloned()
+            .collect()
     }
 
     pub fn has_log(&self, needle: &str) -> bool {

@@ -1,0 +1,946 @@
+//! `ProcessPool`: the persistent worker processes of one `[pools.NAME]`. Each process has a driver
+//! thread that starts it, checks its hello, writes it one task at a time and reads the answer
+//! (docs/worker-protocol.md), and restarts it with backoff. The pool never pops and never routes:
+//! the foreman loop decides which tasks reach it, from the hellos the drivers report.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitStatus};
+use std::result::Result as StdResult;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use serde::Deserialize;
+
+use crate::children::{Children, KILL_GRACE, kill_group};
+use crate::command::{piped_command, poll, set_nonblocking, spawn, wait_exited_no_reap};
+use crate::config::PoolConfig;
+use crate::duration::format_duration;
+use crate::error::{Error, Result};
+use crate::task::Task;
+use crate::thread_pool::{Finished, Outcome};
+
+/// The worker protocol version this daemon speaks.
+pub const PROTOCOL_VERSION: u64 = 1;
+/// A protocol line longer than this is garbage, not a message.
+const MAX_LINE_BYTES: usize = 1 << 20;
+/// A stderr line longer than this is logged in pieces.
+const MAX_STDERR_LINE_BYTES: usize = 8192;
+/// Lines of stderr quoted when a worker fails: the full text is in the log just above, and the
+/// last line (a traceback's exception) is what names the problem.
+const STDERR_TAIL_LINES: usize = 1;
+const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A process that dies sooner than this after its hello counts as a failed start, so a worker that
+/// crashes right away is restarted with backoff rather than in a hot loop.
+const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(1);
+/// Consecutive failed starts of every process before the pool is declared down and its tasks go
+/// to the dead-letter table. One failure may be bad luck; three in a row (≈ 0.3 s of backoff) is a
+/// broken deployment.
+const DOWN_AFTER_FAILURES: u32 = 3;
+/// After its stdin closes, how long an idle worker gets to exit on its own before SIGTERM.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+/// How often a driver waiting for a hello checks whether the pool is stopping.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// A task on its way to a pool process.
+pub struct PoolJob {
+    pub task: Task,
+    pub timeout: Option<Duration>,
+}
+
+/// What a driver tells the foreman loop about its process.
+#[derive(Debug)]
+pub struct PoolEvent {
+    pub pool: usize,
+    pub slot: usize,
+    pub kind: PoolEventKind,
+}
+
+#[derive(Debug)]
+pub enum PoolEventKind {
+    /// The process said hello and waits for tasks.
+    Ready {
+        pid: libc::pid_t,
+        tasks: BTreeSet<String>,
+    },
+    /// The process could not start or died before it was healthy; retried after a backoff.
+    StartFailed { reason: String, failures: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Starting,
+    Ready,
+    Failed,
+}
+
+/// The loop's side of one pool: the channel its drivers take jobs from, and what their events
+/// said about the processes.
+pub struct ProcessPool {
+    pub name: Arc<str>,
+    jobs: Sender<PoolJob>,
+    /// The same queue as the drivers read, so the loop can take back jobs no process will run.
+    backlog: Receiver<PoolJob>,
+    /// Dropped to stop the drivers.
+    stop: Option<Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+    slots: Vec<SlotState>,
+    /// The task names of the first hello; every later process runs the same command.
+    served: Option<BTreeSet<String>>,
+    last_error: String,
+}
+
+/// What a driver thread needs; one per process slot.
+struct Driver {
+    pool: usize,
+    slot: usize,
+    name: Arc<str>,
+    config: PoolConfig,
+    jobs: Receiver<PoolJob>,
+    requeue: Sender<PoolJob>,
+    stop: Receiver<()>,
+    events: Sender<PoolEvent>,
+    finished: Sender<Finished>,
+    children: Arc<Children>,
+}
+
+impl ProcessPool {
+    /// Starts one driver thread per process; each starts its process at once.
+    pub fn start(
+        index: usize,
+        name: &str,
+        config: &PoolConfig,
+        events: &Sender<PoolEvent>,
+        finished: &Sender<Finished>,
+        children: &Arc<Children>,
+    ) -> Result<ProcessPool> {
+        let name: Arc<str> = name.into();
+        let (jobs, backlog) = crossbeam_channel::unbounded();
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let threads = (0..config.processes)
+            .map(|slot| {
+                let driver = Driver {
+                    pool: index,
+                    slot,
+                    name: Arc::clone(&name),
+                    config: config.clone(),
+                    jobs: backlog.clone(),
+                    requeue: jobs.clone(),
+                    stop: stopped.clone(),
+                    events: events.clone(),
+                    finished: finished.clone(),
+                    children: Arc::clone(children),
+                };
+                // PR_SET_PDEATHSIG fires when the thread that forked exits, so the process is
+                // always started by this long-lived thread, which outlives it.
+                std::thread::Builder::new()
+                    .name(format!("foreman-pool-{name}-{slot}"))
+                    .spawn(move || driver.drive())
+                    .map_err(|e| Error::io("starting a pool driver thread", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ProcessPool {
+            name,
+            jobs,
+            backlog,
+            stop: Some(stop),
+            threads,
+            slots: vec![SlotState::Starting; config.processes],
+            served: None,
+            last_error: String::new(),
+        })
+    }
+
+    /// Whether the loop may pop: some process is up, or none can start.
+    pub fn settled(&self) -> bool {
+        self.slots.contains(&SlotState::Ready) || self.is_down()
+    }
+
+    /// No process is up and every one has failed to start several times in a row.
+    pub fn is_down(&self) -> bool {
+        self.slots.iter().all(|s| *s == SlotState::Failed)
+    }
+
+    /// Whether a task of this name can be handed to the pool; `Err` is the dead-letter reason.
+    pub fn accepts(&self, task_name: &str) -> std::result::Result<(), String> {
+        if self.is_down() {
+            return Err(format!(
+                "pool {:?} cannot start a worker: {}",
+                self.name, self.last_error
+            ));
+        }
+        match &self.served {
+            Some(served) if !served.contains(task_name) => Err(format!(
+                "pool {:?} does not serve task {task_name:?} (its workers serve: {})",
+                self.name,
+                join(served)
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn submit(&self, job: PoolJob) {
+        // The drivers hold a sender too, so the channel is never disconnected while we hold it.
+        let _ = self.jobs.send(job);
+    }
+
+    /// Applies a driver's event. Returns the task names of the pool's first hello, which the loop
+    /// routes to it, and the jobs to move to the dead-letter table when the pool just went down.
+    pub fn apply(&mut self, slot: usize, kind: PoolEventKind) -> Applied {
+        let was_down = self.is_down();
+        let mut applied = Applied::default();
+        match kind {
+            PoolEventKind::Ready { pid, tasks } => {
+                if let Some(state) = self.slots.get_mut(slot) {
+                    *state = SlotState::Ready;
+                }
+                if was_down {
+                    log::info!(
+                        "pool {}: worker pid {pid} started; the pool is up again",
+                        self.name
+                    );
+                } else {
+                    log::debug!("pool {}: worker pid {pid} ready", self.name);
+                }
+                match &self.served {
+                    None => {
+                        log::info!(
+                            "pool {}: worker pid {pid} serves {}",
+                            self.name,
+                            join(&tasks)
+                        );
+                        applied.first_hello = Some(tasks.clone());
+                        self.served = Some(tasks);
+                    }
+                    Some(served) if *served != tasks => log::warn!(
+                        "pool {}: worker pid {pid} serves {}, unlike the first worker ({}); tasks are routed by the first",
+                        self.name,
+                        join(&tasks),
+                        join(served)
+                    ),
+                    Some(_) => {}
+                }
+            }
+            PoolEventKind::StartFailed { reason, failures } => {
+                if failures >= DOWN_AFTER_FAILURES
+                    && let Some(state) = self.slots.get_mut(slot)
+                {
+                    *state = SlotState::Failed;
+                }
+                self.last_error = reason;
+                if self.is_down() {
+                    if !was_down {
+                        log::error!(
+                            "pool {}: no worker can start ({}); its tasks go to foreman_dead until one does",
+                            self.name,
+                            self.last_error
+                        );
+                    }
+                    applied.orphans = self.backlog.try_iter().collect();
+                }
+            }
+        }
+        applied
+    }
+
+    /// Stops the drivers: idle workers get EOF on stdin, then SIGTERM and SIGKILL if they linger.
+    /// Returns when every process is gone.
+    pub fn stop(mut self) {
+        self.stop = None;
+        for thread in std::mem::take(&mut self.threads) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ProcessPool {
+    fn drop(&mut self) {
+        // Without `stop` (an error path), the drivers still wind down; the process may exit first,
+        // and then PR_SET_PDEATHSIG takes the workers with it.
+        self.stop = None;
+    }
+}
+
+#[derive(Default)]
+pub struct Applied {
+    pub first_hello: Option<BTreeSet<String>>,
+    pub orphans: Vec<PoolJob>,
+}
+
+fn join(names: &BTreeSet<String>) -> String {
+    if names.is_empty() {
+        return "no tasks".to_owned();
+    }
+    names
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How a driver's service of one process ended.
+enum Ended {
+    Stopping,
+    /// The process is gone; `healthy` when it lived long enough to reset the backoff.
+    Gone {
+        healthy: bool,
+    },
+}
+
+impl Driver {
+    fn drive(self) {
+        let mut failures = 0u32;
+        loop {
+            if self.stopping() {
+                return;
+            }
+            match Worker::start(&self) {
+                Ok(Some(worker)) => {
+                    let _ = self.events.send(PoolEvent {
+                        pool: self.pool,
+                        slot: self.slot,
+                        kind: PoolEventKind::Ready {
+                            pid: worker.pid,
+                            tasks: worker.tasks.clone(),
+                        },
+                    });
+                    match self.serve(worker) {
+                        Ended::Stopping => return,
+                        Ended::Gone { healthy: true } => failures = 0,
+                        Ended::Gone { healthy: false } => {
+                            failures += 1;
+                            self.report_failure(
+                                "worker died within a second of its hello".to_owned(),
+                                failures,
+                            );
+                        }
+                    }
+                }
+                Ok(None) => return, // Stopping while it started.
+                Err(reason) => {
+                    failures += 1;
+                    self.report_failure(reason, failures);
+                }
+            }
+            if failures > 0 {
+                let backoff = backoff(failures);
+                select! {
+                    recv(self.stop) -> _ => return,
+                    default(backoff) => {}
+                }
+            }
+        }
+    }
+
+    fn report_failure(&self, reason: String, failures: u32) {
+        log::warn!(
+            "pool {}: worker failed to start (attempt {failures}, retrying in {}): {reason}",
+            self.name,
+            format_duration(backoff(failures))
+        );
+        let _ = self.events.send(PoolEvent {
+            pool: self.pool,
+            slot: self.slot,
+            kind: PoolEventKind::StartFailed { reason, failures },
+        });
+    }
+
+    fn stopping(&self) -> bool {
+        matches!(
+            self.stop.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        )
+    }
+
+    /// Hands jobs to `worker` until it dies or the pool stops.
+    fn serve(&self, mut worker: Worker) -> Ended {
+        let ready_at = Instant::now();
+        let mut stderr_open = worker.stderr_done.clone();
+        loop {
+            select! {
+                recv(self.stop) -> _ => {
+                    worker.stop(&self.name);
+                    return Ended::Stopping;
+                }
+                recv(stderr_open) -> _ => {
+                    // stderr closed: most likely the process exited while idle (it closes its
+                    // fds a moment before it can be waited for).
+                    if worker.wait_exit(Duration::from_millis(100)) {
+                        let status = worker.reap();
+                        log::warn!(
+                            "pool {}: worker pid {} exited while idle ({}){}",
+                            self.name,
+                            worker.pid,
+                            describe(status),
+                            worker.stderr_tail_suffix()
+                        );
+                        return Ended::Gone { healthy: ready_at.elapsed() >= MIN_HEALTHY_LIFE };
+                    }
+                    stderr_open = crossbeam_channel::never();
+                }
+                recv(self.jobs) -> job => {
+                    let Ok(job) = job else { continue };
+                    match worker.run(job, &self.children) {
+                        Ran::Answered(finished) => {
+                            let _ = self.finished.send(finished);
+                        }
+                        Ran::NotSent(job) => {
+                            // The job never reached the process: another one may run it.
+                            let _ = self.requeue.send(job);
+                            log::warn!(
+                                "pool {}: worker pid {} is gone{}",
+                                self.name,
+                                worker.pid,
+                                worker.stderr_tail_suffix()
+                            );
+                            worker.kill();
+                            return Ended::Gone { healthy: ready_at.elapsed() >= MIN_HEALTHY_LIFE };
+                        }
+                        Ran::Broken(finished) => {
+                            if let Outcome::Failed(reason) = &finished.outcome {
+                                log::warn!("pool {}: restarting worker pid {}: {reason}", self.name, worker.pid);
+                            }
+                            let _ = self.finished.send(finished);
+                            // A worker that completed tasks was healthy, whatever killed it now.
+                            return Ended::Gone { healthy: true };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (RESTART_BACKOFF_MIN * 2u32.pow(doublings)).min(RESTART_BACKOFF_MAX)
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => status.to_string(),
+    }
+}
+
+/// How one task on a worker went.
+enum Ran {
+    /// The worker answered; it is ready for the next task.
+    Answered(Finished),
+    /// The worker was gone before it could read the task.
+    NotSent(PoolJob),
+    /// The task failed with the worker (death, timeout, garbage); the worker is dead and reaped.
+    Broken(Finished),
+}
+
+/// One running worker process.
+struct Worker {
+    child: Child,
+    pid: libc::pid_t,
+    stdin: Option<File>,
+    stdout: LineReader,
+    pidfd: Option<OwnedFd>,
+    /// Disconnected when the stderr reader reaches EOF.
+    stderr_done: Receiver<()>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    tasks: BTreeSet<String>,
+}
+
+#[derive(Deserialize)]
+struct Hello {
+    protocol: u64,
+    tasks: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    id: i64,
+    ok: bool,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+enum LineError {
+    Eof,
+    Timeout,
+    TooLong,
+    Io(io::Error),
+}
+
+impl Worker {
+    /// Spawns the process and waits for its hello. `Ok(None)` when the pool stopped meanwhile;
+    /// `Err` says why the process could not start (it is dead and reaped then).
+    fn start(driver: &Driver) -> std::result::Result<Option<Worker>, String> {
+        let argv = &driver.config.command;
+        let mut command = piped_command(argv)?;
+        command
+            .env("FOREMAN_POOL", &*driver.name)
+            .env("FOREMAN_PROTOCOL", PROTOCOL_VERSION.to_string());
+        let (mut child, pid) = spawn(&mut command, argv)?;
+        let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+        if let Some(stdin) = &stdin {
+            set_nonblocking(stdin.as_raw_fd());
+        }
+        let stdout = child.stdout.take().map(|s| File::from(OwnedFd::from(s)));
+        let stderr = child.stderr.take().map(|s| File::from(OwnedFd::from(s)));
+        let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
+            return Err("the worker's pipes were not set up".to_owned());
+        };
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr_done = log_stderr(stderr, &driver.name, pid, &stderr_tail)?;
+        let mut worker = Worker {
+            child,
+            pid,
+            stdin,
+            stdout: LineReader::new(stdout),
+            pidfd: pidfd_open(pid),
+            stderr_done,
+            stderr_tail,
+            tasks: BTreeSet::new(),
+        };
+        let deadline = Instant::now() + driver.config.start_timeout;
+        let line = loop {
+            let slice = (Instant::now() + STOP_CHECK).min(deadline);
+            match worker.stdout.read_line(Some(slice), worker.pidfd.as_ref()) {
+                Ok(line) => break line,
+                Err(LineError::Timeout) if Instant::now() < deadline => {
+                    if driver.stopping() {
+                        worker.kill();
+                        return Ok(None);
+                    }
+                }
+                Err(e) => {
+                    let why = match e {
+                        LineError::Timeout => format!(
+                            "no hello line within {} (start_timeout)",
+                            format_duration(driver.config.start_timeout)
+                        ),
+                        LineError::TooLong => "its hello line is longer than 1 MiB".to_owned(),
+                        LineError::Io(e) => format!("reading its stdout: {e}"),
+                        LineError::Eof => String::new(),
+                    };
+                    let status = worker.kill();
+                    let why = if why.is_empty() {
+                        format!("exited before its hello ({})", describe(status))
+                    } else {
+                        why
+                    };
+                    return Err(format!(
+                        "worker pid {pid} {why}{}",
+                        worker.stderr_tail_suffix()
+                    ));
+                }
+            }
+        };
+        let hello = match serde_json::from_slice::<Hello>(&line) {
+            Ok(hello) if hello.protocol == PROTOCOL_VERSION => hello,
+            Ok(hello) => {
+                worker.kill();
+                return Err(format!(
+                    "worker pid {pid} speaks protocol {}, this foreman speaks {PROTOCOL_VERSION}",
+                    hello.protocol
+                ));
+            }
+            Err(e) => {
+                worker.kill();
+                return Err(format!(
+                    "worker pid {pid} wrote a bad hello line ({e}): {}",
+                    excerpt(&line)
+                ));
+            }
+        };
+        worker.tasks = hello.tasks.into_iter().collect();
+        Ok(Some(worker))
+    }
+
+    /// Writes the task, waits for the answer (up to the timeout) and judges it.
+    fn run(&mut self, job: PoolJob, children: &Children) -> Ran {
+        let started = Instant::now();
+        let deadline = job.timeout.map(|t| started + t);
+        children.insert(job.task.id, self.pid);
+        log::debug!(
+            "task {} {} started on worker pid {}",
+            job.task.id,
+            job.task.name,
+            self.pid
+        );
+        let line = job.task.to_json_line();
+        let result = match self.write_all(line.as_bytes(), deadline) {
+            Ok(()) => self.stdout.read_line(deadline, self.pidfd.as_ref()),
+            Err(WriteError::NothingWritten) => {
+                children.remove(job.task.id);
+                return Ran::NotSent(job);
+            }
+            Err(WriteError::Timeout) => Err(LineError::Timeout),
+            Err(WriteError::Broken) => Err(LineError::Eof),
+        };
+        let task = &job.task;
+        let finished = |outcome| Finished {
+            task_id: task.id,
+            task_name: task.name.clone(),
+            outcome,
+            elapsed: started.elapsed(),
+        };
+        let failure = match result {
+            Ok(answer) => match serde_json::from_slice::<Answer>(&answer) {
+                Ok(answer) if answer.id == task.id => {
+                    children.remove(task.id);
+                    let outcome = if answer.ok {
+                        Outcome::Done
+                    } else {
+                        Outcome::Failed(
+                            answer
+                                .error
+                                .unwrap_or_else(|| "failed (the worker gave no error text)".into()),
+                        )
+                    };
+                    return Ran::Answered(finished(outcome));
+                }
+                Ok(answer) => format!(
+                    "worker protocol error: answer for task {} while running task {}",
+                    answer.id, task.id
+                ),
+                Err(e) => format!("worker protocol error: {e}: {}", excerpt(&answer)),
+            },
+            Err(LineError::Timeout) => match job.timeout {
+                Some(timeout) => format!("timeout after {}", format_duration(timeout)),
+                None => "timeout".to_owned(),
+            },
+            Err(LineError::TooLong) => {
+                "worker protocol error: an answer line longer than 1 MiB".to_owned()
+            }
+            Err(LineError::Io(e)) => format!("reading the worker's answer: {e}"),
+            Err(LineError::Eof) => {
+                let status = self.kill_keeping_group(children, task.id);
+                return Ran::Broken(finished(Outcome::Failed(format!(
+                    "worker pid {} died during the task ({}){}",
+                    self.pid,
+                    describe(status),
+                    self.stderr_tail_suffix()
+                ))));
+            }
+        };
+        self.kill_keeping_group(children, task.id);
+        Ran::Broken(finished(Outcome::Failed(failure)))
+    }
+
+    /// Kills the worker, forgetting its task's process group only once it has exited, so the
+    /// loop's shutdown signals never reach a recycled pid.
+    fn kill_keeping_group(&mut self, children: &Children, task_id: i64) -> ExitStatus {
+        self.terminate();
+        children.remove(task_id);
+        self.reap()
+    }
+
+    fn write_all(
+        &mut self,
+        mut data: &[u8],
+        deadline: Option<Instant>,
+    ) -> StdResult<(), WriteError> {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return Err(WriteError::NothingWritten);
+        };
+        let mut written_any = false;
+        while !data.is_empty() {
+            match stdin.write(data) {
+                Ok(n) => {
+                    written_any = true;
+                    data = &data[n..];
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A big task and a worker not reading yet: wait, but not past the timeout.
+                    let mut fds = [pollfd(stdin.as_raw_fd(), libc::POLLOUT)];
+                    let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    if poll(&mut fds, timeout).is_ok_and(|ready| ready == 0) {
+                        return Err(WriteError::Timeout);
+                    }
+                }
+                Err(_) if written_any => return Err(WriteError::Broken),
+                Err(_) => return Err(WriteError::NothingWritten),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) for the process to exit after SIGTERM, then SIGKILLs its group. Leaves the
+    /// process unreaped.
+    fn terminate(&mut self) {
+        self.stdin = None;
+        kill_group(self.pid, libc::SIGTERM);
+        if !self.wait_exit(KILL_GRACE) {
+            kill_group(self.pid, libc::SIGKILL);
+            wait_exited_no_reap(self.pid);
+        }
+    }
+
+    /// Terminates and reaps the worker; returns its exit status.
+    fn kill(&mut self) -> ExitStatus {
+        self.terminate();
+        self.reap()
+    }
+
+    /// Kills what is left of the exited worker's process group (its own children), then reaps it.
+    /// In that order: until the leader is reaped, its pid cannot be reused for another group.
+    fn reap(&mut self) -> ExitStatus {
+        kill_group(self.pid, libc::SIGKILL);
+        let status = self
+            .child
+            .wait()
+            .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
+        // Let the stderr reader log the last lines before they are quoted.
+        let _ = self.stderr_done.recv_timeout(Duration::from_millis(200));
+        status
+    }
+
+    /// Graceful stop: EOF on stdin, a little time to exit, then signals.
+    fn stop(&mut self, pool: &str) {
+        self.stdin = None;
+        if !self.wait_exit(STOP_WAIT) {
+            log::warn!(
+                "pool {pool}: worker pid {} did not exit within {} of closing its stdin; terminating it",
+                self.pid,
+                format_duration(STOP_WAIT)
+            );
+            self.terminate();
+        }
+        self.reap();
+    }
+
+    /// Whether the process exited within `limit` (without reaping it).
+    fn wait_exit(&self, limit: Duration) -> bool {
+        let Some(pidfd) = &self.pidfd else {
+            // No pidfd (Linux < 5.3): check a few times instead.
+            let deadline = Instant::now() + limit;
+            while Instant::now() < deadline {
+                if exited(self.pid) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return exited(self.pid);
+        };
+        let mut fds = [pollfd(pidfd.as_raw_fd(), libc::POLLIN)];
+        let deadline = Instant::now() + limit;
+        loop {
+            match poll(
+                &mut fds,
+                Some(deadline.saturating_duration_since(Instant::now())),
+            ) {
+                Ok(ready) => return ready > 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn stderr_tail_suffix(&self) -> String {
+        let tail = self
+            .stderr_tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if tail.is_empty() {
+            String::new()
+        } else {
+            let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
+            format!("; last stderr line: {}", lines.join(" | "))
+        }
+    }
+}
+
+enum WriteError {
+    /// Not a byte reached the pipe: the worker was already gone.
+    NothingWritten,
+    Broken,
+    Timeout,
+}
+
+fn exited(pid: libc::pid_t) -> bool {
+    // SAFETY: siginfo_t is plain data that waitid fills in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    #[allow(clippy::cast_sign_loss)] // A pid from a successful spawn is positive.
+    let id = pid as libc::id_t;
+    // SAFETY: a valid pointer to a zeroed siginfo_t; WNOWAIT leaves the child unreaped.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            id,
+            &raw mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: waitid succeeded, so si_pid is initialised (0 when the child has not exited).
+    rc == 0 && unsafe { info.si_pid() } != 0
+}
+
+fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    RawFd::try_from(raw).ok().filter(|fd| *fd >= 0).map(|fd| {
+        // SAFETY: the syscall just returned this fd to us and nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
+}
+
+fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+/// The start of a line for an error message: bounded, and readable even when it is binary.
+fn excerpt(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&line[..line.len().min(200)]);
+    format!("{:?}", text.trim_end())
+}
+
+/// Reads newline-terminated lines from a worker's stdout with a deadline, never holding more than
+/// one line's worth of bytes.
+struct LineReader {
+    file: File,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already searched for a newline.
+    scanned: usize,
+}
+
+impl LineReader {
+    fn new(file: File) -> Self {
+        LineReader {
+            file,
+            buf: Vec::with_capacity(4096),
+            scanned: 0,
+        }
+    }
+
+    /// The next line without its newline. A process that exited (its pidfd is readable) with
+    /// nothing more to read gives `Eof`, even if a grandchild still holds the pipe open.
+    fn read_line(
+        &mut self,
+        deadline: Option<Instant>,
+        pidfd: Option<&OwnedFd>,
+    ) -> StdResult<Vec<u8>, LineError> {
+        loop {
+            if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let end = self.scanned + pos;
+                let line = self.buf[..end].to_vec();
+                self.buf.drain(..=end);
+                self.scanned = 0;
+                return Ok(line);
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > MAX_LINE_BYTES {
+                return Err(LineError::TooLong);
+            }
+            let mut fds = [
+                pollfd(self.file.as_raw_fd(), libc::POLLIN),
+                pollfd(pidfd.map_or(-1, AsRawFd::as_raw_fd), libc::POLLIN),
+            ];
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            match poll(&mut fds, timeout) {
+                Ok(0) => return Err(LineError::Timeout),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(LineError::Io(e)),
+            }
+            if fds[0].revents == 0 {
+                return Err(LineError::Eof); // Exited without writing anything more.
+            }
+            let mut chunk = [0u8; 8192];
+            match self.file.read(&mut chunk) {
+                Ok(0) => return Err(LineError::Eof),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(LineError::Io(e)),
+            }
+        }
+    }
+}
+
+/// Logs a worker's stderr line by line from its own thread, keeping the last lines for error
+/// messages. The returned channel disconnects at EOF.
+fn log_stderr(
+    stderr: File,
+    pool: &Arc<str>,
+    pid: libc::pid_t,
+    tail: &Arc<Mutex<VecDeque<String>>>,
+) -> std::result::Result<Receiver<()>, String> {
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+    let pool = Arc::clone(pool);
+    let tail = Arc::clone(tail);
+    std::thread::Builder::new()
+        .name(format!("foreman-pool-{pool}-stderr"))
+        .spawn(move || {
+            let _done = done_tx;
+            let mut stderr = stderr;
+            let mut partial = Vec::new();
+            let mut chunk = [0u8; 8192];
+            let emit = |line: &[u8]| {
+                let text = String::from_utf8_lossy(line);
+                let text = text.trim_end_matches('\r');
+                log::info!("pool {pool} pid {pid} stderr: {text}");
+                if text.trim().is_empty() {
+                    return;
+                }
+                let mut tail = tail.lock().unwrap_or_else(PoisonError::into_inner);
+                if tail.len() == STDERR_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(text.chars().take(500).collect());
+            };
+            loop {
+                let n = match stderr.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                let mut data = &chunk[..n];
+                while let Some(pos) = data.iter().position(|&b| b == b'\n') {
+                    partial.extend_from_slice(&data[..pos]);
+                    emit(&partial);
+                    partial.clear();
+                    data = &data[pos + 1..];
+                }
+                partial.extend_from_slice(data);
+                if partial.len() >= MAX_STDERR_LINE_BYTES {
+                    emit(&partial);
+                    partial.clear();
+                }
+            }
+            if !partial.is_empty() {
+                emit(&partial);
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the stderr reader thread: {e}"))?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(50), RESTART_BACKOFF_MAX);
+    }
+
+    #[test]
+    fn excerpt_is_bounded_and_quoted() {
+        let long = vec![b'x'; 5000];
+        assert!(excerpt(&long).len() < 210);
+        assert_eq!(excerpt(b"hi\xff"), "\"hi\u{fffd}\"");
+    }
+}
