@@ -1,15 +1,17 @@
 //! Quick core benchmark (the full `foreman bench` comes later): drain rate of trivial in-process
-//! tasks and of `/bin/true` command tasks, and idle → start latency. Run with
-//! `cargo bench --bench core`; prints a table and one JSON line. A task counts only once it has
-//! started, and every run checks that each id ran exactly once.
+//! tasks, of `/bin/true` command tasks and of Python tasks on a pool of 4 workers, and idle → start
+//! latency (in-process and Python). Run with `cargo bench --bench core`; prints a table and one
+//! JSON line. A task counts only once it has started, and every run checks that each task ran
+//! exactly once. The Python client's enqueue rates are measured by `benches/python_enqueue.py`.
 
 // Counts of a few thousand convert to f64 exactly.
 #![allow(clippy::cast_precision_loss)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use foreman::{Config, Overrides, Registry, Shutdown};
 
@@ -17,6 +19,7 @@ const DRAIN_TASKS: usize = 20_000;
 const COMMAND_TASKS: usize = 2_000;
 const LATENCY_TASKS: usize = 200;
 const LATENCY_SPACING: Duration = Duration::from_millis(20);
+const POOL_PROCESSES: usize = 4;
 const REPS: usize = 3;
 
 /// Start times by task id, as recorded by the handler itself.
@@ -45,6 +48,10 @@ impl Bench {
         let conn = rusqlite::Connection::open(&self.config.db).expect("db");
         conn.busy_timeout(Duration::from_secs(5))
             .expect("busy timeout");
+        // What the Python client and schema.sql recommend for producers: in WAL mode a commit
+        // then needs no fsync, and a power loss can lose the last commits but never corrupts.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .expect("synchronous");
         conn
     }
 
@@ -214,6 +221,157 @@ fn percentile(sorted: &[f64], p: usize) -> f64 {
     sorted[rank - 1]
 }
 
+/// A config running `bench.record` (benches/pool_tasks.py) on a pool of Python workers that write
+/// their start times to `out`.
+fn pool_config(out: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pythonpath = format!(
+        "PYTHONPATH={}:{}",
+        root.join("clients/python").display(),
+        root.join("benches").display()
+    );
+    let argv = [
+        "env",
+        &pythonpath,
+        &format!("BENCH_OUT={}", out.display()),
+        "python3",
+        "-m",
+        "foreman_worker",
+        "pool_tasks",
+    ];
+    let quoted: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "workers = {POOL_PROCESSES}\n[pools.py]\ncommand = [{}]\nprocesses = {POOL_PROCESSES}\n",
+        quoted.join(", ")
+    )
+}
+
+/// (i, start time in Unix seconds) for every line the Python tasks wrote; checks each i once.
+fn pool_records(out: &Path, expected: usize) -> Vec<(usize, f64)> {
+    let mut records = Vec::with_capacity(expected);
+    for entry in std::fs::read_dir(out).expect("out dir") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("record file");
+        for line in text.lines() {
+            let (i, at) = line.split_once(' ').expect("a record line");
+            records.push((i.parse().expect("i"), at.parse().expect("time")));
+        }
+    }
+    let distinct: HashSet<usize> = records.iter().map(|r| r.0).collect();
+    assert_eq!(records.len(), distinct.len(), "a task ran twice");
+    assert_eq!(distinct.len(), expected, "not every task ran");
+    records
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+fn drain_pool() -> f64 {
+    let out = tempfile::tempdir().expect("out dir");
+    let bench = Bench::new(&pool_config(out.path()));
+    init(&bench);
+    {
+        let mut conn = bench.conn();
+        let tx = conn.transaction().expect("tx");
+        let mut insert = tx
+            .prepare(
+                "INSERT INTO foreman_task(task_name, args) VALUES ('bench.record', json_array(?1))",
+            )
+            .expect("prepare");
+        for i in 0..DRAIN_TASKS {
+            insert
+                .execute([i64::try_from(i).expect("small")])
+                .expect("insert");
+        }
+        drop(insert);
+        tx.commit().expect("commit");
+    }
+    let conn = bench.conn();
+    let queued = || {
+        conn.query_row("SELECT count(*) FROM foreman_task", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .expect("count")
+    };
+    // Shutdown waits for the running tasks, so every record is written when this returns.
+    bench.run_until(Registry::new(), || {
+        std::thread::sleep(Duration::from_millis(5));
+        queued() == 0
+    });
+    let records = pool_records(out.path(), DRAIN_TASKS);
+    let first = records.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+    let last = records.iter().map(|r| r.1).fold(0.0, f64::max);
+    (DRAIN_TASKS - 1) as f64 / (last - first)
+}
+
+/// Enqueue → start of Python tasks at an idle daemon with a pool; (p50, p99) in milliseconds.
+fn latency_pool() -> (f64, f64) {
+    let out = tempfile::tempdir().expect("out dir");
+    let bench = Bench::new(&pool_config(out.path()));
+    init(&bench);
+    let conn = bench.conn();
+    let wakeup = bench.config.wakeup_dir.join("bench");
+    let enqueued: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let producer_done = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let enqueued = Arc::clone(&enqueued);
+        let producer_done = Arc::clone(&producer_done);
+        let out: PathBuf = out.path().to_path_buf();
+        std::thread::spawn(move || {
+            // Wait for the workers: the first task's record shows they are up; then go idle.
+            conn.execute(
+                "INSERT INTO foreman_task(task_name, args) VALUES ('bench.record', '[0]')",
+                [],
+            )
+            .expect("warm-up");
+            std::fs::File::create(&wakeup).expect("wakeup");
+            while std::fs::read_dir(&out).expect("out").next().is_none() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let mut insert = conn
+                .prepare("INSERT INTO foreman_task(task_name, args) VALUES ('bench.record', json_array(?1))")
+                .expect("prepare");
+            for i in 1..=LATENCY_TASKS {
+                let at = unix_now();
+                insert
+                    .execute([i64::try_from(i).expect("small")])
+                    .expect("insert");
+                if !wakeup.exists() {
+                    std::fs::File::create(&wakeup).expect("wakeup");
+                }
+                enqueued.lock().expect("enqueued").push(at);
+                std::thread::sleep(LATENCY_SPACING);
+            }
+            producer_done.store(true, Ordering::SeqCst);
+        })
+    };
+    let queue = bench.conn();
+    bench.run_until(Registry::new(), || {
+        std::thread::sleep(Duration::from_millis(5));
+        producer_done.load(Ordering::SeqCst)
+            && queue
+                .query_row("SELECT count(*) FROM foreman_task", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .expect("count")
+                == 0
+    });
+    producer.join().expect("producer");
+    let records = pool_records(out.path(), LATENCY_TASKS + 1);
+    let enqueued = enqueued.lock().expect("enqueued");
+    let mut lat: Vec<f64> = records
+        .iter()
+        .filter(|(i, _)| *i > 0)
+        .map(|(i, at)| (at - enqueued[i - 1]) * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    (percentile(&lat, 50), percentile(&lat, 99))
+}
+
 fn init(bench: &Bench) {
     let mut queue = foreman::queue::Queue::open(&bench.config.db, foreman::queue::Access::Create)
         .expect("open");
@@ -245,11 +403,18 @@ fn main() {
     show("drain-command /bin/true", "tasks/s", command);
     let bare = median((0..REPS).map(|_| bare_spawn()).collect());
     show("bare spawn, 4 threads", "spawns/s", bare);
+    let pool = median((0..REPS).map(|_| drain_pool()).collect());
+    show("drain-pool python ×4", "tasks/s", pool);
     let lats: Vec<(f64, f64)> = (0..REPS).map(|_| latency()).collect();
     let p50 = median(lats.iter().map(|l| l.0).collect());
     let p99 = median(lats.iter().map(|l| l.1).collect());
     show("latency p50", "ms", p50);
     show("latency p99", "ms", p99);
+    let lats: Vec<(f64, f64)> = (0..REPS).map(|_| latency_pool()).collect();
+    let pool_p50 = median(lats.iter().map(|l| l.0).collect());
+    let pool_p99 = median(lats.iter().map(|l| l.1).collect());
+    show("latency python p50", "ms", pool_p50);
+    show("latency python p99", "ms", pool_p99);
     println!(
         "{}",
         serde_json::json!({
@@ -259,6 +424,9 @@ fn main() {
             "command_vs_bare": command.0 / bare.0,
             "latency_p50_ms": p50.0,
             "latency_p99_ms": p99.0,
+            "drain_pool_tasks_per_s": pool.0,
+            "latency_pool_p50_ms": pool_p50.0,
+            "latency_pool_p99_ms": pool_p99.0,
         })
     );
 }
