@@ -454,3 +454,59 @@ fn effective_config_shows_pools_and_timeouts() {
         assert!(out.contains(needle), "{needle}: {out}");
     }
 }
+
+#[test]
+fn a_configured_task_the_worker_does_not_serve_is_dead_lettered_with_the_reason() {
+    let env = pool_env(1, "[tasks.\"apptasks.missing\"]\npool = \"py\"");
+    let daemon = env.daemon(&[]);
+    daemon.expect_log("the config routes task(s) apptasks.missing to this pool");
+    let id = enqueue(&env, "apptasks.missing", "[]");
+    let mut reason = String::new();
+    assert!(wait_until(PATIENCE, || {
+        reason = env
+            .sql()
+            .query_row(
+                "SELECT reason FROM foreman_dead WHERE task_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap_or_default();
+        !reason.is_empty()
+    }));
+    assert!(
+        reason.starts_with("pool \"py\" does not serve task \"apptasks.missing\""),
+        "{reason}"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn pool_tasks_count_against_workers() {
+    // Two workers, both busy with pool tasks: a command task must wait for one of them.
+    let env = pool_env(2, crate::support::RECORD_TASK);
+    let config = std::fs::read_to_string(env.path("foreman.toml")).unwrap();
+    env.config(&config.replace("workers = 4", "workers = 2"));
+    let daemon = env.daemon(&[]);
+    daemon.expect_log("apptasks.boom, apptasks.crash");
+    let first = env.insert("apptasks.slow", r#"["slow-1"]"#);
+    env.insert("apptasks.slow", r#"["slow-2"]"#);
+    let command = env.insert("record", "[]");
+    env.touch_wakeup("t");
+    daemon.expect_log(&format!("task {first} apptasks.slow started"));
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(env.path("ran.txt"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(wait_until(PATIENCE, || lines().len() == 3), "{:?}", lines());
+    let order = lines();
+    let command_at = order.iter().position(|l| *l == command.to_string());
+    let first_slow_done = order.iter().position(|l| l.starts_with("slow-"));
+    assert!(
+        first_slow_done < command_at,
+        "the command task started while both workers were busy: {order:?}"
+    );
+    daemon.stop();
+}
