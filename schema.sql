@@ -10,9 +10,12 @@
 --      the file only when it is absent is enough; the daemon also checks the queue on a fallback tick
 --      (1 s by default), so a lost or stale wakeup file delays a task, it never stalls the queue.
 --   Use a busy timeout of a few seconds on the producer's connection: the daemon holds the write lock
---   only for the few microseconds a pop takes.
+--   only for the few microseconds a pop takes. PRAGMA synchronous=NORMAL on that connection makes a
+--   commit skip its fsync (the database is in WAL mode): a power loss may then lose the last commits,
+--   never corrupt the file.
 --
--- PYTHON (stdlib sqlite3)
+-- PYTHON: clients/python/foreman_client.py does all of this (Client(db).enqueue(name, *args, **kwargs)).
+-- By hand, with the stdlib sqlite3:
 --   import json, os, sqlite3
 --   db = sqlite3.connect("foreman.sqlite3", timeout=5, isolation_level=None)
 --   db.execute("INSERT INTO foreman_task(task_name, args, kwargs) VALUES (?, ?, ?)",
