@@ -21,6 +21,8 @@ pub fn kill_group(pid: libc::pid_t, signal: libc::c_int) {
 pub struct Children {
     /// task id → pid, which is also the process group id (each child leads its own group).
     groups: Mutex<HashMap<i64, libc::pid_t>>,
+    /// (pool, slot) → pid of every live pool process, busy or idle.
+    workers: Mutex<HashMap<(usize, usize), libc::pid_t>>,
 }
 
 impl Children {
@@ -29,6 +31,29 @@ impl Children {
         self.groups.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn lock_workers(&self) -> MutexGuard<'_, HashMap<(usize, usize), libc::pid_t>> {
+        self.workers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a pool process from its spawn until just before it is reaped.
+    pub fn insert_worker(&self, pool: usize, slot: usize, pid: libc::pid_t) {
+        self.lock_workers().insert((pool, slot), pid);
+    }
+
+    pub fn remove_worker(&self, pool: usize, slot: usize) {
+        self.lock_workers().remove(&(pool, slot));
+    }
+
+    /// SIGKILLs every task's process group and every pool process's group, busy or idle: the last
+    /// word when the daemon leaves without waiting. `PR_SET_PDEATHSIG` would kill the processes
+    /// foreman started, but not what they started.
+    pub fn kill_everything(&self) -> usize {
+        let workers = self.lock_workers();
+        for &pid in workers.values() {
+            kill_group(pid, libc::SIGKILL);
+        }
+        self.signal_all(libc::SIGKILL) + workers.len()
+    }
     pub fn insert(&self, task_id: i64, pid: libc::pid_t) {
         self.lock().insert(task_id, pid);
     }

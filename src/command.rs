@@ -40,13 +40,18 @@ pub fn run(
     children.insert(task.id, pid);
 
     let mut pump = Pump::new(task, &mut child, pid);
-    let timed_out = pump.run(timeout.map(|t| started + t), pid);
+    let timed_out = pump.run(timeout.and_then(|t| started.checked_add(t)), pid);
     let stderr_tail = pump.stderr.tail.take().unwrap_or_default();
     drop(pump);
 
     // Wait for the exit without reaping, so the pid cannot be recycled while the foreman loop may
     // still signal it; only then forget it and reap.
     wait_exited_no_reap(pid);
+    if timed_out {
+        // The leader may have exited on SIGTERM before the SIGKILL was due; what it started must
+        // not outlive the timeout. Sent before the reap, while the zombie still holds the group id.
+        kill_group(pid, libc::SIGKILL);
+    }
     children.remove(task.id);
     let status = child
         .wait()

@@ -13,9 +13,10 @@ use crate::config::{Config, Runner};
 use crate::error::{Error, Result};
 use crate::pid_guard::PidGuard;
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
-use crate::queue::{Access, Queue};
+use crate::queue::{Access, Queue, Resolved};
 use crate::registry::{Handler, Registry};
 use crate::signals::Shutdown;
+use crate::task::Task;
 use crate::thread_pool::{Finished, Job, Outcome, ThreadPool};
 use crate::wakeup::WakeupDir;
 
@@ -49,6 +50,8 @@ enum Phase {
 struct Running {
     name: String,
     started: Instant,
+    /// The pool running it, if it is a pool task.
+    pool: Option<usize>,
 }
 
 /// Runs the daemon until a shutdown signal arrives on `shutdown` and the running tasks are done
@@ -144,10 +147,10 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         if let Phase::Terminating { deadline } = foreman.phase
             && Instant::now() >= deadline
         {
-            let killed = foreman.children.signal_all(libc::SIGKILL);
+            let killed = foreman.children.kill_everything();
             foreman.stop_pools();
             log::warn!(
-                "foreman stopped: killed {killed} command task(s); {} task(s) abandoned",
+                "foreman stopped: killed {killed} task process group(s); {} task(s) abandoned",
                 foreman.running.len()
             );
             return Ok(());
@@ -172,6 +175,51 @@ fn log_startup(config: &Config, registry: &Registry, pools: &[ProcessPool]) {
     );
 }
 
+/// How the task named `name` runs now: on its handler, not at all (dead letter), or not yet.
+fn resolve(
+    registry: &Registry,
+    pools: &[ProcessPool],
+    taken: &mut [usize],
+    name: &str,
+) -> Resolved<Handler> {
+    let Some(handler) = registry.get(name) else {
+        // A pool still starting may serve it: its hello has not said yet.
+        if pools.iter().any(|p| !p.settled()) {
+            return Resolved::Defer;
+        }
+        let down: Vec<&str> = pools
+            .iter()
+            .filter(|p| p.is_down())
+            .map(|p| &*p.name)
+            .collect();
+        return Resolved::Dead(if down.is_empty() {
+            format!("unknown task name {name:?}")
+        } else {
+            format!(
+                "unknown task name {name:?} (pools that cannot start, and may serve it: {})",
+                down.join(", ")
+            )
+        });
+    };
+    let Handler::Pool { pool: index, .. } = handler else {
+        return Resolved::Run(handler.clone());
+    };
+    let (Some(pool), Some(taken)) = (pools.get(*index), taken.get_mut(*index)) else {
+        return Resolved::Dead(format!("task {name:?} is routed to a missing pool"));
+    };
+    if !pool.settled() {
+        return Resolved::Defer;
+    }
+    if let Err(reason) = pool.accepts(name) {
+        return Resolved::Dead(reason);
+    }
+    if pool.in_flight() + *taken >= pool.processes() {
+        return Resolved::Defer;
+    }
+    *taken += 1;
+    Resolved::Run(handler.clone())
+}
+
 struct Foreman<'c> {
     config: &'c Config,
     registry: Registry,
@@ -187,27 +235,20 @@ struct Foreman<'c> {
 }
 
 impl Foreman<'_> {
-    /// Pops and starts tasks until the slots are full or the queue is empty. Waits until every
-    /// pool has said which tasks it serves (or cannot start), so none of them is refused as unknown.
+    /// Pops and starts tasks until the slots are full, the queue is empty, or the rows at its head
+    /// must wait (their pool is busy or still starting; they stay queued until a pool event or a
+    /// finished task calls `fill` again).
     fn fill(&mut self) {
-        if !self.pools.iter().all(ProcessPool::settled) {
-            return;
-        }
         while matches!(self.phase, Phase::Running) {
             let free = self.config.workers - self.running.len();
             if free == 0 {
                 return;
             }
             let (registry, pools) = (&self.registry, &self.pools);
-            let resolve = |name: &str| match registry.get(name) {
-                None => Err(format!("unknown task name {name:?}")),
-                Some(handler @ Handler::Pool { pool, .. }) => pools
-                    .get(*pool)
-                    .ok_or_else(|| format!("task {name:?} routed to a missing pool"))?
-                    .accepts(name)
-                    .map(|()| handler.clone()),
-                Some(handler) => Ok(handler.clone()),
-            };
+            // Pool tasks taken in this pop, by pool: with the pool's running ones, never more than
+            // its processes, so no popped task waits for a process.
+            let mut taken = vec![0; pools.len()];
+            let resolve = |task: &Task| resolve(registry, pools, &mut taken, &task.name);
             let popped = match self.queue.pop(free, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
@@ -219,12 +260,18 @@ impl Foreman<'_> {
                 log::error!("task {id} moved to foreman_dead: {reason}");
             }
             let rows = popped.rows();
+            let deferred = popped.deferred;
             for (task, handler) in popped.tasks {
+                let pool = match &handler {
+                    Handler::Pool { pool, .. } => Some(*pool),
+                    _ => None,
+                };
                 self.running.insert(
                     task.id,
                     Running {
                         name: task.name.clone(),
                         started: Instant::now(),
+                        pool,
                     },
                 );
                 match handler {
@@ -234,14 +281,14 @@ impl Foreman<'_> {
                     handler => self.threads.submit(Job { task, handler }),
                 }
             }
-            if rows < free {
-                return; // The queue is empty.
+            if rows < free || deferred > 0 {
+                return; // The queue is empty, or its head must wait.
             }
         }
     }
 
     fn finish(&mut self, done: Finished) {
-        self.running.remove(&done.task_id);
+        self.forget(done.task_id);
         match done.outcome {
             Outcome::Done => log::debug!(
                 "task {} {} done in {:?}",
@@ -266,6 +313,17 @@ impl Foreman<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// The task is no longer running (finished, or buried before it started).
+    fn forget(&mut self, task_id: i64) {
+        if let Some(Running {
+            pool: Some(pool), ..
+        }) = self.running.remove(&task_id)
+            && let Some(pool) = self.pools.get_mut(pool)
+        {
+            pool.done_one();
         }
     }
 
@@ -300,7 +358,7 @@ impl Foreman<'_> {
             }
         }
         for job in applied.orphans {
-            self.running.remove(&job.task.id);
+            self.forget(job.task.id);
             let reason = match self.pools[event.pool].accepts(&job.task.name) {
                 Err(reason) => reason,
                 Ok(()) => format!("pool {name:?} went down before the task started"),
@@ -319,10 +377,14 @@ impl Foreman<'_> {
         }
     }
 
-    /// Stops every pool's processes and waits until they are gone.
+    /// Stops every pool's processes (all at once) and waits until they are gone.
     fn stop_pools(&mut self) {
-        for pool in std::mem::take(&mut self.pools) {
-            pool.stop();
+        let mut pools = std::mem::take(&mut self.pools);
+        for pool in &mut pools {
+            pool.request_stop();
+        }
+        for pool in pools {
+            pool.join();
         }
     }
 
@@ -367,7 +429,7 @@ impl Foreman<'_> {
             return Ok(());
         }
         self.log_survivors("abandoned at second signal");
-        self.children.signal_all(libc::SIGKILL);
+        self.children.kill_everything();
         Err(Error::Interrupted {
             abandoned: self.running.len(),
         })

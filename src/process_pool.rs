@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, Sender, select, select_biased};
 use serde::Deserialize;
 
 use crate::children::{Children, KILL_GRACE, kill_group};
@@ -91,6 +91,8 @@ pub struct ProcessPool {
     stop: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
     slots: Vec<SlotState>,
+    /// Tasks handed to the pool and not finished yet; the loop keeps it at most `slots.len()`.
+    in_flight: usize,
     /// The task names of the first hello; every later process runs the same command.
     served: Option<BTreeSet<String>>,
     last_error: String,
@@ -152,6 +154,7 @@ impl ProcessPool {
             stop: Some(stop),
             threads,
             slots: vec![SlotState::Starting; config.processes],
+            in_flight: 0,
             served: None,
             last_error: String::new(),
         })
@@ -185,9 +188,23 @@ impl ProcessPool {
         }
     }
 
-    pub fn submit(&self, job: PoolJob) {
+    pub fn processes(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub fn submit(&mut self, job: PoolJob) {
+        self.in_flight += 1;
         // The drivers hold a sender too, so the channel is never disconnected while we hold it.
         let _ = self.jobs.send(job);
+    }
+
+    /// One of the pool's tasks finished (or was taken back).
+    pub fn done_one(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     /// Applies a driver's event. Returns the task names of the pool's first hello, which the loop
@@ -249,9 +266,14 @@ impl ProcessPool {
         applied
     }
 
-    /// Stops the drivers: idle workers get EOF on stdin, then SIGTERM and SIGKILL if they linger.
-    /// Returns when every process is gone.
-    pub fn stop(mut self) {
+    /// Tells the drivers to stop: idle workers get EOF on stdin, then SIGTERM and SIGKILL if they
+    /// linger; no driver takes another job or restarts its process.
+    pub fn request_stop(&mut self) {
+        self.stop = None;
+    }
+
+    /// Stops the drivers and returns when every process is gone.
+    pub fn join(mut self) {
         self.stop = None;
         for thread in std::mem::take(&mut self.threads) {
             let _ = thread.join();
@@ -287,9 +309,11 @@ fn join(names: &BTreeSet<String>) -> String {
 /// How a driver's service of one process ended.
 enum Ended {
     Stopping,
-    /// The process is gone; `healthy` when it lived long enough to reset the backoff.
+    /// The process is gone; `healthy` when it served a task or lived long enough to reset the
+    /// backoff; `why` says what happened, for the failed-start report.
     Gone {
         healthy: bool,
+        why: String,
     },
 }
 
@@ -312,11 +336,14 @@ impl Driver {
                     });
                     match self.serve(worker) {
                         Ended::Stopping => return,
-                        Ended::Gone { healthy: true } => failures = 0,
-                        Ended::Gone { healthy: false } => {
+                        Ended::Gone { healthy: true, .. } => failures = 0,
+                        Ended::Gone {
+                            healthy: false,
+                            why,
+                        } => {
                             failures += 1;
                             self.report_failure(
-                                "worker died within a second of its hello".to_owned(),
+                                format!("died within a second of its hello, before serving a task: {why}"),
                                 failures,
                             );
                         }
@@ -361,9 +388,12 @@ impl Driver {
     /// Hands jobs to `worker` until it dies or the pool stops.
     fn serve(&self, mut worker: Worker) -> Ended {
         let ready_at = Instant::now();
+        let mut served_any = false;
+        let healthy = |served_any: bool| served_any || ready_at.elapsed() >= MIN_HEALTHY_LIFE;
         let mut stderr_open = worker.stderr_done.clone();
         loop {
-            select! {
+            // Biased: once the pool stops, no job is taken, however many wait.
+            select_biased! {
                 recv(self.stop) -> _ => {
                     worker.stop(&self.name);
                     return Ended::Stopping;
@@ -373,48 +403,56 @@ impl Driver {
                     // fds a moment before it can be waited for).
                     if worker.wait_exit(Duration::from_millis(100)) {
                         let status = worker.reap();
-                        log::warn!(
-                            "pool {}: worker pid {} exited while idle ({}){}",
-                            self.name,
+                        let why = format!(
+                            "worker pid {} exited while idle ({}){}",
                             worker.pid,
                             describe(status),
                             worker.stderr_tail_suffix()
                         );
-                        return Ended::Gone { healthy: ready_at.elapsed() >= MIN_HEALTHY_LIFE };
+                        log::warn!("pool {}: {why}", self.name);
+                        return Ended::Gone { healthy: healthy(served_any), why };
                     }
                     stderr_open = crossbeam_channel::never();
                 }
                 recv(self.jobs) -> job => {
                     let Ok(job) = job else { continue };
-                    match worker.run(job, &self.children) {
+                    match worker.run(job) {
                         Ran::Answered(finished) => {
+                            served_any = true;
                             let _ = self.finished.send(finished);
                         }
                         Ran::NotSent(job) => {
                             // The job never reached the process: another one may run it.
                             let _ = self.requeue.send(job);
-                            log::warn!(
-                                "pool {}: worker pid {} is gone{}",
-                                self.name,
+                            let status = worker.kill();
+                            let why = format!(
+                                "worker pid {} was gone when a task came ({}){}",
                                 worker.pid,
+                                describe(status),
                                 worker.stderr_tail_suffix()
                             );
-                            worker.kill();
-                            return Ended::Gone { healthy: ready_at.elapsed() >= MIN_HEALTHY_LIFE };
+                            log::warn!("pool {}: {why}", self.name);
+                            return Ended::Gone { healthy: healthy(served_any), why };
                         }
                         Ran::Broken(finished) => {
-                            if let Outcome::Failed(reason) = &finished.outcome {
-                                log::warn!("pool {}: restarting worker pid {}: {reason}", self.name, worker.pid);
-                            }
+                            let why = match &finished.outcome {
+                                Outcome::Failed(reason) => reason.clone(),
+                                Outcome::Done => String::new(),
+                            };
+                            log::warn!("pool {}: restarting worker pid {}: {why}", self.name, worker.pid);
                             let _ = self.finished.send(finished);
-                            // A worker that completed tasks was healthy, whatever killed it now.
-                            return Ended::Gone { healthy: true };
+                            return Ended::Gone { healthy: healthy(served_any), why };
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// `timeout` from now; `None` (no deadline) for a timeout too large to represent.
+fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -451,6 +489,9 @@ struct Worker {
     stderr_done: Receiver<()>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     tasks: BTreeSet<String>,
+    children: Arc<Children>,
+    /// (pool, slot), its key in `children`.
+    key: (usize, usize),
 }
 
 #[derive(Deserialize)]
@@ -484,17 +525,31 @@ impl Worker {
             .env("FOREMAN_POOL", &*driver.name)
             .env("FOREMAN_PROTOCOL", PROTOCOL_VERSION.to_string());
         let (mut child, pid) = spawn(&mut command, argv)?;
+        driver.children.insert_worker(driver.pool, driver.slot, pid);
         let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
         if let Some(stdin) = &stdin {
             set_nonblocking(stdin.as_raw_fd());
         }
         let stdout = child.stdout.take().map(|s| File::from(OwnedFd::from(s)));
         let stderr = child.stderr.take().map(|s| File::from(OwnedFd::from(s)));
-        let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
-            return Err("the worker's pipes were not set up".to_owned());
+        let started = (|| {
+            let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
+                return Err("the worker's pipes were not set up".to_owned());
+            };
+            let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+            let stderr_done = log_stderr(stderr, &driver.name, pid, &stderr_tail)?;
+            Ok((stdout, stderr_tail, stderr_done))
+        })();
+        let (stdout, stderr_tail, stderr_done) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                // Nothing to talk to it with: stop it and reap it, leaving no zombie.
+                kill_group(pid, libc::SIGKILL);
+                driver.children.remove_worker(driver.pool, driver.slot);
+                let _ = child.wait();
+                return Err(e);
+            }
         };
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr_done = log_stderr(stderr, &driver.name, pid, &stderr_tail)?;
         let mut worker = Worker {
             child,
             pid,
@@ -504,40 +559,11 @@ impl Worker {
             stderr_done,
             stderr_tail,
             tasks: BTreeSet::new(),
+            children: Arc::clone(&driver.children),
+            key: (driver.pool, driver.slot),
         };
-        let deadline = Instant::now() + driver.config.start_timeout;
-        let line = loop {
-            let slice = (Instant::now() + STOP_CHECK).min(deadline);
-            match worker.stdout.read_line(Some(slice), worker.pidfd.as_ref()) {
-                Ok(line) => break line,
-                Err(LineError::Timeout) if Instant::now() < deadline => {
-                    if driver.stopping() {
-                        worker.kill();
-                        return Ok(None);
-                    }
-                }
-                Err(e) => {
-                    let why = match e {
-                        LineError::Timeout => format!(
-                            "no hello line within {} (start_timeout)",
-                            format_duration(driver.config.start_timeout)
-                        ),
-                        LineError::TooLong => "its hello line is longer than 1 MiB".to_owned(),
-                        LineError::Io(e) => format!("reading its stdout: {e}"),
-                        LineError::Eof => String::new(),
-                    };
-                    let status = worker.kill();
-                    let why = if why.is_empty() {
-                        format!("exited before its hello ({})", describe(status))
-                    } else {
-                        why
-                    };
-                    return Err(format!(
-                        "worker pid {pid} {why}{}",
-                        worker.stderr_tail_suffix()
-                    ));
-                }
-            }
+        let Some(line) = worker.read_hello(driver)? else {
+            return Ok(None);
         };
         let hello = match serde_json::from_slice::<Hello>(&line) {
             Ok(hello) if hello.protocol == PROTOCOL_VERSION => hello,
@@ -556,14 +582,62 @@ impl Worker {
                 ));
             }
         };
+        if driver.stopping() {
+            worker.kill();
+            return Ok(None);
+        }
         worker.tasks = hello.tasks.into_iter().collect();
         Ok(Some(worker))
     }
 
+    /// Waits for the hello line (up to `start_timeout`, checking for a stop meanwhile). `Ok(None)`
+    /// when the pool stopped; `Err` when the worker failed, and then it is dead and reaped.
+    fn read_hello(&mut self, driver: &Driver) -> std::result::Result<Option<Vec<u8>>, String> {
+        let deadline = deadline_after(driver.config.start_timeout);
+        let line = loop {
+            let slice = deadline.map_or(Instant::now() + STOP_CHECK, |d| {
+                (Instant::now() + STOP_CHECK).min(d)
+            });
+            match self.stdout.read_line(Some(slice), self.pidfd.as_ref()) {
+                Ok(line) => break line,
+                Err(LineError::Timeout) if deadline.is_none_or(|d| Instant::now() < d) => {
+                    if driver.stopping() {
+                        self.kill();
+                        return Ok(None);
+                    }
+                }
+                Err(e) => {
+                    let why = match e {
+                        LineError::Timeout => format!(
+                            "no hello line within {} (start_timeout)",
+                            format_duration(driver.config.start_timeout)
+                        ),
+                        LineError::TooLong => "its hello line is longer than 1 MiB".to_owned(),
+                        LineError::Io(e) => format!("reading its stdout: {e}"),
+                        LineError::Eof => String::new(),
+                    };
+                    let status = self.kill();
+                    let why = if why.is_empty() {
+                        format!("exited before its hello ({})", describe(status))
+                    } else {
+                        why
+                    };
+                    return Err(format!(
+                        "worker pid {} {why}{}",
+                        self.pid,
+                        self.stderr_tail_suffix()
+                    ));
+                }
+            }
+        };
+        Ok(Some(line))
+    }
+
     /// Writes the task, waits for the answer (up to the timeout) and judges it.
-    fn run(&mut self, job: PoolJob, children: &Children) -> Ran {
+    fn run(&mut self, job: PoolJob) -> Ran {
+        let children = Arc::clone(&self.children);
         let started = Instant::now();
-        let deadline = job.timeout.map(|t| started + t);
+        let deadline = job.timeout.and_then(deadline_after);
         children.insert(job.task.id, self.pid);
         log::debug!(
             "task {} {} started on worker pid {}",
@@ -618,7 +692,7 @@ impl Worker {
             }
             Err(LineError::Io(e)) => format!("reading the worker's answer: {e}"),
             Err(LineError::Eof) => {
-                let status = self.kill_keeping_group(children, task.id);
+                let status = self.kill_keeping_group(&children, task.id);
                 return Ran::Broken(finished(Outcome::Failed(format!(
                     "worker pid {} died during the task ({}){}",
                     self.pid,
@@ -627,7 +701,7 @@ impl Worker {
                 ))));
             }
         };
-        self.kill_keeping_group(children, task.id);
+        self.kill_keeping_group(&children, task.id);
         Ran::Broken(finished(Outcome::Failed(failure)))
     }
 
@@ -691,6 +765,7 @@ impl Worker {
     /// In that order: until the leader is reaped, its pid cannot be reused for another group.
     fn reap(&mut self) -> ExitStatus {
         kill_group(self.pid, libc::SIGKILL);
+        self.children.remove_worker(self.key.0, self.key.1);
         let status = self
             .child
             .wait()

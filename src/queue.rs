@@ -40,12 +40,24 @@ pub struct Popped<H> {
     pub tasks: Vec<(Task, H)>,
     /// Rows moved to `foreman_dead`: (task id, reason).
     pub dead: Vec<(i64, String)>,
+    /// Rows the resolver deferred: they are still queued, unchanged.
+    pub deferred: usize,
 }
 
 impl<H> Popped<H> {
+    /// Rows the pop looked at.
     pub fn rows(&self) -> usize {
-        self.tasks.len() + self.dead.len()
+        self.tasks.len() + self.dead.len() + self.deferred
     }
+}
+
+/// What the pop's resolver decides for a decoded task.
+pub enum Resolved<H> {
+    Run(H),
+    /// It cannot run: moved to `foreman_dead` with this reason.
+    Dead(String),
+    /// It cannot run *yet* (its pool is busy or still starting): it stays queued.
+    Defer,
 }
 
 /// The queue as `foreman status` reports it.
@@ -148,17 +160,19 @@ impl Queue {
     }
 
     /// In one `BEGIN IMMEDIATE` transaction, deletes up to `limit` rows in id order and returns the
-    /// ones that can run, each with what `resolve` gave for its name; rows that cannot (bad JSON,
-    /// or a name `resolve` refuses with a reason) are moved to `foreman_dead` with the reason in
-    /// the same transaction.
+    /// ones that can run, each with what `resolve` gave for it. Rows that cannot run (bad JSON, or
+    /// `Resolved::Dead`) are moved to `foreman_dead` with the reason, and deferred rows are put back
+    /// unchanged (same id, so FIFO order holds), both in the same transaction: no other connection
+    /// ever sees a row missing.
     pub fn pop<H>(
         &mut self,
         limit: usize,
-        resolve: impl Fn(&str) -> std::result::Result<H, String>,
+        mut resolve: impl FnMut(&Task) -> Resolved<H>,
     ) -> Result<Popped<H>> {
         let mut popped = Popped {
             tasks: Vec::with_capacity(limit),
             dead: Vec::new(),
+            deferred: 0,
         };
         if limit == 0 {
             return Ok(popped);
@@ -193,11 +207,25 @@ impl Queue {
         // RETURNING gives no order guarantee; FIFO is promised.
         raws.sort_unstable_by_key(|r| r.id);
         for raw in raws {
-            let reason = match decode(&raw).and_then(|task| Ok((resolve(&task.name)?, task))) {
-                Ok((handler, task)) => {
-                    popped.tasks.push((task, handler));
-                    continue;
-                }
+            let reason = match decode(&raw) {
+                Ok(task) => match resolve(&task) {
+                    Resolved::Run(handler) => {
+                        popped.tasks.push((task, handler));
+                        continue;
+                    }
+                    Resolved::Dead(reason) => reason,
+                    Resolved::Defer => {
+                        tx.prepare_cached(
+                            "INSERT INTO foreman_task(id, task_name, args, kwargs, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )
+                        .and_then(|mut insert| {
+                            insert.execute(params![raw.id, raw.task_name, raw.args, raw.kwargs, raw.created_at])
+                        })
+                        .map_err(err)?;
+                        popped.deferred += 1;
+                        continue;
+                    }
+                },
                 Err(reason) => reason,
             };
             tx.prepare_cached(

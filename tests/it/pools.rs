@@ -39,6 +39,13 @@ def hang(tag):
     time.sleep(60)
 
 @task
+def block(tag):
+    # Runs until the test creates the file: a task that is running for as long as a test needs.
+    while not os.path.exists(os.environ["RECORD_FILE"] + ".go"):
+        time.sleep(0.01)
+    _record(tag)
+
+@task
 def slow(tag):
     time.sleep(0.5)
     _record(tag)
@@ -304,7 +311,7 @@ fn a_command_task_past_its_timeout_is_killed() {
         r#"
 {}
 [tasks.hang]
-command = ["sh", "-c", "echo $$ > \"$RECORD_FILE.pid\"; exec sleep 60"]
+command = ["sh", "-c", "(trap '' TERM; exec sleep 60) & echo $! > \"$RECORD_FILE.bg\"; echo $$ > \"$RECORD_FILE.pid\"; exec sleep 60"]
 timeout = "300ms"
 "#,
         crate::support::RECORD_TASK
@@ -314,12 +321,18 @@ timeout = "300ms"
     let id = enqueue(&env, "hang", "[]");
     daemon.expect_log(&format!("task {id} hang failed after"));
     daemon.expect_log("timeout after 300ms");
-    let pid: i32 = std::fs::read_to_string(env.path("ran.txt.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(is_dead(pid));
+    for file in ["ran.txt.pid", "ran.txt.bg"] {
+        let pid: i32 = std::fs::read_to_string(env.path(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The background child ignores SIGTERM: only the group's SIGKILL ends it.
+        assert!(
+            wait_until(PATIENCE, || is_dead(pid)),
+            "{file}: {pid} survived the timeout"
+        );
+    }
     // The only worker is free again.
     let next = enqueue(&env, "record", "[]");
     assert_eq!(env.wait_ran(1), vec![next]);
@@ -508,5 +521,58 @@ fn pool_tasks_count_against_workers() {
         first_slow_done < command_at,
         "the command task started while both workers were busy: {order:?}"
     );
+    daemon.stop();
+}
+
+#[test]
+fn a_busy_pool_leaves_its_next_task_queued_and_other_tasks_run() {
+    let env = pool_env(1, crate::support::RECORD_TASK);
+    let daemon = env.daemon(&[]);
+    daemon.expect_log("apptasks.block, apptasks.boom");
+    let first = env.insert("apptasks.block", r#"["block-1"]"#);
+    let second = env.insert("apptasks.block", r#"["block-2"]"#);
+    let command = env.insert("record", "[]");
+    env.touch_wakeup("t");
+    daemon.expect_log(&format!("task {first} apptasks.block started"));
+    // The pool's one process is busy: the command task still gets a free worker...
+    assert!(wait_until(PATIENCE, || std::fs::read_to_string(
+        env.path("ran.txt")
+    )
+    .is_ok_and(|t| t.lines().any(|l| l == command.to_string()))));
+    // ...and the pool's next task waits in the queue, not popped, with its id.
+    let queued: Vec<i64> = env
+        .sql()
+        .prepare("SELECT id FROM foreman_task")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(queued, vec![second]);
+    std::fs::write(env.path("ran.txt.go"), "").unwrap();
+    wait_record(&env, "block-2");
+    daemon.stop();
+}
+
+#[test]
+fn a_pool_slow_to_start_delays_only_the_tasks_it_may_serve() {
+    let env = Env::new();
+    env.config(&format!(
+        "{}\n[pools.mute]\ncommand = [\"sleep\", \"60\"]\nprocesses = 1\n",
+        crate::support::RECORD_TASK
+    ));
+    env.init();
+    let daemon = env.daemon(&[]);
+    let maybe_mute = env.insert("mute.task", "[]");
+    let command = env.insert("record", "[]");
+    env.touch_wakeup("t");
+    assert_eq!(env.wait_ran(1), vec![command]);
+    // No hello yet, so nobody knows whether the pool serves it: it stays queued, not dead.
+    let dead: i64 = env
+        .sql()
+        .query_row("SELECT count(*) FROM foreman_dead", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!((env.queued(), dead), (1, 0), "task {maybe_mute}");
+    // Stopping does not wait for the hello.
     daemon.stop();
 }
