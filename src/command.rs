@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::children::{Children, KILL_GRACE, kill_group};
@@ -62,11 +62,7 @@ pub fn run(
     if status.success() {
         return Ok(());
     }
-    let how = match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        (None, None) => format!("ended with {status}"),
-    };
+    let how = describe(status);
     if stderr_tail.is_empty() {
         Err(format!("command {how}"))
     } else {
@@ -109,6 +105,25 @@ pub(crate) fn spawn(
         Ok(pid) => Ok((child, pid)),
         Err(_) => Err(format!("child pid {} out of range", child.id())),
     }
+}
+
+/// How a process ended, for messages: "exited with status 3", "killed by signal 9".
+pub(crate) fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => status.to_string(),
+    }
+}
+
+/// A pidfd for the child (Linux ≥ 5.3): readable once it has exited. `None` on older kernels.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    RawFd::try_from(raw).ok().filter(|fd| *fd >= 0).map(|fd| {
+        // SAFETY: the syscall just returned this fd to us and nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
 }
 
 fn die_with_parent(parent: libc::pid_t) -> io::Result<()> {
@@ -171,12 +186,7 @@ impl<'t> Pump<'t> {
         if let Some(stdin) = &stdin {
             set_nonblocking(stdin.as_raw_fd());
         }
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        let pidfd = RawFd::try_from(raw).ok().filter(|fd| *fd >= 0).map(|fd| {
-            // SAFETY: the syscall just returned this fd to us and nothing else owns it.
-            unsafe { OwnedFd::from_raw_fd(fd) }
-        });
+        let pidfd = pidfd_open(pid);
         Pump {
             stdin,
             input: task.to_json_line().into_bytes(),

@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ExitStatus};
 use std::result::Result as StdResult;
@@ -18,7 +18,9 @@ use crossbeam_channel::{Receiver, Sender, select, select_biased};
 use serde::Deserialize;
 
 use crate::children::{Children, KILL_GRACE, kill_group};
-use crate::command::{piped_command, poll, set_nonblocking, spawn, wait_exited_no_reap};
+use crate::command::{
+    describe, pidfd_open, piped_command, poll, set_nonblocking, spawn, wait_exited_no_reap,
+};
 use crate::config::PoolConfig;
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
@@ -460,14 +462,6 @@ fn backoff(failures: u32) -> Duration {
     (RESTART_BACKOFF_MIN * 2u32.pow(doublings)).min(RESTART_BACKOFF_MAX)
 }
 
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        (None, None) => status.to_string(),
-    }
-}
-
 /// How one task on a worker went.
 enum Ran {
     /// The worker answered; it is ready for the next task.
@@ -853,15 +847,6 @@ fn exited(pid: libc::pid_t) -> bool {
     };
     // SAFETY: waitid succeeded, so si_pid is initialised (0 when the child has not exited).
     rc == 0 && unsafe { info.si_pid() } != 0
-}
-
-fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    RawFd::try_from(raw).ok().filter(|fd| *fd >= 0).map(|fd| {
-        // SAFETY: the syscall just returned this fd to us and nothing else owns it.
-        unsafe { OwnedFd::from_raw_fd(fd) }
-    })
 }
 
 fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {

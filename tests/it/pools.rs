@@ -110,6 +110,23 @@ fn worker_pids(daemon: &Daemon) -> Vec<i32> {
     pids
 }
 
+/// The dead-letter reason of task `id`, once it is there.
+fn wait_dead_reason(env: &Env, id: i64) -> String {
+    let mut reason = None;
+    wait_until(PATIENCE, || {
+        reason = env
+            .sql()
+            .query_row(
+                "SELECT reason FROM foreman_dead WHERE task_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .ok();
+        reason.is_some()
+    });
+    reason.unwrap_or_else(|| panic!("task {id} never reached foreman_dead"))
+}
+
 fn run_python(env: &Env, script: &str) -> String {
     let out = std::process::Command::new("python3")
         .arg("-c")
@@ -170,7 +187,7 @@ fn a_worker_that_dies_mid_task_fails_that_task_once_and_is_restarted() {
     let id = enqueue(&env, "apptasks.crash", r#"["crashing"]"#);
     let crashed = wait_record(&env, "crashing");
     daemon.expect_log(&format!(
-        "worker pid {crashed} died during the task (exit status 3)"
+        "worker pid {crashed} died during the task (exited with status 3)"
     ));
     daemon.expect_log(&format!("task {id} apptasks.crash failed"));
     enqueue(&env, "apptasks.record", r#"["next"]"#);
@@ -227,21 +244,7 @@ pool = "broken"
     let dead = enqueue(&env, "broken.task", "[]");
     let fine = enqueue(&env, "record", "[]");
     assert_eq!(env.wait_ran(1), vec![fine]);
-    let reason: String = {
-        let mut reason = None;
-        wait_until(PATIENCE, || {
-            reason = env
-                .sql()
-                .query_row(
-                    "SELECT reason FROM foreman_dead WHERE task_id = ?1",
-                    [dead],
-                    |r| r.get(0),
-                )
-                .ok();
-            reason.is_some()
-        });
-        reason.expect("the broken pool's task is dead-lettered")
-    };
+    let reason = wait_dead_reason(&env, dead);
     assert!(
         reason.contains("pool \"broken\" cannot start a worker")
             && reason.contains("No module named 'no_such_module_anywhere'"),
@@ -474,18 +477,7 @@ fn a_configured_task_the_worker_does_not_serve_is_dead_lettered_with_the_reason(
     let daemon = env.daemon(&[]);
     daemon.expect_log("the config routes task(s) apptasks.missing to this pool");
     let id = enqueue(&env, "apptasks.missing", "[]");
-    let mut reason = String::new();
-    assert!(wait_until(PATIENCE, || {
-        reason = env
-            .sql()
-            .query_row(
-                "SELECT reason FROM foreman_dead WHERE task_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .unwrap_or_default();
-        !reason.is_empty()
-    }));
+    let reason = wait_dead_reason(&env, id);
     assert!(
         reason.starts_with("pool \"py\" does not serve task \"apptasks.missing\""),
         "{reason}"
