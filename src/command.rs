@@ -140,25 +140,41 @@ fn die_with_parent(parent: libc::pid_t) -> io::Result<()> {
     Ok(())
 }
 
+/// Blocks until the child has exited, leaving it unreaped.
 pub(crate) fn wait_exited_no_reap(pid: libc::pid_t) {
-    loop {
-        // SAFETY: siginfo_t is plain data; waitid writes into it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        #[allow(clippy::cast_sign_loss)] // pid is positive: it came from a successful spawn.
-        let id = pid as libc::id_t;
-        // SAFETY: valid pointer to a zeroed siginfo_t.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                id,
-                &raw mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if rc == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+    while let Err(e) = waitid_no_reap(pid, 0) {
+        if e.kind() != io::ErrorKind::Interrupted {
             return;
         }
     }
+}
+
+/// Whether the child has exited, without waiting and without reaping it.
+pub(crate) fn has_exited(pid: libc::pid_t) -> bool {
+    waitid_no_reap(pid, libc::WNOHANG).unwrap_or(false)
+}
+
+/// `waitid(WEXITED | WNOWAIT | extra)`: the zombie stays in place, so its pid (and process group
+/// id) cannot be reused until it is reaped. `Ok(true)` when the child has exited.
+fn waitid_no_reap(pid: libc::pid_t, extra: libc::c_int) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain data that waitid fills in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    #[allow(clippy::cast_sign_loss)] // A pid from a successful spawn is positive.
+    let id = pid as libc::id_t;
+    // SAFETY: a valid pointer to a zeroed siginfo_t.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            id,
+            &raw mut info,
+            libc::WEXITED | libc::WNOWAIT | extra,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid succeeded, so si_pid is initialised (0 when WNOHANG found no exited child).
+    Ok(unsafe { info.si_pid() } != 0)
 }
 
 /// Moves bytes between the daemon and one child: the task JSON in, output lines out to the log.
@@ -239,18 +255,8 @@ impl<'t> Pump<'t> {
             let mut polled: Vec<libc::pollfd> = fds
                 .iter()
                 .map(|f| {
-                    f.map_or(
-                        libc::pollfd {
-                            fd: -1,
-                            events: 0,
-                            revents: 0,
-                        },
-                        |(fd, events)| libc::pollfd {
-                            fd,
-                            events,
-                            revents: 0,
-                        },
-                    )
+                    // fd -1: poll ignores the entry, which keeps the indexes fixed.
+                    f.map_or(pollfd(-1, 0), |(fd, events)| pollfd(fd, events))
                 })
                 .collect();
             let timeout = if exited {
@@ -378,6 +384,15 @@ impl<'t> Stream<'t> {
             tail.push_back(line.chars().take(500).collect());
         }
         self.partial.clear();
+    }
+}
+
+/// A `pollfd` entry waiting for `events` on `fd`.
+pub(crate) fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
     }
 }
 

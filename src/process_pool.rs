@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ExitStatus};
 use std::result::Result as StdResult;
@@ -19,7 +19,8 @@ use serde::Deserialize;
 
 use crate::children::{Children, KILL_GRACE, kill_group};
 use crate::command::{
-    describe, pidfd_open, piped_command, poll, set_nonblocking, spawn, wait_exited_no_reap,
+    describe, has_exited, pidfd_open, piped_command, poll, pollfd, set_nonblocking, spawn,
+    wait_exited_no_reap,
 };
 use crate::config::PoolConfig;
 use crate::duration::format_duration;
@@ -789,12 +790,12 @@ impl Worker {
             // No pidfd (Linux < 5.3): check a few times instead.
             let deadline = Instant::now() + limit;
             while Instant::now() < deadline {
-                if exited(self.pid) {
+                if has_exited(self.pid) {
                     return true;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            return exited(self.pid);
+            return has_exited(self.pid);
         };
         let mut fds = [pollfd(pidfd.as_raw_fd(), libc::POLLIN)];
         let deadline = Instant::now() + limit;
@@ -829,32 +830,6 @@ enum WriteError {
     NothingWritten,
     Broken,
     Timeout,
-}
-
-fn exited(pid: libc::pid_t) -> bool {
-    // SAFETY: siginfo_t is plain data that waitid fills in.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    #[allow(clippy::cast_sign_loss)] // A pid from a successful spawn is positive.
-    let id = pid as libc::id_t;
-    // SAFETY: a valid pointer to a zeroed siginfo_t; WNOWAIT leaves the child unreaped.
-    let rc = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            id,
-            &raw mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
-    };
-    // SAFETY: waitid succeeded, so si_pid is initialised (0 when the child has not exited).
-    rc == 0 && unsafe { info.si_pid() } != 0
-}
-
-fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    }
 }
 
 /// The start of a line for an error message: bounded, and readable even when it is binary.
