@@ -1,10 +1,15 @@
--- foreman queue schema, version 1. This file is the producer's contract: producers may rely on what
+-- foreman queue schema, version 2. This file is the producer's contract: producers may rely on what
 -- this comment documents and on nothing else.
 --
 -- TO ENQUEUE A TASK
 --   1. INSERT INTO foreman_task(task_name, args, kwargs) VALUES (?, ?, ?);
 --      args is a JSON array, kwargs a JSON object (both optional: they default to '[]' and '{}').
 --      Every column added in a later schema version has a default, so this 3-column INSERT keeps working.
+--      Optional columns a producer may set too:
+--        run_after  Unix time (seconds, REAL) before which the task does not start; default: now.
+--                   A delay of 600 s: (julianday('now') - 2440587.5) * 86400.0 + 600
+--        priority   INTEGER, default 0; higher runs first.
+--      Leave the other columns (attempt, origin, leased_at) to foreman.
 --   2. After the transaction commits, create any file in the wakeup directory (default: the DB path
 --      plus ".wakeup"). The daemon wakes through inotify, deletes the file and pops the queue. Creating
 --      the file only when it is absent is enough; the daemon also checks the queue on a fallback tick
@@ -28,26 +33,50 @@
 --   touch foreman.sqlite3.wakeup/sh-$$
 --
 -- SEMANTICS
---   Tasks run at most once: the daemon deletes a row in the same transaction that pops it, before the
---   task starts. A crash loses at most the tasks that were running; none ever runs twice.
---   Rows are popped in id order. A row that cannot run (unknown or empty task name, args not a JSON
---   array, kwargs not a JSON object, text that is not JSON or not UTF-8) is moved to foreman_dead with
---   the reason, in the same transaction that pops it.
+--   Tasks run at most once by default: the daemon deletes a row in the same transaction that pops it,
+--   before the task starts. A crash loses at most the tasks that were running; none ever runs twice.
+--   A task type configured with delivery = "at-least-once" is leased instead (its row stays, with
+--   run_after moved to the lease's end and leased_at set) and deleted when it finishes; a crash means
+--   it runs again (attempt + 1) at the next start.
+--   Order: highest priority first; within a priority, by run_after, then id. A task enqueued without a
+--   delay is due when it is inserted, so plain tasks run in id (FIFO) order.
+--   A failed task with retries left (config max_retries) is put back with the same id, attempt + 1
+--   and a later run_after; when none are left it moves to foreman_dead with its last error.
+--   A row that cannot run (unknown or empty task name, args not a JSON array, kwargs not a JSON
+--   object, text that is not JSON or not UTF-8) is moved to foreman_dead with the reason, in the same
+--   transaction that pops it.
+--   Every attempt is recorded in foreman_run (kept 7 days by default): `foreman wait ID` reads it.
 --
 -- The daemon puts the database in WAL mode (a persistent setting), so producers never block it for long.
--- created_at and died_at are Unix times in seconds (REAL, millisecond precision). The default is
--- written with julianday() so that it works on every SQLite from 3.35 on.
+-- All times are Unix times in seconds (REAL, millisecond precision). Defaults are written with
+-- julianday() so that they work on every SQLite from 3.35 on.
 
 CREATE TABLE IF NOT EXISTS foreman_task (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     task_name  TEXT NOT NULL,
     args       TEXT NOT NULL DEFAULT '[]',
     kwargs     TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+    created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+    run_after  REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+               CHECK (typeof(run_after) IN ('real', 'integer')),
+    priority   INTEGER NOT NULL DEFAULT 0 CHECK (typeof(priority) = 'integer'),
+    -- 1 for the first run; a retry or a re-run after a crash counts up.
+    attempt    INTEGER NOT NULL DEFAULT 1,
+    -- Who enqueued it when it was not a producer: "schedule NAME", "requeue of dead N (task M)".
+    origin     TEXT,
+    -- Set while an at-least-once task runs (its lease ends at run_after).
+    leased_at  REAL
 );
 
--- Rows that could not be run. task_id is the id the row had in foreman_task; the other columns are
--- copied from it unchanged (even when they are not valid UTF-8 or JSON), so nothing is lost.
+-- The pop walks priorities from the highest down and takes each one's due rows in (run_after, id)
+-- order: a range scan of this index, however many rows are queued or delayed.
+CREATE INDEX IF NOT EXISTS foreman_task_due ON foreman_task(priority, run_after);
+-- What a restart must find: the leases of at-least-once tasks its predecessor was running.
+CREATE INDEX IF NOT EXISTS foreman_task_leased ON foreman_task(id) WHERE leased_at IS NOT NULL;
+
+-- Rows that could not be run, or failed with no retries left. task_id is the id the row had in
+-- foreman_task; task_name, args and kwargs are copied from it unchanged (even when they are not
+-- valid UTF-8 or JSON), so nothing is lost and `foreman dead requeue` can run it again.
 CREATE TABLE IF NOT EXISTS foreman_dead (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id    INTEGER NOT NULL,
@@ -56,7 +85,42 @@ CREATE TABLE IF NOT EXISTS foreman_dead (
     kwargs     TEXT,
     created_at REAL,
     reason     TEXT NOT NULL,
-    died_at    REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+    died_at    REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+    -- Attempts made (0: it never ran), and the row's priority and origin.
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    priority   INTEGER NOT NULL DEFAULT 0,
+    origin     TEXT
 );
 
-PRAGMA user_version = 1;
+-- One row per attempt, written by the daemon. state is one of running, done, failed, timeout, lost
+-- (the daemon died while it ran), dead (it could not run), cancelled. retry_at is set on a failed
+-- attempt that will be tried again. error is the failure's text, truncated to 8 KiB.
+CREATE TABLE IF NOT EXISTS foreman_run (
+    task_id     INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    task_name   TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    enqueued_at REAL,
+    started_at  REAL,
+    finished_at REAL,
+    error       TEXT,
+    retry_at    REAL,
+    PRIMARY KEY (task_id, attempt)
+) WITHOUT ROWID;
+
+-- What a restart must find: the attempts that were running when the daemon died.
+CREATE INDEX IF NOT EXISTS foreman_run_running ON foreman_run(task_id) WHERE state = 'running';
+
+-- Recurring tasks ([schedules.NAME] in the config): when each fires next, so that a restart neither
+-- fires one twice nor catches up on every missed window. interval is the adaptive schedules' current
+-- interval in seconds; spec is the definition next_due was computed from.
+CREATE TABLE IF NOT EXISTS foreman_schedule (
+    name         TEXT PRIMARY KEY,
+    spec         TEXT NOT NULL,
+    next_due     REAL NOT NULL,
+    last_fired   REAL,
+    last_task_id INTEGER,
+    interval     REAL
+);
+
+PRAGMA user_version = 2;

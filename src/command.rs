@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 use crate::children::{Children, KILL_GRACE, kill_group};
 use crate::duration::format_duration;
 use crate::task::Task;
+use crate::thread_pool::Outcome;
+
+/// The exit status by which a command says it succeeded but found nothing new (for adaptive
+/// schedules); 0 means it did.
+pub const EXIT_UNEVENTFUL: i32 = 75;
 
 /// Lines of stderr quoted in a failure message.
 const STDERR_TAIL_LINES: usize = 5;
@@ -23,20 +28,33 @@ const MAX_LINE_BYTES: usize = 8192;
 /// this much, then the pipes are closed.
 const MAX_DRAIN_AFTER_EXIT: usize = 1 << 20;
 
-/// Runs the task's command to completion; `Err` carries the one-line failure reason. Past
-/// `timeout`, the command's process group gets SIGTERM, then SIGKILL after `KILL_GRACE`.
+/// Runs the task's command to completion: exit 0 is done (eventful), `EXIT_UNEVENTFUL` done and
+/// uneventful, anything else a failure with a one-line reason. Past `timeout`, the command's
+/// process group gets SIGTERM, then SIGKILL after `KILL_GRACE`.
 pub fn run(
     task: &Task,
     argv: &[String],
     timeout: Option<Duration>,
     children: &Children,
-) -> Result<(), String> {
+) -> Outcome {
+    match run_command(task, argv, timeout, children) {
+        Ok(outcome) | Err(outcome) => outcome,
+    }
+}
+
+fn run_command(
+    task: &Task,
+    argv: &[String],
+    timeout: Option<Duration>,
+    children: &Children,
+) -> Result<Outcome, Outcome> {
     let started = Instant::now();
-    let mut command = piped_command(argv)?;
+    let mut command = piped_command(argv).map_err(Outcome::Failed)?;
     command
         .env("FOREMAN_TASK_ID", task.id.to_string())
-        .env("FOREMAN_TASK_NAME", &task.name);
-    let (mut child, pid) = spawn(&mut command, argv)?;
+        .env("FOREMAN_TASK_NAME", &task.name)
+        .env("FOREMAN_ATTEMPT", task.attempt.to_string());
+    let (mut child, pid) = spawn(&mut command, argv).map_err(Outcome::Failed)?;
     children.insert(task.id, pid);
 
     let mut pump = Pump::new(task, &mut child, pid);
@@ -55,19 +73,27 @@ pub fn run(
     children.remove(task.id);
     let status = child
         .wait()
-        .map_err(|e| format!("waiting for command {:?}: {e}", argv[0]))?;
+        .map_err(|e| Outcome::Failed(format!("waiting for command {:?}: {e}", argv[0])))?;
     if let Some(timeout) = timeout.filter(|_| timed_out) {
-        return Err(format!("timeout after {}", format_duration(timeout)));
+        return Err(Outcome::Timeout(format!(
+            "timeout after {}",
+            format_duration(timeout)
+        )));
     }
-    if status.success() {
-        return Ok(());
+    match status.code() {
+        Some(0) => return Ok(Outcome::Done { eventful: true }),
+        Some(EXIT_UNEVENTFUL) => return Ok(Outcome::Done { eventful: false }),
+        _ => {}
     }
     let how = describe(status);
     if stderr_tail.is_empty() {
-        Err(format!("command {how}"))
+        Err(Outcome::Failed(format!("command {how}")))
     } else {
         let tail: Vec<String> = stderr_tail.into_iter().collect();
-        Err(format!("command {how}; stderr: {}", tail.join(" | ")))
+        Err(Outcome::Failed(format!(
+            "command {how}; stderr: {}",
+            tail.join(" | ")
+        )))
     }
 }
 

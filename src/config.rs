@@ -19,6 +19,8 @@ pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 /// Python importing a large app can take seconds; a hello later than this means something is wrong.
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `foreman_run` keeps an attempt's record.
+pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 /// More threads than this is a typo, not a configuration.
 const MAX_WORKERS: usize = 1024;
 /// Task names under this prefix belong to foreman's built-in handlers.
@@ -44,11 +46,119 @@ pub enum Runner {
     Pool(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[tasks."NAME"]`: how a task runs (none: in-process or announced by a pool's hello) and what
+/// happens when it fails.
+#[derive(Debug, Clone, PartialEq)]
 pub struct TaskConfig {
-    pub runner: Runner,
+    pub runner: Option<Runner>,
     /// Past this, the task's process is killed and the task fails.
     pub timeout: Option<Duration>,
+    pub policy: Policy,
+}
+
+/// What foreman does around a task type's attempts; the same for every way of running it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Attempts after the first one that fails (or times out).
+    pub max_retries: u32,
+    pub retry_backoff: Backoff,
+    pub delivery: Delivery,
+}
+
+/// The policy of a task type the config does not mention.
+pub static DEFAULT_POLICY: Policy = Policy {
+    max_retries: 0,
+    retry_backoff: DEFAULT_BACKOFF,
+    delivery: Delivery::AtMostOnce,
+};
+
+const DEFAULT_BACKOFF: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    factor: 2.0,
+    max: Duration::from_secs(3600),
+    jitter: true,
+};
+
+impl Default for Policy {
+    fn default() -> Self {
+        DEFAULT_POLICY.clone()
+    }
+}
+
+/// Delay before retry n (1-based): `base * factor^(n-1)`, at most `max`; with `jitter`, a uniform
+/// random point in its upper half, so that tasks failing together do not retry together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub factor: f64,
+    pub max: Duration,
+    pub jitter: bool,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        DEFAULT_BACKOFF
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `retry` (1 for the first retry).
+    pub fn delay(&self, retry: u32) -> Duration {
+        let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
+        let raw = self.base.as_secs_f64() * self.factor.powi(exponent);
+        let capped = raw.min(self.max.as_secs_f64());
+        let seconds = if self.jitter {
+            capped * (0.5 + fastrand::f64() / 2.0)
+        } else {
+            capped
+        };
+        Duration::try_from_secs_f64(seconds).unwrap_or(self.max)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The row is deleted when the task is popped: a crash loses a running task, never repeats it.
+    AtMostOnce,
+    /// The row is leased and deleted when the task ends: a crash repeats a running task.
+    AtLeastOnce,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::AtMostOnce => "at-most-once",
+            Delivery::AtLeastOnce => "at-least-once",
+        }
+    }
+}
+
+/// `[schedules.NAME]`: a task enqueued again and again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleConfig {
+    pub task: String,
+    pub args: serde_json::Value,
+    pub kwargs: serde_json::Value,
+    pub priority: i64,
+    pub when: When,
+    /// Each due time is moved later by a random part of this.
+    pub jitter: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum When {
+    Every(Duration),
+    /// A five-field (or six, with seconds) cron pattern, in the local time zone.
+    Cron(String),
+    /// Software Heritage's adaptive recurrence: the interval starts at `start`, is multiplied by
+    /// `factor` after a run that found nothing new, divided by it after one that did, and stays
+    /// within `min..=max`.
+    Adaptive {
+        start: Duration,
+        min: Duration,
+        max: Duration,
+        factor: f64,
+    },
 }
 
 /// A pool of persistent worker processes speaking the worker protocol (docs/worker-protocol.md).
@@ -73,6 +183,8 @@ pub struct Config {
     pub tick: Duration,
     pub tasks: BTreeMap<String, TaskConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
+    pub schedules: BTreeMap<String, ScheduleConfig>,
+    pub history_retention: Duration,
 }
 
 #[derive(Deserialize, Default)]
@@ -88,6 +200,9 @@ struct FileConfig {
     tasks: BTreeMap<String, FileTask>,
     #[serde(default)]
     pools: BTreeMap<String, FilePool>,
+    #[serde(default)]
+    schedules: BTreeMap<String, FileSchedule>,
+    history_retention: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +211,57 @@ struct FileTask {
     command: Option<Vec<String>>,
     pool: Option<String>,
     timeout: Option<DurationValue>,
+    max_retries: Option<u32>,
+    retry_backoff: Option<FileBackoff>,
+    delivery: Option<FileDelivery>,
+}
+
+/// `retry_backoff = "10s"` (the base) or `{ base, factor, max, jitter }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileBackoff {
+    Base(DurationValue),
+    Full(FileBackoffTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackoffTable {
+    base: Option<DurationValue>,
+    factor: Option<f64>,
+    max: Option<DurationValue>,
+    jitter: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum FileDelivery {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSchedule {
+    task: String,
+    #[serde(default)]
+    args: Option<serde_json::Value>,
+    #[serde(default)]
+    kwargs: Option<serde_json::Value>,
+    #[serde(default)]
+    priority: i64,
+    every: Option<DurationValue>,
+    cron: Option<String>,
+    jitter: Option<DurationValue>,
+    adaptive: Option<FileAdaptive>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdaptive {
+    min: DurationValue,
+    max: DurationValue,
+    factor: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -187,24 +353,15 @@ impl Config {
         let file_for_errors = file.clone();
         let mut tasks = BTreeMap::new();
         for (name, task) in parsed.tasks {
-            let runner = match (task.command, task.pool) {
-                (Some(command), None) => Runner::Command(resolve_program(command)),
-                (None, Some(pool)) => Runner::Pool(pool),
-                (command, _) => {
-                    let what = if command.is_some() {
-                        "has both `command` and `pool`: a task runs one way"
-                    } else {
-                        "needs `command = [program, args…]` or `pool = \"NAME\"`"
-                    };
-                    return Err(key_error_in(
-                        file_for_errors.as_deref(),
-                        &format!("tasks.\"{name}\""),
-                        what,
-                    ));
-                }
-            };
-            let timeout = task.timeout.map(|d| d.0);
-            tasks.insert(name, TaskConfig { runner, timeout });
+            let config = build_task(&name, task, &resolve_program)
+                .map_err(|(key, what)| key_error_in(file_for_errors.as_deref(), &key, &what))?;
+            tasks.insert(name, config);
+        }
+        let mut schedules = BTreeMap::new();
+        for (name, schedule) in parsed.schedules {
+            let config = build_schedule(&name, schedule)
+                .map_err(|(key, what)| key_error_in(file_for_errors.as_deref(), &key, &what))?;
+            schedules.insert(name, config);
         }
         let pools = parsed
             .pools
@@ -233,10 +390,19 @@ impl Config {
                 .unwrap_or(DEFAULT_TICK),
             tasks,
             pools,
+            schedules,
+            history_retention: parsed
+                .history_retention
+                .map_or(DEFAULT_HISTORY_RETENTION, |d| d.0),
             file,
         };
         config.validate(overrides)?;
         Ok(config)
+    }
+
+    /// The retry and delivery policy of the task named `name`.
+    pub fn policy(&self, name: &str) -> &Policy {
+        self.tasks.get(name).map_or(&DEFAULT_POLICY, |t| &t.policy)
     }
 
     /// Checks what every command needs; `check_commands` adds what only the daemon needs.
@@ -256,6 +422,9 @@ impl Config {
                 self.workers
             )));
         }
+        if self.history_retention.is_zero() {
+            return Err(self.key_error("history_retention", "must be greater than 0"));
+        }
         if self.tick.is_zero() {
             let key = origin(overrides.tick.is_some(), "tick");
             return Err(Error::Config(format!("{key} must be greater than 0")));
@@ -272,13 +441,13 @@ impl Config {
                 ));
             }
             match &task.runner {
-                Runner::Command(command) if command.is_empty() => {
+                Some(Runner::Command(command)) if command.is_empty() => {
                     return Err(self.key_error(
                         &format!("{key}.command"),
                         "is empty: expected [program, args…]",
                     ));
                 }
-                Runner::Pool(pool) if !self.pools.contains_key(pool) => {
+                Some(Runner::Pool(pool)) if !self.pools.contains_key(pool) => {
                     return Err(self.key_error(
                         &format!("{key}.pool"),
                         &format!(
@@ -333,8 +502,8 @@ impl Config {
             .tasks
             .iter()
             .filter_map(|(name, task)| match &task.runner {
-                Runner::Command(command) => Some(("tasks", name, command)),
-                Runner::Pool(_) => None,
+                Some(Runner::Command(command)) => Some(("tasks", name, command)),
+                Some(Runner::Pool(_)) | None => None,
             });
         let pools = self
             .pools
@@ -355,7 +524,7 @@ impl Config {
         key_name_in(self.file.as_deref(), key)
     }
 
-    fn key_error(&self, key: &str, what: &str) -> Error {
+    pub(crate) fn key_error(&self, key: &str, what: &str) -> Error {
         key_error_in(self.file.as_deref(), key, what)
     }
 
@@ -385,6 +554,11 @@ impl Config {
             format_duration(self.graceful_timeout)
         );
         let _ = writeln!(out, "tick = \"{}\"", format_duration(self.tick));
+        let _ = writeln!(
+            out,
+            "history_retention = \"{}\"",
+            format_duration(self.history_retention)
+        );
         for (name, pool) in &self.pools {
             let _ = writeln!(
                 out,
@@ -398,15 +572,203 @@ impl Config {
         for (name, task) in &self.tasks {
             let _ = writeln!(out, "\n[tasks.{}]", toml_key(name));
             let _ = match &task.runner {
-                Runner::Command(command) => writeln!(out, "command = {}", toml_argv(command)),
-                Runner::Pool(pool) => writeln!(out, "pool = {}", toml_str(pool)),
+                Some(Runner::Command(command)) => {
+                    writeln!(out, "command = {}", toml_argv(command))
+                }
+                Some(Runner::Pool(pool)) => writeln!(out, "pool = {}", toml_str(pool)),
+                None => writeln!(out, "# runs in-process or on a pool that announces it"),
             };
             if let Some(timeout) = task.timeout {
                 let _ = writeln!(out, "timeout = \"{}\"", format_duration(timeout));
             }
+            write_policy(&mut out, &task.policy);
+        }
+        for (name, schedule) in &self.schedules {
+            write_schedule(&mut out, name, schedule);
         }
         out
     }
+}
+
+/// A config mistake found while building a section: (key, what is wrong with it).
+type KeyError = (String, String);
+
+fn build_task(
+    name: &str,
+    task: FileTask,
+    resolve_program: &impl Fn(Vec<String>) -> Vec<String>,
+) -> std::result::Result<TaskConfig, KeyError> {
+    let key = format!("tasks.\"{name}\"");
+    let runner = match (task.command, task.pool) {
+        (Some(command), None) => Some(Runner::Command(resolve_program(command))),
+        (None, Some(pool)) => Some(Runner::Pool(pool)),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err((
+                key,
+                "has both `command` and `pool`: a task runs one way".to_owned(),
+            ));
+        }
+    };
+    let mut retry_backoff = Backoff::default();
+    match task.retry_backoff {
+        None => {}
+        Some(FileBackoff::Base(base)) => retry_backoff.base = base.0,
+        Some(FileBackoff::Full(table)) => {
+            if let Some(base) = table.base {
+                retry_backoff.base = base.0;
+            }
+            if let Some(max) = table.max {
+                retry_backoff.max = max.0;
+            }
+            if let Some(factor) = table.factor {
+                if !(factor.is_finite() && factor >= 1.0) {
+                    return Err((
+                        format!("{key}.retry_backoff.factor"),
+                        format!("must be a number of at least 1, got {factor}"),
+                    ));
+                }
+                retry_backoff.factor = factor;
+            }
+            if let Some(jitter) = table.jitter {
+                retry_backoff.jitter = jitter;
+            }
+        }
+    }
+    let delivery = match task.delivery {
+        None | Some(FileDelivery::AtMostOnce) => Delivery::AtMostOnce,
+        Some(FileDelivery::AtLeastOnce) => Delivery::AtLeastOnce,
+    };
+    Ok(TaskConfig {
+        runner,
+        timeout: task.timeout.map(|d| d.0),
+        policy: Policy {
+            max_retries: task.max_retries.unwrap_or(0),
+            retry_backoff,
+            delivery,
+        },
+    })
+}
+
+fn build_schedule(
+    name: &str,
+    schedule: FileSchedule,
+) -> std::result::Result<ScheduleConfig, KeyError> {
+    let key = format!("schedules.\"{name}\"");
+    let when = match (schedule.every, schedule.cron, schedule.adaptive) {
+        (Some(every), None, None) => When::Every(every.0),
+        (None, Some(cron), None) => {
+            crate::schedule::parse_cron(&cron).map_err(|e| (format!("{key}.cron"), e))?;
+            When::Cron(cron)
+        }
+        (every, None, Some(adaptive)) => {
+            let (min, max) = (adaptive.min.0, adaptive.max.0);
+            let factor = adaptive.factor.unwrap_or(2.0);
+            if min.is_zero() || min > max {
+                return Err((format!("{key}.adaptive"), "needs 0 < min <= max".to_owned()));
+            }
+            if !(factor.is_finite() && factor > 1.0) {
+                return Err((
+                    format!("{key}.adaptive.factor"),
+                    format!("must be a number greater than 1, got {factor}"),
+                ));
+            }
+            let start = every.map_or(min, |e| e.0.clamp(min, max));
+            When::Adaptive {
+                start,
+                min,
+                max,
+                factor,
+            }
+        }
+        (None, None, None) => {
+            return Err((
+                key,
+                "needs `every = \"5m\"`, `cron = \"0 3 * * *\"` or `adaptive = { min, max }`"
+                    .to_owned(),
+            ));
+        }
+        _ => {
+            return Err((
+                key,
+                "takes one of `every` and `cron` (`every` with `adaptive` sets its starting interval)".to_owned(),
+            ));
+        }
+    };
+    if let When::Every(every) = when
+        && every.is_zero()
+    {
+        return Err((format!("{key}.every"), "must be greater than 0".to_owned()));
+    }
+    let args = schedule.args.unwrap_or_else(|| serde_json::json!([]));
+    if !args.is_array() {
+        return Err((format!("{key}.args"), "must be an array".to_owned()));
+    }
+    let kwargs = schedule.kwargs.unwrap_or_else(|| serde_json::json!({}));
+    if !kwargs.is_object() {
+        return Err((format!("{key}.kwargs"), "must be a table".to_owned()));
+    }
+    if schedule.task.is_empty() {
+        return Err((format!("{key}.task"), "must not be empty".to_owned()));
+    }
+    Ok(ScheduleConfig {
+        task: schedule.task,
+        args,
+        kwargs,
+        priority: schedule.priority,
+        when,
+        jitter: schedule.jitter.map(|d| d.0),
+    })
+}
+
+fn write_policy(out: &mut String, policy: &Policy) {
+    let b = &policy.retry_backoff;
+    let _ = writeln!(
+        out,
+        "max_retries = {}\nretry_backoff = {{ base = \"{}\", factor = {:?}, max = \"{}\", jitter = {} }}\ndelivery = \"{}\"",
+        policy.max_retries,
+        format_duration(b.base),
+        b.factor,
+        format_duration(b.max),
+        b.jitter,
+        policy.delivery.as_str()
+    );
+}
+
+fn write_schedule(out: &mut String, name: &str, schedule: &ScheduleConfig) {
+    let _ = writeln!(
+        out,
+        "\n[schedules.{}]\ntask = {}\nargs = {}\nkwargs = {}\npriority = {}",
+        toml_key(name),
+        toml_str(&schedule.task),
+        json_as_toml(&schedule.args),
+        json_as_toml(&schedule.kwargs),
+        schedule.priority
+    );
+    let _ = match &schedule.when {
+        When::Every(every) => writeln!(out, "every = \"{}\"", format_duration(*every)),
+        When::Cron(cron) => writeln!(out, "cron = {}", toml_str(cron)),
+        When::Adaptive {
+            start,
+            min,
+            max,
+            factor,
+        } => writeln!(
+            out,
+            "every = \"{}\"\nadaptive = {{ min = \"{}\", max = \"{}\", factor = {factor:?} }}",
+            format_duration(*start),
+            format_duration(*min),
+            format_duration(*max)
+        ),
+    };
+    if let Some(jitter) = schedule.jitter {
+        let _ = writeln!(out, "jitter = \"{}\"", format_duration(jitter));
+    }
+}
+
+/// A JSON value (from the config) written back as an inline TOML value.
+fn json_as_toml(value: &serde_json::Value) -> String {
+    toml::Value::try_from(value).map_or_else(|_| "[]".to_owned(), |v| v.to_string())
 }
 
 fn key_name_in(file: Option<&Path>, key: &str) -> String {
@@ -566,7 +928,7 @@ mod tests {
             "{err}"
         );
         let config = load_text("[tasks.x]\ncommand = [\"bin/prog\", \"bin/arg\"]").unwrap();
-        let Runner::Command(command) = &config.tasks["x"].runner else {
+        let Some(Runner::Command(command)) = &config.tasks["x"].runner else {
             panic!("x is a command task");
         };
         assert!(

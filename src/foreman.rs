@@ -4,17 +4,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
 
 use crate::children::{Children, KILL_GRACE};
-use crate::config::{Config, Runner};
+use crate::config::{Config, Delivery, Runner};
 use crate::error::{Error, Result};
 use crate::pid_guard::PidGuard;
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
-use crate::queue::{Access, Queue, Resolved};
+use crate::queue::{Access, Ending, Next, Queue, Resolved, RunState, unix_now};
 use crate::registry::{Handler, Registry};
+use crate::schedule::Schedules;
 use crate::signals::Shutdown;
 use crate::task::Task;
 use crate::thread_pool::{Finished, Job, Outcome, ThreadPool};
@@ -33,7 +34,20 @@ enum Event {
     Shutdown(Shutdown),
     /// The current shutdown phase ran out of time.
     Deadline,
+    /// A delayed task or a schedule is due.
+    Due,
 }
+
+/// How long an at-least-once task's lease lasts (longer for a task with a longer timeout). The
+/// running daemon renews a lease that expires under a task still running; a dead daemon's leases
+/// are taken back at the next start, so this only matters if another daemon shares the DB.
+const MIN_LEASE: Duration = Duration::from_secs(600);
+/// The longest sleep before re-checking due times; a far-off due time is re-read after it.
+const MAX_DUE_WAIT: Duration = Duration::from_secs(3600);
+/// History rows pruned per transaction, so pruning never holds the write lock for long.
+const PRUNE_BATCH: usize = 1000;
+/// How often the loop prunes history when the last pass found nothing more to prune.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 enum Phase {
     Running,
@@ -52,6 +66,8 @@ struct Running {
     started: Instant,
     /// The pool running it, if it is a pool task.
     pool: Option<usize>,
+    /// Runs under a lease (at-least-once): its row stays queued until the attempt is recorded.
+    leased: bool,
 }
 
 /// Runs the daemon until a shutdown signal arrives on `shutdown` and the running tasks are done
@@ -64,6 +80,14 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
     let _guard = PidGuard::acquire(&config.pid_file)?;
     let mut queue = Queue::open(&config.db, Access::Create)?;
     queue.ensure_schema()?;
+    // Holding the PID lock, this daemon is the only one: whatever is recorded running was cut short.
+    let (requeued, lost) = queue.recover(unix_now())?;
+    if requeued + lost > 0 {
+        log::warn!(
+            "the previous daemon stopped with tasks running: {lost} recorded lost (at-most-once), {requeued} queued again (at-least-once)"
+        );
+    }
+    let schedules = Schedules::load(&config.schedules, &mut queue, unix_now())?;
     let wakeup = WakeupDir::prepare(&config.wakeup_dir)?;
     // Watch before the first pop, so a task enqueued during startup cannot slip between the two.
     let (wake_tx, wakes) = crossbeam_channel::bounded(1);
@@ -92,7 +116,12 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         running: HashMap::with_capacity(config.workers),
         phase: Phase::Running,
         last_db_error: None,
+        ended: Vec::new(),
+        schedules,
+        next_task_due: None,
+        next_prune: Instant::now(),
     };
+    foreman.schedules_due();
     foreman.wakeup.clear();
     foreman.fill();
     let ticker = crossbeam_channel::tick(config.tick);
@@ -103,6 +132,12 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
             Phase::Draining { deadline } | Phase::Terminating { deadline } => {
                 crossbeam_channel::at(deadline)
             }
+        };
+        let due = match foreman.phase {
+            Phase::Running => foreman
+                .next_due()
+                .map_or_else(crossbeam_channel::never, crossbeam_channel::at),
+            _ => crossbeam_channel::never(),
         };
         let event = select! {
             recv(shutdown) -> signal => if let Ok(signal) = signal {
@@ -117,6 +152,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
             recv(wakes) -> _ => Event::Wakeup,
             recv(ticker) -> _ => Event::Tick,
             recv(deadline) -> _ => Event::Deadline,
+            recv(due) -> _ => Event::Due,
         };
         match event {
             Event::Wakeup => {
@@ -138,8 +174,14 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
             Event::Tick => foreman.tick(),
             Event::Shutdown(signal) => foreman.shutdown(signal)?,
             Event::Deadline => foreman.deadline(),
+            Event::Due => {
+                foreman.next_task_due = None;
+                foreman.schedules_due();
+                foreman.fill();
+            }
         }
         if !matches!(foreman.phase, Phase::Running) && foreman.running.is_empty() {
+            foreman.flush();
             foreman.stop_pools();
             log::info!("foreman stopped: no task running");
             return Ok(());
@@ -148,6 +190,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
             && Instant::now() >= deadline
         {
             let killed = foreman.children.kill_everything();
+            foreman.flush();
             foreman.stop_pools();
             log::warn!(
                 "foreman stopped: killed {killed} task process group(s); {} task(s) abandoned",
@@ -175,13 +218,30 @@ fn log_startup(config: &Config, registry: &Registry, pools: &[ProcessPool]) {
     );
 }
 
-/// How the task named `name` runs now: on its handler, not at all (dead letter), or not yet.
+/// How `task` runs now: on its handler, not at all (dead letter), not yet, or (an expired lease of
+/// a task this daemon still runs) not again.
 fn resolve(
+    config: &Config,
     registry: &Registry,
     pools: &[ProcessPool],
+    running: &HashMap<i64, Running>,
     taken: &mut [usize],
-    name: &str,
+    task: &Task,
+    now: f64,
 ) -> Resolved<Handler> {
+    let name = task.name.as_str();
+    let lease = || {
+        let timeout = config.tasks.get(name).and_then(|t| t.timeout);
+        let lease = timeout.map_or(MIN_LEASE, |t| (t + MIN_LEASE / 10).max(MIN_LEASE));
+        now + lease.as_secs_f64()
+    };
+    if task.was_leased && running.contains_key(&task.id) {
+        return Resolved::Hold(lease());
+    }
+    let lease = match config.policy(name).delivery {
+        Delivery::AtMostOnce => None,
+        Delivery::AtLeastOnce => Some(lease()),
+    };
     let Some(handler) = registry.get(name) else {
         // A pool still starting may serve it: its hello has not said yet.
         if pools.iter().any(|p| !p.settled()) {
@@ -202,7 +262,7 @@ fn resolve(
         });
     };
     let Handler::Pool { pool: index, .. } = handler else {
-        return Resolved::Run(handler.clone());
+        return Resolved::Run(handler.clone(), lease);
     };
     let (Some(pool), Some(taken)) = (pools.get(*index), taken.get_mut(*index)) else {
         return Resolved::Dead(format!("task {name:?} is routed to a missing pool"));
@@ -217,7 +277,7 @@ fn resolve(
         return Resolved::Defer;
     }
     *taken += 1;
-    Resolved::Run(handler.clone())
+    Resolved::Run(handler.clone(), lease)
 }
 
 struct Foreman<'c> {
@@ -232,46 +292,65 @@ struct Foreman<'c> {
     phase: Phase,
     /// When the last DB error was logged, so a broken DB logs once per tick, not once per event.
     last_db_error: Option<Instant>,
+    /// Attempts that ended and are not recorded yet: the next cycle transaction writes them, with
+    /// its pop, so recording costs no transaction of its own.
+    ended: Vec<Ending>,
+    schedules: Schedules,
+    /// When the earliest delayed task is due, as the last short pop saw it.
+    next_task_due: Option<f64>,
+    next_prune: Instant,
 }
 
 impl Foreman<'_> {
-    /// Pops and starts tasks until the slots are full, the queue is empty, or the rows at its head
-    /// must wait (their pool is busy or still starting; they stay queued until a pool event or a
-    /// finished task calls `fill` again).
+    /// Records the ended attempts, then pops and starts tasks until the slots are full, the queue
+    /// has nothing due, or the due rows must wait (their pool is busy or still starting; they stay
+    /// queued until a pool event or a finished task calls `fill` again).
     fn fill(&mut self) {
-        while matches!(self.phase, Phase::Running) {
+        if !matches!(self.phase, Phase::Running) {
+            self.flush();
+            return;
+        }
+        loop {
             let free = self.config.workers - self.running.len();
-            if free == 0 {
+            if free == 0 && self.ended.is_empty() {
                 return;
             }
-            let (registry, pools) = (&self.registry, &self.pools);
+            let now = unix_now();
+            let (config, registry, pools, running) =
+                (self.config, &self.registry, &self.pools, &self.running);
             // Pool tasks taken in this pop, by pool: with the pool's running ones, never more than
             // its processes, so no popped task waits for a process.
             let mut taken = vec![0; pools.len()];
-            let resolve = |task: &Task| resolve(registry, pools, &mut taken, &task.name);
-            let popped = match self.queue.pop(free, resolve) {
+            let resolve =
+                |task: &Task| resolve(config, registry, pools, running, &mut taken, task, now);
+            let popped = match self.queue.cycle(&self.ended, free, now, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
                     self.db_error(&e);
                     return;
                 }
             };
+            self.ended.clear();
             for (id, reason) in &popped.dead {
                 log::error!("task {id} moved to foreman_dead: {reason}");
             }
-            let rows = popped.rows();
-            let deferred = popped.deferred;
+            let started = popped.tasks.len();
+            if started < free {
+                self.next_task_due = popped.next_due;
+            }
             for (task, handler) in popped.tasks {
                 let pool = match &handler {
                     Handler::Pool { pool, .. } => Some(*pool),
                     _ => None,
                 };
+                let leased = config.policy(&task.name).delivery == Delivery::AtLeastOnce;
                 self.running.insert(
                     task.id,
                     Running {
                         name: task.name.clone(),
                         started: Instant::now(),
                         pool,
+                        leased,
                     },
                 );
                 match handler {
@@ -281,50 +360,102 @@ impl Foreman<'_> {
                     handler => self.threads.submit(Job { task, handler }),
                 }
             }
-            if rows < free || deferred > 0 {
-                return; // The queue is empty, or its head must wait.
+            if started < free {
+                return; // Nothing more is due, or what is due must wait.
             }
         }
     }
 
+    /// Records the ended attempts without popping (while stopping).
+    fn flush(&mut self) {
+        if self.ended.is_empty() {
+            return;
+        }
+        let resolve = |_: &Task| Resolved::<()>::Defer;
+        match self.queue.cycle(&self.ended, 0, unix_now(), resolve) {
+            Ok(_) => self.ended.clear(),
+            Err(e) => self.db_error(&e),
+        }
+    }
+
+    /// When the loop must next wake for a delayed task or a schedule.
+    fn next_due(&self) -> Option<Instant> {
+        let due = match (self.next_task_due, self.schedules.next_due()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        let wait = Duration::try_from_secs_f64(due - unix_now()).unwrap_or(Duration::ZERO);
+        Instant::now().checked_add(wait.min(MAX_DUE_WAIT))
+    }
+
+    fn schedules_due(&mut self) {
+        let running = &self.running;
+        self.schedules
+            .fire_due(&mut self.queue, unix_now(), |id| running.contains_key(&id));
+    }
+
+    /// Turns a finished attempt into its record (and retry or dead letter), written by the next
+    /// cycle, and logs it.
     fn finish(&mut self, done: Finished) {
-        self.forget(done.task_id);
-        match done.outcome {
-            Outcome::Done => log::debug!(
-                "task {} {} done in {:?}",
-                done.task_id,
-                done.task_name,
-                done.elapsed
-            ),
-            Outcome::Failed(reason) => {
-                // One log record per line: the journal splits multi-line messages anyway, and
-                // loses their priority. A traceback's last line says what went wrong.
-                let headline = reason.lines().rev().find(|l| !l.trim().is_empty());
-                log::warn!(
-                    "task {} {} failed after {:?}: {}",
-                    done.task_id,
-                    done.task_name,
-                    done.elapsed,
-                    headline.unwrap_or("(no reason given)").trim()
-                );
-                if reason.contains('\n') {
-                    for line in reason.lines() {
-                        log::warn!("task {} {} | {line}", done.task_id, done.task_name);
-                    }
-                }
+        let leased = self.forget(done.task.id);
+        let Finished {
+            task,
+            outcome,
+            elapsed,
+        } = done;
+        let now = unix_now();
+        let (state, reason) = match outcome {
+            Outcome::Done { eventful } => {
+                log::debug!("task {} {} done in {elapsed:?}", task.id, task.name);
+                self.schedules
+                    .report(&mut self.queue, task.id, eventful, now);
+                self.ended.push(Ending {
+                    task,
+                    state: RunState::Done,
+                    finished_at: now,
+                    error: None,
+                    next: Next::Finished,
+                    leased,
+                });
+                return;
             }
-        }
+            Outcome::Failed(reason) => (RunState::Failed, reason),
+            Outcome::Timeout(reason) => (RunState::Timeout, reason),
+        };
+        let policy = self.config.policy(&task.name);
+        let retries_made = u32::try_from(task.attempt - 1).unwrap_or(u32::MAX);
+        let next = if retries_made < policy.max_retries {
+            let delay = policy.retry_backoff.delay(retries_made + 1);
+            Next::Retry(now + delay.as_secs_f64())
+        } else {
+            let headline = headline(&reason);
+            Next::Bury(if task.attempt > 1 {
+                format!("failed {} attempts; the last: {headline}", task.attempt)
+            } else {
+                headline.to_owned()
+            })
+        };
+        log_failure(&task, elapsed, &reason, &next, now);
+        self.ended.push(Ending {
+            task,
+            state,
+            finished_at: now,
+            error: Some(reason),
+            next,
+            leased,
+        });
     }
 
-    /// The task is no longer running (finished, or buried before it started).
-    fn forget(&mut self, task_id: i64) {
-        if let Some(Running {
-            pool: Some(pool), ..
-        }) = self.running.remove(&task_id)
-            && let Some(pool) = self.pools.get_mut(pool)
-        {
+    /// The task is no longer running (finished, or buried before it started); returns whether it
+    /// ran under a lease.
+    fn forget(&mut self, task_id: i64) -> bool {
+        let Some(running) = self.running.remove(&task_id) else {
+            return false;
+        };
+        if let Some(pool) = running.pool.and_then(|p| self.pools.get_mut(p)) {
             pool.done_one();
         }
+        running.leased
     }
 
     fn pool_event(&mut self, event: PoolEvent) {
@@ -334,7 +465,9 @@ impl Foreman<'_> {
         let applied = pool.apply(event.slot, event.kind);
         let name = pool.name.clone();
         if let Some(served) = applied.first_hello {
-            let elsewhere = self.registry.add_pool_tasks(event.pool, &served);
+            let elsewhere = self
+                .registry
+                .add_pool_tasks(event.pool, &served, self.config);
             if !elsewhere.is_empty() {
                 log::warn!(
                     "pool {name}: task(s) {} already run another way (config or in-process); they stay there",
@@ -346,7 +479,8 @@ impl Foreman<'_> {
                 .tasks
                 .iter()
                 .filter(|(task, c)| {
-                    matches!(&c.runner, Runner::Pool(p) if **p == *name) && !served.contains(*task)
+                    matches!(&c.runner, Some(Runner::Pool(p)) if **p == *name)
+                        && !served.contains(*task)
                 })
                 .map(|(task, _)| task.as_str())
                 .collect();
@@ -358,22 +492,20 @@ impl Foreman<'_> {
             }
         }
         for job in applied.orphans {
-            self.forget(job.task.id);
+            let leased = self.forget(job.task.id);
             let reason = match self.pools[event.pool].accepts(&job.task.name) {
                 Err(reason) => reason,
                 Ok(()) => format!("pool {name:?} went down before the task started"),
             };
-            match self.queue.bury(&job.task, &reason) {
-                Ok(()) => log::error!("task {} moved to foreman_dead: {reason}", job.task.id),
-                // Nowhere left to keep it: say so loudly, with everything needed to redo it.
-                Err(e) => log::error!(
-                    "task {} {} lost: {reason}; and it could not be moved to foreman_dead: {e} (args {}, kwargs {})",
-                    job.task.id,
-                    job.task.name,
-                    serde_json::Value::from(job.task.args.clone()),
-                    serde_json::Value::from(job.task.kwargs.clone())
-                ),
-            }
+            log::error!("task {} moved to foreman_dead: {reason}", job.task.id);
+            self.ended.push(Ending {
+                task: job.task,
+                state: RunState::Dead,
+                finished_at: unix_now(),
+                error: Some(reason.clone()),
+                next: Next::Bury(reason),
+                leased,
+            });
         }
     }
 
@@ -389,15 +521,50 @@ impl Foreman<'_> {
     }
 
     fn tick(&mut self) {
-        if !matches!(self.phase, Phase::Running) || self.running.len() == self.config.workers {
+        if !matches!(self.phase, Phase::Running) {
+            self.flush();
+            return;
+        }
+        if Instant::now() >= self.next_prune {
+            self.prune();
+        }
+        if self.running.len() == self.config.workers {
+            if !self.ended.is_empty() {
+                self.fill(); // A DB error kept them from being recorded; try again.
+            }
             return;
         }
         // A stale file would keep create-if-absent producers from ever signalling again.
         self.wakeup.clear_if_changed();
-        match self.queue.has_queued() {
-            Ok(true) => self.fill(),
-            Ok(false) => {}
+        match self.queue.next_due() {
+            Ok(Some(due)) if due <= unix_now() => self.fill(),
+            Ok(due) => {
+                self.next_task_due = due;
+                if !self.ended.is_empty() {
+                    self.fill();
+                }
+            }
             Err(e) => self.db_error(&e),
+        }
+    }
+
+    /// Deletes a batch of history older than the retention; again at the next tick while there is
+    /// more, else in a minute.
+    fn prune(&mut self) {
+        let before = unix_now() - self.config.history_retention.as_secs_f64();
+        match self.queue.prune_history(before, PRUNE_BATCH) {
+            Ok(pruned) => {
+                log::debug!("pruned {pruned} history row(s)");
+                self.next_prune = if pruned == PRUNE_BATCH {
+                    Instant::now()
+                } else {
+                    Instant::now() + PRUNE_EVERY
+                };
+            }
+            Err(e) => {
+                self.next_prune = Instant::now() + PRUNE_EVERY;
+                self.db_error(&e);
+            }
         }
     }
 
@@ -454,6 +621,37 @@ impl Foreman<'_> {
                 task.name,
                 task.started.elapsed()
             );
+        }
+    }
+}
+
+/// A failure's last non-empty line: a traceback's says what went wrong.
+fn headline(reason: &str) -> &str {
+    reason
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map_or("(no reason given)", str::trim)
+}
+
+/// Logs a failed attempt: one record per line (the journal splits multi-line messages anyway, and
+/// loses their priority), the first saying what happens next.
+fn log_failure(task: &Task, elapsed: Duration, reason: &str, next: &Next, now: f64) {
+    let then = match next {
+        Next::Retry(at) => format!("; retry {} in {:.1}s", task.attempt, (at - now).max(0.0)),
+        Next::Bury(_) => "; moved to foreman_dead".to_owned(),
+        Next::Finished => String::new(),
+    };
+    log::warn!(
+        "task {} {} failed after {elapsed:?} (attempt {}): {}{then}",
+        task.id,
+        task.name,
+        task.attempt,
+        headline(reason)
+    );
+    if reason.contains('\n') {
+        for line in reason.lines() {
+            log::warn!("task {} {} | {line}", task.id, task.name);
         }
     }
 }

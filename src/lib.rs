@@ -15,6 +15,7 @@ pub mod pid_guard;
 pub mod process_pool;
 pub mod queue;
 pub mod registry;
+pub mod schedule;
 pub mod signals;
 pub mod task;
 pub mod thread_pool;

@@ -439,8 +439,8 @@ impl Driver {
                         }
                         Ran::Broken(finished) => {
                             let why = match &finished.outcome {
-                                Outcome::Failed(reason) => reason.clone(),
-                                Outcome::Done => String::new(),
+                                Outcome::Failed(reason) | Outcome::Timeout(reason) => reason.clone(),
+                                Outcome::Done { .. } => String::new(),
                             };
                             log::warn!("pool {}: restarting worker pid {}: {why}", self.name, worker.pid);
                             let _ = self.finished.send(finished);
@@ -501,6 +501,9 @@ struct Answer {
     ok: bool,
     #[serde(default)]
     error: Option<String>,
+    /// Whether a successful task found something new (protocol v1, optional).
+    #[serde(default)]
+    eventful: Option<bool>,
 }
 
 enum LineError {
@@ -650,10 +653,9 @@ impl Worker {
             Err(WriteError::Timeout) => Err(LineError::Timeout),
             Err(WriteError::Broken) => Err(LineError::Eof),
         };
-        let task = &job.task;
-        let finished = |outcome| Finished {
-            task_id: task.id,
-            task_name: task.name.clone(),
+        let task = job.task;
+        let finished = |task, outcome| Finished {
+            task,
             outcome,
             elapsed: started.elapsed(),
         };
@@ -662,7 +664,9 @@ impl Worker {
                 Ok(answer) if answer.id == task.id => {
                     children.remove(task.id);
                     let outcome = if answer.ok {
-                        Outcome::Done
+                        Outcome::Done {
+                            eventful: answer.eventful.unwrap_or(true),
+                        }
                     } else {
                         Outcome::Failed(
                             answer
@@ -670,7 +674,7 @@ impl Worker {
                                 .unwrap_or_else(|| "failed (the worker gave no error text)".into()),
                         )
                     };
-                    return Ran::Answered(finished(outcome));
+                    return Ran::Answered(finished(task, outcome));
                 }
                 Ok(answer) => format!(
                     "worker protocol error: answer for task {} while running task {}",
@@ -678,26 +682,31 @@ impl Worker {
                 ),
                 Err(e) => format!("worker protocol error: {e}: {}", excerpt(&answer)),
             },
-            Err(LineError::Timeout) => match job.timeout {
-                Some(timeout) => format!("timeout after {}", format_duration(timeout)),
-                None => "timeout".to_owned(),
-            },
+            Err(LineError::Timeout) => {
+                let reason = match job.timeout {
+                    Some(timeout) => format!("timeout after {}", format_duration(timeout)),
+                    None => "timeout".to_owned(),
+                };
+                self.kill_keeping_group(&children, task.id);
+                return Ran::Broken(finished(task, Outcome::Timeout(reason)));
+            }
             Err(LineError::TooLong) => {
                 "worker protocol error: an answer line longer than 1 MiB".to_owned()
             }
             Err(LineError::Io(e)) => format!("reading the worker's answer: {e}"),
             Err(LineError::Eof) => {
                 let status = self.kill_keeping_group(&children, task.id);
-                return Ran::Broken(finished(Outcome::Failed(format!(
+                let reason = format!(
                     "worker pid {} died during the task ({}){}",
                     self.pid,
                     describe(status),
                     self.stderr_tail_suffix()
-                ))));
+                );
+                return Ran::Broken(finished(task, Outcome::Failed(reason)));
             }
         };
         self.kill_keeping_group(&children, task.id);
-        Ran::Broken(finished(Outcome::Failed(failure)))
+        Ran::Broken(finished(task, Outcome::Failed(failure)))
     }
 
     /// Kills the worker, forgetting its task's process group only once it has exited, so the

@@ -78,6 +78,8 @@ impl Registry {
                 )));
             }
             match self.handlers.entry(name.clone()) {
+                // Settings (retries, delivery) for an in-process handler.
+                Entry::Occupied(_) if task.runner.is_none() => {}
                 Entry::Occupied(_) => {
                     return Err(Error::Config(format!(
                         "task {name:?} is defined both in the config file and as an in-process handler"
@@ -86,16 +88,24 @@ impl Registry {
                 Entry::Vacant(slot) => {
                     let timeout = task.timeout;
                     slot.insert(match &task.runner {
-                        Runner::Command(argv) => Handler::Command {
+                        Some(Runner::Command(argv)) => Handler::Command {
                             argv: argv.clone().into(),
                             timeout,
                         },
-                        Runner::Pool(pool) => Handler::Pool {
+                        Some(Runner::Pool(pool)) => Handler::Pool {
                             pool: config.pools.keys().position(|p| p == pool).ok_or_else(|| {
                                 Error::Config(format!("task {name:?}: no pool {pool:?}"))
                             })?,
                             timeout,
                         },
+                        // Settings only: a pool's hello may announce it.
+                        None if !config.pools.is_empty() => continue,
+                        None => {
+                            return Err(config.key_error(
+                                &format!("tasks.\"{name}\""),
+                                "has no `command` or `pool`, and no in-process handler or pool serves it",
+                            ));
+                        }
                     });
                 }
             }
@@ -109,6 +119,7 @@ impl Registry {
         &mut self,
         pool: usize,
         names: impl IntoIterator<Item = &'n String>,
+        config: &Config,
     ) -> Vec<&'n str> {
         let mut elsewhere = Vec::new();
         for name in names {
@@ -119,10 +130,9 @@ impl Registry {
                     }
                 }
                 Entry::Vacant(slot) => {
-                    slot.insert(Handler::Pool {
-                        pool,
-                        timeout: None,
-                    });
+                    // A `[tasks."NAME"]` section without a runner may still give a timeout.
+                    let timeout = config.tasks.get(name).and_then(|t| t.timeout);
+                    slot.insert(Handler::Pool { pool, timeout });
                 }
             }
         }

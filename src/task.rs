@@ -14,6 +14,13 @@ pub struct Task {
     pub kwargs: Map<String, Json>,
     /// Unix time in seconds at which the row was inserted, if the row had a usable value.
     pub created_at: Option<f64>,
+    /// 1 for the first run; retries and re-runs after a crash count up.
+    pub attempt: i64,
+    pub priority: i64,
+    /// Who enqueued it, when it was not a producer (a schedule, a requeue).
+    pub origin: Option<String>,
+    /// The row was leased by an at-least-once run that never finished (its daemon died).
+    pub was_leased: bool,
 }
 
 /// A row as `DELETE … RETURNING` gave it, before any checks; producers can put anything in it.
@@ -24,6 +31,11 @@ pub struct RawRow {
     pub args: Value,
     pub kwargs: Value,
     pub created_at: Value,
+    pub run_after: Value,
+    pub priority: Value,
+    pub attempt: Value,
+    pub origin: Value,
+    pub leased_at: Value,
 }
 
 impl Task {
@@ -71,12 +83,29 @@ pub fn decode(raw: &RawRow) -> Result<Task, String> {
         Value::Integer(t) => Some(t as f64),
         _ => None,
     };
+    let priority = match raw.priority {
+        Value::Integer(p) => p,
+        _ => return Err("priority is not an integer".to_owned()),
+    };
+    let attempt = match raw.attempt {
+        Value::Integer(a) if a >= 1 => a,
+        _ => 1,
+    };
+    let origin = match &raw.origin {
+        Value::Text(text) => Some(text.clone()),
+        Value::Blob(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        _ => None,
+    };
     Ok(Task {
         id: raw.id,
         name: name.to_owned(),
         args,
         kwargs,
         created_at,
+        attempt,
+        priority,
+        origin,
+        was_leased: !matches!(raw.leased_at, Value::Null),
     })
 }
 
@@ -118,6 +147,11 @@ mod tests {
             args: Value::Text(args.to_owned()),
             kwargs: Value::Text(kwargs.to_owned()),
             created_at: Value::Real(1.5),
+            run_after: Value::Real(1.5),
+            priority: Value::Integer(0),
+            attempt: Value::Integer(1),
+            origin: Value::Null,
+            leased_at: Value::Null,
         }
     }
 

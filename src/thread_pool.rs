@@ -22,17 +22,35 @@ pub struct Job {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Done,
+    /// `eventful`: the task found something new (what adaptive schedules feed on); a handler that
+    /// does not say counts as eventful.
+    Done {
+        eventful: bool,
+    },
     Failed(String),
+    /// Killed at its timeout.
+    Timeout(String),
 }
 
+/// A task that finished, handed back to the foreman loop whole (a retry needs its arguments).
 #[derive(Debug)]
 pub struct Finished {
-    pub task_id: i64,
-    pub task_name: String,
+    pub task: Task,
     pub outcome: Outcome,
     pub elapsed: Duration,
 }
+
+/// What an in-process handler returns (as its error) to say it succeeded but found nothing new.
+#[derive(Debug, Clone, Copy)]
+pub struct Uneventful;
+
+impl std::fmt::Display for Uneventful {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("uneventful")
+    }
+}
+
+impl std::error::Error for Uneventful {}
 
 pub struct ThreadPool {
     jobs: Sender<Job>,
@@ -76,16 +94,14 @@ fn work(inbox: &Receiver<Job>, finished: &Sender<Finished>, children: &Children)
         let started = Instant::now();
         log::debug!("task {} {} started", task.id, task.name);
         let outcome = match catch_unwind(AssertUnwindSafe(|| run(&task, &handler, children))) {
-            Ok(Ok(())) => Outcome::Done,
-            Ok(Err(reason)) => Outcome::Failed(reason),
+            Ok(outcome) => outcome,
             Err(panic) => Outcome::Failed(format!(
                 "handler panicked: {}",
                 panic_message(panic.as_ref())
             )),
         };
         let report = Finished {
-            task_id: task.id,
-            task_name: task.name,
+            task,
             outcome,
             elapsed: started.elapsed(),
         };
@@ -95,11 +111,15 @@ fn work(inbox: &Receiver<Job>, finished: &Sender<Finished>, children: &Children)
     }
 }
 
-fn run(task: &Task, handler: &Handler, children: &Children) -> std::result::Result<(), String> {
+fn run(task: &Task, handler: &Handler, children: &Children) -> Outcome {
     match handler {
-        Handler::InProcess(f) => f(task).map_err(|e| e.to_string()),
+        Handler::InProcess(f) => match f(task) {
+            Ok(()) => Outcome::Done { eventful: true },
+            Err(e) if e.is::<Uneventful>() => Outcome::Done { eventful: false },
+            Err(e) => Outcome::Failed(e.to_string()),
+        },
         Handler::Command { argv, timeout } => command::run(task, argv, *timeout, children),
-        Handler::Pool { .. } => Err("a pool task reached a worker thread".to_owned()),
+        Handler::Pool { .. } => Outcome::Failed("a pool task reached a worker thread".to_owned()),
     }
 }
 

@@ -420,7 +420,7 @@ fn pool_config_errors_name_the_key() {
         ),
         (
             "[tasks.t]\ntimeout = \"1s\"",
-            "`tasks.\"t\"` needs `command",
+            "`tasks.\"t\"` has no `command` or `pool`",
         ),
         (
             "[pools.p]\ncommand = [\"/no/such/worker\"]",

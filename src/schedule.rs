@@ -1,0 +1,244 @@
+//! Recurring tasks: when each `[schedules.NAME]` fires next, firing it (task and state in one
+//! transaction), and how an adaptive schedule's interval moves with its task's answers.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use chrono::{DateTime, Local};
+use croner::Cron;
+
+use crate::config::{ScheduleConfig, When};
+use crate::error::Result;
+use crate::queue::{NewTask, Queue, ScheduleState};
+
+/// Parses a cron pattern the way the daemon will use it (five fields, or six with seconds).
+pub fn parse_cron(pattern: &str) -> std::result::Result<Cron, String> {
+    Cron::from_str(pattern).map_err(|e| format!("invalid cron pattern {pattern:?}: {e}"))
+}
+
+/// What the stored state was computed from; a changed definition starts the schedule afresh.
+fn spec(config: &ScheduleConfig) -> String {
+    let when = match &config.when {
+        When::Every(every) => format!("every {}s", every.as_secs_f64()),
+        When::Cron(cron) => format!("cron {cron}"),
+        When::Adaptive {
+            start,
+            min,
+            max,
+            factor,
+        } => format!(
+            "adaptive {}s in {}s..{}s x{factor}",
+            start.as_secs_f64(),
+            min.as_secs_f64(),
+            max.as_secs_f64()
+        ),
+    };
+    format!("{when}; task {}", config.task)
+}
+
+struct Entry {
+    name: String,
+    config: ScheduleConfig,
+    /// Parsed once; only for cron schedules.
+    cron: Option<Cron>,
+    state: ScheduleState,
+}
+
+/// Every configured schedule with its state, as the foreman loop drives them.
+pub struct Schedules {
+    entries: Vec<Entry>,
+}
+
+impl Schedules {
+    /// Reads the stored state of each configured schedule. A new schedule, or one whose definition
+    /// changed, starts now (`every`, adaptive) or at its next cron time; the others keep the due
+    /// time they had, so a restart neither repeats a firing nor skips one.
+    pub fn load(
+        configs: &std::collections::BTreeMap<String, ScheduleConfig>,
+        queue: &mut Queue,
+        now: f64,
+    ) -> Result<Schedules> {
+        if configs.is_empty() {
+            return Ok(Schedules {
+                entries: Vec::new(),
+            });
+        }
+        let stored: std::collections::HashMap<String, ScheduleState> =
+            queue.schedules()?.into_iter().collect();
+        let mut entries = Vec::with_capacity(configs.len());
+        for (name, config) in configs {
+            let cron = match &config.when {
+                When::Cron(pattern) => {
+                    Some(parse_cron(pattern).map_err(crate::error::Error::Config)?)
+                }
+                _ => None,
+            };
+            let spec = spec(config);
+            let state = match stored.get(name) {
+                Some(state) if state.spec == spec => state.clone(),
+                _ => {
+                    let mut state = ScheduleState {
+                        spec,
+                        next_due: now,
+                        last_fired: None,
+                        last_task_id: None,
+                        interval: None,
+                    };
+                    if let Some(cron) = &cron {
+                        state.next_due = next_cron(cron, now);
+                    }
+                    if let When::Adaptive { start, .. } = config.when {
+                        state.interval = Some(start.as_secs_f64());
+                    }
+                    state.next_due += jitter(config.jitter);
+                    queue.save_schedule(name, &state)?;
+                    state
+                }
+            };
+            entries.push(Entry {
+                name: name.clone(),
+                config: config.clone(),
+                cron,
+                state,
+            });
+        }
+        Ok(Schedules { entries })
+    }
+
+    /// The earliest due time of any schedule.
+    pub fn next_due(&self) -> Option<f64> {
+        self.entries
+            .iter()
+            .map(|e| e.state.next_due)
+            .min_by(f64::total_cmp)
+    }
+
+    /// Fires every schedule that is due. One whose previous task is still queued or running
+    /// (`busy` says) skips this firing instead of piling a second one up. A missed window fires
+    /// once, however many were missed: the next due time is computed from now.
+    pub fn fire_due(&mut self, queue: &mut Queue, now: f64, busy: impl Fn(i64) -> bool) {
+        for entry in &mut self.entries {
+            if entry.state.next_due > now {
+                continue;
+            }
+            let mut state = entry.state.clone();
+            state.next_due = following(entry, now);
+            let previous = state
+                .last_task_id
+                .filter(|&id| busy(id) || queue.is_queued(id).unwrap_or(false));
+            if let Some(previous) = previous {
+                log::info!(
+                    "schedule {}: task {previous} from its last firing has not finished; skipping this one",
+                    entry.name
+                );
+                match queue.save_schedule(&entry.name, &state) {
+                    Ok(()) => entry.state = state,
+                    Err(e) => log::error!("schedule {}: {e}", entry.name),
+                }
+                continue;
+            }
+            state.last_fired = Some(now);
+            let (args, kwargs) = (
+                entry.config.args.to_string(),
+                entry.config.kwargs.to_string(),
+            );
+            let origin = format!("schedule {}", entry.name);
+            let task = NewTask {
+                name: &entry.config.task,
+                args: &args,
+                kwargs: &kwargs,
+                delay: 0.0,
+                priority: entry.config.priority,
+                origin: Some(&origin),
+            };
+            match queue.fire_schedule(&entry.name, &task, &mut state) {
+                Ok(id) => {
+                    log::info!(
+                        "schedule {}: enqueued task {id} {}",
+                        entry.name,
+                        entry.config.task
+                    );
+                    entry.state = state;
+                }
+                // The state is unchanged, so it is tried again at the next check.
+                Err(e) => log::error!("schedule {}: cannot enqueue: {e}", entry.name),
+            }
+        }
+    }
+
+    /// An adaptive schedule's task reported whether it found something new: the interval shrinks
+    /// (eventful) or grows (not), and the next due time moves with it.
+    pub fn report(&mut self, queue: &mut Queue, task_id: i64, eventful: bool, now: f64) {
+        let Some(entry) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.state.last_task_id == Some(task_id))
+        else {
+            return;
+        };
+        let When::Adaptive {
+            start,
+            min,
+            max,
+            factor,
+        } = entry.config.when
+        else {
+            return;
+        };
+        let mut state = entry.state.clone();
+        let current = state.interval.unwrap_or(start.as_secs_f64());
+        let next = if eventful {
+            current / factor
+        } else {
+            current * factor
+        };
+        let interval = next.clamp(min.as_secs_f64(), max.as_secs_f64());
+        state.interval = Some(interval);
+        let base = state.last_fired.unwrap_or(now);
+        state.next_due = (base + interval).max(now) + jitter(entry.config.jitter);
+        log::info!(
+            "schedule {}: task {task_id} was {}; interval {:.0}s -> {interval:.0}s",
+            entry.name,
+            if eventful { "eventful" } else { "uneventful" },
+            current
+        );
+        match queue.save_schedule(&entry.name, &state) {
+            Ok(()) => entry.state = state,
+            Err(e) => log::error!("schedule {}: {e}", entry.name),
+        }
+    }
+}
+
+/// The due time after a firing (or a skipped one) at `now`.
+fn following(entry: &Entry, now: f64) -> f64 {
+    let base = match (&entry.config.when, &entry.cron) {
+        (_, Some(cron)) => next_cron(cron, now),
+        (When::Every(every), None) => now + every.as_secs_f64(),
+        (When::Adaptive { start, .. }, None) => {
+            now + entry.state.interval.unwrap_or(start.as_secs_f64())
+        }
+        (When::Cron(_), None) => now + 60.0,
+    };
+    base + jitter(entry.config.jitter)
+}
+
+/// The first cron time strictly after `now`, in the local time zone. A pattern with no future
+/// time (e.g. a 30 February) comes back in a year, which is as good as never, loudly.
+fn next_cron(cron: &Cron, now: f64) -> f64 {
+    let secs = now.floor() as i64;
+    let at = DateTime::from_timestamp(secs, 0).map(|t| t.with_timezone(&Local));
+    match at.map(|t| cron.find_next_occurrence(&t, false)) {
+        Some(Ok(next)) => next.timestamp() as f64,
+        _ => {
+            log::error!(
+                "cron pattern {} never matches; checking again in a year",
+                cron.pattern
+            );
+            now + 365.0 * 86_400.0
+        }
+    }
+}
+
+fn jitter(jitter: Option<Duration>) -> f64 {
+    jitter.map_or(0.0, |j| j.as_secs_f64() * fastrand::f64())
+}
