@@ -139,6 +139,18 @@ pub struct ScheduleState {
     pub interval: Option<f64>,
 }
 
+// The pop's statements. Each is a search of the `foreman_task_due` index (priority, run_after,
+// then the rowid): none scans the table or sorts, so a pop costs the same at any queue depth and
+// however many rows wait for a later time. A test checks their query plans.
+const SQL_TOP_PRIORITY: &str = "SELECT max(priority) FROM foreman_task WHERE priority <= ?1";
+const SQL_NEXT_PRIORITY: &str = "SELECT max(priority) FROM foreman_task WHERE priority < ?1";
+const SQL_DUE_ROWS: &str = "SELECT id, task_name, args, kwargs, created_at, run_after, priority, attempt, origin, leased_at \
+     FROM foreman_task WHERE priority = ?1 AND run_after <= ?2 ORDER BY run_after, id LIMIT ?3";
+const SQL_NEXT_DUE: &str =
+    "SELECT min(run_after) FROM foreman_task WHERE priority = ?1 AND run_after > ?2";
+const SQL_DUE_IN_PRIORITY: &str = "SELECT min(run_after) FROM foreman_task WHERE priority = ?1";
+const SQL_DELETE: &str = "DELETE FROM foreman_task WHERE id = ?1";
+
 /// Error text kept per attempt: a traceback's end says what went wrong, so the end is kept.
 const MAX_ERROR_BYTES: usize = 8 * 1024;
 /// Rows looked at beyond the free slots in one pop, so that a head of rows waiting for a busy pool
@@ -321,9 +333,9 @@ impl Queue {
         while popped.tasks.len() < limit {
             let priority: Option<i64> = tx
                 .prepare_cached(if first {
-                    "SELECT max(priority) FROM foreman_task WHERE priority <= ?1"
+                    SQL_TOP_PRIORITY
                 } else {
-                    "SELECT max(priority) FROM foreman_task WHERE priority < ?1"
+                    SQL_NEXT_PRIORITY
                 })
                 .and_then(|mut s| s.query_row([below], |r| r.get(0)))
                 .map_err(err)?;
@@ -333,9 +345,7 @@ impl Queue {
             pop_priority(&tx, priority, limit, now, &mut popped, &mut resolve).map_err(err)?;
             if popped.tasks.len() < limit {
                 let due: Option<f64> = tx
-                    .prepare_cached(
-                        "SELECT min(run_after) FROM foreman_task WHERE priority = ?1 AND run_after > ?2",
-                    )
+                    .prepare_cached(SQL_NEXT_DUE)
                     .and_then(|mut s| s.query_row(params![priority, now], |r| r.get(0)))
                     .map_err(err)?;
                 popped.next_due = match (popped.next_due, due) {
@@ -358,13 +368,13 @@ impl Queue {
         let mut next: Option<f64> = None;
         let mut priority: Option<i64> = self
             .conn
-            .prepare_cached("SELECT max(priority) FROM foreman_task")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .prepare_cached(SQL_TOP_PRIORITY)
+            .and_then(|mut s| s.query_row([i64::MAX], |r| r.get(0)))
             .map_err(err)?;
         while let Some(p) = priority {
             let due: Option<f64> = self
                 .conn
-                .prepare_cached("SELECT min(run_after) FROM foreman_task WHERE priority = ?1")
+                .prepare_cached(SQL_DUE_IN_PRIORITY)
                 .and_then(|mut s| s.query_row([p], |r| r.get(0)))
                 .map_err(err)?;
             next = match (next, due) {
@@ -373,7 +383,7 @@ impl Queue {
             };
             priority = self
                 .conn
-                .prepare_cached("SELECT max(priority) FROM foreman_task WHERE priority < ?1")
+                .prepare_cached(SQL_NEXT_PRIORITY)
                 .and_then(|mut s| s.query_row([p], |r| r.get(0)))
                 .map_err(err)?;
         }
@@ -678,9 +688,7 @@ fn json_texts(task: &Task) -> (String, String) {
 }
 
 fn delete_task(tx: &Connection, id: i64) -> rusqlite::Result<()> {
-    tx.prepare_cached("DELETE FROM foreman_task WHERE id = ?1")?
-        .execute([id])
-        .map(drop)
+    tx.prepare_cached(SQL_DELETE)?.execute([id]).map(drop)
 }
 
 fn insert_run(
@@ -722,10 +730,7 @@ fn pop_priority<H>(
     // all it costs.
     let mut raws = Vec::with_capacity(want);
     {
-        let mut select = tx.prepare_cached(
-            "SELECT id, task_name, args, kwargs, created_at, run_after, priority, attempt, origin, leased_at \
-             FROM foreman_task WHERE priority = ?1 AND run_after <= ?2 ORDER BY run_after, id LIMIT ?3",
-        )?;
+        let mut select = tx.prepare_cached(SQL_DUE_ROWS)?;
         let mut rows = select.query(params![
             priority,
             now,
@@ -843,5 +848,60 @@ fn text_lossy(value: Value) -> String {
         Value::Null => "(null)".to_owned(),
         Value::Integer(i) => i.to_string(),
         Value::Real(f) => f.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pop_statement_is_an_index_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        queue.ensure_schema().unwrap();
+        for (sql, index) in [
+            (
+                SQL_TOP_PRIORITY,
+                "COVERING INDEX foreman_task_due (priority<?)",
+            ),
+            (
+                SQL_NEXT_PRIORITY,
+                "COVERING INDEX foreman_task_due (priority<?)",
+            ),
+            (
+                SQL_DUE_ROWS,
+                "INDEX foreman_task_due (priority=? AND run_after<?)",
+            ),
+            (
+                SQL_NEXT_DUE,
+                "COVERING INDEX foreman_task_due (priority=? AND run_after>?)",
+            ),
+            (
+                SQL_DUE_IN_PRIORITY,
+                "COVERING INDEX foreman_task_due (priority=?)",
+            ),
+            (SQL_DELETE, "INTEGER PRIMARY KEY (rowid=?)"),
+        ] {
+            let mut explain = queue
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let values = std::iter::repeat_n(1, explain.parameter_count());
+            let plan: Vec<String> = explain
+                .query_map(rusqlite::params_from_iter(values), |r| r.get(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let plan = plan.join(" | ");
+            assert!(
+                plan.contains(&format!("SEARCH foreman_task USING {index}")),
+                "{sql}: {plan}"
+            );
+            assert!(
+                !plan.contains("SCAN") && !plan.contains("TEMP B-TREE"),
+                "{sql}: {plan}"
+            );
+        }
     }
 }

@@ -4,8 +4,10 @@
 mod cli;
 mod commands;
 mod drain;
+mod history;
 mod library;
 mod pools;
+mod schedules;
 mod shutdown;
 mod support;
 mod tidy;

@@ -1,0 +1,380 @@
+//! Every attempt accounted for: `foreman_run` history, retries with backoff into the dead-letter
+//! table, delays, priorities, crashes (lost at-most-once tasks, re-run at-least-once ones) and the
+//! migration of a version 1 database.
+
+use std::collections::HashMap;
+
+use crate::support::{Env, PATIENCE, RECORD_TASK, wait_until};
+
+/// (attempt, state, started_at, finished_at, retry_at, error) of every attempt of task `id`.
+type Attempt = (
+    i64,
+    String,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<String>,
+);
+
+fn attempts(env: &Env, id: i64) -> Vec<Attempt> {
+    let conn = env.sql();
+    let mut stmt = conn
+        .prepare(
+            "SELECT attempt, state, started_at, finished_at, retry_at, error FROM foreman_run \
+             WHERE task_id = ?1 ORDER BY attempt",
+        )
+        .unwrap();
+    stmt.query_map([id], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })
+    .unwrap()
+    .collect::<rusqlite::Result<_>>()
+    .unwrap()
+}
+
+fn state_of(env: &Env, id: i64) -> Option<String> {
+    attempts(env, id).last().map(|a| a.1.clone())
+}
+
+fn dead_count(env: &Env) -> i64 {
+    env.sql()
+        .query_row("SELECT count(*) FROM foreman_dead", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_done_task_is_recorded_with_its_times() {
+    let env = Env::new();
+    env.record_config("");
+    env.init();
+    let daemon = env.daemon(&[]);
+    let id = env.insert("record", "[]");
+    env.touch_wakeup("w");
+    assert!(wait_until(PATIENCE, || state_of(&env, id).as_deref() == Some("done")));
+    let runs = attempts(&env, id);
+    assert_eq!(runs.len(), 1);
+    let (attempt, _, started, finished, retry_at, error) = &runs[0];
+    assert_eq!(*attempt, 1);
+    assert!(started.unwrap() <= finished.unwrap());
+    assert_eq!((retry_at, error), (&None, &None));
+    let enqueued: f64 = env
+        .sql()
+        .query_row(
+            "SELECT enqueued_at FROM foreman_run WHERE task_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(enqueued <= started.unwrap());
+    daemon.stop();
+}
+
+#[test]
+fn retries_back_off_then_the_task_is_dead_with_its_last_error() {
+    let env = Env::new();
+    env.config(
+        r#"
+[tasks.flaky]
+command = ["sh", "-c", "echo \"try $FOREMAN_ATTEMPT\" >&2; exit 3"]
+max_retries = 2
+retry_backoff = { base = "200ms", factor = 2, jitter = false }
+"#,
+    );
+    env.init();
+    let daemon = env.daemon(&[]);
+    let id = env.insert("flaky", r#"["keep me"]"#);
+    env.touch_wakeup("w");
+    assert!(wait_until(PATIENCE, || dead_count(&env) == 1));
+    let runs = attempts(&env, id);
+    let states: Vec<(i64, &str)> = runs.iter().map(|r| (r.0, r.1.as_str())).collect();
+    assert_eq!(states, [(1, "failed"), (2, "failed"), (3, "failed")]);
+    // Each retry waited at least its backoff: 200 ms, then 400 ms.
+    for (n, wait) in [(1, 0.2), (2, 0.4)] {
+        let retry_at = runs[n - 1].4.expect("a retried attempt has retry_at");
+        let finished = runs[n - 1].3.unwrap();
+        assert!(retry_at - finished >= wait - 0.01, "{runs:?}");
+        assert!(
+            runs[n].2.unwrap() >= retry_at,
+            "started before due: {runs:?}"
+        );
+    }
+    assert_eq!(runs[2].4, None, "the last attempt is final");
+    assert!(runs[2].5.as_deref().unwrap().contains("try 3"), "{runs:?}");
+    let (task_id, args, attempts, reason): (i64, String, i64, String) = env
+        .sql()
+        .query_row(
+            "SELECT task_id, args, attempts, reason FROM foreman_dead",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (task_id, args.as_str(), attempts),
+        (id, r#"["keep me"]"#, 3)
+    );
+    assert!(
+        reason.contains("failed 3 attempts") && reason.contains("exited with status 3"),
+        "{reason}"
+    );
+    assert_eq!(env.queued(), 0);
+    daemon.stop();
+}
+
+#[test]
+fn a_failure_without_retries_goes_to_the_dead_letters_at_once() {
+    let env = Env::new();
+    env.config("[tasks.bad]\ncommand = [\"false\"]\n");
+    env.init();
+    let daemon = env.daemon(&[]);
+    let id = env.insert("bad", "[]");
+    env.touch_wakeup("w");
+    assert!(wait_until(PATIENCE, || dead_count(&env) == 1));
+    assert_eq!(state_of(&env, id).as_deref(), Some("failed"));
+    daemon.stop();
+}
+
+#[test]
+fn a_delayed_task_waits_for_its_time_and_others_pass_it() {
+    let env = Env::new();
+    env.record_config("");
+    env.init();
+    let daemon = env.daemon(&[]);
+    let delayed: i64 = env
+        .sql()
+        .query_row(
+            "INSERT INTO foreman_task(task_name, run_after) \
+             VALUES ('record', (julianday('now') - 2440587.5) * 86400.0 + 1.0) RETURNING id",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let plain = env.insert("record", "[]");
+    env.touch_wakeup("w");
+    let ran = env.wait_ran(2);
+    assert_eq!(ran, [plain, delayed]);
+    let started: f64 = env
+        .sql()
+        .query_row(
+            "SELECT started_at FROM foreman_run WHERE task_id = ?1",
+            [delayed],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let created: f64 = env
+        .sql()
+        .query_row(
+            "SELECT enqueued_at FROM foreman_run WHERE task_id = ?1",
+            [delayed],
+            |r| r.get(0),
+        )
+        .unwrap();
+    // Both times are the DB's clock; the daemon's may differ by a rounding of the millisecond.
+    assert!(
+        started >= created + 1.0 - 0.002,
+        "started {started} < due {}",
+        created + 1.0
+    );
+    daemon.stop();
+}
+
+#[test]
+fn the_cli_delay_is_kept_by_a_daemon_with_a_slow_tick() {
+    let env = Env::new();
+    env.config(&format!("tick = \"1h\"\n{RECORD_TASK}"));
+    env.init();
+    let daemon = env.daemon(&[]);
+    let id: i64 = env
+        .sql()
+        .query_row(
+            "INSERT INTO foreman_task(task_name, run_after) \
+             VALUES ('record', (julianday('now') - 2440587.5) * 86400.0 + 0.3) RETURNING id",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    env.touch_wakeup("w");
+    // With a 1 h tick, only the due-time timer can start it.
+    assert_eq!(env.wait_ran(1), [id]);
+    daemon.stop();
+}
+
+#[test]
+fn higher_priority_runs_first_and_fifo_within_a_priority() {
+    let env = Env::new();
+    env.config(&format!("workers = 1\n{RECORD_TASK}"));
+    env.init();
+    let conn = env.sql();
+    let mut ids = HashMap::new();
+    for (label, priority) in [("a", 0), ("b", 5), ("c", 1), ("d", 5), ("e", -3), ("f", 0)] {
+        let id: i64 = conn
+            .query_row(
+                "INSERT INTO foreman_task(task_name, priority) VALUES ('record', ?1) RETURNING id",
+                [priority],
+                |r| r.get(0),
+            )
+            .unwrap();
+        ids.insert(id, label);
+    }
+    let daemon = env.daemon(&[]);
+    let order: String = env.wait_ran(6).iter().map(|id| ids[id]).collect();
+    assert_eq!(order, "bdcafe");
+    daemon.stop();
+}
+
+#[test]
+fn a_running_task_is_recorded_lost_after_a_kill_9() {
+    let env = Env::new();
+    env.init();
+    let mut daemon = env.daemon(&[]);
+    let id = env.insert("foreman.sleep", "[60]");
+    env.touch_wakeup("w");
+    assert!(wait_until(PATIENCE, || state_of(&env, id).as_deref()
+        == Some("running")));
+    daemon.kill9();
+    let daemon = env.daemon(&[]);
+    daemon.expect_log("1 recorded lost");
+    let runs = attempts(&env, id);
+    assert_eq!(runs.len(), 1, "at-most-once: never run again");
+    assert_eq!(runs[0].1, "lost");
+    assert_eq!(runs[0].4, None, "lost for good");
+    assert_eq!(env.queued(), 0);
+    daemon.stop();
+}
+
+#[test]
+fn at_least_once_tasks_survive_a_kill_9_mid_drain() {
+    let env = Env::new();
+    env.config(
+        r#"
+workers = 4
+[tasks.safe]
+command = ["sh", "-c", "echo \"$FOREMAN_TASK_ID $FOREMAN_ATTEMPT\" >> \"$RECORD_FILE\"; sleep 0.05"]
+delivery = "at-least-once"
+"#,
+    );
+    env.init();
+    let conn = env.sql();
+    let total = 120;
+    conn.execute_batch(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {total}) \
+         INSERT INTO foreman_task(task_name) SELECT 'safe' FROM n"
+    ))
+    .unwrap();
+    let lines = || -> Vec<(i64, i64)> {
+        std::fs::read_to_string(env.path("ran.txt"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (id, attempt) = l.split_once(' ')?;
+                Some((id.parse().ok()?, attempt.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let mut daemon = env.daemon(&[]);
+    assert!(wait_until(PATIENCE, || lines().len() >= 20));
+    daemon.kill9();
+    let leased: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM foreman_task WHERE leased_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        (1..=4).contains(&leased),
+        "{leased} leased rows at the crash"
+    );
+    let daemon = env.daemon(&[]);
+    assert!(wait_until(PATIENCE, || env.queued() == 0
+        && conn
+            .query_row(
+                "SELECT count(*) FROM foreman_run WHERE state = 'running'",
+                [],
+                |r| r.get::<_, i64>(0)
+            )
+            .unwrap()
+            == 0));
+    daemon.stop();
+    let ran = lines();
+    let mut runs_per_id: HashMap<i64, Vec<i64>> = HashMap::new();
+    for (id, attempt) in &ran {
+        runs_per_id.entry(*id).or_default().push(*attempt);
+    }
+    assert_eq!(runs_per_id.len(), total, "0 lost");
+    let twice: Vec<_> = runs_per_id.iter().filter(|(_, a)| a.len() > 1).collect();
+    assert!(
+        twice.len() <= 4,
+        "duplicates beyond the in-flight: {twice:?}"
+    );
+    for (_, attempts) in twice {
+        assert_eq!(attempts, &[1, 2], "a re-run counts as the next attempt");
+    }
+    let lost: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM foreman_run WHERE state = 'lost' AND retry_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        lost, leased,
+        "each cut-short attempt is recorded lost, then retried"
+    );
+}
+
+#[test]
+fn a_version_1_database_is_migrated_keeping_its_rows_and_ids() {
+    let env = Env::new();
+    let conn = env.sql();
+    conn.execute_batch(
+        "CREATE TABLE foreman_task (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, task_name TEXT NOT NULL,
+            args TEXT NOT NULL DEFAULT '[]', kwargs TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0));
+         CREATE TABLE foreman_dead (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, task_name TEXT,
+            args TEXT, kwargs TEXT, created_at REAL, reason TEXT NOT NULL,
+            died_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0));
+         PRAGMA user_version = 1;
+         INSERT INTO foreman_task(task_name, args) VALUES ('a', '[1]'), ('b', '[2]'), ('c', '[3]');
+         DELETE FROM foreman_task WHERE id = 3;
+         INSERT INTO foreman_dead(task_id, task_name, reason) VALUES (9, 'x', 'old');",
+    )
+    .unwrap();
+    let out = env.ok(&["init"]);
+    assert!(out.contains("schema version 2"), "{out}");
+    let rows: Vec<(i64, String, String, i64, i64)> = conn
+        .prepare("SELECT id, task_name, args, priority, attempt FROM foreman_task ORDER BY id")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (1, "a".to_owned(), "[1]".to_owned(), 0, 1),
+            (2, "b".to_owned(), "[2]".to_owned(), 0, 1)
+        ]
+    );
+    // AUTOINCREMENT's high-water mark survives the rebuild: id 3 is never handed out again.
+    assert_eq!(env.insert("d", "[]"), 4);
+    let reason: String = conn
+        .query_row(
+            "SELECT reason FROM foreman_dead WHERE task_id = 9",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(reason, "old");
+    assert_eq!(env.ok(&["init"]).lines().count(), 1, "idempotent");
+}
