@@ -1,7 +1,8 @@
 //! Quick core benchmark (the full `foreman bench` comes later): drain rate of trivial in-process
-//! tasks, of `/bin/true` command tasks and of Python tasks on a pool of 4 workers, and idle → start
-//! latency (in-process and Python). Run with `cargo bench --bench core`; prints a table and one
-//! JSON line. A task counts only once it has started, and every run checks that each task ran
+//! tasks, of `/bin/true` command tasks and of Python tasks on a pool of 4 workers, idle → start
+//! latency (in-process and Python), drain rate at 1M queued rows (due, or delayed), and how late
+//! delayed tasks start. Run with `cargo bench --bench core [-- drain latency depth delay]`; prints a
+//! table and one JSON line. A task counts only once it has started, and every run checks that each task ran
 //! exactly once. The Python client's enqueue rates are measured by `benches/python_enqueue.py`.
 
 // Counts of a few thousand convert to f64 exactly.
@@ -372,6 +373,80 @@ fn latency_pool() -> (f64, f64) {
     (percentile(&lat, 50), percentile(&lat, 99))
 }
 
+/// Drain rate of the first `DRAIN_TASKS` in-process tasks with `depth` rows queued in all; with
+/// `delayed`, all but those are due tomorrow (rows the pop must step over, or not).
+fn drain_depth(depth: usize, delayed: bool) -> f64 {
+    let bench = Bench::new("");
+    init(&bench);
+    let conn = bench.conn();
+    let (name, run_after) = if delayed {
+        (
+            "bench.later",
+            "(julianday('now') - 2440587.5) * 86400.0 + 86400.0",
+        )
+    } else {
+        ("bench.noop", "(julianday('now') - 2440587.5) * 86400.0")
+    };
+    let bulk = if delayed { depth - DRAIN_TASKS } else { depth };
+    conn.execute_batch(&format!(
+        "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {bulk}) \
+         INSERT INTO foreman_task(task_name, run_after) SELECT '{name}', {run_after} FROM n; COMMIT;"
+    ))
+    .expect("bulk insert");
+    if delayed {
+        bench.enqueue_batch("bench.noop", DRAIN_TASKS);
+    }
+    let starts: Starts = Arc::default();
+    let registry = recording_registry("bench.noop", &starts);
+    let counter = Arc::clone(&starts);
+    bench.run_until(registry, || {
+        counter.lock().expect("starts").len() >= DRAIN_TASKS
+    });
+    steady_rate(&starts)
+}
+
+/// Lateness of delayed tasks: 200 tasks due 20 ms apart, enqueued ahead of time; how long after
+/// its `run_after` each one started (p50, p99, in ms).
+fn delay_lateness() -> (f64, f64) {
+    let bench = Bench::new("");
+    init(&bench);
+    let conn = bench.conn();
+    let base = unix_now() + 0.5;
+    let mut due = HashMap::new();
+    for n in 0..LATENCY_TASKS {
+        let at = base + n as f64 * LATENCY_SPACING.as_secs_f64();
+        let id: i64 = conn
+            .query_row(
+                "INSERT INTO foreman_task(task_name, run_after) VALUES ('bench.at', ?1) RETURNING id",
+                [at],
+                |r| r.get(0),
+            )
+            .expect("insert");
+        due.insert(id, at);
+    }
+    let started: Arc<Mutex<HashMap<i64, f64>>> = Arc::default();
+    let sink = Arc::clone(&started);
+    let registry = Registry::new().register("bench.at", move |task| {
+        sink.lock().expect("starts").insert(task.id, unix_now());
+        Ok(())
+    });
+    let counter = Arc::clone(&started);
+    bench.run_until(registry, || {
+        counter.lock().expect("starts").len() == LATENCY_TASKS
+    });
+    let started = started.lock().expect("starts");
+    let mut late: Vec<f64> = started
+        .iter()
+        .map(|(id, at)| {
+            let lateness = at - due[id];
+            assert!(lateness >= 0.0, "task {id} started {lateness}s early");
+            lateness * 1000.0
+        })
+        .collect();
+    late.sort_by(f64::total_cmp);
+    (percentile(&late, 50), percentile(&late, 99))
+}
+
 fn init(bench: &Bench) {
     let mut queue = foreman::queue::Queue::open(&bench.config.db, foreman::queue::Access::Create)
         .expect("open");
@@ -391,12 +466,54 @@ fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
 fn main() {
     // `cargo test --all-targets` runs this binary without `--bench`; only `cargo bench` measures.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("core benchmark: run it with `cargo bench --bench core`");
+        println!("core benchmark: run it with `cargo bench --bench core [-- SCENARIO…]`");
         return;
     }
-    let show = |name: &str, unit: &str, (med, min, max): (f64, f64, f64)| {
-        println!("{name:<24} {med:>12.1} {unit:<8} [{min:.1}–{max:.1}]");
-    };
+    let chosen: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| chosen.is_empty() || chosen.iter().any(|c| c == name);
+    let mut report = serde_json::Map::new();
+    if wanted("drain") {
+        drain_scenarios(&mut report);
+    }
+    if wanted("latency") {
+        latency_scenarios(&mut report);
+    }
+    if wanted("depth") {
+        let shallow = median(
+            (0..REPS)
+                .map(|_| drain_depth(10_000 + DRAIN_TASKS, false))
+                .collect(),
+        );
+        show("drain at depth 30k", "tasks/s", shallow);
+        let deep = median((0..REPS).map(|_| drain_depth(1_000_000, false)).collect());
+        show("drain at depth 1M", "tasks/s", deep);
+        let delayed = median((0..REPS).map(|_| drain_depth(1_000_000, true)).collect());
+        show("drain, 980k delayed", "tasks/s", delayed);
+        report.insert("depth_30k_tasks_per_s".into(), shallow.0.into());
+        report.insert("depth_1m_tasks_per_s".into(), deep.0.into());
+        report.insert("depth_1m_delayed_tasks_per_s".into(), delayed.0.into());
+        report.insert("depth_1m_vs_30k".into(), (deep.0 / shallow.0).into());
+    }
+    if wanted("delay") {
+        let lates: Vec<(f64, f64)> = (0..REPS).map(|_| delay_lateness()).collect();
+        let p50 = median(lates.iter().map(|l| l.0).collect());
+        let p99 = median(lates.iter().map(|l| l.1).collect());
+        show("delay lateness p50", "ms", p50);
+        show("delay lateness p99", "ms", p99);
+        report.insert("delay_lateness_p50_ms".into(), p50.0.into());
+        report.insert("delay_lateness_p99_ms".into(), p99.0.into());
+    }
+    println!("{}", serde_json::Value::Object(report));
+}
+
+fn show(name: &str, unit: &str, (med, min, max): (f64, f64, f64)) {
+    println!("{name:<24} {med:>12.1} {unit:<8} [{min:.1}–{max:.1}]");
+}
+
+fn drain_scenarios(report: &mut serde_json::Map<String, serde_json::Value>) {
     let inproc = median((0..REPS).map(|_| drain_inproc()).collect());
     show("drain-inproc (20k)", "tasks/s", inproc);
     let command = median((0..REPS).map(|_| drain_command()).collect());
@@ -405,6 +522,14 @@ fn main() {
     show("bare spawn, 4 threads", "spawns/s", bare);
     let pool = median((0..REPS).map(|_| drain_pool()).collect());
     show("drain-pool python ×4", "tasks/s", pool);
+    report.insert("drain_inproc_tasks_per_s".into(), inproc.0.into());
+    report.insert("drain_command_tasks_per_s".into(), command.0.into());
+    report.insert("bare_spawn_per_s".into(), bare.0.into());
+    report.insert("command_vs_bare".into(), (command.0 / bare.0).into());
+    report.insert("drain_pool_tasks_per_s".into(), pool.0.into());
+}
+
+fn latency_scenarios(report: &mut serde_json::Map<String, serde_json::Value>) {
     let lats: Vec<(f64, f64)> = (0..REPS).map(|_| latency()).collect();
     let p50 = median(lats.iter().map(|l| l.0).collect());
     let p99 = median(lats.iter().map(|l| l.1).collect());
@@ -415,18 +540,8 @@ fn main() {
     let pool_p99 = median(lats.iter().map(|l| l.1).collect());
     show("latency python p50", "ms", pool_p50);
     show("latency python p99", "ms", pool_p99);
-    println!(
-        "{}",
-        serde_json::json!({
-            "drain_inproc_tasks_per_s": inproc.0,
-            "drain_command_tasks_per_s": command.0,
-            "bare_spawn_per_s": bare.0,
-            "command_vs_bare": command.0 / bare.0,
-            "latency_p50_ms": p50.0,
-            "latency_p99_ms": p99.0,
-            "drain_pool_tasks_per_s": pool.0,
-            "latency_pool_p50_ms": pool_p50.0,
-            "latency_pool_p99_ms": pool_p99.0,
-        })
-    );
+    report.insert("latency_p50_ms".into(), p50.0.into());
+    report.insert("latency_p99_ms".into(), p99.0.into());
+    report.insert("latency_pool_p50_ms".into(), pool_p50.0.into());
+    report.insert("latency_pool_p99_ms".into(), pool_p99.0.into());
 }
