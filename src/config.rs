@@ -963,6 +963,142 @@ mod tests {
     }
 
     #[test]
+    fn backoff_grows_to_its_cap_and_jitters_in_the_upper_half() {
+        let fixed = Backoff {
+            base: Duration::from_secs(2),
+            factor: 3.0,
+            max: Duration::from_secs(30),
+            jitter: false,
+        };
+        let delays: Vec<u64> = (1..=5).map(|n| fixed.delay(n).as_secs()).collect();
+        assert_eq!(delays, [2, 6, 18, 30, 30]);
+        let jittered = Backoff {
+            jitter: true,
+            ..fixed
+        };
+        for _ in 0..200 {
+            let d = jittered.delay(2).as_secs_f64();
+            assert!((3.0..=6.0).contains(&d), "{d}");
+        }
+        assert_eq!(
+            fixed.delay(u32::MAX),
+            Duration::from_secs(30),
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn task_policies_and_schedules_parse_and_print_back() {
+        let config = load_text(
+            r#"
+history_retention = "2d"
+[tasks.t]
+command = ["true"]
+max_retries = 3
+retry_backoff = { base = "5s", max = "1m", factor = 4, jitter = false }
+delivery = "at-least-once"
+[tasks.u]
+command = ["true"]
+retry_backoff = "10s"
+[schedules.a]
+task = "t"
+args = [1, "x"]
+kwargs = { k = true }
+cron = "0 3 * * *"
+jitter = "30s"
+[schedules.b]
+task = "u"
+every = "2h"
+adaptive = { min = "1h", max = "30d" }
+"#,
+        )
+        .unwrap();
+        let t = &config.tasks["t"].policy;
+        assert_eq!(t.max_retries, 3);
+        assert_eq!(t.delivery, Delivery::AtLeastOnce);
+        assert_eq!(t.retry_backoff.base, Duration::from_secs(5));
+        assert_eq!(
+            config.tasks["u"].policy.retry_backoff.base,
+            Duration::from_secs(10)
+        );
+        assert!(config.tasks["u"].policy.retry_backoff.jitter);
+        assert_eq!(config.policy("other"), &DEFAULT_POLICY);
+        assert_eq!(config.schedules["a"].args, serde_json::json!([1, "x"]));
+        assert_eq!(
+            config.schedules["b"].when,
+            When::Adaptive {
+                start: Duration::from_secs(7200),
+                min: Duration::from_secs(3600),
+                max: Duration::from_secs(30 * 86400),
+                factor: 2.0
+            }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("again.toml");
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let again = Config::load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(again.tasks, config.tasks);
+        assert_eq!(again.schedules, config.schedules);
+        assert_eq!(again.history_retention, Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn schedule_and_policy_mistakes_name_the_key() {
+        for (text, needle) in [
+            (
+                "[schedules.s]
+task = \"t\"",
+                "`schedules.\"s\"` needs `every",
+            ),
+            (
+                "[schedules.s]
+task = \"t\"
+every = \"1m\"
+cron = \"* * * * *\"",
+                "`schedules.\"s\"` takes one of",
+            ),
+            (
+                "[schedules.s]
+task = \"t\"
+cron = \"61 * * * *\"",
+                "`schedules.\"s\".cron` invalid cron pattern",
+            ),
+            (
+                "[schedules.s]
+task = \"t\"
+adaptive = { min = \"2h\", max = \"1h\" }",
+                "`schedules.\"s\".adaptive` needs 0 < min <= max",
+            ),
+            (
+                "[schedules.s]
+task = \"t\"
+every = \"1m\"
+args = 3",
+                "args",
+            ),
+            (
+                "[tasks.t]
+command = [\"true\"]
+delivery = \"twice\"",
+                "delivery",
+            ),
+            (
+                "[tasks.t]
+command = [\"true\"]
+max_retries = -1",
+                "max_retries",
+            ),
+            (
+                "history_retention = \"0s\"",
+                "`history_retention` must be greater than 0",
+            ),
+        ] {
+            let err = load_text(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn effective_config_parses_back() {
         let config = load_text(
             "workers = 3\ngraceful_timeout = 2.5\n[tasks.\"a.b\"]\ncommand = [\"true\", \"x y\"]",

@@ -77,6 +77,7 @@ struct Running {
 pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
     config.check_commands()?;
     registry.add_config(config)?;
+    registry.check_schedules(config)?;
     let _guard = PidGuard::acquire(&config.pid_file)?;
     let mut queue = Queue::open(&config.db, Access::Create)?;
     queue.ensure_schema()?;
@@ -555,10 +556,14 @@ impl Foreman<'_> {
         match self.queue.prune_history(before, PRUNE_BATCH) {
             Ok(pruned) => {
                 log::debug!("pruned {pruned} history row(s)");
+                // A short retention (tests, small disks) is honoured to a tenth of itself.
+                let every = PRUNE_EVERY
+                    .min(self.config.history_retention / 10)
+                    .max(self.config.tick);
                 self.next_prune = if pruned == PRUNE_BATCH {
                     Instant::now()
                 } else {
-                    Instant::now() + PRUNE_EVERY
+                    Instant::now() + every
                 };
             }
             Err(e) => {

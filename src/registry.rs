@@ -113,6 +113,26 @@ impl Registry {
         Ok(())
     }
 
+    /// Checks that every schedule names a task something serves (when pools are configured, their
+    /// hello may announce it later, so this cannot be known before they start).
+    pub fn check_schedules(&self, config: &Config) -> Result<()> {
+        if !config.pools.is_empty() {
+            return Ok(());
+        }
+        for (name, schedule) in &config.schedules {
+            if self.get(&schedule.task).is_none() {
+                return Err(config.key_error(
+                    &format!("schedules.\"{name}\".task"),
+                    &format!(
+                        "names task {:?}, which no config section or in-process handler serves",
+                        schedule.task
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Routes the names a pool's worker said it serves to that pool, unless they already run
     /// another way; returns those names, which stay where they are.
     pub fn add_pool_tasks<'n>(

@@ -378,3 +378,19 @@ fn a_version_1_database_is_migrated_keeping_its_rows_and_ids() {
     assert_eq!(reason, "old");
     assert_eq!(env.ok(&["init"]).lines().count(), 1, "idempotent");
 }
+
+#[test]
+fn history_older_than_the_retention_is_pruned() {
+    let env = Env::new();
+    env.config(&format!(
+        "history_retention = \"1s\"\ntick = \"100ms\"\n{RECORD_TASK}"
+    ));
+    env.init();
+    let daemon = env.daemon(&[]);
+    let id = env.insert("record", "[]");
+    env.touch_wakeup("w");
+    assert!(wait_until(PATIENCE, || state_of(&env, id).as_deref() == Some("done")));
+    assert!(wait_until(PATIENCE, || attempts(&env, id).is_empty()));
+    daemon.expect_log("pruned 1 history row");
+    daemon.stop();
+}

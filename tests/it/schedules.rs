@@ -128,3 +128,16 @@ adaptive = { min = "100ms", max = "800ms", factor = 2 }
     assert!(!daemon.has_log("failed"), "exit 75 is not a failure");
     daemon.stop();
 }
+
+#[test]
+fn a_schedule_of_a_task_nothing_serves_is_a_config_error() {
+    let env = Env::new();
+    env.config("[schedules.s]\ntask = \"app.nope\"\nevery = \"1m\"\n");
+    let out = env.run(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = crate::support::stderr(&out);
+    assert!(
+        err.contains("`schedules.\"s\".task` names task \"app.nope\""),
+        "{err}"
+    );
+}
