@@ -11,6 +11,9 @@ use crate::config::{ScheduleConfig, When};
 use crate::error::Result;
 use crate::queue::{NewTask, Queue, ScheduleState};
 
+/// Seconds before a firing the DB refused is tried again (it stays due, so it is not lost).
+const RETRY_AFTER_ERROR: f64 = 1.0;
+
 /// Parses a cron pattern the way the daemon will use it (five fields, or six with seconds).
 pub fn parse_cron(pattern: &str) -> std::result::Result<Cron, String> {
     Cron::from_str(pattern).map_err(|e| format!("invalid cron pattern {pattern:?}: {e}"))
@@ -131,10 +134,11 @@ impl Schedules {
                     "schedule {}: task {previous} from its last firing has not finished; skipping this one",
                     entry.name
                 );
-                match queue.save_schedule(&entry.name, &state) {
-                    Ok(()) => entry.state = state,
-                    Err(e) => log::error!("schedule {}: {e}", entry.name),
+                if let Err(e) = queue.save_schedule(&entry.name, &state) {
+                    log::error!("schedule {}: {e}", entry.name);
                 }
+                // Even unsaved: a restart may then skip once more, which is harmless.
+                entry.state = state;
                 continue;
             }
             state.last_fired = Some(now);
@@ -160,8 +164,14 @@ impl Schedules {
                     );
                     entry.state = state;
                 }
-                // The state is unchanged, so it is tried again at the next check.
-                Err(e) => log::error!("schedule {}: cannot enqueue: {e}", entry.name),
+                Err(e) => {
+                    log::error!(
+                        "schedule {}: cannot enqueue (trying again in {}s): {e}",
+                        entry.name,
+                        RETRY_AFTER_ERROR
+                    );
+                    entry.state.next_due = now + RETRY_AFTER_ERROR;
+                }
             }
         }
     }
