@@ -141,3 +141,49 @@ fn a_schedule_of_a_task_nothing_serves_is_a_config_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_pool_task_reports_eventful_through_the_worker_protocol() {
+    let env = Env::new();
+    std::fs::write(
+        env.path("probetasks.py"),
+        r#"
+import os
+from foreman_worker import task
+
+@task
+def probe():
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        f.write("%s\n" % os.environ.get("FOREMAN_POOL", "?"))
+    return os.path.exists(os.environ["RECORD_FILE"] + ".eventful")
+"#,
+    )
+    .unwrap();
+    env.config(
+        r#"
+[pools.py]
+command = ["python3", "-m", "foreman_worker", "probetasks"]
+processes = 1
+
+[schedules.watch]
+task = "probetasks.probe"
+every = "200ms"
+adaptive = { min = "100ms", max = "400ms", factor = 2 }
+"#,
+    );
+    env.init();
+    let daemon = env.daemon(&[]);
+    let interval = || schedule_state(&env, "watch").and_then(|s| s.2);
+    assert!(
+        wait_until(PATIENCE, || interval() == Some(0.4)),
+        "{:?}",
+        interval()
+    );
+    std::fs::write(env.path("ran.txt.eventful"), b"").unwrap();
+    assert!(
+        wait_until(PATIENCE, || interval() == Some(0.1)),
+        "{:?}",
+        interval()
+    );
+    daemon.stop();
+}
