@@ -19,7 +19,8 @@
 --   commit skip its fsync (the database is in WAL mode): a power loss may then lose the last commits,
 --   never corrupt the file.
 --
--- PYTHON: clients/python/foreman_client.py does all of this (Client(db).enqueue(name, *args, **kwargs)).
+-- PYTHON: clients/python/foreman_client.py does all of this (Client(db).enqueue(name, *args, **kwargs);
+-- enqueue_with(name, args, kwargs, delay=…, priority=…) for delayed or prioritised tasks).
 -- By hand, with the stdlib sqlite3:
 --   import json, os, sqlite3
 --   db = sqlite3.connect("foreman.sqlite3", timeout=5, isolation_level=None)

@@ -4,27 +4,52 @@
 
     foreman = Client("/var/lib/foreman/foreman.sqlite3")
     task_id = foreman.enqueue("myapp.tasks.send_email", "a@example.com", retry=True)
+    # In 10 minutes, and ahead of priority-0 tasks due then (schema version 2):
+    foreman.enqueue_with(
+        "myapp.tasks.remind", args=[user_id], delay=timedelta(minutes=10), priority=5
+    )
 
 This is the producer protocol of schema.sql, done carefully: one INSERT per task in its own
 transaction, then a file in the wakeup directory. A Client is safe to share between threads and
 survives a fork (each process gets its own SQLite connection).
 """
 
+import datetime
 import json
 import logging
+import math
+import numbers
+import operator
 import os
 import sqlite3
 import threading
 import urllib.parse
 import weakref
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 __all__ = ["Client", "__version__"]
 
 log = logging.getLogger("foreman_client")
 
+# A task due now with priority 0: the 3-column INSERT of every schema version.
 _INSERT = "INSERT INTO foreman_task(task_name, args, kwargs) VALUES (?, ?, ?)"
+# Schema version 2 columns. A delay is added to the database's now, the expression of the schema's
+# defaults and of the daemon's own delayed inserts: it counts from the INSERT, on the same clock as
+# every other run_after, whatever time Python thinks it is.
+_INSERT_DELAYED = (
+    "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority) "
+    "VALUES (?, ?, ?, (julianday('now') - 2440587.5) * 86400.0 + ?, ?)"
+)
+# run_at: an absolute Unix time, stored as it is.
+_INSERT_AT = (
+    "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+# The first schema version with run_after and priority.
+_SCHEMA_VERSION_TIMING = 2
+# SQLite's INTEGER: priority must fit in it.
+_PRIORITY_MIN, _PRIORITY_MAX = -(2**63), 2**63 - 1
 _EMPTY_ARGS = "[]"
 _EMPTY_KWARGS = "{}"
 _NO_KWARGS = {}  # never mutated
@@ -63,6 +88,9 @@ class Client:
         self._wakeup_path = None
         self._closed = False
         self._warned = False
+        # Set once PRAGMA user_version has shown run_after and priority exist. Only a good answer
+        # is kept: after `foreman init` upgrades a version 1 database, the next check passes.
+        self._schema_has_timing = False
         with self._lock:
             self._connection()  # fail now, not at the first enqueue, on a wrong path
         _clients.add(self)
@@ -101,34 +129,51 @@ class Client:
             _encode_json(args, "args", task_name) if args else _EMPTY_ARGS,
             _encode_json(kwargs, "kwargs", task_name) if kwargs else _EMPTY_KWARGS,
         )
-        with self._lock:
-            conn = self._connection()
-            try:
-                # Autocommit: this one statement is its own transaction, committed on return.
-                task_id = conn.execute(_INSERT, row).lastrowid
-            except sqlite3.OperationalError as exc:
-                _raise_with_hint(exc)
-                raise
-        self._wake()
-        return task_id
+        return self._insert_one(_INSERT, row)
 
-    def enqueue_many(self, items):
+    def enqueue_with(
+        self, task_name, /, args=(), kwargs=None, *, delay=None, run_at=None, priority=0
+    ):
+        """Insert one task, optionally delayed or prioritised, and wake the daemon; returns its id.
+
+        ``args`` (a list or tuple) and ``kwargs`` (a dict, or None) are what the task function
+        will be called with, as for ``enqueue``. Then, all optional:
+
+        - ``delay``: seconds (int or float, >= 0) or a ``datetime.timedelta``; the task does not
+          start before that much time has passed since the INSERT.
+        - ``run_at``: a timezone-aware ``datetime.datetime`` or a Unix time in seconds; the task
+          does not start before it; a time in the past makes it due at once. Give ``delay`` or
+          ``run_at``, not both.
+        - ``priority``: an int (default 0); among due tasks, higher runs first.
+
+        A delay, run_at or non-zero priority needs schema version 2: against an older database
+        this raises ``sqlite3.OperationalError`` saying to run ``foreman init``.
+        """
+        row = _task_row(task_name, args, kwargs, "enqueue_with")
+        sql, timing = _timing(delay, run_at, priority)
+        return self._insert_one(sql, row + timing)
+
+    def enqueue_many(self, items, *, delay=None, run_at=None, priority=0):
         """Insert many tasks in one transaction, wake the daemon once; returns the ids in order.
 
         Each item is ``(name,)``, ``(name, args)`` or ``(name, args, kwargs)`` with ``args`` a
-        list or tuple and ``kwargs`` a dict. Everything is checked before anything is inserted: on
-        an error nothing is.
+        list or tuple and ``kwargs`` a dict. ``delay``, ``run_at`` and ``priority`` are those of
+        ``enqueue_with`` and apply to every item. Everything is checked before anything is
+        inserted: on an error nothing is.
         """
-        rows = [_row(index, item) for index, item in enumerate(items)]
+        sql, timing = _timing(delay, run_at, priority)
+        rows = [_row(index, item) + timing for index, item in enumerate(items)]
         if not rows:
             return []
         with self._lock:
             conn = self._connection()
+            if sql is not _INSERT:
+                self._check_schema_has_timing(conn)
             try:
                 # IMMEDIATE takes the write lock at BEGIN, waiting for it up to the busy timeout.
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany(_INSERT, rows)
+                    conn.executemany(sql, rows)
                     # executemany does not set cursor.lastrowid; the connection knows it.
                     last_id = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                     conn.execute("COMMIT")
@@ -143,6 +188,41 @@ class Client:
         # The ids are consecutive: we held the write lock from BEGIN IMMEDIATE to COMMIT, so no
         # other connection inserted in between, and AUTOINCREMENT gives each row max(id) + 1.
         return list(range(last_id - len(rows) + 1, last_id + 1))
+
+    def _insert_one(self, sql, row):
+        with self._lock:
+            conn = self._connection()
+            if sql is not _INSERT:
+                self._check_schema_has_timing(conn)
+            try:
+                # Autocommit: this one statement is its own transaction, committed on return.
+                task_id = conn.execute(sql, row).lastrowid
+            except sqlite3.OperationalError as exc:
+                _raise_with_hint(exc)
+                raise
+        # After the commit: a delayed task needs the wakeup too, the daemon then re-computes
+        # when to wake up next.
+        self._wake()
+        return task_id
+
+    def _check_schema_has_timing(self, conn):
+        """Raise unless the database has run_after and priority. Call with self._lock held."""
+        if self._schema_has_timing:
+            return
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            raise sqlite3.OperationalError(
+                f"the database {self.db_path} has no foreman schema "
+                "(run `foreman init` or start the daemon)"
+            )
+        if version < _SCHEMA_VERSION_TIMING:
+            raise sqlite3.OperationalError(
+                f"the foreman database {self.db_path} has schema version {version}, which has no "
+                f"delayed or prioritised tasks (delay, run_at and priority need version "
+                f"{_SCHEMA_VERSION_TIMING}); upgrade: run `foreman init` with the new foreman, or "
+                "start its daemon, which migrates the database and keeps the queued tasks"
+            )
+        self._schema_has_timing = True
 
     def _connection(self):
         """The connection of this process, opened on first use. Call with self._lock held."""
@@ -219,6 +299,10 @@ def _raise_with_hint(exc):
         raise sqlite3.OperationalError(
             f"{exc}: this database has no foreman schema (run `foreman init` or start the daemon)"
         ) from exc
+    if "has no column named" in str(exc):  # a database replaced by an older one meanwhile
+        raise sqlite3.OperationalError(
+            f"{exc}: this database has an older foreman schema (upgrade: run `foreman init`)"
+        ) from exc
 
 
 def _encode_json(value, what, task_name):
@@ -235,12 +319,17 @@ def _row(index, item):
             f"enqueue_many item {index}: expected (name,), (name, args) or (name, args, kwargs), "
             f"got {item!r:.200}"
         )
-    name = item[0]
     args = item[1] if len(item) > 1 else ()
     kwargs = item[2] if len(item) > 2 else _NO_KWARGS
-    where = f"enqueue_many item {index}"
+    return _task_row(item[0], args, kwargs, f"enqueue_many item {index}")
+
+
+def _task_row(name, args, kwargs, where):
+    """(name, args JSON, kwargs JSON); TypeError/ValueError messages start with ``where``."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"{where}: task name must be a non-empty str, not {name!r:.200}")
+    if kwargs is None:
+        kwargs = _NO_KWARGS
     if not isinstance(args, (list, tuple)):
         kind = type(args).__name__
         raise TypeError(f"{where} ({name}): args must be a list or tuple, not {kind}")
@@ -256,6 +345,77 @@ def _row(index, item):
         _encode_json(args, f"{where}: args", name) if args else _EMPTY_ARGS,
         _encode_json(kwargs, f"{where}: kwargs", name) if kwargs else _EMPTY_KWARGS,
     )
+
+
+def _timing(delay, run_at, priority):
+    """The INSERT statement for these options, and the parameters they add after the row's three.
+
+    A task due now with priority 0 gets the plain INSERT, which works on every schema version.
+    """
+    try:
+        if isinstance(priority, bool):  # an int to Python, but surely a mistake here
+            raise TypeError
+        # Any integer (an IntEnum, numpy.int64), as a plain int; a float is refused.
+        priority = operator.index(priority)
+    except TypeError:
+        kind = type(priority).__name__
+        raise TypeError(f"priority must be an int, not {kind}: {priority!r:.200}") from None
+    if not _PRIORITY_MIN <= priority <= _PRIORITY_MAX:
+        raise ValueError(f"priority must fit in 64 bits (SQLite's INTEGER), got {priority}")
+    if delay is not None and run_at is not None:
+        raise ValueError("give delay or run_at, not both")
+    if delay is not None:
+        return _INSERT_DELAYED, (_delay_seconds(delay), priority)
+    if run_at is not None:
+        return _INSERT_AT, (_unix_time(run_at), priority)
+    if priority != 0:
+        return _INSERT_DELAYED, (0.0, priority)
+    return _INSERT, ()
+
+
+def _delay_seconds(delay):
+    if isinstance(delay, datetime.timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, bool) or not isinstance(delay, numbers.Real):
+        raise TypeError(
+            f"delay must be seconds (int or float) or a datetime.timedelta, "
+            f"not {type(delay).__name__}: {delay!r:.200}"
+        )
+    else:
+        seconds = _float(delay, "delay")
+    if not math.isfinite(seconds):
+        raise ValueError(f"delay must be a finite number of seconds, got {delay!r}")
+    if seconds < 0:
+        raise ValueError(
+            f"delay must not be negative, got {delay!r} (for an absolute time, use run_at=)"
+        )
+    return seconds
+
+
+def _float(number, what):
+    try:
+        return float(number)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{what} is out of range: {number!r:.200}") from None
+
+
+def _unix_time(run_at):
+    if isinstance(run_at, datetime.datetime):
+        if run_at.utcoffset() is None:
+            raise ValueError(
+                f"run_at must be a timezone-aware datetime, not the naive {run_at!r}: e.g. "
+                "datetime.now(timezone.utc) + timedelta(hours=1), or give delay= instead"
+            )
+        return run_at.timestamp()
+    if isinstance(run_at, bool) or not isinstance(run_at, numbers.Real):
+        raise TypeError(
+            f"run_at must be a timezone-aware datetime.datetime or a Unix time in seconds, "
+            f"not {type(run_at).__name__}: {run_at!r:.200}"
+        )
+    seconds = _float(run_at, "run_at")
+    if not math.isfinite(seconds):
+        raise ValueError(f"run_at must be a finite Unix time, got {run_at!r}")
+    return seconds
 
 
 def _after_fork_in_child():

@@ -21,6 +21,20 @@ and point a foreman pool at them::
 The process imports the modules once, says which tasks it serves, then runs tasks one at a time for
 as long as the daemon keeps it. The protocol is docs/worker-protocol.md; this file is stdlib-only
 and can be copied into a project as is.
+
+A task that returns normally is done; one that raises has failed, with the traceback as the error.
+The return value is ignored, except ``True`` and ``False``: they tell an adaptive schedule
+(``adaptive = {...}`` in a ``[schedules.NAME]`` of the config) whether the run was *eventful*,
+i.e. found something new. ``True`` brings the schedule's next run sooner, ``False`` backs it off::
+
+    @task
+    def poll_feed(url):
+        new_items = fetch_new(url)
+        store(new_items)
+        return bool(new_items)
+
+Any other value (``None``, a count, a list...) says nothing, which counts as eventful. An
+``async def`` task is run to completion, and its result read the same way.
 """
 
 import importlib
@@ -30,7 +44,7 @@ import os
 import sys
 import traceback
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 PROTOCOL = 1
 
 __all__ = ["task", "main", "PROTOCOL", "__version__"]
@@ -39,6 +53,13 @@ __all__ = ["task", "main", "PROTOCOL", "__version__"]
 # only in main(): a web app that imports the task modules to call the functions directly never runs
 # main(), and should not fail on a clash that matters only to the worker.
 _registered = []
+
+# The answers to a task that returned normally: a task returning exactly True or False reports
+# "eventful" (docs/worker-protocol.md); anything else leaves the key out. Each is one small line
+# (< PIPE_BUF, so written whole); the id is an int, so it is valid JSON.
+_ANSWER_OK = b'{"id": %d, "ok": true}\n'
+_ANSWER_EVENTFUL = b'{"id": %d, "ok": true, "eventful": true}\n'
+_ANSWER_UNEVENTFUL = b'{"id": %d, "ok": true, "eventful": false}\n'
 
 # The daemon rejects answer lines over 1 MiB as a protocol error. An error text is cut to this many
 # characters; json escapes a character to at most 12 bytes, so the line stays under 1 MiB.
@@ -154,7 +175,7 @@ def _serve(tasks, proto_in, proto_out):
                 result = fn(*args, **kwargs)
                 if result is not None and isinstance(result, types.CoroutineType):
                     # An `async def` task: calling it only made the coroutine, so run it.
-                    _run_coroutine(result)
+                    result = _run_coroutine(result)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # SystemExit too: a failed task, not a dead worker
@@ -162,8 +183,13 @@ def _serve(tasks, proto_in, proto_out):
                 lines = format_exception(type(exc), exc, exc.__traceback__.tb_next)
                 error = "".join(lines).rstrip("\n")
             else:
-                # A small line (< PIPE_BUF) is written whole; id is an int, so this is valid JSON.
-                write(proto_out, b'{"id": %d, "ok": true}\n' % task_id)
+                # `is`, not ==: 1, 0 or a numpy bool say nothing, only the bools themselves do.
+                if result is True:
+                    write(proto_out, _ANSWER_EVENTFUL % task_id)
+                elif result is False:
+                    write(proto_out, _ANSWER_UNEVENTFUL % task_id)
+                else:
+                    write(proto_out, _ANSWER_OK % task_id)
                 continue
         _write_all(proto_out, _error_line(task_id, error))
 
@@ -171,7 +197,7 @@ def _serve(tasks, proto_in, proto_out):
 def _run_coroutine(coroutine):
     import asyncio  # only async tasks pay for the import
 
-    asyncio.run(coroutine)
+    return asyncio.run(coroutine)
 
 
 def main(argv=None):

@@ -1,5 +1,7 @@
 """foreman_client.py against a real SQLite file made from schema.sql; no daemon needed."""
 
+import datetime
+import enum
 import json
 import logging
 import os
@@ -13,6 +15,31 @@ from unittest import mock
 
 CLIENT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = os.path.join(CLIENT_DIR, "..", "..", "schema.sql")
+
+# What `foreman init` of foreman 1.x created: no run_after, no priority.
+SCHEMA_V1 = """
+CREATE TABLE foreman_task (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_name  TEXT NOT NULL,
+    args       TEXT NOT NULL DEFAULT '[]',
+    kwargs     TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+);
+CREATE TABLE foreman_dead (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id    INTEGER NOT NULL,
+    task_name  TEXT,
+    args       TEXT,
+    kwargs     TEXT,
+    created_at REAL,
+    reason     TEXT NOT NULL,
+    died_at    REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+);
+PRAGMA user_version = 1;
+"""
+
+# How far the database's clock may be from time.time() read around the INSERT (seconds).
+CLOCK_TOLERANCE = 1.0
 sys.path.insert(0, CLIENT_DIR)
 
 import foreman_client  # noqa: E402
@@ -46,6 +73,20 @@ class ClientTestCase(unittest.TestCase):
         finally:
             db.close()
         return [(i, name, json.loads(args), json.loads(kwargs)) for i, name, args, kwargs in rows]
+
+    def timing(self):
+        """(id, run_after, priority) of every queued row."""
+        db = sqlite3.connect(self.db_path)
+        try:
+            sql = "SELECT id, run_after, priority FROM foreman_task ORDER BY id"
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+
+    def assert_near(self, value, low, high):
+        """low <= value <= high, give or take CLOCK_TOLERANCE."""
+        self.assertGreaterEqual(value, low - CLOCK_TOLERANCE)
+        self.assertLessEqual(value, high + CLOCK_TOLERANCE)
 
     def wakeup_file(self, pid=None):
         return os.path.join(self.wakeup_dir, f"py-{pid or os.getpid()}")
@@ -319,6 +360,279 @@ class ConnectionTest(ClientTestCase):
             ),
         )
         self.assertTrue(os.path.exists(self.wakeup_file(pid)))
+
+
+class Priority(enum.IntEnum):
+    LOW = -1
+    HIGH = 10
+
+
+class EnqueueWithTest(ClientTestCase):
+    def test_args_and_kwargs_without_options_are_a_plain_task(self):
+        before = time.time()
+        first = self.client.enqueue_with("myapp.send_email", ["a@example.com"], {"retry": True})
+        second = self.client.enqueue_with("myapp.x", args=(1, 2), kwargs=None)
+        third = self.client.enqueue_with("myapp.noop")
+        after = time.time()
+        self.assertEqual(
+            self.rows(),
+            [
+                (first, "myapp.send_email", ["a@example.com"], {"retry": True}),
+                (second, "myapp.x", [1, 2], {}),
+                (third, "myapp.noop", [], {}),
+            ],
+        )
+        for _, run_after, priority in self.timing():
+            self.assertEqual(priority, 0)
+            self.assert_near(run_after, before, after)
+
+    def test_delay_in_seconds(self):
+        for delay in (600, 0.25, 0):
+            with self.subTest(delay=delay):
+                before = time.time()
+                task_id = self.client.enqueue_with("myapp.later", delay=delay)
+                after = time.time()
+                [(_, run_after, priority)] = [t for t in self.timing() if t[0] == task_id]
+                self.assertEqual(priority, 0)
+                self.assert_near(run_after, before + delay, after + delay)
+
+    def test_delay_as_timedelta_with_priority(self):
+        before = time.time()
+        task_id = self.client.enqueue_with(
+            "app.reminder", args=[7], delay=datetime.timedelta(minutes=10), priority=5
+        )
+        after = time.time()
+        self.assertEqual(self.rows(), [(task_id, "app.reminder", [7], {})])
+        [(_, run_after, priority)] = self.timing()
+        self.assertEqual(priority, 5)
+        self.assert_near(run_after, before + 600, after + 600)
+
+    def test_delay_is_counted_on_the_database_clock(self):
+        # The delay is added in SQL: a Python clock that is off does not move run_after.
+        with mock.patch.object(time, "time", return_value=0.0):
+            self.client.enqueue_with("myapp.later", delay=60)
+        [(_, run_after, _)] = self.timing()
+        now = time.time()
+        self.assert_near(run_after, now + 60, now + 60)
+
+    def test_run_at_aware_datetime_and_unix_time(self):
+        at = datetime.datetime(2030, 1, 2, 3, 4, 5, 250000, tzinfo=datetime.timezone.utc)
+        other_zone = at.astimezone(datetime.timezone(datetime.timedelta(hours=-5)))
+        ids = [
+            self.client.enqueue_with("myapp.at", run_at=at),
+            self.client.enqueue_with("myapp.at", run_at=other_zone, priority=-3),
+            self.client.enqueue_with("myapp.at", run_at=at.timestamp()),
+            self.client.enqueue_with("myapp.at", run_at=1_000_000_000),  # the past: due at once
+        ]
+        self.assertEqual(
+            self.timing(),
+            [
+                (ids[0], at.timestamp(), 0),
+                (ids[1], at.timestamp(), -3),
+                (ids[2], at.timestamp(), 0),
+                (ids[3], 1_000_000_000.0, 0),
+            ],
+        )
+
+    def test_priority_alone(self):
+        before = time.time()
+        high = self.client.enqueue_with("myapp.urgent", priority=100)
+        low = self.client.enqueue_with("myapp.whenever", priority=Priority.LOW)
+        biggest = self.client.enqueue_with("myapp.max", priority=2**63 - 1)
+        after = time.time()
+        rows = self.timing()
+        self.assertEqual(
+            [(i, p) for i, _, p in rows], [(high, 100), (low, -1), (biggest, 2**63 - 1)]
+        )
+        for _, run_after, _ in rows:
+            self.assert_near(run_after, before, after)
+        db = sqlite3.connect(self.db_path)
+        self.addCleanup(db.close)
+        kinds = db.execute("SELECT DISTINCT typeof(priority), typeof(run_after) FROM foreman_task")
+        self.assertEqual(kinds.fetchall(), [("integer", "real")])
+
+    def test_delayed_task_touches_the_wakeup_file(self):
+        # The daemon must re-compute when to wake up, so a delayed task wakes it too.
+        self.client.enqueue_with("myapp.later", delay=3600)
+        self.assertTrue(os.path.exists(self.wakeup_file()))
+
+    def test_enqueue_keeps_delay_and_priority_as_task_kwargs(self):
+        task_id = self.client.enqueue("myapp.x", delay=5, priority=9, run_at=1)
+        self.assertEqual(
+            self.rows(), [(task_id, "myapp.x", [], {"delay": 5, "priority": 9, "run_at": 1})]
+        )
+        [(_, _, priority)] = self.timing()
+        self.assertEqual(priority, 0)
+
+    def test_validation_errors_insert_nothing(self):
+        naive = datetime.datetime(2030, 1, 1)
+        cases = [
+            (ValueError, "not both", dict(delay=1, run_at=2)),
+            (TypeError, "delay must be seconds", dict(delay="10")),
+            (TypeError, "delay must be seconds", dict(delay=True)),
+            (ValueError, "delay must not be negative", dict(delay=-1)),
+            (ValueError, "delay must not be negative", dict(delay=datetime.timedelta(seconds=-1))),
+            (ValueError, "finite", dict(delay=float("nan"))),
+            (ValueError, "finite", dict(delay=float("inf"))),
+            (ValueError, "out of range", dict(delay=10**400)),
+            (ValueError, "timezone-aware", dict(run_at=naive)),
+            (TypeError, "run_at must be", dict(run_at="2030-01-01T00:00:00Z")),
+            (TypeError, "run_at must be", dict(run_at=datetime.date(2030, 1, 1))),
+            (TypeError, "run_at must be", dict(run_at=False)),
+            (ValueError, "finite", dict(run_at=float("nan"))),
+            (TypeError, "priority must be an int", dict(priority=True)),
+            (TypeError, "priority must be an int", dict(priority=1.0)),
+            (TypeError, "priority must be an int", dict(priority="5")),
+            (TypeError, "priority must be an int", dict(priority=None)),
+            (ValueError, "64 bits", dict(priority=2**63)),
+            (ValueError, "64 bits", dict(priority=-(2**63) - 1)),
+        ]
+        for exc_type, message, options in cases:
+            with self.subTest(options=options), self.assertRaisesRegex(exc_type, message):
+                self.client.enqueue_with("myapp.x", **options)
+        bad_tasks = [
+            (TypeError, "task name must be a non-empty str", ("",), {}),
+            (TypeError, "task name must be a non-empty str", (None,), {}),
+            (TypeError, r"enqueue_with \(myapp.x\): args must be a list or tuple, not str",
+             ("myapp.x", "abc"), {}),
+            (TypeError, "kwargs must be a dict, not list", ("myapp.x", [], [("a", 1)]), {}),
+            (TypeError, "kwargs keys must be str", ("myapp.x", [], {1: 2}), {}),
+            (TypeError, "args of task 'myapp.x' are not JSON-serialisable",
+             ("myapp.x", [object()]), {}),
+            (ValueError, "kwargs of task 'myapp.x' are not JSON",
+             ("myapp.x", [], {"v": float("nan")}), {}),
+        ]
+        for exc_type, message, args, options in bad_tasks:
+            with self.subTest(args=args), self.assertRaisesRegex(exc_type, message):
+                self.client.enqueue_with(*args, **options)
+        self.assertEqual(self.rows(), [])
+        self.assertFalse(os.path.exists(self.wakeup_file()))
+
+    def test_delay_and_priority_are_keyword_only(self):
+        with self.assertRaises(TypeError):
+            self.client.enqueue_with("myapp.x", [], {}, 10)
+
+
+class EnqueueManyTimingTest(ClientTestCase):
+    def test_delay_and_priority_apply_to_every_item(self):
+        before = time.time()
+        ids = self.client.enqueue_many(
+            [("myapp.a",), ("myapp.b", [1])], delay=datetime.timedelta(seconds=90), priority=3
+        )
+        after = time.time()
+        rows = self.timing()
+        self.assertEqual([row[0] for row in rows], ids)
+        for _, run_after, priority in rows:
+            self.assertEqual(priority, 3)
+            self.assert_near(run_after, before + 90, after + 90)
+        self.assertTrue(os.path.exists(self.wakeup_file()))
+
+    def test_run_at_and_priority_alone(self):
+        at = datetime.datetime(2031, 5, 6, tzinfo=datetime.timezone.utc)
+        at_ids = self.client.enqueue_many([("myapp.a",)] * 2, run_at=at)
+        before = time.time()
+        urgent_ids = self.client.enqueue_many([("myapp.b",)] * 2, priority=-7)
+        after = time.time()
+        rows = self.timing()
+        self.assertEqual([row[0] for row in rows], at_ids + urgent_ids)
+        self.assertEqual(rows[:2], [(i, at.timestamp(), 0) for i in at_ids])
+        for _, run_after, priority in rows[2:]:
+            self.assertEqual(priority, -7)
+            self.assert_near(run_after, before, after)
+
+    def test_options_are_checked_before_the_items_are_read(self):
+        read = []
+
+        def items():
+            read.append(1)
+            yield ("myapp.a",)
+
+        with self.assertRaisesRegex(TypeError, "priority must be an int"):
+            self.client.enqueue_many(items(), priority="high")
+        with self.assertRaisesRegex(ValueError, "not both"):
+            self.client.enqueue_many(items(), delay=1, run_at=1)
+        self.assertEqual(read, [])
+        self.assertEqual(self.rows(), [])
+        self.assertFalse(os.path.exists(self.wakeup_file()))
+
+    def test_bad_item_with_options_inserts_nothing(self):
+        with self.assertRaisesRegex(TypeError, "enqueue_many item 1"):
+            self.client.enqueue_many([("myapp.a",), ("",)], delay=5, priority=1)
+        self.assertEqual(self.rows(), [])
+
+    def test_options_are_keyword_only(self):
+        with self.assertRaises(TypeError):
+            self.client.enqueue_many([("myapp.a",)], 10)
+
+
+class SchemaVersionTest(unittest.TestCase):
+    """A client against a version 1 database (foreman 1.x, not yet upgraded)."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="foreman-client-test-")
+        self.addCleanup(tmp.cleanup)
+        self.db_path = os.path.join(tmp.name, "foreman.sqlite3")
+        db = sqlite3.connect(self.db_path)
+        db.executescript(SCHEMA_V1)
+        db.close()
+        os.mkdir(self.db_path + ".wakeup")
+        self.client = Client(self.db_path)
+        self.addCleanup(self.client.close)
+
+    def count_rows(self):
+        db = sqlite3.connect(self.db_path)
+        try:
+            return db.execute("SELECT count(*) FROM foreman_task").fetchone()[0]
+        finally:
+            db.close()
+
+    def test_plain_tasks_still_work(self):
+        self.client.enqueue("myapp.x", 1, k="v")
+        self.client.enqueue_with("myapp.x", [1], {"k": "v"})
+        self.client.enqueue_with("myapp.x", priority=0)
+        self.client.enqueue_many([("myapp.y",)] * 3)
+        self.assertEqual(self.count_rows(), 6)
+
+    def test_delay_run_at_or_priority_say_to_upgrade(self):
+        calls = [
+            lambda: self.client.enqueue_with("myapp.x", delay=10),
+            lambda: self.client.enqueue_with("myapp.x", delay=0),
+            lambda: self.client.enqueue_with("myapp.x", run_at=2_000_000_000),
+            lambda: self.client.enqueue_with("myapp.x", priority=1),
+            lambda: self.client.enqueue_many([("myapp.y",)], delay=10),
+            lambda: self.client.enqueue_many([("myapp.y",)], priority=-1),
+        ]
+        for index, call in enumerate(calls):
+            with self.subTest(call=index):
+                with self.assertRaisesRegex(sqlite3.OperationalError, "schema version 1") as caught:
+                    call()
+                self.assertIn("upgrade: run `foreman init`", str(caught.exception))
+                self.assertIn(self.db_path, str(caught.exception))
+        self.assertEqual(self.count_rows(), 0)
+
+    def test_works_once_upgraded_and_checks_the_version_once(self):
+        with self.assertRaisesRegex(sqlite3.OperationalError, "foreman init"):
+            self.client.enqueue_with("myapp.x", delay=10)
+        # What the upgrade leaves (the real migration keeps the rows; none are queued here).
+        db = sqlite3.connect(self.db_path)
+        db.executescript("DROP TABLE foreman_task; DROP TABLE foreman_dead;")
+        with open(SCHEMA, encoding="utf-8") as f:
+            db.executescript(f.read())
+        db.close()
+        statements = []
+        self.client._conn.set_trace_callback(statements.append)
+        self.client.enqueue_with("myapp.x", delay=10)
+        self.client.enqueue_with("myapp.x", priority=2)
+        self.client.enqueue_many([("myapp.y",)], delay=1)
+        self.assertEqual(self.count_rows(), 3)
+        self.assertEqual(sum("user_version" in sql for sql in statements), 1)
+
+    def test_database_without_schema_says_so(self):
+        empty = os.path.join(os.path.dirname(self.db_path), "empty.sqlite3")
+        sqlite3.connect(empty).close()
+        with Client(empty) as client:
+            with self.assertRaisesRegex(sqlite3.OperationalError, "no foreman schema"):
+                client.enqueue_with("myapp.x", delay=1)
 
 
 def current_umask():

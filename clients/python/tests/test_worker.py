@@ -65,6 +65,18 @@ MODULES = {
         async def coroutine(path):
             open(path, "w").close()
     """,
+    # Tasks reporting (or not) whether they found something new, for adaptive schedules.
+    "tasks_eventful": """
+        from foreman_worker import task
+
+        @task
+        def found(new):
+            return new
+
+        @task
+        async def found_async(new):
+            return new
+    """,
     "tasks_broken": """
         import foreman_worker
         import no_such_module_for_foreman_tests
@@ -373,6 +385,43 @@ class ServeTest(WorkerTestCase):
         self.assertIsNone(worker.readline())
         self.assertEqual(worker.wait(), 1)
         self.assertIn("malformed task line", worker.stderr())
+
+
+class EventfulTest(WorkerTestCase):
+    """A task's True/False return value is the answer's "eventful"; anything else leaves it out."""
+
+    def test_true_false_and_none_give_the_documented_lines(self):
+        worker = self.start_serving("tasks_eventful")
+        for task_id, value, line in [
+            (1, True, b'{"id": 1, "ok": true, "eventful": true}'),
+            (2, False, b'{"id": 2, "ok": true, "eventful": false}'),
+            (3, None, b'{"id": 3, "ok": true}'),
+        ]:
+            with self.subTest(value=value):
+                worker.send(
+                    {"id": task_id, "task_name": "tasks_eventful.found", "args": [value]}
+                )
+                self.assertEqual(worker.readline(), line)
+
+    def test_only_the_bools_count(self):
+        worker = self.start_serving("tasks_eventful")
+        for task_id, value in enumerate([1, 0, "yes", [], {"new": True}, 2.5], start=1):
+            with self.subTest(value=value):
+                answer = worker.run(task_id, "tasks_eventful.found", [value])
+                self.assertEqual(answer, {"id": task_id, "ok": True})
+
+    def test_async_tasks_report_it_too(self):
+        worker = self.start_serving("tasks_eventful")
+        name = "tasks_eventful.found_async"
+        self.assertEqual(worker.run(1, name, [True]), {"id": 1, "ok": True, "eventful": True})
+        self.assertEqual(worker.run(2, name, [False]), {"id": 2, "ok": True, "eventful": False})
+        self.assertEqual(worker.run(3, name, [None]), {"id": 3, "ok": True})
+
+    def test_a_failure_has_no_eventful(self):
+        worker = self.start_serving("tasks_eventful")
+        answer = worker.run(1, "tasks_eventful.found", [], {"unknown": True})
+        self.assertEqual((answer["ok"], "eventful" in answer), (False, False))
+        self.assertIn("TypeError", answer["error"])
 
 
 class DecoratorTest(unittest.TestCase):
