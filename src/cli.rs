@@ -4,16 +4,18 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::Receiver;
 
 use crate::config::{Config, Overrides};
-use crate::duration::parse_duration;
+use crate::db_watch::DbWatch;
+use crate::duration::{format_duration, parse_duration};
 use crate::error::{Error, Result};
 use crate::pid_guard::DaemonState;
-use crate::queue::{Access, Queue, SCHEMA_VERSION};
+use crate::queue::admin::{CancelOutcome, DeadLetter, DeadSelection, Requeued, TaskProgress};
+use crate::queue::{Access, NewTask, Queue, SCHEMA_VERSION, unix_now};
 use crate::registry::Registry;
 use crate::signals::Shutdown;
 use crate::wakeup::WakeupDir;
@@ -22,7 +24,30 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  runtime failure (database error, daemon already running, a second signal during shutdown…)
-  2  usage or configuration error (bad flag, bad config file, bad JSON argument)";
+  2  usage or configuration error (bad flag, bad config file, bad JSON argument)
+`wait` has exit codes of its own, and `cancel` and `dead requeue` exit 1 when they could not do
+it for every id: see their --help.";
+
+// `wait` answers with its status, so its codes differ from the others' on purpose.
+const WAIT_EXIT_CODES: &str = "\
+Exit codes:
+  0  the task is done
+  1  it failed for good: failed, timeout or lost with no retry left, dead, or cancelled
+     (also a runtime failure such as a database error, told apart by its message on stderr)
+  2  --timeout passed first (stderr says the state the task is in), or a usage error
+  3  no task has this id (never enqueued, or its history was pruned)";
+
+const CANCEL_EXIT_CODES: &str = "\
+Exit codes:
+  0  every task was cancelled
+  1  at least one was not (it had started, had finished or does not exist), or a runtime failure
+  2  usage error";
+
+const REQUEUE_EXIT_CODES: &str = "\
+Exit codes:
+  0  every selected dead letter was requeued
+  1  at least one was not (unknown id, or no task name), or a runtime failure
+  2  usage error (neither IDs nor --all, or both)";
 
 /// A background-task runner: web apps enqueue by inserting a row into SQLite and touching a file;
 /// `foreman run` wakes through inotify and runs the task.
@@ -55,15 +80,30 @@ pub enum Command {
     /// Run the daemon until SIGTERM or SIGINT
     Run(DaemonArgs),
     /// Enqueue a task and print its id
-    Enqueue {
-        /// Task name, e.g. foreman.echo
-        name: String,
-        /// Positional arguments as a JSON array
-        #[arg(default_value = "[]", value_name = "ARGS_JSON")]
-        args: String,
-        /// Keyword arguments as a JSON object
-        #[arg(long, default_value = "{}", value_name = "JSON")]
-        kwargs: String,
+    Enqueue(EnqueueArgs),
+    /// Wait for a task's outcome, across its retries, and print it
+    #[command(after_help = WAIT_EXIT_CODES)]
+    Wait {
+        /// Task id, as enqueue printed it
+        id: i64,
+        /// Give up after this long
+        #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+        timeout: Duration,
+        /// One JSON document instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel queued tasks that have not started yet
+    #[command(after_help = CANCEL_EXIT_CODES)]
+    Cancel {
+        /// Task ids
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<i64>,
+    },
+    /// List, requeue or purge dead letters: tasks that could not run or ran out of retries
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
     },
     /// Show whether the daemon runs, the queue depth per task name, the oldest task's age and the
     /// dead-letter count
@@ -74,6 +114,68 @@ pub enum Command {
     },
     /// Validate the configuration and print the effective result
     CheckConfig(DaemonArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EnqueueArgs {
+    /// Task name, e.g. foreman.echo
+    pub name: String,
+    /// Positional arguments as a JSON array
+    #[arg(default_value = "[]", value_name = "ARGS_JSON")]
+    pub args: String,
+    /// Keyword arguments as a JSON object
+    #[arg(long, default_value = "{}", value_name = "JSON")]
+    pub kwargs: String,
+    /// Start it no sooner than this from now, e.g. 10m
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub delay: Option<Duration>,
+    /// Higher runs first; may be negative
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        value_name = "N"
+    )]
+    pub priority: i64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeadCommand {
+    /// List dead letters, newest first
+    List {
+        /// One JSON document instead of text
+        #[arg(long)]
+        json: bool,
+        /// Only those of this task name
+        #[arg(long, value_name = "NAME")]
+        task: Option<String>,
+        /// Show at most this many
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: usize,
+    },
+    /// Queue dead letters again as new tasks (same name, args, kwargs and priority; due now)
+    #[command(after_help = REQUEUE_EXIT_CODES)]
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "all"])))]
+    Requeue {
+        /// Dead-letter ids (the first column of dead list, not task ids)
+        #[arg(value_name = "ID")]
+        ids: Vec<i64>,
+        /// Every dead letter (or every one of --task)
+        #[arg(long)]
+        all: bool,
+        /// With --all: only those of this task name
+        #[arg(long, value_name = "NAME", conflicts_with = "ids")]
+        task: Option<String>,
+    },
+    /// Delete dead letters and print how many
+    Purge {
+        /// Only those that died longer ago than this, e.g. 30d [default: all]
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        older_than: Option<Duration>,
+        /// Only those of this task name
+        #[arg(long, value_name = "NAME")]
+        task: Option<String>,
+    },
 }
 
 /// Daemon settings that can also come from the config file.
@@ -117,13 +219,18 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
             let shutdown = signals()?;
             crate::foreman::run(&config, Registry::new(), &shutdown)
         }
-        Command::Enqueue { name, args, kwargs } => enqueue(cli, name, args, kwargs),
+        Command::Enqueue(task) => enqueue(cli, task),
+        Command::Wait { id, timeout, json } => wait(cli, *id, *timeout, *json),
+        Command::Cancel { ids } => cancel(cli, ids),
+        Command::Dead { command } => dead(cli, command),
         Command::Status { json } => status(cli, *json),
         Command::CheckConfig(daemon) => {
             let config = cli.load_config(daemon)?;
             config.check_commands()?;
             // Building the registry is what finds a config task clashing with a built-in.
-            Registry::new().add_config(&config)?;
+            let mut registry = Registry::new();
+            registry.add_config(&config)?;
+            registry.check_schedules(&config)?;
             print(&config.to_toml())
         }
     }
@@ -148,18 +255,18 @@ fn init(cli: &Cli) -> Result<()> {
     ))
 }
 
-fn enqueue(cli: &Cli, name: &str, args: &str, kwargs: &str) -> Result<()> {
-    if name.is_empty() {
+fn enqueue(cli: &Cli, task: &EnqueueArgs) -> Result<()> {
+    if task.name.is_empty() {
         return Err(Error::Config("task name must not be empty".to_owned()));
     }
-    let args: serde_json::Value = serde_json::from_str(args)
+    let args: serde_json::Value = serde_json::from_str(&task.args)
         .map_err(|e| Error::Config(format!("ARGS_JSON is not valid JSON: {e}")))?;
     if !args.is_array() {
         return Err(Error::Config(
             "ARGS_JSON must be a JSON array, e.g. '[1, \"two\"]'".to_owned(),
         ));
     }
-    let kwargs: serde_json::Value = serde_json::from_str(kwargs)
+    let kwargs: serde_json::Value = serde_json::from_str(&task.kwargs)
         .map_err(|e| Error::Config(format!("--kwargs is not valid JSON: {e}")))?;
     if !kwargs.is_object() {
         return Err(Error::Config(
@@ -169,16 +276,28 @@ fn enqueue(cli: &Cli, name: &str, args: &str, kwargs: &str) -> Result<()> {
     let config = cli.load_config(&DaemonArgs::default())?;
     let mut queue = Queue::open(&config.db, Access::ReadWrite)?;
     queue.check_schema()?;
-    let id = queue.enqueue(name, &args.to_string(), &kwargs.to_string())?;
+    let id = queue.enqueue_task(&NewTask {
+        name: &task.name,
+        args: &args.to_string(),
+        kwargs: &kwargs.to_string(),
+        delay: task.delay.unwrap_or_default().as_secs_f64(),
+        priority: task.priority,
+        origin: None,
+    })?;
+    wake_daemon(&config, &format!("task {id} enqueued"));
+    print(&format!("{id}\n"))
+}
+
+/// What a producer does after its commit. The rows are committed already: a failed wakeup only
+/// delays them until the daemon's next tick, so it is a warning.
+fn wake_daemon(config: &Config, done: &str) {
     let wakeup = WakeupDir::at(&config.wakeup_dir);
-    // The row is committed; a failed wakeup only delays the task until the daemon's next tick.
     if let Err(e) = wakeup.touch(&format!("cli-{}", std::process::id())) {
         log::warn!(
-            "task {id} enqueued, but touching {} failed ({e}); it runs at the next tick",
+            "{done}, but touching {} failed ({e}); the daemon sees it at its next tick",
             wakeup.path().display()
         );
     }
-    print(&format!("{id}\n"))
 }
 
 fn status(cli: &Cli, json: bool) -> Result<()> {
@@ -233,4 +352,343 @@ fn status(cli: &Cli, json: bool) -> Result<()> {
     }
     let _ = writeln!(out, "dead     {}", status.dead);
     print(&out)
+}
+
+/// How long `wait` goes without looking at the database when it sees no change: a missed inotify
+/// event, or a watch that could not be set up, costs at most this.
+const WAIT_FALLBACK: Duration = Duration::from_secs(1);
+/// The least time between two looks: a task's commits come in bursts (its pop, its end, other
+/// tasks' commits meanwhile), and one look per burst is enough.
+const WAIT_MIN_GAP: Duration = Duration::from_millis(5);
+/// The width `dead list` fits its lines to, by shortening the reason.
+const LINE_WIDTH: usize = 100;
+
+fn wait(cli: &Cli, id: i64, timeout: Duration, json: bool) -> Result<()> {
+    let config = cli.load_config(&DaemonArgs::default())?;
+    let queue = Queue::open(&config.db, Access::ReadOnly)?;
+    queue.check_schema()?;
+    // Set up before the first look, so that a commit between the two is not missed.
+    let watch = DbWatch::new(&config.db);
+    let deadline = Instant::now().checked_add(timeout);
+    loop {
+        let looked_at = Instant::now();
+        let Some(progress) = queue.task_progress(id)? else {
+            return Err(Error::Exit {
+                code: 3,
+                message: Some(format!(
+                    "no task {id} (never enqueued, or its history was pruned)"
+                )),
+            });
+        };
+        if progress.is_final {
+            print(&if json {
+                progress_json(&progress)
+            } else {
+                outcome_line(&progress)
+            })?;
+            if progress.succeeded() {
+                return Ok(());
+            }
+            return Err(Error::Exit {
+                code: 1,
+                message: None,
+            });
+        }
+        let remaining = deadline.map_or(WAIT_FALLBACK, |deadline| {
+            deadline.saturating_duration_since(Instant::now())
+        });
+        if remaining.is_zero() {
+            if json {
+                print(&progress_json(&progress))?;
+            }
+            return Err(Error::Exit {
+                code: 2,
+                message: Some(format!(
+                    "task {id} still {} after {}",
+                    progress.state,
+                    format_duration(timeout)
+                )),
+            });
+        }
+        log::debug!(
+            "task {id} {} (attempt {}); waiting for a change",
+            progress.state,
+            progress.attempt
+        );
+        watch.changed_within(remaining.min(WAIT_FALLBACK));
+        std::thread::sleep(WAIT_MIN_GAP.saturating_sub(looked_at.elapsed()));
+        watch.forget();
+    }
+}
+
+/// `task 12 done (attempt 2, ran 0.31s)`, `task 12 failed (attempt 3): <the error's last line>`.
+fn outcome_line(progress: &TaskProgress) -> String {
+    let id = progress.task_id;
+    if progress.state == "done" {
+        let ran = match (progress.started_at, progress.finished_at) {
+            (Some(started), Some(finished)) => {
+                format!(", ran {:.2}s", (finished - started).max(0.0))
+            }
+            _ => String::new(),
+        };
+        return format!("task {id} done (attempt {}{ran})\n", progress.attempt);
+    }
+    let attempt = if progress.attempt == 0 {
+        "never ran".to_owned()
+    } else {
+        format!("attempt {}", progress.attempt)
+    };
+    let error = progress
+        .error
+        .as_deref()
+        .map(headline)
+        .filter(|line| !line.is_empty())
+        .map(|line| format!(": {line}"))
+        .unwrap_or_default();
+    format!("task {id} {} ({attempt}){error}\n", progress.state)
+}
+
+fn progress_json(progress: &TaskProgress) -> String {
+    let doc = serde_json::json!({
+        "task_id": progress.task_id,
+        "task_name": progress.task_name,
+        "state": progress.state,
+        "attempt": progress.attempt,
+        "final": progress.is_final,
+        "error": progress.error,
+        "enqueued_at": progress.enqueued_at,
+        "started_at": progress.started_at,
+        "finished_at": progress.finished_at,
+    });
+    format!("{doc}\n")
+}
+
+/// The last non-empty line: where a traceback or a command's stderr says what went wrong.
+fn headline(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or("")
+}
+
+/// Each id once, in the order given: a repeat would only report on what the first did.
+fn distinct(ids: &[i64]) -> Vec<i64> {
+    let mut seen = std::collections::HashSet::new();
+    ids.iter().copied().filter(|id| seen.insert(*id)).collect()
+}
+
+fn cancel(cli: &Cli, ids: &[i64]) -> Result<()> {
+    let config = cli.load_config(&DaemonArgs::default())?;
+    let mut queue = Queue::open(&config.db, Access::ReadWrite)?;
+    queue.check_schema()?;
+    let mut every_one = true;
+    for id in distinct(ids) {
+        // Each in its own transaction, and printed at once: what was cancelled stays cancelled
+        // and reported even if a later id fails.
+        let outcome = queue.cancel(id)?;
+        every_one &= matches!(outcome, CancelOutcome::Cancelled { .. });
+        print(&match outcome {
+            CancelOutcome::Cancelled { task_name } => {
+                format!("cancelled task {id} ({task_name})\n")
+            }
+            CancelOutcome::Running => format!(
+                "task {id} is running and cannot be cancelled: tasks run at most once, and it has started\n"
+            ),
+            CancelOutcome::Finished { state } => format!("task {id} already finished ({state})\n"),
+            CancelOutcome::Unknown => format!("no task {id}\n"),
+        })?;
+    }
+    if every_one {
+        Ok(())
+    } else {
+        Err(Error::Exit {
+            code: 1,
+            message: None,
+        })
+    }
+}
+
+fn dead(cli: &Cli, command: &DeadCommand) -> Result<()> {
+    let config = cli.load_config(&DaemonArgs::default())?;
+    match command {
+        DeadCommand::List { json, task, limit } => {
+            dead_list(&config, *json, task.as_deref(), *limit)
+        }
+        DeadCommand::Requeue { ids, all, task } => {
+            let which = if *all {
+                DeadSelection::All {
+                    task: task.as_deref(),
+                }
+            } else {
+                DeadSelection::Ids(ids)
+            };
+            dead_requeue(&config, which)
+        }
+        DeadCommand::Purge { older_than, task } => {
+            let mut queue = Queue::open(&config.db, Access::ReadWrite)?;
+            queue.check_schema()?;
+            let purged = queue.purge_dead(*older_than, task.as_deref())?;
+            let plural = if purged == 1 { "" } else { "s" };
+            print(&format!("purged {purged} dead letter{plural}\n"))
+        }
+    }
+}
+
+fn dead_list(config: &Config, json: bool, task: Option<&str>, limit: usize) -> Result<()> {
+    let queue = Queue::open(&config.db, Access::ReadOnly)?;
+    queue.check_schema()?;
+    let page = queue.dead_letters(task, limit)?;
+    if json {
+        let dead: Vec<serde_json::Value> = page.rows.iter().map(dead_json).collect();
+        let doc = serde_json::json!({ "total": page.total, "dead": dead });
+        return print(&format!("{doc}\n"));
+    }
+    let mut out = if page.total == 0 {
+        "no dead letters\n".to_owned()
+    } else {
+        dead_table(&page.rows)
+    };
+    if usize::try_from(page.total).is_ok_and(|total| total > page.rows.len()) {
+        let _ = writeln!(
+            out,
+            "showing the newest {} of {} dead letters (--limit N shows more)",
+            page.rows.len(),
+            page.total
+        );
+    }
+    print(&out)
+}
+
+/// Aligned columns, one dead letter a line; the reason is its last line, cut to fit.
+fn dead_table(rows: &[DeadLetter]) -> String {
+    const HEADER: [&str; 6] = ["DEAD", "TASK", "NAME", "ATTEMPTS", "DIED", "REASON"];
+    let now = unix_now();
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|dead| {
+            [
+                dead.id.to_string(),
+                dead.task_id.to_string(),
+                one_line(dead.task_name.as_deref().unwrap_or("(null)"), 40),
+                dead.attempts.to_string(),
+                dead.died_at
+                    .map_or_else(|| "?".to_owned(), |t| ago(now - t)),
+                headline(&dead.reason).to_owned(),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for row in &cells {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let reason_width = LINE_WIDTH
+        .saturating_sub(widths[..5].iter().sum::<usize>() + 2 * 5)
+        .max(20);
+    let mut out = String::new();
+    let header = HEADER.map(str::to_owned);
+    for [dead, task, name, attempts, died, reason] in std::iter::once(&header).chain(&cells) {
+        let [w0, w1, w2, w3, w4, _] = widths;
+        let reason = one_line(reason, reason_width);
+        let _ = writeln!(
+            out,
+            "{dead:>w0$}  {task:>w1$}  {name:<w2$}  {attempts:>w3$}  {died:<w4$}  {reason}"
+        );
+    }
+    out
+}
+
+/// `text` on one line of at most `width` characters, cut with an ellipsis.
+fn one_line(text: &str, width: usize) -> String {
+    let clean = text.chars().map(|c| if c.is_control() { ' ' } else { c });
+    if text.chars().count() <= width {
+        return clean.collect();
+    }
+    let mut cut: String = clean.take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// `12s ago`, `3m ago`, `5h ago`, `2d ago`.
+fn ago(seconds: f64) -> String {
+    #[allow(clippy::cast_sign_loss)] // Clamped to 0 first; a clock step back is "0s ago".
+    let seconds = seconds.max(0.0) as u64;
+    match seconds {
+        0..60 => format!("{seconds}s ago"),
+        60..3600 => format!("{}m ago", seconds / 60),
+        3600..86_400 => format!("{}h ago", seconds / 3600),
+        _ => format!("{}d ago", seconds / 86_400),
+    }
+}
+
+fn dead_json(dead: &DeadLetter) -> serde_json::Value {
+    serde_json::json!({
+        "id": dead.id,
+        "task_id": dead.task_id,
+        "task_name": dead.task_name,
+        "args": stored_json(dead.args.as_deref()),
+        "kwargs": stored_json(dead.kwargs.as_deref()),
+        "reason": dead.reason,
+        "created_at": dead.created_at,
+        "died_at": dead.died_at,
+        "attempts": dead.attempts,
+        "priority": dead.priority,
+        "origin": dead.origin,
+    })
+}
+
+/// A column a producer wrote: its JSON when it is JSON, else its text as a string (a row is often
+/// dead precisely because it is not JSON).
+fn stored_json(text: Option<&str>) -> serde_json::Value {
+    text.map_or(serde_json::Value::Null, |text| {
+        serde_json::from_str(text).unwrap_or_else(|_| text.into())
+    })
+}
+
+fn dead_requeue(config: &Config, which: DeadSelection<'_>) -> Result<()> {
+    let ids;
+    let which = match which {
+        DeadSelection::Ids(given) => {
+            ids = distinct(given);
+            DeadSelection::Ids(&ids)
+        }
+        all @ DeadSelection::All { .. } => all,
+    };
+    let mut queue = Queue::open(&config.db, Access::ReadWrite)?;
+    queue.check_schema()?;
+    let outcomes = queue.requeue_dead(which)?;
+    let requeued = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, Requeued::Task { .. }))
+        .count();
+    if requeued > 0 {
+        wake_daemon(config, &format!("{requeued} dead letter(s) requeued"));
+    }
+    let mut out = String::new();
+    for outcome in &outcomes {
+        let _ = match outcome {
+            Requeued::Task { dead_id, task_id } => {
+                writeln!(out, "requeued dead {dead_id} as task {task_id}")
+            }
+            Requeued::NoName { dead_id } => writeln!(
+                out,
+                "dead {dead_id} has no task name and cannot be requeued; it stays in foreman_dead"
+            ),
+            Requeued::Unknown { dead_id } => writeln!(out, "no dead letter {dead_id}"),
+        };
+    }
+    if outcomes.is_empty() {
+        out.push_str("no dead letters to requeue\n");
+    }
+    print(&out)?;
+    if requeued == outcomes.len() {
+        Ok(())
+    } else {
+        Err(Error::Exit {
+            code: 1,
+            message: None,
+        })
+    }
 }

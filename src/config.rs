@@ -20,7 +20,7 @@ pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 /// Python importing a large app can take seconds; a hello later than this means something is wrong.
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `foreman_run` keeps an attempt's record.
-pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_hours(168);
 /// More threads than this is a typo, not a configuration.
 const MAX_WORKERS: usize = 1024;
 /// Task names under this prefix belong to foreman's built-in handlers.
@@ -75,7 +75,7 @@ pub static DEFAULT_POLICY: Policy = Policy {
 const DEFAULT_BACKOFF: Backoff = Backoff {
     base: Duration::from_secs(1),
     factor: 2.0,
-    max: Duration::from_secs(3600),
+    max: Duration::from_hours(1),
     jitter: true,
 };
 
@@ -1027,9 +1027,9 @@ adaptive = { min = "1h", max = "30d" }
         assert_eq!(
             config.schedules["b"].when,
             When::Adaptive {
-                start: Duration::from_secs(7200),
-                min: Duration::from_secs(3600),
-                max: Duration::from_secs(30 * 86400),
+                start: Duration::from_hours(2),
+                min: Duration::from_hours(1),
+                max: Duration::from_hours(720),
                 factor: 2.0
             }
         );
@@ -1039,7 +1039,7 @@ adaptive = { min = "1h", max = "30d" }
         let again = Config::load(Some(&path), &Overrides::default()).unwrap();
         assert_eq!(again.tasks, config.tasks);
         assert_eq!(again.schedules, config.schedules);
-        assert_eq!(again.history_retention, Duration::from_secs(2 * 86400));
+        assert_eq!(again.history_retention, Duration::from_hours(48));
     }
 
     #[test]

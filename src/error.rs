@@ -20,6 +20,10 @@ pub enum Error {
     },
     /// A second shutdown signal arrived before the graceful shutdown finished.
     Interrupted { abandoned: usize },
+    /// The command printed its answer, and the answer is a status of its own, documented in its
+    /// --help (`foreman wait`: 1 for a task that failed, 3 for an unknown id). `message`, if any,
+    /// says why on stderr.
+    Exit { code: u8, message: Option<String> },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -39,10 +43,12 @@ impl Error {
         }
     }
 
-    /// Exit code per the project's convention: 2 for configuration or usage, 1 for the rest.
+    /// Exit code per the project's convention: 2 for configuration or usage, 1 for the rest; a
+    /// command's own status for `Exit`.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) => 2,
+            Error::Exit { code, .. } => i32::from(*code),
             _ => 1,
         }
     }
@@ -80,6 +86,7 @@ impl fmt::Display for Error {
                     "second signal: exited at once, abandoning {abandoned} running task(s)"
                 )
             }
+            Error::Exit { message, .. } => f.write_str(message.as_deref().unwrap_or_default()),
         }
     }
 }

@@ -41,13 +41,13 @@ enum Event {
 /// How long an at-least-once task's lease lasts (longer for a task with a longer timeout). The
 /// running daemon renews a lease that expires under a task still running; a dead daemon's leases
 /// are taken back at the next start, so this only matters if another daemon shares the DB.
-const MIN_LEASE: Duration = Duration::from_secs(600);
+const MIN_LEASE: Duration = Duration::from_mins(10);
 /// The longest sleep before re-checking due times; a far-off due time is re-read after it.
-const MAX_DUE_WAIT: Duration = Duration::from_secs(3600);
+const MAX_DUE_WAIT: Duration = Duration::from_hours(1);
 /// History rows pruned per transaction, so pruning never holds the write lock for long.
 const PRUNE_BATCH: usize = 1000;
 /// How often the loop prunes history when the last pass found nothing more to prune.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_EVERY: Duration = Duration::from_mins(1);
 
 enum Phase {
     Running,
@@ -79,15 +79,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
     registry.add_config(config)?;
     registry.check_schedules(config)?;
     let _guard = PidGuard::acquire(&config.pid_file)?;
-    let mut queue = Queue::open(&config.db, Access::Create)?;
-    queue.ensure_schema()?;
-    // Holding the PID lock, this daemon is the only one: whatever is recorded running was cut short.
-    let (requeued, lost) = queue.recover(unix_now())?;
-    if requeued + lost > 0 {
-        log::warn!(
-            "the previous daemon stopped with tasks running: {lost} recorded lost (at-most-once), {requeued} queued again (at-least-once)"
-        );
-    }
+    let mut queue = open_queue(config)?;
     let schedules = Schedules::load(&config.schedules, &mut queue, unix_now())?;
     let wakeup = WakeupDir::prepare(&config.wakeup_dir)?;
     // Watch before the first pop, so a task enqueued during startup cannot slip between the two.
@@ -181,25 +173,24 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
                 foreman.fill();
             }
         }
-        if !matches!(foreman.phase, Phase::Running) && foreman.running.is_empty() {
-            foreman.flush();
-            foreman.stop_pools();
-            log::info!("foreman stopped: no task running");
-            return Ok(());
-        }
-        if let Phase::Terminating { deadline } = foreman.phase
-            && Instant::now() >= deadline
-        {
-            let killed = foreman.children.kill_everything();
-            foreman.flush();
-            foreman.stop_pools();
-            log::warn!(
-                "foreman stopped: killed {killed} task process group(s); {} task(s) abandoned",
-                foreman.running.len()
-            );
+        if foreman.stopped() {
             return Ok(());
         }
     }
+}
+
+/// Opens the DB, creating or upgrading the schema, and takes back what a crashed predecessor left
+/// running. Called with the PID lock held: this daemon is the only one.
+fn open_queue(config: &Config) -> Result<Queue> {
+    let mut queue = Queue::open(&config.db, Access::Create)?;
+    queue.ensure_schema()?;
+    let (requeued, lost) = queue.recover(unix_now())?;
+    if requeued + lost > 0 {
+        log::warn!(
+            "the previous daemon stopped with tasks running: {lost} recorded lost (at-most-once), {requeued} queued again (at-least-once)"
+        );
+    }
+    Ok(queue)
 }
 
 fn log_startup(config: &Config, registry: &Registry, pools: &[ProcessPool]) {
@@ -365,6 +356,30 @@ impl Foreman<'_> {
                 return; // Nothing more is due, or what is due must wait.
             }
         }
+    }
+
+    /// Whether the daemon is done: stopping with nothing left running, or past the terminating
+    /// phase's deadline (then whatever still runs is killed).
+    fn stopped(&mut self) -> bool {
+        if !matches!(self.phase, Phase::Running) && self.running.is_empty() {
+            self.flush();
+            self.stop_pools();
+            log::info!("foreman stopped: no task running");
+            return true;
+        }
+        if let Phase::Terminating { deadline } = self.phase
+            && Instant::now() >= deadline
+        {
+            let killed = self.children.kill_everything();
+            self.flush();
+            self.stop_pools();
+            log::warn!(
+                "foreman stopped: killed {killed} task process group(s); {} task(s) abandoned",
+                self.running.len()
+            );
+            return true;
+        }
+        false
     }
 
     /// Records the ended attempts without popping (while stopping).

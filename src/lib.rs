@@ -8,6 +8,7 @@ pub mod children;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod db_watch;
 pub mod duration;
 pub mod error;
 pub mod foreman;

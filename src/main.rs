@@ -13,7 +13,11 @@ fn main() -> ExitCode {
     match execute(&cli, foreman::forward_shutdown_signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            // Empty for a command that printed its answer and only has a status to add.
+            let message = e.to_string();
+            if !message.is_empty() {
+                log::error!("{message}");
+            }
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }

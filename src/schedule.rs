@@ -237,16 +237,17 @@ fn following(entry: &Entry, now: f64) -> f64 {
 fn next_cron(cron: &Cron, now: f64) -> f64 {
     let secs = now.floor() as i64;
     let at = DateTime::from_timestamp(secs, 0).map(|t| t.with_timezone(&Local));
-    match at.map(|t| cron.find_next_occurrence(&t, false)) {
-        Some(Ok(next)) => next.timestamp() as f64,
-        _ => {
-            log::error!(
-                "cron pattern {} never matches; checking again in a year",
-                cron.pattern
-            );
-            now + 365.0 * 86_400.0
-        }
+    if let Some(Ok(next)) = at.map(|t| cron.find_next_occurrence(&t, false)) {
+        // Milliseconds since 1970 fit a double exactly until the year 287,396.
+        #[allow(clippy::cast_precision_loss)]
+        let millis = next.timestamp_millis() as f64;
+        return millis / 1000.0;
     }
+    log::error!(
+        "cron pattern {} never matches; checking again in a year",
+        cron.pattern
+    );
+    now + 365.0 * 86_400.0
 }
 
 fn jitter(jitter: Option<Duration>) -> f64 {

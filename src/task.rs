@@ -83,9 +83,8 @@ pub fn decode(raw: &RawRow) -> Result<Task, String> {
         Value::Integer(t) => Some(t as f64),
         _ => None,
     };
-    let priority = match raw.priority {
-        Value::Integer(p) => p,
-        _ => return Err("priority is not an integer".to_owned()),
+    let Value::Integer(priority) = raw.priority else {
+        return Err("priority is not an integer".to_owned());
     };
     let attempt = match raw.attempt {
         Value::Integer(a) if a >= 1 => a,

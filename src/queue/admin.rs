@@ -1,5 +1,413 @@
-//! Operator queries behind the CLI: waiting on, cancelling and requeueing tasks, and the dead-letter table.
+//! The operator's queries behind the CLI: where a task stands (`wait`), cancelling a queued task,
+//! and listing, requeueing and purging dead letters. It never pops: only the foreman loop starts
+//! tasks, and a row this module deletes is one that has not started.
 
-use super::Queue;
+use std::time::Duration;
 
-impl Queue {}
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{Queue, text_lossy};
+use crate::error::{Error, Result};
+
+/// Where a task stands, as `foreman wait` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskProgress {
+    pub task_id: i64,
+    pub task_name: String,
+    /// `queued`, `delayed` or `leased` while its row is in `foreman_task` (and not running), else
+    /// the state of its latest attempt in `foreman_run` (`running`, `done`, `failed`, `timeout`,
+    /// `lost`, `dead`, `cancelled`), or `dead` from `foreman_dead` when it never had an attempt.
+    pub state: String,
+    /// The attempt this state is about; 0 for a dead letter that never ran.
+    pub attempt: i64,
+    /// No further attempt will be made: `state` is the outcome.
+    pub is_final: bool,
+    pub error: Option<String>,
+    pub enqueued_at: Option<f64>,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+}
+
+impl TaskProgress {
+    pub fn succeeded(&self) -> bool {
+        self.is_final && self.state == "done"
+    }
+}
+
+/// What `Queue::cancel` did with one id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// Its row was deleted before it started; its attempt is recorded `cancelled`.
+    Cancelled {
+        task_name: String,
+    },
+    /// Leased, or its latest attempt is running: it has started.
+    Running,
+    /// Its latest attempt ended in this state (or it is a dead letter: `dead`).
+    Finished {
+        state: String,
+    },
+    Unknown,
+}
+
+/// A row of `foreman_dead`. Text columns are as stored, read lossily when not valid UTF-8.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub task_id: i64,
+    pub task_name: Option<String>,
+    pub args: Option<String>,
+    pub kwargs: Option<String>,
+    pub reason: String,
+    pub created_at: Option<f64>,
+    pub died_at: Option<f64>,
+    pub attempts: i64,
+    pub priority: i64,
+    pub origin: Option<String>,
+}
+
+/// The newest dead letters, and how many match in all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadPage {
+    pub total: i64,
+    pub rows: Vec<DeadLetter>,
+}
+
+/// Which dead letters `Queue::requeue_dead` takes.
+#[derive(Debug, Clone, Copy)]
+pub enum DeadSelection<'a> {
+    Ids(&'a [i64]),
+    /// Every dead letter, or those of one task name.
+    All {
+        task: Option<&'a str>,
+    },
+}
+
+/// What `Queue::requeue_dead` did with one dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Requeued {
+    /// Queued again as the new task `task_id`; the dead row is gone.
+    Task {
+        dead_id: i64,
+        task_id: i64,
+    },
+    /// Left dead: `foreman_task.task_name` cannot be NULL.
+    NoName {
+        dead_id: i64,
+    },
+    Unknown {
+        dead_id: i64,
+    },
+}
+
+const NOW: &str = "(julianday('now') - 2440587.5) * 86400.0";
+
+impl Queue {
+    /// Where task `id` stands, read in one snapshot; `None` when no table knows the id.
+    pub fn task_progress(&self, id: i64) -> Result<Option<TaskProgress>> {
+        let err = |e| self.err(e);
+        // One read transaction: the pop deletes the row and writes the attempt in one commit, so
+        // the task is always in exactly one of the places looked at.
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let latest = latest_run(&tx, id).map_err(err)?;
+        if let Some(run) = &latest
+            && run.state == "running"
+        {
+            return Ok(latest);
+        }
+        if let Some(queued) = queued_task(&tx, id).map_err(err)? {
+            return Ok(Some(queued));
+        }
+        if latest.is_some() {
+            return Ok(latest);
+        }
+        latest_dead(&tx, id).map_err(err)
+    }
+
+    /// Cancels task `id` if it has not started: its row is deleted and the attempt it would have
+    /// been is recorded `cancelled`, in one transaction.
+    pub fn cancel(&mut self, id: i64) -> Result<CancelOutcome> {
+        let path = &self.path;
+        let err = |e: rusqlite::Error| Error::db(path, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let outcome = cancel_in(&tx, id).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(outcome)
+    }
+
+    /// The newest `limit` dead letters (of `task` only, if given), and how many there are.
+    pub fn dead_letters(&self, task: Option<&str>, limit: usize) -> Result<DeadPage> {
+        let err = |e| self.err(e);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let total = tx
+            .query_row(
+                "SELECT count(*) FROM foreman_dead WHERE ?1 IS NULL OR task_name = ?1",
+                [task],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let rows = tx
+            .prepare(
+                "SELECT id, task_id, task_name, args, kwargs, reason, created_at, died_at, attempts, \
+                 priority, origin FROM foreman_dead WHERE ?1 IS NULL OR task_name = ?1 \
+                 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(err)?
+            .query_map(
+                params![task, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(DeadLetter {
+                        id: r.get(0)?,
+                        task_id: r.get(1)?,
+                        task_name: text(r.get(2)?),
+                        args: text(r.get(3)?),
+                        kwargs: text(r.get(4)?),
+                        reason: text(r.get(5)?).unwrap_or_default(),
+                        created_at: real(&r.get(6)?),
+                        died_at: real(&r.get(7)?),
+                        attempts: integer(&r.get(8)?),
+                        priority: integer(&r.get(9)?),
+                        origin: text(r.get(10)?),
+                    })
+                },
+            )
+            .map_err(err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(err)?;
+        Ok(DeadPage { total, rows })
+    }
+
+    /// Queues the selected dead letters again as new tasks (same name, args, kwargs and priority,
+    /// due now, origin naming the dead row) and deletes them, all in one transaction. Returns one
+    /// outcome per dead letter, in id order for `All`, in the given order for `Ids`.
+    pub fn requeue_dead(&mut self, which: DeadSelection<'_>) -> Result<Vec<Requeued>> {
+        let path = &self.path;
+        let err = |e: rusqlite::Error| Error::db(path, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let ids = match which {
+            DeadSelection::Ids(ids) => ids.to_vec(),
+            DeadSelection::All { task } => tx
+                .prepare(
+                    "SELECT id FROM foreman_dead WHERE ?1 IS NULL OR task_name = ?1 ORDER BY id",
+                )
+                .and_then(|mut s| {
+                    s.query_map([task], |r| r.get(0))?
+                        .collect::<rusqlite::Result<Vec<i64>>>()
+                })
+                .map_err(err)?,
+        };
+        let outcomes = ids
+            .into_iter()
+            .map(|id| requeue_one(&tx, id))
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(outcomes)
+    }
+
+    /// Deletes the dead letters that died more than `older_than` ago (all of them without it), of
+    /// `task` only if given. Returns how many.
+    pub fn purge_dead(
+        &mut self,
+        older_than: Option<Duration>,
+        task: Option<&str>,
+    ) -> Result<usize> {
+        self.conn
+            .execute(
+                &format!(
+                    "DELETE FROM foreman_dead WHERE (?1 IS NULL OR died_at < {NOW} - ?1) \
+                     AND (?2 IS NULL OR task_name = ?2)"
+                ),
+                params![older_than.map(|d| d.as_secs_f64()), task],
+            )
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// The task's attempt with the highest number, if it has one.
+fn latest_run(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgress>> {
+    conn.prepare_cached(
+        "SELECT attempt, task_name, state, enqueued_at, started_at, finished_at, error, retry_at \
+         FROM foreman_run WHERE task_id = ?1 ORDER BY attempt DESC LIMIT 1",
+    )?
+    .query_row([id], |r| {
+        let state = text(r.get(2)?).unwrap_or_default();
+        let retry_at = real(&r.get(7)?);
+        Ok(TaskProgress {
+            task_id: id,
+            task_name: text_lossy(r.get(1)?),
+            is_final: is_final(&state, retry_at),
+            state,
+            attempt: r.get(0)?,
+            error: text(r.get(6)?),
+            enqueued_at: real(&r.get(3)?),
+            started_at: real(&r.get(4)?),
+            finished_at: real(&r.get(5)?),
+        })
+    })
+    .optional()
+}
+
+/// Whether an attempt in `state` is the task's last. A state this binary does not know (a newer
+/// daemon's) is not claimed as an outcome.
+fn is_final(state: &str, retry_at: Option<f64>) -> bool {
+    match state {
+        "done" | "dead" | "cancelled" => true,
+        "failed" | "timeout" | "lost" => retry_at.is_none(),
+        _ => false,
+    }
+}
+
+/// The task's row in `foreman_task`: waiting (queued, or delayed until `run_after`) or leased.
+fn queued_task(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgress>> {
+    conn.prepare_cached(&format!(
+        "SELECT task_name, created_at, attempt, leased_at IS NOT NULL, run_after > {NOW} \
+         FROM foreman_task WHERE id = ?1"
+    ))?
+    .query_row([id], |r| {
+        let state = match (r.get::<_, bool>(3)?, r.get::<_, bool>(4)?) {
+            (true, _) => "leased",
+            (false, true) => "delayed",
+            (false, false) => "queued",
+        };
+        Ok(TaskProgress {
+            task_id: id,
+            task_name: text_lossy(r.get(0)?),
+            state: state.to_owned(),
+            attempt: attempt(&r.get(2)?),
+            is_final: false,
+            error: None,
+            enqueued_at: real(&r.get(1)?),
+            started_at: None,
+            finished_at: None,
+        })
+    })
+    .optional()
+}
+
+/// The task as a dead letter, for a row that died before it had an attempt (or whose history was
+/// pruned). `foreman_dead` has no index on `task_id`: this scans it, once per `wait`, at its end.
+fn latest_dead(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgress>> {
+    conn.prepare_cached(
+        "SELECT task_name, created_at, reason, died_at, attempts FROM foreman_dead \
+         WHERE task_id = ?1 ORDER BY id DESC LIMIT 1",
+    )?
+    .query_row([id], |r| {
+        Ok(TaskProgress {
+            task_id: id,
+            task_name: text_lossy(r.get(0)?),
+            state: "dead".to_owned(),
+            attempt: integer(&r.get(4)?),
+            is_final: true,
+            error: text(r.get(2)?),
+            enqueued_at: real(&r.get(1)?),
+            started_at: None,
+            finished_at: real(&r.get(3)?),
+        })
+    })
+    .optional()
+}
+
+fn cancel_in(tx: &Connection, id: i64) -> rusqlite::Result<CancelOutcome> {
+    let row: Option<(Value, Value, Value, bool)> = tx
+        .query_row(
+            "SELECT task_name, attempt, created_at, leased_at IS NOT NULL FROM foreman_task WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    match row {
+        Some((_, _, _, true)) => Ok(CancelOutcome::Running),
+        Some((name, attempt_value, created_at, false)) => {
+            let task_name = text_lossy(name);
+            tx.execute("DELETE FROM foreman_task WHERE id = ?1", [id])?;
+            // OR REPLACE: the queued row is the authority on its attempt, which has not started;
+            // a leftover row for that number would only be a stale copy.
+            tx.execute(
+                &format!(
+                    "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, enqueued_at, finished_at) \
+                     VALUES (?1, ?2, ?3, 'cancelled', ?4, {NOW})"
+                ),
+                params![id, attempt(&attempt_value), task_name, real(&created_at)],
+            )?;
+            Ok(CancelOutcome::Cancelled { task_name })
+        }
+        None => Ok(match latest_run(tx, id)? {
+            Some(run) if run.state == "running" => CancelOutcome::Running,
+            Some(run) => CancelOutcome::Finished { state: run.state },
+            None if latest_dead(tx, id)?.is_some() => CancelOutcome::Finished {
+                state: "dead".to_owned(),
+            },
+            None => CancelOutcome::Unknown,
+        }),
+    }
+}
+
+fn requeue_one(tx: &Connection, dead_id: i64) -> rusqlite::Result<Requeued> {
+    let found: Option<(i64, bool)> = tx
+        .prepare_cached("SELECT task_id, task_name IS NULL FROM foreman_dead WHERE id = ?1")?
+        .query_row([dead_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((old_task_id, false)) = found else {
+        return Ok(match found {
+            Some(_) => Requeued::NoName { dead_id },
+            None => Requeued::Unknown { dead_id },
+        });
+    };
+    // Copied in SQL, so that args and kwargs keep their exact bytes whatever they hold; only a
+    // NULL (which `foreman_task` forbids) becomes the empty default.
+    let task_id = tx
+        .prepare_cached(
+            "INSERT INTO foreman_task(task_name, args, kwargs, priority, origin) \
+             SELECT task_name, coalesce(args, '[]'), coalesce(kwargs, '{}'), priority, ?2 \
+             FROM foreman_dead WHERE id = ?1 RETURNING id",
+        )?
+        .query_row(
+            params![
+                dead_id,
+                format!("requeue of dead {dead_id} (task {old_task_id})")
+            ],
+            |r| r.get(0),
+        )?;
+    tx.prepare_cached("DELETE FROM foreman_dead WHERE id = ?1")?
+        .execute([dead_id])?;
+    Ok(Requeued::Task { dead_id, task_id })
+}
+
+fn text(value: Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        other => Some(text_lossy(other)),
+    }
+}
+
+fn real(value: &Value) -> Option<f64> {
+    match *value {
+        Value::Real(t) => Some(t),
+        #[allow(clippy::cast_precision_loss)] // Unix seconds fit a double exactly for ages to come.
+        Value::Integer(t) => Some(t as f64),
+        _ => None,
+    }
+}
+
+fn integer(value: &Value) -> i64 {
+    match *value {
+        Value::Integer(i) => i,
+        _ => 0,
+    }
+}
+
+/// A row's attempt the way the pop reads it: anything but a positive integer is the first.
+fn attempt(value: &Value) -> i64 {
+    match *value {
+        Value::Integer(a) if a >= 1 => a,
+        _ => 1,
+    }
+}

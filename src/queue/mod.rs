@@ -10,7 +10,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use crate::error::{Error, Result};
 use crate::task::{RawRow, Task, decode};
 
-mod admin;
+pub mod admin;
 
 /// The public protocol; see the comment block at its top.
 pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
@@ -731,14 +731,14 @@ fn pop_priority<H>(
     let mut raws = Vec::with_capacity(want);
     {
         let mut select = tx.prepare_cached(SQL_DUE_ROWS)?;
-        let mut rows = select.query(params![
+        let mut cursor = select.query(params![
             priority,
             now,
             i64::try_from(want + LOOKAHEAD).unwrap_or(i64::MAX)
         ])?;
         let mut runnable = 0;
         while runnable < want {
-            let Some(r) = rows.next()? else { break };
+            let Some(r) = cursor.next()? else { break };
             let raw = RawRow {
                 id: r.get(0)?,
                 task_name: r.get(1)?,

@@ -1,6 +1,7 @@
 //! One integration-test crate (it builds once). Every test runs the real `foreman` binary on a temp
 //! dir with a real SQLite file, inotify, signals and child processes.
 
+mod admin;
 mod cli;
 mod commands;
 mod drain;
