@@ -93,6 +93,9 @@ CREATE TABLE IF NOT EXISTS foreman_dead (
     origin     TEXT
 );
 
+-- `foreman wait` and `foreman cancel` look dead letters up by task id.
+CREATE INDEX IF NOT EXISTS foreman_dead_task ON foreman_dead(task_id);
+
 -- One row per attempt, written by the daemon. state is one of running, done, failed, timeout, lost
 -- (the daemon died while it ran), dead (it could not run), cancelled. retry_at is set on a failed
 -- attempt that will be tried again. error is the failure's text, truncated to 8 KiB.

@@ -492,8 +492,11 @@ fn cancel(cli: &Cli, ids: &[i64]) -> Result<()> {
             CancelOutcome::Cancelled { task_name } => {
                 format!("cancelled task {id} ({task_name})\n")
             }
-            CancelOutcome::Running => format!(
-                "task {id} is running and cannot be cancelled: tasks run at most once, and it has started\n"
+            CancelOutcome::Running { leased: false } => format!(
+                "task {id} is running and cannot be cancelled: under at-most-once delivery a started task runs to its end\n"
+            ),
+            CancelOutcome::Running { leased: true } => format!(
+                "task {id} is running and cannot be cancelled: a started task runs to its end (at-least-once: its row goes when it finishes)\n"
             ),
             CancelOutcome::Finished { state } => format!("task {id} already finished ({state})\n"),
             CancelOutcome::Unknown => format!("no task {id}\n"),

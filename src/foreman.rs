@@ -44,7 +44,7 @@ enum Event {
 const MIN_LEASE: Duration = Duration::from_mins(10);
 /// The longest sleep before re-checking due times; a far-off due time is re-read after it.
 const MAX_DUE_WAIT: Duration = Duration::from_hours(1);
-/// History rows pruned per transaction, so pruning never holds the write lock for long.
+/// History rows looked at per pruning transaction, so pruning never holds the write lock for long.
 const PRUNE_BATCH: usize = 1000;
 /// How often the loop prunes history when the last pass found nothing more to prune.
 const PRUNE_EVERY: Duration = Duration::from_mins(1);
@@ -113,6 +113,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         schedules,
         next_task_due: None,
         next_prune: Instant::now(),
+        prune_from: None,
     };
     foreman.schedules_due();
     foreman.wakeup.clear();
@@ -291,6 +292,8 @@ struct Foreman<'c> {
     /// When the earliest delayed task is due, as the last short pop saw it.
     next_task_due: Option<f64>,
     next_prune: Instant,
+    /// Where the next history pruning pass goes on from (a `foreman_run` key).
+    prune_from: Option<(i64, i64)>,
 }
 
 impl Foreman<'_> {
@@ -564,18 +567,24 @@ impl Foreman<'_> {
         }
     }
 
-    /// Deletes a batch of history older than the retention; again at the next tick while there is
-    /// more, else in a minute.
+    /// Prunes history older than the retention, a window of rows at a time: the next window at
+    /// the next tick until the whole history has been looked at, then again after a while.
     fn prune(&mut self) {
         let before = unix_now() - self.config.history_retention.as_secs_f64();
-        match self.queue.prune_history(before, PRUNE_BATCH) {
-            Ok(pruned) => {
-                log::debug!("pruned {pruned} history row(s)");
+        match self
+            .queue
+            .prune_history(before, self.prune_from, PRUNE_BATCH)
+        {
+            Ok((pruned, next)) => {
+                if pruned > 0 {
+                    log::debug!("pruned {pruned} history row(s)");
+                }
+                self.prune_from = next;
                 // A short retention (tests, small disks) is honoured to a tenth of itself.
                 let every = PRUNE_EVERY
                     .min(self.config.history_retention / 10)
                     .max(self.config.tick);
-                self.next_prune = if pruned == PRUNE_BATCH {
+                self.next_prune = if next.is_some() {
                     Instant::now()
                 } else {
                     Instant::now() + every

@@ -42,8 +42,10 @@ pub enum CancelOutcome {
     Cancelled {
         task_name: String,
     },
-    /// Leased, or its latest attempt is running: it has started.
-    Running,
+    /// Leased (`leased`: an at-least-once task), or its latest attempt is running: it has started.
+    Running {
+        leased: bool,
+    },
     /// Its latest attempt ended in this state (or it is a dead letter: `dead`).
     Finished {
         state: String,
@@ -324,7 +326,7 @@ fn cancel_in(tx: &Connection, id: i64) -> rusqlite::Result<CancelOutcome> {
         )
         .optional()?;
     match row {
-        Some((_, _, _, true)) => Ok(CancelOutcome::Running),
+        Some((_, _, _, true)) => Ok(CancelOutcome::Running { leased: true }),
         Some((name, attempt_value, created_at, false)) => {
             let task_name = text_lossy(name);
             tx.execute("DELETE FROM foreman_task WHERE id = ?1", [id])?;
@@ -340,7 +342,7 @@ fn cancel_in(tx: &Connection, id: i64) -> rusqlite::Result<CancelOutcome> {
             Ok(CancelOutcome::Cancelled { task_name })
         }
         None => Ok(match latest_run(tx, id)? {
-            Some(run) if run.state == "running" => CancelOutcome::Running,
+            Some(run) if run.state == "running" => CancelOutcome::Running { leased: false },
             Some(run) => CancelOutcome::Finished { state: run.state },
             None if latest_dead(tx, id)?.is_some() => CancelOutcome::Finished {
                 state: "dead".to_owned(),

@@ -427,17 +427,56 @@ impl Queue {
         Ok((requeued, lost))
     }
 
-    /// Deletes up to `batch` of the oldest history rows that finished before `before`; returns how
-    /// many. Looks only at the oldest rows, so it costs the same however long the history is.
-    pub fn prune_history(&mut self, before: f64, batch: usize) -> Result<usize> {
-        self.conn
+    /// Deletes, among the next `batch` history rows after `after` (in key order, from the start
+    /// when `None`), those that finished before `before`. Returns how many it deleted and where to
+    /// go on from (`None`: the end was reached, start over next time). Each pass costs the same
+    /// however long the history is, and successive passes cover all of it, so rows kept by a
+    /// long-running or long-delayed task never stall pruning behind them.
+    pub fn prune_history(
+        &mut self,
+        before: f64,
+        after: Option<(i64, i64)>,
+        batch: usize,
+    ) -> Result<(usize, Option<(i64, i64)>)> {
+        let path = &self.path;
+        let err = |e: rusqlite::Error| Error::db(path, e);
+        let (from_id, from_attempt) = after.unwrap_or((i64::MIN, i64::MIN));
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        // The window's last key; none when fewer than `batch` rows are left.
+        let last: Option<(i64, i64)> = tx
             .prepare_cached(
-                "DELETE FROM foreman_run WHERE (task_id, attempt) IN \
-                 (SELECT task_id, attempt FROM foreman_run ORDER BY task_id, attempt LIMIT ?2) \
-                 AND finished_at < ?1",
+                "SELECT task_id, attempt FROM foreman_run WHERE (task_id, attempt) > (?1, ?2) \
+                 ORDER BY task_id, attempt LIMIT 1 OFFSET ?3",
             )
-            .and_then(|mut s| s.execute(params![before, i64::try_from(batch).unwrap_or(i64::MAX)]))
-            .map_err(|e| self.err(e))
+            .and_then(|mut s| {
+                s.query_row(
+                    params![
+                        from_id,
+                        from_attempt,
+                        i64::try_from(batch.saturating_sub(1)).unwrap_or(i64::MAX)
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })
+            .map_err(err)?;
+        let (to_id, to_attempt) = last.unwrap_or((i64::MAX, i64::MAX));
+        let deleted = tx
+            .prepare_cached(
+                "DELETE FROM foreman_run WHERE (task_id, attempt) > (?1, ?2) \
+                 AND (task_id, attempt) <= (?3, ?4) AND finished_at < ?5",
+            )
+            .and_then(|mut s| s.execute(params![from_id, from_attempt, to_id, to_attempt, before]))
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok((deleted, last))
     }
 
     /// The stored state of every schedule, by name.
@@ -854,6 +893,39 @@ fn text_lossy(value: Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pruning_walks_past_rows_it_must_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        queue.ensure_schema().unwrap();
+        queue
+            .conn
+            .execute_batch(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) \
+                 INSERT INTO foreman_run(task_id, attempt, task_name, state, finished_at) \
+                 SELECT i, 1, 't', CASE WHEN i <= 10 THEN 'running' ELSE 'done' END, \
+                        CASE WHEN i <= 10 THEN NULL ELSE 5.0 END FROM n",
+            )
+            .unwrap();
+        let mut passes = Vec::new();
+        let mut from = None;
+        loop {
+            let (deleted, next) = queue.prune_history(10.0, from, 1000).unwrap();
+            passes.push(deleted);
+            from = next;
+            if from.is_none() {
+                break;
+            }
+        }
+        assert_eq!(passes, [990, 1000, 500]);
+        let left: i64 = queue
+            .conn
+            .query_row("SELECT count(*) FROM foreman_run", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 10, "the running attempts stay");
+        assert_eq!(queue.prune_history(10.0, None, 1000).unwrap(), (0, None));
+    }
 
     #[test]
     fn every_pop_statement_is_an_index_search() {

@@ -430,11 +430,13 @@ fn cancel_refuses_started_tasks_and_reports_each_id() {
         &queued.to_string(),
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let started = "is running and cannot be cancelled: tasks run at most once, and it has started";
+    let started = "is running and cannot be cancelled: a started task runs to its end";
+    let at_most_once = "is running and cannot be cancelled: under at-most-once delivery a started task runs to its end";
     assert_eq!(
         stdout(&out),
         format!(
-            "task {leased} {started}\ntask 9001 {started}\ntask 9002 already finished (done)\n\
+            "task {leased} {started} (at-least-once: its row goes when it finishes)\n\
+             task 9001 {at_most_once}\ntask 9002 already finished (done)\n\
              no task 9003\ncancelled task {queued} (foreman.echo)\n"
         )
     );
