@@ -8,7 +8,8 @@
 --      Optional columns a producer may set too:
 --        run_after  Unix time (seconds, REAL) before which the task does not start; default: now.
 --                   A delay of 600 s: (julianday('now') - 2440587.5) * 86400.0 + 600
---        priority   INTEGER, default 0; higher runs first.
+--        priority   INTEGER from -100 to 100, default 0; higher runs first. (Each priority in use
+--                   costs the pop an index lookup: use a handful, not a timestamp.)
 --      Leave the other columns (attempt, origin, leased_at) to foreman.
 --   2. After the transaction commits, create any file in the wakeup directory (default: the DB path
 --      plus ".wakeup"). The daemon wakes through inotify, deletes the file and pops the queue. Creating
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS foreman_task (
     created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
     run_after  REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
                CHECK (typeof(run_after) IN ('real', 'integer')),
-    priority   INTEGER NOT NULL DEFAULT 0 CHECK (typeof(priority) = 'integer'),
+    priority   INTEGER NOT NULL DEFAULT 0
+               CHECK (typeof(priority) = 'integer' AND priority BETWEEN -100 AND 100),
     -- 1 for the first run; a retry or a re-run after a crash counts up.
     attempt    INTEGER NOT NULL DEFAULT 1,
     -- Who enqueued it when it was not a producer: "schedule NAME", "requeue of dead N (task M)".

@@ -129,11 +129,12 @@ pub struct EnqueueArgs {
     /// Start it no sooner than this from now, e.g. 10m
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub delay: Option<Duration>,
-    /// Higher runs first; may be negative
+    /// Higher runs first: -100 to 100
     #[arg(
         long,
         default_value_t = 0,
         allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i64).range(-100..=100),
         value_name = "N"
     )]
     pub priority: i64,

@@ -44,6 +44,9 @@ enum Event {
 const MIN_LEASE: Duration = Duration::from_mins(10);
 /// The longest sleep before re-checking due times; a far-off due time is re-read after it.
 const MAX_DUE_WAIT: Duration = Duration::from_hours(1);
+/// Attempts to record the last ended attempts before the daemon exits (each may wait out the busy
+/// timeout).
+const FLUSH_TRIES: usize = 3;
 /// History rows looked at per pruning transaction, so pruning never holds the write lock for long.
 const PRUNE_BATCH: usize = 1000;
 /// How often the loop prunes history when the last pass found nothing more to prune.
@@ -355,7 +358,8 @@ impl Foreman<'_> {
                     handler => self.threads.submit(Job { task, handler }),
                 }
             }
-            if started < free {
+            // Buried rows were progress: the rows behind them get their turn now, not at a tick.
+            if started < free && popped.dead.is_empty() {
                 return; // Nothing more is due, or what is due must wait.
             }
         }
@@ -365,7 +369,7 @@ impl Foreman<'_> {
     /// phase's deadline (then whatever still runs is killed).
     fn stopped(&mut self) -> bool {
         if !matches!(self.phase, Phase::Running) && self.running.is_empty() {
-            self.flush();
+            self.flush_before_exit();
             self.stop_pools();
             log::info!("foreman stopped: no task running");
             return true;
@@ -374,7 +378,7 @@ impl Foreman<'_> {
             && Instant::now() >= deadline
         {
             let killed = self.children.kill_everything();
-            self.flush();
+            self.flush_before_exit();
             self.stop_pools();
             log::warn!(
                 "foreman stopped: killed {killed} task process group(s); {} task(s) abandoned",
@@ -383,6 +387,29 @@ impl Foreman<'_> {
             return true;
         }
         false
+    }
+
+    /// The last chance to record the ended attempts (a retry not recorded is a retry lost): tries a
+    /// few times, then logs each one it could not record with what is needed to redo it.
+    fn flush_before_exit(&mut self) {
+        for _ in 0..FLUSH_TRIES {
+            self.flush();
+            if self.ended.is_empty() {
+                return;
+            }
+        }
+        for ending in &self.ended {
+            log::error!(
+                "task {} {} attempt {} ended {} ({:?}), but the DB refused to record it; args {}, kwargs {}",
+                ending.task.id,
+                ending.task.name,
+                ending.task.attempt,
+                ending.state.as_str(),
+                ending.next,
+                serde_json::Value::from(ending.task.args.clone()),
+                serde_json::Value::from(ending.task.kwargs.clone())
+            );
+        }
     }
 
     /// Records the ended attempts without popping (while stopping).
@@ -403,8 +430,14 @@ impl Foreman<'_> {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
         };
-        let wait = Duration::try_from_secs_f64(due - unix_now()).unwrap_or(Duration::ZERO);
-        Instant::now().checked_add(wait.min(MAX_DUE_WAIT))
+        let now = unix_now();
+        // A due time absurdly far off (or not finite) is only re-read after the longest wait.
+        let wait = if due <= now {
+            Duration::ZERO
+        } else {
+            Duration::try_from_secs_f64(due - now).map_or(MAX_DUE_WAIT, |w| w.min(MAX_DUE_WAIT))
+        };
+        Instant::now().checked_add(wait)
     }
 
     fn schedules_due(&mut self) {
@@ -626,6 +659,8 @@ impl Foreman<'_> {
         }
         self.log_survivors("abandoned at second signal");
         self.children.kill_everything();
+        // Once only: a second signal asks for an exit now, not after three busy timeouts.
+        self.flush();
         Err(Error::Interrupted {
             abandoned: self.running.len(),
         })

@@ -79,12 +79,14 @@ impl Schedules {
             let spec = spec(config);
             let state = match stored.get(name) {
                 Some(state) if state.spec == spec => state.clone(),
-                _ => {
+                previous => {
                     let mut state = ScheduleState {
                         spec,
                         next_due: now,
                         last_fired: None,
-                        last_task_id: None,
+                        // Kept across a changed definition, so that a task from before the change
+                        // still queued or running is not joined by a second one.
+                        last_task_id: previous.and_then(|p| p.last_task_id),
                         interval: None,
                     };
                     if let Some(cron) = &cron {
@@ -126,9 +128,10 @@ impl Schedules {
             }
             let mut state = entry.state.clone();
             state.next_due = following(entry, now);
+            // When the DB cannot say, the firing is skipped: a late firing beats a doubled one.
             let previous = state
                 .last_task_id
-                .filter(|&id| busy(id) || queue.is_queued(id).unwrap_or(false));
+                .filter(|&id| busy(id) || queue.is_queued(id).unwrap_or(true));
             if let Some(previous) = previous {
                 log::info!(
                     "schedule {}: task {previous} from its last firing has not finished; skipping this one",

@@ -48,8 +48,8 @@ _INSERT_AT = (
 )
 # The first schema version with run_after and priority.
 _SCHEMA_VERSION_TIMING = 2
-# SQLite's INTEGER: priority must fit in it.
-_PRIORITY_MIN, _PRIORITY_MAX = -(2**63), 2**63 - 1
+# The range schema.sql allows (a CHECK constraint): each priority in use costs the daemon's pop.
+_PRIORITY_MIN, _PRIORITY_MAX = -100, 100
 _EMPTY_ARGS = "[]"
 _EMPTY_KWARGS = "{}"
 _NO_KWARGS = {}  # never mutated
@@ -144,7 +144,7 @@ class Client:
         - ``run_at``: a timezone-aware ``datetime.datetime`` or a Unix time in seconds; the task
           does not start before it; a time in the past makes it due at once. Give ``delay`` or
           ``run_at``, not both.
-        - ``priority``: an int (default 0); among due tasks, higher runs first.
+        - ``priority``: an int from -100 to 100 (default 0); among due tasks, higher runs first.
 
         A delay, run_at or non-zero priority needs schema version 2: against an older database
         this raises ``sqlite3.OperationalError`` saying to run ``foreman init``.
@@ -361,7 +361,9 @@ def _timing(delay, run_at, priority):
         kind = type(priority).__name__
         raise TypeError(f"priority must be an int, not {kind}: {priority!r:.200}") from None
     if not _PRIORITY_MIN <= priority <= _PRIORITY_MAX:
-        raise ValueError(f"priority must fit in 64 bits (SQLite's INTEGER), got {priority}")
+        raise ValueError(
+            f"priority must be between {_PRIORITY_MIN} and {_PRIORITY_MAX}, got {priority}"
+        )
     if delay is not None and run_at is not None:
         raise ValueError("give delay or run_at, not both")
     if delay is not None:

@@ -18,7 +18,7 @@ pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 pub const SCHEMA_VERSION: i64 = 2;
 /// Brings a version 1 database to version 2 before `SCHEMA_SQL` runs: `run_after`'s default is not
 /// a constant, which `ALTER TABLE ADD COLUMN` refuses, so the queue table is rebuilt (ids, and the
-/// AUTOINCREMENT high-water mark, kept).
+/// AUTOINCREMENT high-water mark, kept). Every old row is due now, so they keep v1's id order.
 const MIGRATE_V1_BEFORE: &str = "
 ALTER TABLE foreman_dead ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE foreman_dead ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
@@ -27,9 +27,7 @@ ALTER TABLE foreman_task RENAME TO foreman_task_v1;
 ";
 const MIGRATE_V1_AFTER: &str = "
 INSERT INTO foreman_task(id, task_name, args, kwargs, created_at, run_after)
-    SELECT id, task_name, args, kwargs, created_at,
-           CASE WHEN typeof(created_at) IN ('real', 'integer') THEN created_at
-                ELSE (julianday('now') - 2440587.5) * 86400.0 END
+    SELECT id, task_name, args, kwargs, created_at, (julianday('now') - 2440587.5) * 86400.0
     FROM foreman_task_v1;
 DELETE FROM sqlite_sequence WHERE name = 'foreman_task';
 UPDATE sqlite_sequence SET name = 'foreman_task' WHERE name = 'foreman_task_v1';
@@ -150,6 +148,9 @@ const SQL_NEXT_DUE: &str =
     "SELECT min(run_after) FROM foreman_task WHERE priority = ?1 AND run_after > ?2";
 const SQL_DUE_IN_PRIORITY: &str = "SELECT min(run_after) FROM foreman_task WHERE priority = ?1";
 const SQL_DELETE: &str = "DELETE FROM foreman_task WHERE id = ?1";
+
+/// Crashes during one at-least-once task after which it is buried rather than run again.
+const MAX_LOST_RUNS: i64 = 3;
 
 /// Error text kept per attempt: a traceback's end says what went wrong, so the end is kept.
 const MAX_ERROR_BYTES: usize = 8 * 1024;
@@ -321,12 +322,20 @@ impl Queue {
         }
         let path = &self.path;
         let err = |e: rusqlite::Error| Error::db(path, e);
-        let tx = self
+        let mut tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
         for ending in ended {
-            record_ending(&tx, ending).map_err(err)?;
+            // One ending the DB refuses must not block the others, nor the pop, forever.
+            let savepoint = tx.savepoint().map_err(err)?;
+            match record_ending(&savepoint, ending) {
+                Ok(()) => savepoint.commit().map_err(err)?,
+                Err(e) => {
+                    drop(savepoint); // Rolls back this ending alone.
+                    log_unrecorded(ending, &e);
+                }
+            }
         }
         let mut below = i64::MAX;
         let mut first = true;
@@ -408,6 +417,38 @@ impl Queue {
             [now],
         )
         .map_err(err)?;
+        // A task that was running at every one of the last crashes may be what crashes the daemon:
+        // after MAX_LOST_RUNS, it is buried instead of run again.
+        let buried = tx
+            .execute(
+                "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, created_at, reason, attempts, priority, origin) \
+                 SELECT id, task_name, args, kwargs, created_at, \
+                        'the daemon stopped while it ran, ' || ?2 || ' times: not run again (it may be what stops it)', \
+                        attempt, priority, origin \
+                 FROM foreman_task t WHERE leased_at IS NOT NULL AND \
+                 (SELECT count(*) FROM foreman_run r WHERE r.task_id = t.id AND r.state = 'lost') >= ?2",
+                params![now, MAX_LOST_RUNS],
+            )
+            .map_err(err)?;
+        if buried > 0 {
+            // Their last attempt was recorded as lost-and-retried just above; it is final now.
+            tx.execute(
+                "UPDATE foreman_run SET retry_at = NULL WHERE state = 'lost' AND retry_at = ?1 \
+                 AND task_id IN (SELECT id FROM foreman_task t WHERE leased_at IS NOT NULL AND \
+                 (SELECT count(*) FROM foreman_run r WHERE r.task_id = t.id AND r.state = 'lost') >= ?2)",
+                params![now, MAX_LOST_RUNS],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "DELETE FROM foreman_task WHERE leased_at IS NOT NULL AND \
+                 (SELECT count(*) FROM foreman_run r WHERE r.task_id = foreman_task.id AND r.state = 'lost') >= ?1",
+                [MAX_LOST_RUNS],
+            )
+            .map_err(err)?;
+            log::error!(
+                "{buried} at-least-once task(s) moved to foreman_dead: the daemon stopped while they ran, {MAX_LOST_RUNS} times"
+            );
+        }
         let requeued = tx
             .execute(
                 "UPDATE foreman_task SET attempt = attempt + 1, leased_at = NULL, run_after = ?1 \
@@ -679,7 +720,7 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
                 let (args, kwargs) = json_texts(task);
                 tx.prepare_cached(
                     "INSERT INTO foreman_task(id, task_name, args, kwargs, created_at, run_after, priority, attempt, origin) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     VALUES (?1, ?2, ?3, ?4, coalesce(?5, (julianday('now') - 2440587.5) * 86400.0), ?6, ?7, ?8, ?9)",
                 )?
                 .execute(params![
                     task.id,
@@ -717,6 +758,19 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The DB refused to record how an attempt ended: say everything needed to redo it by hand.
+fn log_unrecorded(ending: &Ending, e: &rusqlite::Error) {
+    let (args, kwargs) = json_texts(&ending.task);
+    log::error!(
+        "task {} {} attempt {} ended {} ({:?}), but recording it failed: {e}; args {args}, kwargs {kwargs}",
+        ending.task.id,
+        ending.task.name,
+        ending.task.attempt,
+        ending.state.as_str(),
+        ending.next
+    );
 }
 
 fn json_texts(task: &Task) -> (String, String) {
@@ -808,7 +862,7 @@ fn pop_priority<H>(
             Ok((mut task, Resolved::Run(handler, lease))) => {
                 if task.was_leased {
                     lose_expired_lease(tx, &task, now)?;
-                    task.attempt += 1;
+                    task.attempt = task.attempt.saturating_add(1);
                 }
                 match lease {
                     Some(until) => tx
@@ -830,7 +884,7 @@ fn pop_priority<H>(
             Ok((mut task, Resolved::Dead(reason))) => {
                 if task.was_leased {
                     lose_expired_lease(tx, &task, now)?;
-                    task.attempt += 1;
+                    task.attempt = task.attempt.saturating_add(1);
                 }
                 bury_raw(tx, &raw, &reason)?;
                 insert_run(tx, &task, RunState::Dead, None, Some(now), Some(&reason))?;

@@ -222,6 +222,12 @@ fn higher_priority_runs_first_and_fifo_within_a_priority() {
             .unwrap();
         ids.insert(id, label);
     }
+    // Priorities are a small range: each one in use costs the pop a lookup.
+    let refused = conn.execute(
+        "INSERT INTO foreman_task(task_name, priority) VALUES ('record', 101)",
+        [],
+    );
+    assert!(refused.is_err_and(|e| e.to_string().contains("CHECK constraint failed")));
     let daemon = env.daemon(&[]);
     let order: String = env.wait_ran(6).iter().map(|id| ids[id]).collect();
     assert_eq!(order, "bdcafe");
@@ -392,5 +398,80 @@ fn history_older_than_the_retention_is_pruned() {
     assert!(wait_until(PATIENCE, || state_of(&env, id).as_deref() == Some("done")));
     assert!(wait_until(PATIENCE, || attempts(&env, id).is_empty()));
     daemon.expect_log("pruned 1 history row");
+    daemon.stop();
+}
+
+#[test]
+fn a_row_with_an_odd_created_at_is_retried_without_blocking_the_queue() {
+    let env = Env::new();
+    env.config(&format!(
+        "{RECORD_TASK}\n[tasks.flaky]\ncommand = [\"false\"]\nmax_retries = 1\nretry_backoff = {{ base = \"50ms\", jitter = false }}\n"
+    ));
+    env.init();
+    let daemon = env.daemon(&[]);
+    // What Python's sqlite3 stores for a datetime: text, which decodes to no created_at.
+    env.sql()
+        .execute(
+            "INSERT INTO foreman_task(task_name, created_at) VALUES ('flaky', '2024-05-01 10:00:00')",
+            [],
+        )
+        .unwrap();
+    env.touch_wakeup("w");
+    assert!(wait_until(PATIENCE, || dead_count(&env) == 1));
+    let id = env.insert("record", "[]");
+    env.touch_wakeup("w2");
+    assert_eq!(env.wait_ran(1), [id]);
+    daemon.stop();
+}
+
+#[test]
+fn rows_that_cannot_run_do_not_hold_up_the_rows_behind_them() {
+    let env = Env::new();
+    env.config(&format!("tick = \"1h\"\n{RECORD_TASK}"));
+    env.init();
+    let daemon = env.daemon(&[]);
+    env.sql()
+        .execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500) \
+             INSERT INTO foreman_task(task_name) SELECT 'app.unknown' FROM n",
+        )
+        .unwrap();
+    let id = env.insert("record", "[]");
+    env.touch_wakeup("w");
+    // With a 1 h tick, only popping on past the buried rows can reach it.
+    assert_eq!(env.wait_ran(1), [id]);
+    assert_eq!(dead_count(&env), 500);
+    daemon.stop();
+}
+
+#[test]
+fn an_at_least_once_task_running_at_three_crashes_is_buried() {
+    let env = Env::new();
+    env.config("[tasks.fatal]\ncommand = [\"sleep\", \"60\"]\ndelivery = \"at-least-once\"\n");
+    env.init();
+    let id = env.insert("fatal", "[]");
+    for attempt in 1..=3 {
+        let mut daemon = env.daemon(&[]);
+        assert!(wait_until(PATIENCE, || attempts(&env, id)
+            .last()
+            .is_some_and(|a| a.0 == attempt && a.1 == "running")));
+        daemon.kill9();
+    }
+    let daemon = env.daemon(&[]);
+    daemon.expect_log("moved to foreman_dead: the daemon stopped while they ran, 3 times");
+    assert_eq!(env.queued(), 0);
+    let runs = attempts(&env, id);
+    assert_eq!(runs.len(), 3);
+    assert!(runs.iter().all(|r| r.1 == "lost"));
+    assert_eq!(runs[2].4, None, "the last lost attempt is final");
+    let reason: String = env
+        .sql()
+        .query_row(
+            "SELECT reason FROM foreman_dead WHERE task_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(reason.contains("3 times"), "{reason}");
     daemon.stop();
 }
