@@ -702,7 +702,11 @@ fn headline(reason: &str) -> &str {
 /// loses their priority), the first saying what happens next.
 fn log_failure(task: &Task, elapsed: Duration, reason: &str, next: &Next, now: f64) {
     let then = match next {
-        Next::Retry(at) => format!("; retry {} in {:.1}s", task.attempt, (at - now).max(0.0)),
+        Next::Retry(at) => format!(
+            "; attempt {} in {:.1}s",
+            task.attempt.saturating_add(1),
+            (at - now).max(0.0)
+        ),
         Next::Bury(_) => "; moved to foreman_dead".to_owned(),
         Next::Finished => String::new(),
     };

@@ -578,18 +578,8 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
-    /// Inserts one task due now; the caller has checked that `args` is a JSON array and `kwargs`
-    /// an object.
-    pub fn enqueue(&mut self, name: &str, args: &str, kwargs: &str) -> Result<i64> {
-        self.enqueue_task(&NewTask {
-            name,
-            args,
-            kwargs,
-            ..NewTask::default()
-        })
-    }
-
-    /// Inserts one task with all its options.
+    /// Inserts one task; the caller has checked that `args` is a JSON array and `kwargs` an
+    /// object.
     pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<i64> {
         insert_task(&self.conn, task).map_err(|e| self.err(e))
     }
