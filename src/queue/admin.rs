@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Queue, text_lossy};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Where a task stands, as `foreman wait` reports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,15 +130,7 @@ impl Queue {
     /// Cancels task `id` if it has not started: its row is deleted and the attempt it would have
     /// been is recorded `cancelled`, in one transaction.
     pub fn cancel(&mut self, id: i64) -> Result<CancelOutcome> {
-        let path = &self.path;
-        let err = |e: rusqlite::Error| Error::db(path, e);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err)?;
-        let outcome = cancel_in(&tx, id).map_err(err)?;
-        tx.commit().map_err(err)?;
-        Ok(outcome)
+        self.write(|tx| cancel_in(tx, id))
     }
 
     /// The newest `limit` dead letters (of `task` only, if given), and how many there are.
@@ -187,31 +179,18 @@ impl Queue {
     /// due now, origin naming the dead row) and deletes them, all in one transaction. Returns one
     /// outcome per dead letter, in id order for `All`, in the given order for `Ids`.
     pub fn requeue_dead(&mut self, which: DeadSelection<'_>) -> Result<Vec<Requeued>> {
-        let path = &self.path;
-        let err = |e: rusqlite::Error| Error::db(path, e);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err)?;
-        let ids = match which {
-            DeadSelection::Ids(ids) => ids.to_vec(),
-            DeadSelection::All { task } => tx
-                .prepare(
-                    "SELECT id FROM foreman_dead WHERE ?1 IS NULL OR task_name = ?1 ORDER BY id",
-                )
-                .and_then(|mut s| {
-                    s.query_map([task], |r| r.get(0))?
-                        .collect::<rusqlite::Result<Vec<i64>>>()
-                })
-                .map_err(err)?,
-        };
-        let outcomes = ids
-            .into_iter()
-            .map(|id| requeue_one(&tx, id))
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(err)?;
-        tx.commit().map_err(err)?;
-        Ok(outcomes)
+        self.write(|tx| {
+            let ids = match which {
+                DeadSelection::Ids(ids) => ids.to_vec(),
+                DeadSelection::All { task } => tx
+                    .prepare(
+                        "SELECT id FROM foreman_dead WHERE ?1 IS NULL OR task_name = ?1 ORDER BY id",
+                    )?
+                    .query_map([task], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<i64>>>()?,
+            };
+            ids.into_iter().map(|id| requeue_one(tx, id)).collect()
+        })
     }
 
     /// Deletes the dead letters that died more than `older_than` ago (all of them without it), of

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Error, Result};
 use crate::task::{RawRow, Task, decode};
@@ -236,6 +236,22 @@ impl Queue {
         Error::db(&self.path, e)
     }
 
+    /// Runs `work` in one `BEGIN IMMEDIATE` transaction and commits it (rolls back on error).
+    fn write<T>(
+        &mut self,
+        work: impl FnOnce(&mut rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let path = &self.path;
+        let err = |e: rusqlite::Error| Error::db(path, e);
+        let mut tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let done = work(&mut tx).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(done)
+    }
+
     fn user_version(&self) -> Result<i64> {
         self.conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -320,54 +336,47 @@ impl Queue {
         if limit == 0 && ended.is_empty() {
             return Ok(popped);
         }
-        let path = &self.path;
-        let err = |e: rusqlite::Error| Error::db(path, e);
-        let mut tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err)?;
-        for ending in ended {
-            // One ending the DB refuses must not block the others, nor the pop, forever.
-            let savepoint = tx.savepoint().map_err(err)?;
-            match record_ending(&savepoint, ending) {
-                Ok(()) => savepoint.commit().map_err(err)?,
-                Err(e) => {
-                    drop(savepoint); // Rolls back this ending alone.
-                    log_unrecorded(ending, &e);
+        self.write(|tx| {
+            for ending in ended {
+                // One ending the DB refuses must not block the others, nor the pop, forever.
+                let savepoint = tx.savepoint()?;
+                match record_ending(&savepoint, ending) {
+                    Ok(()) => savepoint.commit()?,
+                    Err(e) => {
+                        drop(savepoint); // Rolls back this ending alone.
+                        log_unrecorded(ending, &e);
+                    }
                 }
             }
-        }
-        let mut below = i64::MAX;
-        let mut first = true;
-        while popped.tasks.len() < limit {
-            let priority: Option<i64> = tx
-                .prepare_cached(if first {
-                    SQL_TOP_PRIORITY
-                } else {
-                    SQL_NEXT_PRIORITY
-                })
-                .and_then(|mut s| s.query_row([below], |r| r.get(0)))
-                .map_err(err)?;
-            let Some(priority) = priority else { break };
-            first = false;
-            below = priority;
-            pop_priority(&tx, priority, limit, now, &mut popped, &mut resolve).map_err(err)?;
-            if popped.tasks.len() < limit {
-                let due: Option<f64> = tx
-                    .prepare_cached(SQL_NEXT_DUE)
-                    .and_then(|mut s| s.query_row(params![priority, now], |r| r.get(0)))
-                    .map_err(err)?;
-                popped.next_due = match (popped.next_due, due) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+            let mut below = i64::MAX;
+            let mut first = true;
+            while popped.tasks.len() < limit {
+                let priority: Option<i64> = tx
+                    .prepare_cached(if first {
+                        SQL_TOP_PRIORITY
+                    } else {
+                        SQL_NEXT_PRIORITY
+                    })
+                    .and_then(|mut s| s.query_row([below], |r| r.get(0)))?;
+                let Some(priority) = priority else { break };
+                first = false;
+                below = priority;
+                pop_priority(tx, priority, limit, now, &mut popped, &mut resolve)?;
+                if popped.tasks.len() < limit {
+                    let due: Option<f64> = tx
+                        .prepare_cached(SQL_NEXT_DUE)
+                        .and_then(|mut s| s.query_row(params![priority, now], |r| r.get(0)))?;
+                    popped.next_due = match (popped.next_due, due) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                if priority == i64::MIN {
+                    break;
+                }
             }
-            if priority == i64::MIN {
-                break;
-            }
-        }
-        tx.commit().map_err(err)?;
-        Ok(popped)
+            Ok(popped)
+        })
     }
 
     /// When the earliest queued row is due (it may be now or past), without writing anything:
@@ -403,20 +412,14 @@ impl Queue {
     /// recorded `running` was cut short by a crash. At-least-once tasks among them are due again
     /// at once with attempt + 1; the others are recorded `lost`. Returns (re-queued, lost).
     pub fn recover(&mut self, now: f64) -> Result<(usize, usize)> {
-        let path = &self.path;
-        let err = |e: rusqlite::Error| Error::db(path, e);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err)?;
+        self.write(|tx| {
         tx.execute(
             "UPDATE foreman_run SET state = 'lost', finished_at = ?1, retry_at = ?1, \
              error = 'the daemon stopped while it ran (crash or kill -9); it runs again (at-least-once)' \
              WHERE state = 'running' AND (task_id, attempt) IN \
              (SELECT id, attempt FROM foreman_task WHERE leased_at IS NOT NULL)",
             [now],
-        )
-        .map_err(err)?;
+        )?;
         // A task that was running at every one of the last crashes may be what crashes the daemon:
         // after MAX_LOST_RUNS, it is buried instead of run again.
         let buried = tx
@@ -428,8 +431,7 @@ impl Queue {
                  FROM foreman_task t WHERE leased_at IS NOT NULL AND \
                  (SELECT count(*) FROM foreman_run r WHERE r.task_id = t.id AND r.state = 'lost') >= ?2",
                 params![now, MAX_LOST_RUNS],
-            )
-            .map_err(err)?;
+            )?;
         if buried > 0 {
             // Their last attempt was recorded as lost-and-retried just above; it is final now.
             tx.execute(
@@ -437,14 +439,12 @@ impl Queue {
                  AND task_id IN (SELECT id FROM foreman_task t WHERE leased_at IS NOT NULL AND \
                  (SELECT count(*) FROM foreman_run r WHERE r.task_id = t.id AND r.state = 'lost') >= ?2)",
                 params![now, MAX_LOST_RUNS],
-            )
-            .map_err(err)?;
+            )?;
             tx.execute(
                 "DELETE FROM foreman_task WHERE leased_at IS NOT NULL AND \
                  (SELECT count(*) FROM foreman_run r WHERE r.task_id = foreman_task.id AND r.state = 'lost') >= ?1",
                 [MAX_LOST_RUNS],
-            )
-            .map_err(err)?;
+            )?;
             log::error!(
                 "{buried} at-least-once task(s) moved to foreman_dead: the daemon stopped while they ran, {MAX_LOST_RUNS} times"
             );
@@ -454,18 +454,16 @@ impl Queue {
                 "UPDATE foreman_task SET attempt = attempt + 1, leased_at = NULL, run_after = ?1 \
                  WHERE leased_at IS NOT NULL",
                 [now],
-            )
-            .map_err(err)?;
+            )?;
         let lost = tx
             .execute(
                 "UPDATE foreman_run SET state = 'lost', finished_at = ?1, \
                  error = 'the daemon stopped while it ran (crash or kill -9); at-most-once: not run again' \
                  WHERE state = 'running'",
                 [now],
-            )
-            .map_err(err)?;
-        tx.commit().map_err(err)?;
+            )?;
         Ok((requeued, lost))
+        })
     }
 
     /// Deletes, among the next `batch` history rows after `after` (in key order, from the start
@@ -479,45 +477,36 @@ impl Queue {
         after: Option<(i64, i64)>,
         batch: usize,
     ) -> Result<(usize, Option<(i64, i64)>)> {
-        let path = &self.path;
-        let err = |e: rusqlite::Error| Error::db(path, e);
         let (from_id, from_attempt) = after.unwrap_or((i64::MIN, i64::MIN));
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err)?;
-        // The window's last key; none when fewer than `batch` rows are left.
-        let last: Option<(i64, i64)> = tx
-            .prepare_cached(
-                "SELECT task_id, attempt FROM foreman_run WHERE (task_id, attempt) > (?1, ?2) \
+        self.write(|tx| {
+            // The window's last key; none when fewer than `batch` rows are left.
+            let last: Option<(i64, i64)> = tx
+                .prepare_cached(
+                    "SELECT task_id, attempt FROM foreman_run WHERE (task_id, attempt) > (?1, ?2) \
                  ORDER BY task_id, attempt LIMIT 1 OFFSET ?3",
-            )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![
-                        from_id,
-                        from_attempt,
-                        i64::try_from(batch.saturating_sub(1)).unwrap_or(i64::MAX)
-                    ],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
-            })
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })
-            .map_err(err)?;
-        let (to_id, to_attempt) = last.unwrap_or((i64::MAX, i64::MAX));
-        let deleted = tx
-            .prepare_cached(
-                "DELETE FROM foreman_run WHERE (task_id, attempt) > (?1, ?2) \
+                .and_then(|mut s| {
+                    s.query_row(
+                        params![
+                            from_id,
+                            from_attempt,
+                            i64::try_from(batch.saturating_sub(1)).unwrap_or(i64::MAX)
+                        ],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                })?;
+            let (to_id, to_attempt) = last.unwrap_or((i64::MAX, i64::MAX));
+            let deleted = tx
+                .prepare_cached(
+                    "DELETE FROM foreman_run WHERE (task_id, attempt) > (?1, ?2) \
                  AND (task_id, attempt) <= (?3, ?4) AND finished_at < ?5",
-            )
-            .and_then(|mut s| s.execute(params![from_id, from_attempt, to_id, to_attempt, before]))
-            .map_err(err)?;
-        tx.commit().map_err(err)?;
-        Ok((deleted, last))
+                )
+                .and_then(|mut s| {
+                    s.execute(params![from_id, from_attempt, to_id, to_attempt, before])
+                })?;
+            Ok((deleted, last))
+        })
     }
 
     /// The stored state of every schedule, by name.
@@ -557,16 +546,19 @@ impl Queue {
         task: &NewTask<'_>,
         state: &mut ScheduleState,
     ) -> Result<i64> {
-        let path = &self.path;
-        let err = |e: rusqlite::Error| Error::db(path, e);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err)?;
-        let id = insert_task(&tx, task).map_err(err)?;
+        let id = self.write(|tx| {
+            let id = insert_task(tx, task)?;
+            save_schedule(
+                tx,
+                name,
+                &ScheduleState {
+                    last_task_id: Some(id),
+                    ..state.clone()
+                },
+            )?;
+            Ok(id)
+        })?;
         state.last_task_id = Some(id);
-        save_schedule(&tx, name, state).map_err(err)?;
-        tx.commit().map_err(err)?;
         Ok(id)
     }
 
