@@ -1,4 +1,4 @@
--- foreman queue schema, version 2. This file is the producer's contract: producers may rely on what
+-- foreman queue schema, version 3. This file is the producer's contract: producers may rely on what
 -- this comment documents and on nothing else.
 --
 -- TO ENQUEUE A TASK
@@ -129,4 +129,47 @@ CREATE TABLE IF NOT EXISTS foreman_schedule (
     interval     REAL
 );
 
-PRAGMA user_version = 2;
+-- The daemon's heartbeat: one row (id 1), replaced when a daemon starts, rewritten from its loop
+-- every `heartbeat` (5 s by default) and at least once a second while it works, and stamped
+-- stopped_at when it exits cleanly. A heartbeat that stops moving while the pid lives is a stuck
+-- loop. pid_start is the process's start time in clock ticks since boot (field 22 of
+-- /proc/PID/stat), so a reused pid is not taken for the daemon. pools is a JSON array of
+-- {"name", "processes", "up"}; totals a JSON object {task name: {"done": n, "failed": n}} counted
+-- since started_at. The running set is foreman_run's rows in state 'running'.
+CREATE TABLE IF NOT EXISTS foreman_daemon (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    pid          INTEGER NOT NULL,
+    pid_start    INTEGER,
+    host         TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    stopped_at   REAL,
+    workers      INTEGER NOT NULL,
+    pools        TEXT NOT NULL DEFAULT '[]',
+    totals       TEXT NOT NULL DEFAULT '{}'
+);
+
+-- Per-minute figures per task name (kept 7 days by default), written by the daemon from memory at
+-- most once a second. minute is the Unix time divided by 60, of when the attempt ended. count is
+-- the attempts that ended (done + failed; failed counts timeouts too). Wall time is start to end,
+-- wait time enqueue (or due time, for a delayed task or a retry) to start, in seconds. The _hist
+-- columns are JSON objects {bucket: count} of a log histogram: bucket b holds durations from
+-- 100 µs · 2^((b-1)/4) up to 100 µs · 2^(b/4) (bucket 0: below 100 µs), so a percentile read from
+-- it is within 9 % of the truth.
+CREATE TABLE IF NOT EXISTS foreman_stat (
+    minute     INTEGER NOT NULL,
+    task_name  TEXT NOT NULL,
+    count      INTEGER NOT NULL DEFAULT 0,
+    done       INTEGER NOT NULL DEFAULT 0,
+    failed     INTEGER NOT NULL DEFAULT 0,
+    wall_total REAL NOT NULL DEFAULT 0,
+    wall_max   REAL NOT NULL DEFAULT 0,
+    wait_total REAL NOT NULL DEFAULT 0,
+    wait_max   REAL NOT NULL DEFAULT 0,
+    wall_hist  TEXT NOT NULL DEFAULT '{}',
+    wait_hist  TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (minute, task_name)
+) WITHOUT ROWID;
+
+PRAGMA user_version = 3;

@@ -21,6 +21,11 @@ pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `foreman_run` keeps an attempt's record.
 pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_hours(168);
+/// How long `foreman_stat` keeps its per-minute rows.
+pub const DEFAULT_STATS_RETENTION: Duration = Duration::from_hours(168);
+/// How often an idle daemon rewrites its heartbeat row (a busy one writes it with its work, at most
+/// once a second). `foreman health --max-age` defaults to six of these.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// More threads than this is a typo, not a configuration.
 const MAX_WORKERS: usize = 1024;
 /// Task names under this prefix belong to foreman's built-in handlers.
@@ -185,6 +190,19 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     pub schedules: BTreeMap<String, ScheduleConfig>,
     pub history_retention: Duration,
+    pub stats_retention: Duration,
+    pub heartbeat: Duration,
+    pub sentry: SentryConfig,
+}
+
+/// Where failures are reported (cargo feature `sentry`). `SENTRY_DSN` in the environment wins over
+/// `sentry_dsn` in the file; no DSN, no reporting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentryConfig {
+    pub dsn: Option<String>,
+    pub environment: Option<String>,
+    /// Whether events carry the task's args and kwargs (they may hold personal data).
+    pub send_args: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -203,6 +221,11 @@ struct FileConfig {
     #[serde(default)]
     schedules: BTreeMap<String, FileSchedule>,
     history_retention: Option<DurationValue>,
+    stats_retention: Option<DurationValue>,
+    heartbeat: Option<DurationValue>,
+    sentry_dsn: Option<String>,
+    sentry_environment: Option<String>,
+    sentry_send_args: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +417,18 @@ impl Config {
             history_retention: parsed
                 .history_retention
                 .map_or(DEFAULT_HISTORY_RETENTION, |d| d.0),
+            stats_retention: parsed
+                .stats_retention
+                .map_or(DEFAULT_STATS_RETENTION, |d| d.0),
+            heartbeat: parsed.heartbeat.map_or(DEFAULT_HEARTBEAT, |d| d.0),
+            sentry: SentryConfig {
+                dsn: std::env::var("SENTRY_DSN")
+                    .ok()
+                    .or(parsed.sentry_dsn)
+                    .filter(|dsn| !dsn.trim().is_empty()),
+                environment: parsed.sentry_environment,
+                send_args: parsed.sentry_send_args.unwrap_or(false),
+            },
             file,
         };
         config.validate(overrides)?;
@@ -422,8 +457,14 @@ impl Config {
                 self.workers
             )));
         }
-        if self.history_retention.is_zero() {
-            return Err(self.key_error("history_retention", "must be greater than 0"));
+        for (key, value) in [
+            ("history_retention", self.history_retention),
+            ("stats_retention", self.stats_retention),
+            ("heartbeat", self.heartbeat),
+        ] {
+            if value.is_zero() {
+                return Err(self.key_error(key, "must be greater than 0"));
+            }
         }
         if self.tick.is_zero() {
             let key = origin(overrides.tick.is_some(), "tick");
@@ -559,6 +600,21 @@ impl Config {
             "history_retention = \"{}\"",
             format_duration(self.history_retention)
         );
+        let _ = writeln!(
+            out,
+            "stats_retention = \"{}\"",
+            format_duration(self.stats_retention)
+        );
+        let _ = writeln!(out, "heartbeat = \"{}\"", format_duration(self.heartbeat));
+        if let Some(dsn) = &self.sentry.dsn {
+            // The key is a secret of sorts; say where events go, not how to send them.
+            let host = dsn.rsplit('@').next().unwrap_or_default();
+            let _ = writeln!(out, "sentry_dsn = {}", toml_str(&format!("…@{host}")));
+        }
+        if let Some(environment) = &self.sentry.environment {
+            let _ = writeln!(out, "sentry_environment = {}", toml_str(environment));
+        }
+        let _ = writeln!(out, "sentry_send_args = {}", self.sentry.send_args);
         for (name, pool) in &self.pools {
             let _ = writeln!(
                 out,

@@ -18,6 +18,7 @@ pub mod queue;
 pub mod registry;
 pub mod schedule;
 pub mod signals;
+pub mod stats;
 pub mod task;
 pub mod thread_pool;
 pub mod wakeup;

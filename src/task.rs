@@ -14,6 +14,8 @@ pub struct Task {
     pub kwargs: Map<String, Json>,
     /// Unix time in seconds at which the row was inserted, if the row had a usable value.
     pub created_at: Option<f64>,
+    /// Unix time before which it was not to start (its delay, or its retry's backoff).
+    pub run_after: Option<f64>,
     /// 1 for the first run; retries and re-runs after a crash count up.
     pub attempt: i64,
     pub priority: i64,
@@ -77,12 +79,8 @@ pub fn decode(raw: &RawRow) -> Result<Task, String> {
             ));
         }
     };
-    let created_at = match raw.created_at {
-        Value::Real(t) => Some(t),
-        #[allow(clippy::cast_precision_loss)] // Unix seconds fit a double exactly for ages to come.
-        Value::Integer(t) => Some(t as f64),
-        _ => None,
-    };
+    let created_at = unix_time(&raw.created_at);
+    let run_after = unix_time(&raw.run_after);
     let Value::Integer(priority) = raw.priority else {
         return Err("priority is not an integer".to_owned());
     };
@@ -101,11 +99,21 @@ pub fn decode(raw: &RawRow) -> Result<Task, String> {
         args,
         kwargs,
         created_at,
+        run_after,
         attempt,
         priority,
         origin,
         was_leased: !matches!(raw.leased_at, Value::Null),
     })
+}
+
+fn unix_time(value: &Value) -> Option<f64> {
+    match *value {
+        Value::Real(t) => Some(t),
+        #[allow(clippy::cast_precision_loss)] // Unix seconds fit a double exactly for ages to come.
+        Value::Integer(t) => Some(t as f64),
+        _ => None,
+    }
 }
 
 fn text_column<'a>(column: &str, value: &'a Value) -> Result<&'a str, String> {

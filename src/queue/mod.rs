@@ -11,11 +11,12 @@ use crate::error::{Error, Result};
 use crate::task::{RawRow, Task, decode};
 
 pub mod admin;
+pub mod daemon;
 
 /// The public protocol; see the comment block at its top.
 pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 /// The `PRAGMA user_version` this binary creates and understands.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Brings a version 1 database to version 2 before `SCHEMA_SQL` runs: `run_after`'s default is not
 /// a constant, which `ALTER TABLE ADD COLUMN` refuses, so the queue table is rebuilt (ids, and the
 /// AUTOINCREMENT high-water mark, kept). Every old row is due now, so they keep v1's id order.

@@ -35,7 +35,7 @@ fn in_process_handlers_run_and_a_panic_frees_the_slot() {
             .sql()
             .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
             .unwrap()
-            == 2));
+            == foreman::queue::SCHEMA_VERSION));
     // One worker: if the panic did not free its slot, the later task would never run.
     env.insert("app.panics", "[]");
     env.insert("app.fails", "[]");
