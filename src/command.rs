@@ -99,7 +99,7 @@ fn run_command(
 
 /// A `Command` for `argv` with piped stdio, in its own process group (so a signal reaches the
 /// whole tree it starts) and set to die with the daemon, even on `kill -9`. The child inherits the
-/// daemon's environment and working directory.
+/// daemon's environment (less systemd's notification variables) and working directory.
 pub(crate) fn piped_command(argv: &[String]) -> Result<Command, String> {
     let (program, program_args) = argv.split_first().ok_or("the command is empty")?;
     let mut command = Command::new(program);
@@ -109,6 +109,9 @@ pub(crate) fn piped_command(argv: &[String]) -> Result<Command, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    for name in crate::notify::DAEMON_ONLY_ENV {
+        command.env_remove(name);
+    }
     // SAFETY: getpid is async-signal-safe; read before fork, compared after.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid) and allocates nothing.

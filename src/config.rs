@@ -205,6 +205,19 @@ pub struct SentryConfig {
     pub send_args: bool,
 }
 
+impl SentryConfig {
+    fn new(dsn: Option<String>, environment: Option<String>, send_args: Option<bool>) -> Self {
+        SentryConfig {
+            dsn: std::env::var("SENTRY_DSN")
+                .ok()
+                .or(dsn)
+                .filter(|dsn| !dsn.trim().is_empty()),
+            environment,
+            send_args: send_args.unwrap_or(false),
+        }
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -421,14 +434,11 @@ impl Config {
                 .stats_retention
                 .map_or(DEFAULT_STATS_RETENTION, |d| d.0),
             heartbeat: parsed.heartbeat.map_or(DEFAULT_HEARTBEAT, |d| d.0),
-            sentry: SentryConfig {
-                dsn: std::env::var("SENTRY_DSN")
-                    .ok()
-                    .or(parsed.sentry_dsn)
-                    .filter(|dsn| !dsn.trim().is_empty()),
-                environment: parsed.sentry_environment,
-                send_args: parsed.sentry_send_args.unwrap_or(false),
-            },
+            sentry: SentryConfig::new(
+                parsed.sentry_dsn,
+                parsed.sentry_environment,
+                parsed.sentry_send_args,
+            ),
             file,
         };
         config.validate(overrides)?;

@@ -11,12 +11,15 @@ use crossbeam_channel::{Receiver, select};
 use crate::children::{Children, KILL_GRACE};
 use crate::config::{Config, Delivery, Runner};
 use crate::error::{Error, Result};
+use crate::notify::Notifier;
 use crate::pid_guard::PidGuard;
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
+use crate::queue::daemon::{Beat, DaemonInfo, process_start};
 use crate::queue::{Access, Ending, Next, Queue, Resolved, RunState, unix_now};
 use crate::registry::{Handler, Registry};
 use crate::schedule::Schedules;
 use crate::signals::Shutdown;
+use crate::stats::{Tally, minute_of};
 use crate::task::Task;
 use crate::thread_pool::{Finished, Job, Outcome, ThreadPool};
 use crate::wakeup::WakeupDir;
@@ -36,6 +39,8 @@ enum Event {
     Deadline,
     /// A delayed task or a schedule is due.
     Due,
+    /// Time to ping the watchdog, and maybe to write the heartbeat and figures.
+    Beat,
 }
 
 /// How long an at-least-once task's lease lasts (longer for a task with a longer timeout). The
@@ -51,6 +56,8 @@ const FLUSH_TRIES: usize = 3;
 const PRUNE_BATCH: usize = 1000;
 /// How often the loop prunes history when the last pass found nothing more to prune.
 const PRUNE_EVERY: Duration = Duration::from_mins(1);
+/// The longest a busy daemon keeps its figures in memory before writing them (with a heartbeat).
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 enum Phase {
     Running,
@@ -71,6 +78,8 @@ struct Running {
     pool: Option<usize>,
     /// Runs under a lease (at-least-once): its row stays queued until the attempt is recorded.
     leased: bool,
+    /// Seconds from when it was due (enqueued, or its delay or backoff over) to its start.
+    waited: f64,
 }
 
 /// Runs the daemon until a shutdown signal arrives on `shutdown` and the running tasks are done
@@ -117,68 +126,99 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         next_task_due: None,
         next_prune: Instant::now(),
         prune_from: None,
+        tally: Tally::default(),
+        notifier: Notifier::from_env(),
+        last_beat: Instant::now(),
     };
     foreman.schedules_due();
     foreman.wakeup.clear();
     foreman.fill();
-    let ticker = crossbeam_channel::tick(config.tick);
-    let mut shutdown = shutdown.clone();
-    loop {
-        let deadline = match foreman.phase {
-            Phase::Running => crossbeam_channel::never(),
-            Phase::Draining { deadline } | Phase::Terminating { deadline } => {
-                crossbeam_channel::at(deadline)
-            }
-        };
-        let due = match foreman.phase {
-            Phase::Running => foreman
-                .next_due()
-                .map_or_else(crossbeam_channel::never, crossbeam_channel::at),
-            _ => crossbeam_channel::never(),
-        };
-        let event = select! {
-            recv(shutdown) -> signal => if let Ok(signal) = signal {
-                Event::Shutdown(signal)
-            } else {
-                // Nobody can ask for a shutdown any more; stop listening instead of spinning.
-                shutdown = crossbeam_channel::never();
-                continue;
-            },
-            recv(finished) -> done => done.map_or(Event::Tick, Event::WorkerFinished),
-            recv(pool_events) -> event => event.map_or(Event::Tick, Event::Pool),
-            recv(wakes) -> _ => Event::Wakeup,
-            recv(ticker) -> _ => Event::Tick,
-            recv(deadline) -> _ => Event::Deadline,
-            recv(due) -> _ => Event::Due,
-        };
-        match event {
-            Event::Wakeup => {
-                foreman.wakeup.clear();
-                foreman.fill();
-            }
-            Event::WorkerFinished(done) => {
-                foreman.finish(done);
-                // Coalesce: collect every worker that is done before popping once for all of them.
-                while let Ok(done) = finished.try_recv() {
-                    foreman.finish(done);
+    foreman.write_beat();
+    let status = foreman.status_line();
+    foreman.notifier.ready(status);
+    foreman.serve(shutdown, &finished, &pool_events, &wakes)
+}
+
+impl Foreman<'_> {
+    /// The loop: one event at a time until the daemon has stopped.
+    fn serve(
+        &mut self,
+        shutdown: &Receiver<Shutdown>,
+        finished: &Receiver<Finished>,
+        pool_events: &Receiver<PoolEvent>,
+        wakes: &Receiver<()>,
+    ) -> Result<()> {
+        let ticker = crossbeam_channel::tick(self.config.tick);
+        let beat_every = [
+            Some(self.config.heartbeat),
+            Some(FLUSH_EVERY),
+            self.notifier.watchdog_every(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(FLUSH_EVERY);
+        let beats = crossbeam_channel::tick(beat_every);
+        let mut shutdown = shutdown.clone();
+        loop {
+            let deadline = match self.phase {
+                Phase::Running => crossbeam_channel::never(),
+                Phase::Draining { deadline } | Phase::Terminating { deadline } => {
+                    crossbeam_channel::at(deadline)
                 }
-                foreman.fill();
+            };
+            let due = match self.phase {
+                Phase::Running => self
+                    .next_due()
+                    .map_or_else(crossbeam_channel::never, crossbeam_channel::at),
+                _ => crossbeam_channel::never(),
+            };
+            let event = select! {
+                recv(shutdown) -> signal => if let Ok(signal) = signal {
+                    Event::Shutdown(signal)
+                } else {
+                    // Nobody can ask for a shutdown any more; stop listening instead of spinning.
+                    shutdown = crossbeam_channel::never();
+                    continue;
+                },
+                recv(finished) -> done => done.map_or(Event::Tick, Event::WorkerFinished),
+                recv(pool_events) -> event => event.map_or(Event::Tick, Event::Pool),
+                recv(wakes) -> _ => Event::Wakeup,
+                recv(ticker) -> _ => Event::Tick,
+                recv(deadline) -> _ => Event::Deadline,
+                recv(due) -> _ => Event::Due,
+                recv(beats) -> _ => Event::Beat,
+            };
+            match event {
+                Event::Wakeup => {
+                    self.wakeup.clear();
+                    self.fill();
+                }
+                Event::WorkerFinished(done) => {
+                    self.finish(done);
+                    // Coalesce: collect every worker that is done before popping once for all of them.
+                    while let Ok(done) = finished.try_recv() {
+                        self.finish(done);
+                    }
+                    self.fill();
+                }
+                Event::Pool(event) => {
+                    self.pool_event(event);
+                    self.fill();
+                }
+                Event::Tick => self.tick(),
+                Event::Shutdown(signal) => self.shutdown(signal)?,
+                Event::Deadline => self.deadline(),
+                Event::Due => {
+                    self.next_task_due = None;
+                    self.schedules_due();
+                    self.fill();
+                }
+                Event::Beat => self.beat(),
             }
-            Event::Pool(event) => {
-                foreman.pool_event(event);
-                foreman.fill();
+            if self.stopped() {
+                return Ok(());
             }
-            Event::Tick => foreman.tick(),
-            Event::Shutdown(signal) => foreman.shutdown(signal)?,
-            Event::Deadline => foreman.deadline(),
-            Event::Due => {
-                foreman.next_task_due = None;
-                foreman.schedules_due();
-                foreman.fill();
-            }
-        }
-        if foreman.stopped() {
-            return Ok(());
         }
     }
 }
@@ -194,7 +234,26 @@ fn open_queue(config: &Config) -> Result<Queue> {
             "the previous daemon stopped with tasks running: {lost} recorded lost (at-most-once), {requeued} queued again (at-least-once)"
         );
     }
+    queue.register_daemon(&DaemonInfo {
+        pid: std::process::id(),
+        pid_start: process_start(std::process::id()),
+        host: hostname(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: unix_now(),
+        workers: config.workers,
+    })?;
     Ok(queue)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer outlives the call, which writes at most its length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn log_startup(config: &Config, registry: &Registry, pools: &[ProcessPool]) {
@@ -297,6 +356,11 @@ struct Foreman<'c> {
     next_prune: Instant,
     /// Where the next history pruning pass goes on from (a `foreman_run` key).
     prune_from: Option<(i64, i64)>,
+    /// Figures of the ended attempts not written to `foreman_stat` yet.
+    tally: Tally,
+    notifier: Notifier,
+    /// When the heartbeat row was last written.
+    last_beat: Instant,
 }
 
 impl Foreman<'_> {
@@ -342,6 +406,10 @@ impl Foreman<'_> {
                     _ => None,
                 };
                 let leased = config.policy(&task.name).delivery == Delivery::AtLeastOnce;
+                let due = match (task.run_after, task.created_at) {
+                    (Some(a), Some(b)) => a.max(b),
+                    (a, b) => a.or(b).unwrap_or(now),
+                };
                 self.running.insert(
                     task.id,
                     Running {
@@ -349,6 +417,7 @@ impl Foreman<'_> {
                         started: Instant::now(),
                         pool,
                         leased,
+                        waited: (now - due).max(0.0),
                     },
                 );
                 match handler {
@@ -371,6 +440,7 @@ impl Foreman<'_> {
         if !matches!(self.phase, Phase::Running) && self.running.is_empty() {
             self.flush_before_exit();
             self.stop_pools();
+            self.sign_off();
             log::info!("foreman stopped: no task running");
             return true;
         }
@@ -380,6 +450,7 @@ impl Foreman<'_> {
             let killed = self.children.kill_everything();
             self.flush_before_exit();
             self.stop_pools();
+            self.sign_off();
             log::warn!(
                 "foreman stopped: killed {killed} task process group(s); {} task(s) abandoned",
                 self.running.len()
@@ -449,13 +520,16 @@ impl Foreman<'_> {
     /// Turns a finished attempt into its record (and retry or dead letter), written by the next
     /// cycle, and logs it.
     fn finish(&mut self, done: Finished) {
-        let leased = self.forget(done.task.id);
+        let (leased, waited) = self.forget(done.task.id);
         let Finished {
             task,
             outcome,
             elapsed,
         } = done;
         let now = unix_now();
+        let ok = matches!(outcome, Outcome::Done { .. });
+        self.tally
+            .add(&task.name, ok, now, elapsed.as_secs_f64(), waited);
         let (state, reason) = match outcome {
             Outcome::Done { eventful } => {
                 log::debug!("task {} {} done in {elapsed:?}", task.id, task.name);
@@ -499,15 +573,15 @@ impl Foreman<'_> {
     }
 
     /// The task is no longer running (finished, or buried before it started); returns whether it
-    /// ran under a lease.
-    fn forget(&mut self, task_id: i64) -> bool {
+    /// ran under a lease, and how long it waited to start.
+    fn forget(&mut self, task_id: i64) -> (bool, f64) {
         let Some(running) = self.running.remove(&task_id) else {
-            return false;
+            return (false, 0.0);
         };
         if let Some(pool) = running.pool.and_then(|p| self.pools.get_mut(p)) {
             pool.done_one();
         }
-        running.leased
+        (running.leased, running.waited)
     }
 
     fn pool_event(&mut self, event: PoolEvent) {
@@ -544,7 +618,7 @@ impl Foreman<'_> {
             }
         }
         for job in applied.orphans {
-            let leased = self.forget(job.task.id);
+            let (leased, _) = self.forget(job.task.id);
             let reason = match self.pools[event.pool].accepts(&job.task.name) {
                 Err(reason) => reason,
                 Ok(()) => format!("pool {name:?} went down before the task started"),
@@ -600,10 +674,88 @@ impl Foreman<'_> {
         }
     }
 
+    /// The heartbeat timer: pings systemd's watchdog (from this loop, so a stuck loop gets the
+    /// daemon restarted), and writes the heartbeat row with the figures when they are due.
+    fn beat(&mut self) {
+        if !self.tally.is_empty() || self.last_beat.elapsed() >= self.config.heartbeat {
+            self.write_beat();
+        }
+        let status = self.status_line();
+        self.notifier.alive(status);
+    }
+
+    /// Writes the heartbeat row and the figures counted since the last one, in one transaction.
+    fn write_beat(&mut self) {
+        let stats = self.tally.take();
+        let pools = self.pools_json();
+        let totals = self.tally.totals_json();
+        let beat = Beat {
+            pools_json: &pools,
+            totals_json: &totals,
+        };
+        match self.queue.heartbeat(unix_now(), &beat, &stats) {
+            Ok(()) => self.last_beat = Instant::now(),
+            Err(e) => {
+                self.tally.restore(stats);
+                self.db_error(&e);
+            }
+        }
+    }
+
+    /// The pools as the heartbeat row shows them: what `foreman status` and `health` need to tell
+    /// a saturated pool from a stalled queue.
+    fn pools_json(&self) -> String {
+        let pools: Vec<serde_json::Value> = self
+            .pools
+            .iter()
+            .map(|pool| {
+                let tasks: Vec<&String> = pool.served().into_iter().flatten().collect();
+                serde_json::json!({
+                    "name": &*pool.name,
+                    "processes": pool.processes(),
+                    "up": pool.up(),
+                    "busy": pool.in_flight(),
+                    "tasks": tasks,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(pools).to_string()
+    }
+
+    /// systemd's one-line status (`systemctl status` shows it).
+    fn status_line(&self) -> String {
+        let phase = match self.phase {
+            Phase::Running => "",
+            Phase::Draining { .. } | Phase::Terminating { .. } => "stopping; ",
+        };
+        format!(
+            "{phase}{}/{} busy; {} task(s) ended in the last minute",
+            self.running.len(),
+            self.config.workers,
+            self.tally.last_minute(unix_now())
+        )
+    }
+
+    /// The last words in the DB: the figures not written yet, and a clean exit on the daemon row.
+    fn sign_off(&mut self) {
+        self.write_beat();
+        if let Err(e) = self.queue.daemon_stopped(unix_now()) {
+            log::warn!("could not mark the daemon stopped in the DB: {e}");
+        }
+    }
+
     /// Prunes history older than the retention, a window of rows at a time: the next window at
     /// the next tick until the whole history has been looked at, then again after a while.
     fn prune(&mut self) {
-        let before = unix_now() - self.config.history_retention.as_secs_f64();
+        let now = unix_now();
+        let before = now - self.config.history_retention.as_secs_f64();
+        if self.prune_from.is_none() {
+            // Once per pass over the history: a minute's figures are few rows.
+            let oldest = minute_of(now - self.config.stats_retention.as_secs_f64());
+            if let Err(e) = self.queue.prune_stats(oldest) {
+                self.db_error(&e);
+            }
+        }
         match self
             .queue
             .prune_history(before, self.prune_from, PRUNE_BATCH)
@@ -655,6 +807,8 @@ impl Foreman<'_> {
             self.phase = Phase::Draining {
                 deadline: Instant::now() + self.config.graceful_timeout,
             };
+            let status = self.status_line();
+            self.notifier.stopping(&status);
             return Ok(());
         }
         self.log_survivors("abandoned at second signal");

@@ -12,6 +12,7 @@ pub mod db_watch;
 pub mod duration;
 pub mod error;
 pub mod foreman;
+pub mod notify;
 pub mod pid_guard;
 pub mod process_pool;
 pub mod queue;

@@ -195,6 +195,19 @@ impl ProcessPool {
         self.slots.len()
     }
 
+    /// Processes that said hello and have not died since.
+    pub fn up(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| **s == SlotState::Ready)
+            .count()
+    }
+
+    /// The task names its hello announced, once one came.
+    pub fn served(&self) -> Option<&BTreeSet<String>> {
+        self.served.as_ref()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }

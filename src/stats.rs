@@ -66,7 +66,11 @@ impl Histogram {
             seen += n;
             if seen >= rank {
                 let (low, high) = Self::bounds(*b);
-                return Some(if *b == 0 { high / 2.0 } else { (low * high).sqrt() });
+                return Some(if *b == 0 {
+                    high / 2.0
+                } else {
+                    (low * high).sqrt()
+                });
             }
         }
         None
@@ -149,7 +153,8 @@ pub fn minute_of(unix: f64) -> i64 {
 /// started (the heartbeat row's `totals`).
 #[derive(Debug, Default)]
 pub struct Tally {
-    pending: BTreeMap<(i64, String), MinuteStat>,
+    // Keyed so that counting an attempt looks its name up without allocating.
+    pending: BTreeMap<i64, BTreeMap<String, MinuteStat>>,
     totals: BTreeMap<String, (u64, u64)>,
     /// Finished attempts per minute for the last two minutes, for the systemd status line.
     recent: [(i64, u64); 2],
@@ -159,23 +164,31 @@ impl Tally {
     /// Counts an ended attempt: `wall` its run time, `wait` how long it was due before it started.
     pub fn add(&mut self, name: &str, ok: bool, finished_at: f64, wall: f64, wait: f64) {
         let minute = minute_of(finished_at);
-        self.pending
-            .entry((minute, name.to_owned()))
-            .or_default()
-            .add(ok, wall, wait);
-        let total = self.totals.entry(name.to_owned()).or_default();
+        let names = self.pending.entry(minute).or_default();
+        if let Some(stat) = names.get_mut(name) {
+            stat.add(ok, wall, wait);
+        } else {
+            names
+                .entry(name.to_owned())
+                .or_default()
+                .add(ok, wall, wait);
+        }
+        let total = if let Some(total) = self.totals.get_mut(name) {
+            total
+        } else {
+            self.totals.entry(name.to_owned()).or_default()
+        };
         if ok {
             total.0 += 1;
         } else {
             total.1 += 1;
         }
-        match self.recent.iter_mut().find(|(m, _)| *m == minute) {
-            Some((_, n)) => *n += 1,
-            None => {
-                // Replace the older of the two.
-                let oldest = usize::from(self.recent[1].0 < self.recent[0].0);
-                self.recent[oldest] = (minute, 1);
-            }
+        if let Some((_, n)) = self.recent.iter_mut().find(|(m, _)| *m == minute) {
+            *n += 1;
+        } else {
+            // Replace the older of the two.
+            let oldest = usize::from(self.recent[1].0 < self.recent[0].0);
+            self.recent[oldest] = (minute, 1);
         }
     }
 
@@ -186,11 +199,23 @@ impl Tally {
     /// The rows to add to `foreman_stat`; put them back with `restore` if writing them fails.
     pub fn take(&mut self) -> BTreeMap<(i64, String), MinuteStat> {
         std::mem::take(&mut self.pending)
+            .into_iter()
+            .flat_map(|(minute, names)| {
+                names
+                    .into_iter()
+                    .map(move |(name, stat)| ((minute, name), stat))
+            })
+            .collect()
     }
 
     pub fn restore(&mut self, rows: BTreeMap<(i64, String), MinuteStat>) {
-        for (key, row) in rows {
-            self.pending.entry(key).or_default().merge(&row);
+        for ((minute, name), row) in rows {
+            self.pending
+                .entry(minute)
+                .or_default()
+                .entry(name)
+                .or_default()
+                .merge(&row);
         }
     }
 
@@ -247,7 +272,10 @@ mod tests {
         b.merge(&a);
         assert_eq!(b.count(), 6);
         assert_eq!(Histogram::from_json("not json").count(), 0);
-        assert_eq!(Histogram::from_json(r#"{"x": 1, "999": 2, "3": -1}"#).count(), 0);
+        assert_eq!(
+            Histogram::from_json(r#"{"x": 1, "999": 2, "3": -1}"#).count(),
+            0
+        );
     }
 
     #[test]
@@ -258,7 +286,10 @@ mod tests {
         t.add("b", true, 185.0, 0.1, 0.0);
         assert_eq!(t.last_minute(190.0), 2);
         assert_eq!(t.last_minute(250.0), 1);
-        assert_eq!(t.totals_json(), r#"{"a":{"done":1,"failed":1},"b":{"done":1,"failed":0}}"#);
+        assert_eq!(
+            t.totals_json(),
+            r#"{"a":{"done":1,"failed":1},"b":{"done":1,"failed":0}}"#
+        );
         let rows = t.take();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[&(2, "a".to_owned())].count, 2);

@@ -89,6 +89,15 @@ impl Queue {
     }
 }
 
+/// The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat), which
+/// with the pid names one process for as long as the machine runs.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces or ')': skip past the last.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Adds one minute's figures to what the row has (a restart within the minute, or an earlier flush).
 fn add_stat(
     tx: &rusqlite::Connection,

@@ -8,6 +8,7 @@ mod drain;
 mod history;
 mod library;
 mod pools;
+mod publish;
 mod schedules;
 mod shutdown;
 mod support;
