@@ -12,6 +12,7 @@ use crate::task::{RawRow, Task, decode};
 
 pub mod admin;
 pub mod daemon;
+pub mod report;
 
 /// The public protocol; see the comment block at its top.
 pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
