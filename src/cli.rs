@@ -13,7 +13,9 @@ use crate::config::{Config, Overrides};
 use crate::db_watch::DbWatch;
 use crate::duration::{format_duration, parse_duration};
 use crate::error::{Error, Result};
-use crate::pid_guard::DaemonState;
+use crate::ops::stats::Stats;
+use crate::ops::status::Status;
+use crate::ops::{self, Style, Thresholds, metrics};
 use crate::queue::admin::{CancelOutcome, DeadLetter, DeadSelection, Requeued, TaskProgress};
 use crate::queue::{Access, NewTask, Queue, SCHEMA_VERSION, unix_now};
 use crate::registry::Registry;
@@ -25,8 +27,8 @@ Exit codes:
   0  success
   1  runtime failure (database error, daemon already running, a second signal during shutdown…)
   2  usage or configuration error (bad flag, bad config file, bad JSON argument)
-`wait` has exit codes of its own, and `cancel` and `dead requeue` exit 1 when they could not do
-it for every id: see their --help.";
+`wait` and `health` have exit codes of their own, and `cancel` and `dead requeue` exit 1 when they
+could not do it for every id: see their --help.";
 
 // `wait` answers with its status, so its codes differ from the others' on purpose.
 const WAIT_EXIT_CODES: &str = "\
@@ -36,6 +38,19 @@ Exit codes:
      (also a runtime failure such as a database error, told apart by its message on stderr)
   2  --timeout passed first (stderr says the state the task is in), or a usage error
   3  no task has this id (never enqueued, or its history was pruned)";
+
+// `health` is a probe: Docker reads any exit but 0 as unhealthy and reserves 2, so every
+// unhealthy verdict is 1 and 2 stays a usage error.
+const HEALTH_EXIT_CODES: &str = "\
+Exit codes:
+  0  healthy: the daemon runs, its heartbeat is fresh, and no task waits past --max-queue-age
+     while a worker is free (busy workers or a saturated pool are healthy)
+  1  unhealthy; the line says why: daemon_down, heartbeat_stale, stalled, db_error
+  2  usage or configuration error
+
+Examples:
+  Dockerfile:  HEALTHCHECK --interval=30s CMD foreman health
+  Kubernetes:  livenessProbe: {exec: {command: [foreman, health, --max-age, 30s]}}";
 
 const CANCEL_EXIT_CODES: &str = "\
 Exit codes:
@@ -105,12 +120,43 @@ pub enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
-    /// Show whether the daemon runs, the queue depth per task name, the oldest task's age and the
-    /// dead-letter count
+    /// Show the daemon (up or down, uptime, heartbeat), workers, running tasks, the queue per task
+    /// name, dead letters and the last minute's throughput
     Status {
         /// One JSON document instead of text
         #[arg(long)]
         json: bool,
+    },
+    /// Per task name over a window: attempts, failures, p50/max wall and wait times, and a trend
+    Stats {
+        /// How far back to look, e.g. 1h, 24h, 7d
+        #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+        window: Duration,
+        /// Only this task name
+        #[arg(long, value_name = "NAME")]
+        task: Option<String>,
+        /// One JSON document instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 if the daemon is healthy, else 1 with one line saying why (for Docker and Kubernetes)
+    #[command(after_help = HEALTH_EXIT_CODES)]
+    Health {
+        /// A heartbeat older than this is stale [default: 6 × the heartbeat setting, 30s]
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        max_age: Option<Duration>,
+        /// A due task waiting longer than this while a worker is free is a stall
+        #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+        max_queue_age: Duration,
+        /// One JSON document instead of the line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print status figures in the Prometheus text format (for node_exporter's textfile collector)
+    Metrics {
+        /// Write them to FILE atomically (temporary file and rename) instead of stdout
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// Validate the configuration and print the effective result
     CheckConfig(DaemonArgs),
@@ -224,7 +270,57 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
         Command::Wait { id, timeout, json } => wait(cli, *id, *timeout, *json),
         Command::Cancel { ids } => cancel(cli, ids),
         Command::Dead { command } => dead(cli, command),
-        Command::Status { json } => status(cli, *json),
+        Command::Status { json } => {
+            let config = cli.load_config(&DaemonArgs::default())?;
+            let status = Status::read(&ops::open(&config)?, &config)?;
+            print(&if *json {
+                status.json()
+            } else {
+                status.text(Style {
+                    colour: ops::colour_wanted(),
+                })
+            })
+        }
+        Command::Stats { window, task, json } => {
+            let config = cli.load_config(&DaemonArgs::default())?;
+            let stats = Stats::read(&ops::open(&config)?, &config, *window, task.as_deref())?;
+            print(&if *json {
+                stats.json()
+            } else {
+                stats.text(Style {
+                    colour: ops::colour_wanted(),
+                })
+            })
+        }
+        Command::Health {
+            max_age,
+            max_queue_age,
+            json,
+        } => {
+            let config = cli.load_config(&DaemonArgs::default())?;
+            let thresholds = Thresholds {
+                max_age: max_age.unwrap_or(Thresholds::defaults(&config).max_age),
+                max_queue_age: *max_queue_age,
+            };
+            let (text, healthy) = ops::health::run(&config, thresholds, *json);
+            print(&text)?;
+            if healthy {
+                Ok(())
+            } else {
+                Err(Error::Exit {
+                    code: 1,
+                    message: None,
+                })
+            }
+        }
+        Command::Metrics { output } => {
+            let config = cli.load_config(&DaemonArgs::default())?;
+            let text = metrics::render(&Status::read(&ops::open(&config)?, &config)?);
+            match output {
+                Some(path) => metrics::write_atomically(path, &text),
+                None => print(&text),
+            }
+        }
         Command::CheckConfig(daemon) => {
             let config = cli.load_config(daemon)?;
             config.check_commands()?;
@@ -299,60 +395,6 @@ fn wake_daemon(config: &Config, done: &str) {
             wakeup.path().display()
         );
     }
-}
-
-fn status(cli: &Cli, json: bool) -> Result<()> {
-    let config = cli.load_config(&DaemonArgs::default())?;
-    let daemon = DaemonState::probe(&config.pid_file)?;
-    let queue = Queue::open(&config.db, Access::ReadOnly)?;
-    queue.check_schema()?;
-    let status = queue.status()?;
-    let (running, pid) = match daemon {
-        DaemonState::Running { pid } => (true, pid),
-        DaemonState::NotRunning => (false, None),
-    };
-    if json {
-        let by_task: serde_json::Map<String, serde_json::Value> = status
-            .by_task
-            .iter()
-            .map(|(name, n)| (name.clone(), (*n).into()))
-            .collect();
-        let doc = serde_json::json!({
-            "db": config.db.display().to_string(),
-            "daemon": { "running": running, "pid": pid },
-            "queue": {
-                "total": status.total,
-                "oldest_age_seconds": status.oldest_age_seconds.map(|a| a.max(0.0)),
-                "by_task": by_task,
-            },
-            "dead": status.dead,
-        });
-        return print(&format!("{doc}\n"));
-    }
-    let mut out = String::new();
-    let daemon_line = match (running, pid) {
-        (true, Some(pid)) => format!("running (pid {pid})"),
-        (true, None) => "running (pid unknown)".to_owned(),
-        (false, _) => "not running".to_owned(),
-    };
-    let _ = writeln!(out, "daemon   {daemon_line}");
-    let _ = writeln!(out, "db       {}", config.db.display());
-    let oldest = status
-        .oldest_age_seconds
-        .map(|a| format!(", oldest queued {:.1}s ago", a.max(0.0)))
-        .unwrap_or_default();
-    let _ = writeln!(out, "queued   {}{oldest}", status.total);
-    let width = status
-        .by_task
-        .iter()
-        .map(|(name, _)| name.len())
-        .max()
-        .unwrap_or(0);
-    for (name, count) in &status.by_task {
-        let _ = writeln!(out, "  {name:<width$}  {count:>8}");
-    }
-    let _ = writeln!(out, "dead     {}", status.dead);
-    print(&out)
 }
 
 /// How long `wait` goes without looking at the database when it sees no change: a missed inotify

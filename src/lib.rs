@@ -13,6 +13,7 @@ pub mod duration;
 pub mod error;
 pub mod foreman;
 pub mod notify;
+pub mod ops;
 pub mod pid_guard;
 pub mod process_pool;
 pub mod queue;

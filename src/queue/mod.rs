@@ -178,17 +178,6 @@ fn truncate_error(error: &str) -> std::borrow::Cow<'_, str> {
     format!("[…] {}", &error[start..]).into()
 }
 
-/// The queue as `foreman status` reports it.
-#[derive(Debug, Default)]
-pub struct QueueStatus {
-    pub total: i64,
-    /// Seconds since the oldest queued row was inserted.
-    pub oldest_age_seconds: Option<f64>,
-    /// (task name, queued count), by name.
-    pub by_task: Vec<(String, i64)>,
-    pub dead: i64,
-}
-
 impl Queue {
     /// Opens the database as `access` says and applies the connection settings.
     pub fn open(path: &Path, access: Access) -> Result<Queue> {
@@ -576,35 +565,6 @@ impl Queue {
     /// object.
     pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<i64> {
         insert_task(&self.conn, task).map_err(|e| self.err(e))
-    }
-
-    pub fn status(&self) -> Result<QueueStatus> {
-        let err = |e| self.err(e);
-        let tx = self.conn.unchecked_transaction().map_err(err)?;
-        let by_task = tx
-            .prepare("SELECT task_name, count(*) FROM foreman_task GROUP BY task_name ORDER BY task_name")
-            .map_err(err)?
-            .query_map([], |r| Ok((text_lossy(r.get(0)?), r.get::<_, i64>(1)?)))
-            .map_err(err)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(err)?;
-        let oldest_age_seconds: Option<f64> = tx
-            .query_row(
-                "SELECT (julianday('now') - 2440587.5) * 86400.0 - created_at FROM foreman_task ORDER BY id LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
-            .map_err(err)?;
-        let dead = tx
-            .query_row("SELECT count(*) FROM foreman_dead", [], |r| r.get(0))
-            .map_err(err)?;
-        Ok(QueueStatus {
-            total: by_task.iter().map(|(_, n)| n).sum(),
-            oldest_age_seconds,
-            by_task,
-            dead,
-        })
     }
 }
 
