@@ -7,6 +7,7 @@ mod commands;
 mod drain;
 mod history;
 mod library;
+mod ops;
 mod pools;
 mod publish;
 mod schedules;
