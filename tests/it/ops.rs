@@ -1079,3 +1079,46 @@ fn health_gives_a_new_daemon_max_age_to_register() {
     );
     daemon.stop();
 }
+
+/// Runs `foreman ARGS` on a terminal (a pty from script(1)); `None` when script is missing.
+fn on_a_terminal(env: &Env, args: &str, no_color: Option<&str>) -> Option<String> {
+    let line = format!(
+        "'{}' --db '{}' {args}",
+        crate::support::BIN,
+        env.db.display()
+    );
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-qec", &line, "/dev/null"])
+        .current_dir(env.dir.path())
+        .stdin(std::process::Stdio::null())
+        .env_remove("NO_COLOR");
+    if let Some(value) = no_color {
+        script.env("NO_COLOR", value);
+    }
+    let out = script.output().ok()?;
+    Some(stdout(&out))
+}
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let env = Env::new();
+    env.init();
+    let Some(coloured) = on_a_terminal(&env, "status", None) else {
+        eprintln!("skipped: needs script(1) for a terminal");
+        return;
+    };
+    assert!(coloured.contains("\x1b[31mdown\x1b[0m"), "{coloured:?}");
+    for no_color in ["1", "yes"] {
+        let plain = on_a_terminal(&env, "status", Some(no_color)).unwrap();
+        assert!(
+            plain.contains("down") && !plain.contains('\x1b'),
+            "{plain:?}"
+        );
+    }
+    // An empty NO_COLOR does not count (no-color.org).
+    let empty = on_a_terminal(&env, "status", Some("")).unwrap();
+    assert!(empty.contains('\x1b'), "{empty:?}");
+    // Redirected, never: the other tests read plain text from a pipe.
+    assert!(!env.ok(&["status"]).contains('\x1b'));
+}
