@@ -23,7 +23,7 @@ pub mod status;
 /// a loop that stopped, not a slow write.
 const MISSED_HEARTBEATS: u32 = 6;
 
-/// Who may be judged, and with what patience.
+/// The limits a verdict is judged by.
 #[derive(Debug, Clone, Copy)]
 pub struct Thresholds {
     /// A heartbeat older than this is stale.
