@@ -13,6 +13,7 @@ pub mod duration;
 pub mod error;
 pub mod foreman;
 pub mod pid_guard;
+pub mod preflight;
 pub mod process_pool;
 pub mod queue;
 pub mod registry;
