@@ -17,9 +17,16 @@ use crate::config::Config;
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
 
-/// The fix for a read-only mount, the most common refusal in containers.
-const READ_ONLY_FIX: &str =
-    "mount a writable volume there (Kubernetes readOnlyRootFilesystem: use an emptyDir or a PVC)";
+/// The fix for a read-only mount. In a container that is the image's root file system; under
+/// systemd (which sets `INVOCATION_ID` for every service) the unit's `ProtectSystem=strict`.
+fn read_only_fix(under_systemd: bool) -> &'static str {
+    if under_systemd {
+        "add it to the unit's ReadWritePaths= (ProtectSystem=strict makes every other path \
+         read-only), or mount a writable volume there"
+    } else {
+        "mount a writable volume there (Kubernetes readOnlyRootFilesystem: use an emptyDir or a PVC)"
+    }
+}
 
 /// Checks everything `foreman run` will write, then warns about file systems where a wakeup or
 /// the WAL cannot work as on a local disk.
@@ -176,7 +183,7 @@ pub(crate) fn refusal(path: &Path, err: &io::Error) -> Refusal {
         Some(libc::EROFS) => Refusal {
             cause: "is on a read-only file system".to_owned(),
             detail: None,
-            fix: READ_ONLY_FIX.to_owned(),
+            fix: read_only_fix(std::env::var_os("INVOCATION_ID").is_some()).to_owned(),
         },
         // Mode bits never stop root: what does is an immutable flag, a security module or an NFS
         // server that maps root to nobody.
@@ -446,7 +453,10 @@ mod tests {
     #[test]
     fn refusals_fit_one_line() {
         let path = Path::new("/data");
-        let rofs = refusal(path, &io::Error::from_raw_os_error(libc::EROFS));
+        let rofs = Refusal {
+            fix: read_only_fix(false).to_owned(),
+            ..refusal(path, &io::Error::from_raw_os_error(libc::EROFS))
+        };
         let err = refused(
             "cannot write /data/foreman.sqlite3: ",
             "its directory /data",
@@ -460,5 +470,6 @@ mod tests {
              volume there (Kubernetes readOnlyRootFilesystem: use an emptyDir or a PVC)"
         );
         assert_eq!(err.exit_code(), 1);
+        assert!(read_only_fix(true).contains("ReadWritePaths="));
     }
 }
