@@ -46,9 +46,12 @@ pub fn check(config: &Config) -> Result<()> {
 /// closing any descriptor of it would drop the POSIX locks of an SQLite connection the same
 /// process (a program embedding foreman) may hold.
 pub fn db_writable(db: &Path, probe: bool) -> Result<()> {
+    let head = |verb: &str| format!("cannot {verb} {}: ", db.display());
+    // SQLite follows a symlinked database to its target and puts `-wal` and `-shm` there.
+    let real = std::fs::canonicalize(db);
+    let db = real.as_deref().unwrap_or(db);
     let dir = parent(db);
     let name = db.file_name().unwrap_or(db.as_os_str()).to_string_lossy();
-    let head = |verb: &str| format!("cannot {verb} {}: ", db.display());
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
