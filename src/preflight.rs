@@ -91,7 +91,7 @@ pub fn db_writable(db: &Path, probe: bool) -> Result<()> {
             let subject = if suffix.is_empty() {
                 "the file".to_owned()
             } else {
-                format!("its {}", file.display())
+                format!("its {suffix} file {}", file.display())
             };
             refused(&head("write"), &subject, &refusal(file, &e), None)
         })?;
