@@ -87,6 +87,7 @@ struct Running {
 /// absent, and drains the backlog first. At the graceful deadline, command tasks are killed but an
 /// in-process handler cannot be: `run` returns without it, and it ends when the process exits.
 pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
+    crate::preflight::check(config)?;
     config.check_commands()?;
     registry.add_config(config)?;
     registry.check_schedules(config)?;

@@ -14,6 +14,7 @@ pub mod error;
 pub mod foreman;
 pub mod notify;
 pub mod pid_guard;
+pub mod preflight;
 pub mod process_pool;
 pub mod queue;
 pub mod registry;

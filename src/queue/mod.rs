@@ -189,7 +189,10 @@ pub struct QueueStatus {
 }
 
 impl Queue {
-    /// Opens the database as `access` says and applies the connection settings.
+    /// Opens the database as `access` says and applies the connection settings. A database this
+    /// user cannot write (a read-only mount or file, a directory where SQLite cannot create the
+    /// `-wal` and `-shm` files) is refused up front, in the preflight's words, rather than with
+    /// SQLite's code at the first write.
     pub fn open(path: &Path, access: Access) -> Result<Queue> {
         let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
         flags |= match access {
@@ -203,12 +206,27 @@ impl Queue {
                 "no such file (run `foreman init` to create it)",
             ));
         }
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::db(path, e))?;
+        if access != Access::ReadOnly {
+            crate::preflight::db_writable(path, false)?;
+        }
+        let refused = |e: rusqlite::Error| Queue::refused(path, access, e);
+        let conn = Connection::open_with_flags(path, flags).map_err(refused)?;
         let queue = Queue {
             conn,
             path: path.to_path_buf(),
         };
-        queue.configure(access).map_err(|e| queue.err(e))?;
+        queue.configure(access).map_err(refused)?;
+        // SQLite falls back to read-only, silently, when the file system refuses writes that the
+        // checks above could not foresee (a FUSE or NFS server's own rules).
+        if access != Access::ReadOnly && queue.conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false)
+        {
+            return Err(crate::preflight::db_writable(path, true)
+                .err()
+                .unwrap_or_else(|| {
+                    queue
+                        .err("SQLite could open it only read-only; check its mount and permissions")
+                }));
+        }
         Ok(queue)
     }
 
@@ -227,6 +245,23 @@ impl Queue {
                 .query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
         }
         self.conn.execute_batch("PRAGMA synchronous = NORMAL")
+    }
+
+    /// An error from opening or configuring the database. SQLite's READONLY and CANTOPEN codes on a
+    /// database foreman must write mean the file system refused: said in the preflight's words (which
+    /// probe the directory too) when it can tell why, else in SQLite's.
+    fn refused(path: &Path, access: Access, e: rusqlite::Error) -> Error {
+        let file_system = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen)
+        );
+        if file_system
+            && access != Access::ReadOnly
+            && let Err(explained) = crate::preflight::db_writable(path, true)
+        {
+            return explained;
+        }
+        Error::db(path, e)
     }
 
     pub fn path(&self) -> &Path {

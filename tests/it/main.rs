@@ -5,6 +5,7 @@ mod admin;
 mod cli;
 mod commands;
 mod drain;
+mod environment;
 mod history;
 mod library;
 mod pools;
