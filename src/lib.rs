@@ -4,6 +4,7 @@
 //! To run in-process Rust handlers, build a [`Registry`] and call [`run`] from your own `main`
 //! (see `examples/inproc.rs`).
 
+pub mod alert;
 pub mod children;
 pub mod cli;
 pub mod command;
