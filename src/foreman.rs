@@ -396,6 +396,7 @@ impl Foreman<'_> {
             self.ended.clear();
             for (id, reason) in &popped.dead {
                 log::error!("task {id} moved to foreman_dead: {reason}");
+                crate::alert::row_buried(*id, reason);
             }
             let started = popped.tasks.len();
             if started < free {
@@ -556,6 +557,7 @@ impl Foreman<'_> {
             Next::Retry(now + delay.as_secs_f64())
         } else {
             let headline = headline(&reason);
+            crate::alert::task_failed(&task, state, headline, &reason);
             Next::Bury(if task.attempt > 1 {
                 format!("failed {} attempts; the last: {headline}", task.attempt)
             } else {
@@ -625,6 +627,7 @@ impl Foreman<'_> {
                 Ok(()) => format!("pool {name:?} went down before the task started"),
             };
             log::error!("task {} moved to foreman_dead: {reason}", job.task.id);
+            crate::alert::task_buried(&job.task, &reason);
             self.ended.push(Ending {
                 task: job.task,
                 state: RunState::Dead,
