@@ -10,9 +10,13 @@ use foreman::cli::{Cli, execute};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level);
+    // Dropped when main returns, after everything else: sends what is queued, within a bound.
+    let _sentry = init_sentry(&cli);
     match execute(&cli, foreman::forward_shutdown_signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Does nothing unless Sentry was initialised, which only `run` does.
+            foreman::alert::startup_error(&e);
             // Empty for a command that printed its answer and only has a status to add.
             let message = e.to_string();
             if !message.is_empty() {
@@ -22,6 +26,34 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Sentry for `run` only: the other commands have a person watching their output. A config that
+/// does not load is still reported, if `SENTRY_DSN` says where (`run` then fails with its error).
+#[cfg(feature = "sentry")]
+fn init_sentry(cli: &Cli) -> Option<sentry::ClientInitGuard> {
+    let sentry = match cli.run_config()? {
+        Ok(config) => config.sentry,
+        Err(_) => foreman::alert::config_from_env(),
+    };
+    match foreman::alert::client_options(&sentry) {
+        Ok(Some(options)) => {
+            let host = options.dsn.as_ref().map(|dsn| dsn.host().to_owned());
+            log::info!(
+                "reporting failures to Sentry at {}",
+                host.unwrap_or_default()
+            );
+            Some(sentry::init(options))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            log::error!("{e}; failures are not reported to Sentry");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "sentry"))]
+fn init_sentry(_cli: &Cli) {}
 
 /// `--log-level` wins over `RUST_LOG`; default info. Under systemd (`JOURNAL_STREAM` set) lines carry
 /// `<N>` syslog priorities and no timestamp, since the journal adds its own.
