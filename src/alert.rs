@@ -219,6 +219,65 @@ mod reporting {
     }
 }
 
+#[cfg(all(test, feature = "sentry"))]
+mod tests {
+    use super::*;
+    use crate::config::SentryConfig;
+
+    fn config(dsn: Option<&str>) -> SentryConfig {
+        SentryConfig {
+            dsn: dsn.map(str::to_owned),
+            environment: Some("staging".to_owned()),
+            send_args: true,
+        }
+    }
+
+    #[test]
+    fn no_dsn_no_options() {
+        assert!(matches!(client_options(&config(None)), Ok(None)));
+    }
+
+    #[test]
+    fn a_bad_dsn_is_an_error_naming_the_key() {
+        let err = client_options(&config(Some("not a dsn"))).unwrap_err();
+        assert!(
+            err.starts_with("sentry_dsn (or SENTRY_DSN) is not a valid DSN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn options_carry_release_environment_and_send_args() {
+        let options = client_options(&config(Some(" https://key@sentry.example/7 ")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            options.dsn.as_ref().map(sentry::types::Dsn::host),
+            Some("sentry.example")
+        );
+        assert_eq!(
+            options.release.as_deref(),
+            Some(concat!("foreman@", env!("CARGO_PKG_VERSION")))
+        );
+        assert_eq!(options.environment.as_deref(), Some("staging"));
+        assert!(options.send_default_pii);
+        assert_eq!(options.shutdown_timeout, FLUSH_TIMEOUT);
+        let names: Vec<&str> = options.integrations.iter().map(|i| i.name()).collect();
+        assert!(names.contains(&"panic"), "{names:?}");
+        // So that `sentry::init` does not add the integrations a second time.
+        assert!(!options.default_integrations);
+        let again = sentry::apply_defaults(options);
+        assert_eq!(
+            again
+                .integrations
+                .iter()
+                .filter(|i| i.name() == "panic")
+                .count(),
+            1
+        );
+    }
+}
+
 /// Built without the `sentry` feature: nothing is reported.
 #[cfg(not(feature = "sentry"))]
 mod disabled {

@@ -37,11 +37,9 @@ fn init_sentry(cli: &Cli) -> Option<sentry::ClientInitGuard> {
     };
     match foreman::alert::client_options(&sentry) {
         Ok(Some(options)) => {
-            let host = options.dsn.as_ref().map(|dsn| dsn.host().to_owned());
-            log::info!(
-                "reporting failures to Sentry at {}",
-                host.unwrap_or_default()
-            );
+            if let Some(dsn) = &options.dsn {
+                log::info!("reporting failures to Sentry at {}", dsn.host());
+            }
             Some(sentry::init(options))
         }
         Ok(None) => None,
@@ -52,8 +50,11 @@ fn init_sentry(cli: &Cli) -> Option<sentry::ClientInitGuard> {
     }
 }
 
+/// Built without the `sentry` feature: nothing to initialise.
 #[cfg(not(feature = "sentry"))]
-fn init_sentry(_cli: &Cli) {}
+fn init_sentry(_cli: &Cli) -> Option<std::convert::Infallible> {
+    None
+}
 
 /// `--log-level` wins over `RUST_LOG`; default info. Under systemd (`JOURNAL_STREAM` set) lines carry
 /// `<N>` syslog priorities and no timestamp, since the journal adds its own.
