@@ -11,6 +11,7 @@ mod library;
 mod pools;
 mod publish;
 mod schedules;
+mod sentry;
 mod shutdown;
 mod support;
 mod tidy;
