@@ -90,13 +90,15 @@ mod reporting {
     /// integration captures if it panics (and any event the handler captures itself) names the
     /// task.
     pub fn in_task_scope<R>(task: &Task, handler: impl FnOnce() -> R) -> R {
+        // Asked outside the scope's setup, which must not reach back into the hub.
+        let send_args = sends_args(&Hub::current());
         // `with_scope` only pushes a scope when a client is bound.
         sentry::with_scope(
             |scope| {
                 scope.set_tag("task_name", &task.name);
                 scope.set_tag("task_id", task.id);
                 scope.set_tag("attempt", task.attempt);
-                if sends_args(&Hub::current()) {
+                if send_args {
                     scope.set_extra("args", Value::from(task.args.clone()));
                     scope.set_extra("kwargs", Value::from(task.kwargs.clone()));
                 }
@@ -142,6 +144,8 @@ mod reporting {
     pub fn task_buried(task: &Task, reason: &str) {
         Hub::with_active(|hub| {
             let mut event = task_event(hub, task, format!("task moved to foreman_dead: {reason}"));
+            // The reason quotes the pool's last error, which names a pid: grouped by task instead.
+            event.fingerprint = Cow::Owned(vec!["dead_letter".into(), task.name.clone().into()]);
             event.tags.insert("kind".into(), "dead_letter".into());
             hub.capture_event(event);
         });
