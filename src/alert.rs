@@ -32,7 +32,7 @@ mod reporting {
 
     use crate::config::SentryConfig;
     use crate::error::Error;
-    use crate::queue::RunState;
+    use crate::queue::{Buried, RunState};
     use crate::task::Task;
     use crate::thread_pool::PANIC_PREFIX;
 
@@ -126,16 +126,21 @@ mod reporting {
 
     /// A row moved to `foreman_dead` before it could run (unknown name, bad JSON…): its name may
     /// be unreadable, so only the id is tagged; the reason says what was wrong.
-    pub fn row_buried(task_id: i64, reason: &str) {
+    pub fn row_buried(buried: &Buried) {
         Hub::with_active(|hub| {
             let mut event = Event {
-                message: Some(format!("task moved to foreman_dead: {reason}")),
+                message: Some(format!("task moved to foreman_dead: {}", buried.reason)),
                 level: Level::Error,
                 logger: Some("foreman".into()),
                 ..Event::default()
             };
             event.tags.insert("kind".into(), "dead_letter".into());
-            event.tags.insert("task_id".into(), task_id.to_string());
+            event
+                .tags
+                .insert("task_id".into(), buried.task_id.to_string());
+            if let Some(name) = &buried.task_name {
+                event.tags.insert("task_name".into(), name.clone());
+            }
             hub.capture_event(event);
         });
     }
@@ -286,7 +291,7 @@ mod tests {
 #[cfg(not(feature = "sentry"))]
 mod disabled {
     use crate::error::Error;
-    use crate::queue::RunState;
+    use crate::queue::{Buried, RunState};
     use crate::task::Task;
 
     pub fn in_task_scope<R>(_task: &Task, handler: impl FnOnce() -> R) -> R {
@@ -295,7 +300,7 @@ mod disabled {
 
     pub fn task_failed(_task: &Task, _state: RunState, _headline: &str, _reason: &str) {}
 
-    pub fn row_buried(_task_id: i64, _reason: &str) {}
+    pub fn row_buried(_buried: &Buried) {}
 
     pub fn task_buried(_task: &Task, _reason: &str) {}
 

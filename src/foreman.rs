@@ -394,9 +394,14 @@ impl Foreman<'_> {
                 }
             };
             self.ended.clear();
-            for (id, reason) in &popped.dead {
-                log::error!("task {id} moved to foreman_dead: {reason}");
-                crate::alert::row_buried(*id, reason);
+            for buried in &popped.dead {
+                let name = buried.task_name.as_deref().unwrap_or("(no name)");
+                log::error!(
+                    "task {} {name} moved to foreman_dead: {}",
+                    buried.task_id,
+                    buried.reason
+                );
+                crate::alert::row_buried(buried);
             }
             let started = popped.tasks.len();
             if started < free {

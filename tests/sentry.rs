@@ -256,6 +256,7 @@ fn an_unknown_task_name_makes_a_dead_letter_event() {
     let events = reports.for_task(id);
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0].tags["kind"], "dead_letter");
+    assert_eq!(events[0].tags["task_name"], "app.nope");
     assert_eq!(
         events[0].message.as_deref(),
         Some(r#"task moved to foreman_dead: unknown task name "app.nope""#)

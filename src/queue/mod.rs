@@ -59,12 +59,21 @@ pub struct Popped<H> {
     /// Tasks to run, in pop order, each with what its name resolved to. Their rows are deleted
     /// (or leased), and each has a `running` row in `foreman_run`.
     pub tasks: Vec<(Task, H)>,
-    /// Rows moved to `foreman_dead`: (task id, reason).
-    pub dead: Vec<(i64, String)>,
+    /// Rows moved to `foreman_dead`.
+    pub dead: Vec<Buried>,
     /// Due rows the resolver deferred: they are still queued, unchanged.
     pub deferred: usize,
     /// When the pop found fewer rows than it was allowed: when the next delayed row becomes due.
     pub next_due: Option<f64>,
+}
+
+/// A row the pop moved to `foreman_dead` instead of running it.
+#[derive(Debug)]
+pub struct Buried {
+    pub task_id: i64,
+    /// Its task name, when the row had a readable one.
+    pub task_name: Option<String>,
+    pub reason: String,
 }
 
 /// What the pop's resolver decides for a decoded task.
@@ -906,11 +915,23 @@ fn pop_priority<H>(
                 }
                 bury_raw(tx, &raw, &reason)?;
                 insert_run(tx, &task, RunState::Dead, None, Some(now), Some(&reason))?;
-                popped.dead.push((raw.id, reason));
+                popped.dead.push(Buried {
+                    task_id: raw.id,
+                    task_name: Some(task.name),
+                    reason,
+                });
             }
             Err(reason) => {
                 bury_raw(tx, &raw, &reason)?;
-                popped.dead.push((raw.id, reason));
+                let task_name = match &raw.task_name {
+                    Value::Text(name) if !name.is_empty() => Some(name.clone()),
+                    _ => None,
+                };
+                popped.dead.push(Buried {
+                    task_id: raw.id,
+                    task_name,
+                    reason,
+                });
             }
         }
     }
