@@ -254,6 +254,15 @@ impl Cli {
     fn load_config(&self, daemon: &DaemonArgs) -> Result<Config> {
         Config::load(self.config.as_deref(), &self.overrides(daemon))
     }
+
+    /// The configuration `run` will load, for a binary that sets things up before calling
+    /// `execute` (Sentry); `None` for the other commands.
+    pub fn run_config(&self) -> Option<Result<Config>> {
+        match &self.command {
+            Command::Run(daemon) => Some(self.load_config(daemon)),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the parsed command. `signals` is called only by `run`, so that other commands keep the

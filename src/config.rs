@@ -476,6 +476,14 @@ impl Config {
                 return Err(self.key_error(key, "must be greater than 0"));
             }
         }
+        if let Some(problem) = self.sentry.dsn.as_deref().and_then(dsn_problem) {
+            let from_env = std::env::var("SENTRY_DSN").is_ok_and(|d| !d.trim().is_empty());
+            return Err(if from_env {
+                Error::Config(format!("SENTRY_DSN {problem}"))
+            } else {
+                self.key_error("sentry_dsn", problem)
+            });
+        }
         if self.tick.is_zero() {
             let key = origin(overrides.tick.is_some(), "tick");
             return Err(Error::Config(format!("{key} must be greater than 0")));
@@ -654,6 +662,31 @@ impl Config {
         }
         out
     }
+}
+
+/// What is wrong with a Sentry DSN (`https://KEY@HOST/PROJECT_ID`), checked here so that a typo
+/// stops startup like any other bad setting instead of silently disabling reports.
+fn dsn_problem(dsn: &str) -> Option<&'static str> {
+    let Some((scheme, rest)) = dsn.trim().split_once("://") else {
+        return Some("is not a DSN: expected https://KEY@HOST/PROJECT_ID");
+    };
+    if scheme != "https" && scheme != "http" {
+        return Some("must start with https:// or http://");
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    match authority.split_once('@') {
+        Some((key, host)) if !key.is_empty() && !host.is_empty() => {}
+        _ => return Some("has no KEY@HOST part: expected https://KEY@HOST/PROJECT_ID"),
+    }
+    if path
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .is_none_or(str::is_empty)
+    {
+        return Some("has no project id: expected https://KEY@HOST/PROJECT_ID");
+    }
+    None
 }
 
 /// A config mistake found while building a section: (key, what is wrong with it).
@@ -948,6 +981,30 @@ mod tests {
         let path = dir.path().join("foreman.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(Some(&path), &Overrides::default())
+    }
+
+    #[test]
+    fn a_sentry_dsn_typo_is_a_config_error() {
+        assert_eq!(dsn_problem("https://abc@o1.ingest.sentry.io/42"), None);
+        assert_eq!(dsn_problem("http://k@127.0.0.1:9000/1"), None);
+        for bad in [
+            "abc",
+            "ftp://k@h/1",
+            "https://h/1",
+            "https://k@h",
+            "https://k@h/",
+        ] {
+            assert!(dsn_problem(bad).is_some(), "{bad}");
+        }
+        if std::env::var_os("SENTRY_DSN").is_none() {
+            let err = load_text("sentry_dsn = \"https://example.com\"")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`sentry_dsn`") && err.contains("KEY@HOST"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub enum Error {
     AlreadyRunning { pid_file: PathBuf, pid: Option<u32> },
     /// The database could not be opened, created or queried.
     Db { path: PathBuf, message: String },
+    /// The environment refuses what foreman needs: a read-only mount, a missing directory, a file
+    /// or directory this user may not write. The message names the path, the cause and the fix.
+    Environment(String),
     /// A file-system or process operation failed.
     Io {
         what: String,
@@ -43,7 +46,8 @@ impl Error {
         }
     }
 
-    /// Exit code per the project's convention: 2 for configuration or usage, 1 for the rest; a
+    /// Exit code per the project's convention: 2 for configuration or usage, 1 for the rest
+    /// (`Environment` too: the same configuration works once the mount or permission is fixed); a
     /// command's own status for `Exit`.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -57,7 +61,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(msg) => f.write_str(msg),
+            Error::Config(msg) | Error::Environment(msg) => f.write_str(msg),
             Error::AlreadyRunning {
                 pid_file,
                 pid: Some(pid),

@@ -87,6 +87,7 @@ struct Running {
 /// absent, and drains the backlog first. At the graceful deadline, command tasks are killed but an
 /// in-process handler cannot be: `run` returns without it, and it ends when the process exits.
 pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
+    crate::preflight::check(config)?;
     config.check_commands()?;
     registry.add_config(config)?;
     registry.check_schedules(config)?;
@@ -393,8 +394,14 @@ impl Foreman<'_> {
                 }
             };
             self.ended.clear();
-            for (id, reason) in &popped.dead {
-                log::error!("task {id} moved to foreman_dead: {reason}");
+            for buried in &popped.dead {
+                let name = buried.task_name.as_deref().unwrap_or("(no name)");
+                log::error!(
+                    "task {} {name} moved to foreman_dead: {}",
+                    buried.task_id,
+                    buried.reason
+                );
+                crate::alert::row_buried(buried);
             }
             let started = popped.tasks.len();
             if started < free {
@@ -555,6 +562,7 @@ impl Foreman<'_> {
             Next::Retry(now + delay.as_secs_f64())
         } else {
             let headline = headline(&reason);
+            crate::alert::task_failed(&task, state, headline, &reason);
             Next::Bury(if task.attempt > 1 {
                 format!("failed {} attempts; the last: {headline}", task.attempt)
             } else {
@@ -624,6 +632,7 @@ impl Foreman<'_> {
                 Ok(()) => format!("pool {name:?} went down before the task started"),
             };
             log::error!("task {} moved to foreman_dead: {reason}", job.task.id);
+            crate::alert::task_buried(&job.task, &reason);
             self.ended.push(Ending {
                 task: job.task,
                 state: RunState::Dead,

@@ -4,6 +4,7 @@
 //! To run in-process Rust handlers, build a [`Registry`] and call [`run`] from your own `main`
 //! (see `examples/inproc.rs`).
 
+pub mod alert;
 pub mod children;
 pub mod cli;
 pub mod command;
@@ -15,6 +16,7 @@ pub mod foreman;
 pub mod notify;
 pub mod ops;
 pub mod pid_guard;
+pub mod preflight;
 pub mod process_pool;
 pub mod queue;
 pub mod registry;

@@ -10,9 +10,13 @@ use foreman::cli::{Cli, execute};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level);
+    // Dropped when main returns, after everything else: sends what is queued, within a bound.
+    let _sentry = init_sentry(&cli);
     match execute(&cli, foreman::forward_shutdown_signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Does nothing unless Sentry was initialised, which only `run` does.
+            foreman::alert::startup_error(&e);
             // Empty for a command that printed its answer and only has a status to add.
             let message = e.to_string();
             if !message.is_empty() {
@@ -21,6 +25,35 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }
+}
+
+/// Sentry for `run` only: the other commands have a person watching their output. A config that
+/// does not load is still reported, if `SENTRY_DSN` says where (`run` then fails with its error).
+#[cfg(feature = "sentry")]
+fn init_sentry(cli: &Cli) -> Option<sentry::ClientInitGuard> {
+    let sentry = match cli.run_config()? {
+        Ok(config) => config.sentry,
+        Err(_) => foreman::alert::config_from_env(),
+    };
+    match foreman::alert::client_options(&sentry) {
+        Ok(Some(options)) => {
+            if let Some(dsn) = &options.dsn {
+                log::info!("reporting failures to Sentry at {}", dsn.host());
+            }
+            Some(sentry::init(options))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            log::error!("{e}; failures are not reported to Sentry");
+            None
+        }
+    }
+}
+
+/// Built without the `sentry` feature: nothing to initialise.
+#[cfg(not(feature = "sentry"))]
+fn init_sentry(_cli: &Cli) -> Option<std::convert::Infallible> {
+    None
 }
 
 /// `--log-level` wins over `RUST_LOG`; default info. Under systemd (`JOURNAL_STREAM` set) lines carry

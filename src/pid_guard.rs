@@ -30,7 +30,12 @@ impl PidGuard {
             .truncate(false)
             .mode(0o644)
             .open(path)
-            .map_err(io_err)?;
+            // Say why in the preflight's words (read-only mount, permissions) when it can tell.
+            .map_err(|e| {
+                crate::preflight::pid_file_writable(path)
+                    .err()
+                    .unwrap_or_else(|| io_err(e))
+            })?;
         let mut attempts = 0;
         loop {
             match file.try_lock() {

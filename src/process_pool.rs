@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, select, select_biased};
 use serde::Deserialize;
 
+use crate::alert;
 use crate::children::{Children, KILL_GRACE, kill_group};
 use crate::command::{
     describe, has_exited, pidfd_open, piped_command, poll, pollfd, set_nonblocking, spawn,
@@ -261,6 +262,7 @@ impl ProcessPool {
                 }
             }
             PoolEventKind::StartFailed { reason, failures } => {
+                let was_failing = self.slots.contains(&SlotState::Failed);
                 if failures >= DOWN_AFTER_FAILURES
                     && let Some(state) = self.slots.get_mut(slot)
                 {
@@ -274,8 +276,13 @@ impl ProcessPool {
                             self.name,
                             self.last_error
                         );
+                        alert::pool_failing(&self.name, true, failures, &self.last_error);
                     }
                     applied.orphans = self.backlog.try_iter().collect();
+                } else if !was_failing && self.slots.contains(&SlotState::Failed) {
+                    // Reported once per streak, when the first worker gives up; the pool going
+                    // down (every worker) is worse and reported again.
+                    alert::pool_failing(&self.name, false, failures, &self.last_error);
                 }
             }
         }

@@ -10,10 +10,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::children::Children;
-use crate::command;
 use crate::error::{Error, Result};
 use crate::registry::Handler;
 use crate::task::Task;
+use crate::{alert, command};
+
+/// How a panicking handler's failure starts, so that `alert` can tell that the panic integration
+/// already reported it.
+pub(crate) const PANIC_PREFIX: &str = "handler panicked: ";
 
 pub struct Job {
     pub task: Task,
@@ -95,10 +99,9 @@ fn work(inbox: &Receiver<Job>, finished: &Sender<Finished>, children: &Children)
         log::debug!("task {} {} started", task.id, task.name);
         let outcome = match catch_unwind(AssertUnwindSafe(|| run(&task, &handler, children))) {
             Ok(outcome) => outcome,
-            Err(panic) => Outcome::Failed(format!(
-                "handler panicked: {}",
-                panic_message(panic.as_ref())
-            )),
+            Err(panic) => {
+                Outcome::Failed(format!("{PANIC_PREFIX}{}", panic_message(panic.as_ref())))
+            }
         };
         let report = Finished {
             task,
@@ -113,7 +116,8 @@ fn work(inbox: &Receiver<Job>, finished: &Sender<Finished>, children: &Children)
 
 fn run(task: &Task, handler: &Handler, children: &Children) -> Outcome {
     match handler {
-        Handler::InProcess(f) => match f(task) {
+        // The panic hook runs before the unwinding: inside the scope, so its event names the task.
+        Handler::InProcess(f) => match alert::in_task_scope(task, || f(task)) {
             Ok(()) => Outcome::Done { eventful: true },
             Err(e) if e.is::<Uneventful>() => Outcome::Done { eventful: false },
             Err(e) => Outcome::Failed(e.to_string()),

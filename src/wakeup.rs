@@ -1,5 +1,6 @@
-//! `WakeupDir`: the directory producers touch to wake the daemon. Owns its creation and ownership
-//! check, the inotify watch (through `notify`), and clearing the files the daemon has consumed.
+//! `WakeupDir`: the directory producers touch to wake the daemon. Owns its creation and its checks
+//! (a directory, ours, writable), the inotify watch (through `notify`), and clearing the files the
+//! daemon has consumed.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -10,6 +11,7 @@ use crossbeam_channel::Sender;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::error::{Error, Result};
+use crate::preflight;
 
 pub struct WakeupDir {
     path: PathBuf,
@@ -18,8 +20,9 @@ pub struct WakeupDir {
 }
 
 impl WakeupDir {
-    /// Creates the directory with mode 0700 if it is missing; refuses one that is not a directory
-    /// or is owned by another user (who could then stall or flood this daemon).
+    /// Creates the directory with mode 0700 if it is missing; refuses one that is not a directory,
+    /// that this user cannot write, or that is owned by another user (who could then stall or
+    /// flood this daemon).
     pub fn prepare(path: &Path) -> Result<WakeupDir> {
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -28,38 +31,32 @@ impl WakeupDir {
                     .mode(0o700)
                     .create(path)
                     .map_err(|e| {
-                        Error::io(format!("cannot create wakeup dir {}", path.display()), e)
+                        // Say why in the preflight's words when it can tell.
+                        WakeupDir::check(path).err().unwrap_or_else(|| {
+                            Error::io(format!("cannot create wakeup dir {}", path.display()), e)
+                        })
                     })?;
                 // `mode` is filtered by the umask; the directory must be 0700 whatever it is.
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(
                     |e| Error::io(format!("cannot chmod wakeup dir {}", path.display()), e),
                 )?;
             }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("cannot inspect wakeup dir {}", path.display()),
-                    e,
-                ));
-            }
-            Ok(meta) if !meta.is_dir() => {
-                return Err(Error::Config(format!(
-                    "wakeup dir {} exists but is not a directory",
-                    path.display()
-                )));
-            }
-            Ok(meta) => {
-                // SAFETY: geteuid has no preconditions.
-                let me = unsafe { libc::geteuid() };
-                if meta.uid() != me {
-                    return Err(Error::Config(format!(
-                        "wakeup dir {} is owned by uid {}, not by this user (uid {me}); refusing it",
-                        path.display(),
-                        meta.uid()
-                    )));
-                }
-            }
+            Err(e) => return Err(unreachable(path, &e)),
+            Ok(meta) => check_existing(path, &meta)?,
         }
         Ok(WakeupDir::at(path))
+    }
+
+    /// What `prepare` refuses, without creating anything: for `foreman run`'s preflight. A missing
+    /// directory passes if it can be created.
+    pub fn check(path: &Path) -> Result<()> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                preflight::creatable(path, "wakeup dir")
+            }
+            Err(e) => Err(unreachable(path, &e)),
+            Ok(meta) => check_existing(path, &meta),
+        }
     }
 
     /// The directory as a producer sees it: no checks, nothing created.
@@ -150,6 +147,39 @@ impl WakeupDir {
             .open(file)
             .map(drop)
     }
+}
+
+fn unreachable(path: &Path, err: &io::Error) -> Error {
+    let subject = format!("wakeup dir {}", path.display());
+    preflight::refused("", &subject, &preflight::unreachable(path, err), None)
+}
+
+fn check_existing(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    if !meta.is_dir() {
+        return Err(Error::Environment(format!(
+            "wakeup dir {} is not a directory; remove it, or set wakeup_dir (FOREMAN_WAKEUP_DIR) to a directory",
+            path.display()
+        )));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(Error::Config(format!(
+            "wakeup dir {} is owned by uid {}, not by this user (uid {me}); refusing it",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    // The daemon removes the files producers create, which takes write permission on the
+    // directory, not on the files.
+    preflight::writable(path).map_err(|e| {
+        preflight::refused(
+            "",
+            &format!("wakeup dir {}", path.display()),
+            &preflight::refusal(path, &e),
+            Some("producers create files there and the daemon removes them"),
+        )
+    })
 }
 
 #[cfg(test)]

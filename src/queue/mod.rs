@@ -60,12 +60,21 @@ pub struct Popped<H> {
     /// Tasks to run, in pop order, each with what its name resolved to. Their rows are deleted
     /// (or leased), and each has a `running` row in `foreman_run`.
     pub tasks: Vec<(Task, H)>,
-    /// Rows moved to `foreman_dead`: (task id, reason).
-    pub dead: Vec<(i64, String)>,
+    /// Rows moved to `foreman_dead`.
+    pub dead: Vec<Buried>,
     /// Due rows the resolver deferred: they are still queued, unchanged.
     pub deferred: usize,
     /// When the pop found fewer rows than it was allowed: when the next delayed row becomes due.
     pub next_due: Option<f64>,
+}
+
+/// A row the pop moved to `foreman_dead` instead of running it.
+#[derive(Debug)]
+pub struct Buried {
+    pub task_id: i64,
+    /// Its task name, when the row had a readable one.
+    pub task_name: Option<String>,
+    pub reason: String,
 }
 
 /// What the pop's resolver decides for a decoded task.
@@ -179,7 +188,10 @@ fn truncate_error(error: &str) -> std::borrow::Cow<'_, str> {
 }
 
 impl Queue {
-    /// Opens the database as `access` says and applies the connection settings.
+    /// Opens the database as `access` says and applies the connection settings. A database this
+    /// user cannot write (a read-only mount or file, a directory where SQLite cannot create the
+    /// `-wal` and `-shm` files) is refused up front, in the preflight's words, rather than with
+    /// SQLite's code at the first write.
     pub fn open(path: &Path, access: Access) -> Result<Queue> {
         let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
         flags |= match access {
@@ -193,12 +205,27 @@ impl Queue {
                 "no such file (run `foreman init` to create it)",
             ));
         }
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::db(path, e))?;
+        if access != Access::ReadOnly {
+            crate::preflight::db_writable(path, false)?;
+        }
+        let refused = |e: rusqlite::Error| Queue::refused(path, access, e);
+        let conn = Connection::open_with_flags(path, flags).map_err(refused)?;
         let queue = Queue {
             conn,
             path: path.to_path_buf(),
         };
-        queue.configure(access).map_err(|e| queue.err(e))?;
+        queue.configure(access).map_err(refused)?;
+        // SQLite falls back to read-only, silently, when the file system refuses writes that the
+        // checks above could not foresee (a FUSE or NFS server's own rules).
+        if access != Access::ReadOnly && queue.conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false)
+        {
+            return Err(crate::preflight::db_writable(path, true)
+                .err()
+                .unwrap_or_else(|| {
+                    queue
+                        .err("SQLite could open it only read-only; check its mount and permissions")
+                }));
+        }
         Ok(queue)
     }
 
@@ -217,6 +244,23 @@ impl Queue {
                 .query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
         }
         self.conn.execute_batch("PRAGMA synchronous = NORMAL")
+    }
+
+    /// An error from opening or configuring the database. SQLite's READONLY and CANTOPEN codes on a
+    /// database foreman must write mean the file system refused: said in the preflight's words (which
+    /// probe the directory too) when it can tell why, else in SQLite's.
+    fn refused(path: &Path, access: Access, e: rusqlite::Error) -> Error {
+        let file_system = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen)
+        );
+        if file_system
+            && access != Access::ReadOnly
+            && let Err(explained) = crate::preflight::db_writable(path, true)
+        {
+            return explained;
+        }
+        Error::db(path, e)
     }
 
     pub fn path(&self) -> &Path {
@@ -832,11 +876,23 @@ fn pop_priority<H>(
                 }
                 bury_raw(tx, &raw, &reason)?;
                 insert_run(tx, &task, RunState::Dead, None, Some(now), Some(&reason))?;
-                popped.dead.push((raw.id, reason));
+                popped.dead.push(Buried {
+                    task_id: raw.id,
+                    task_name: Some(task.name),
+                    reason,
+                });
             }
             Err(reason) => {
                 bury_raw(tx, &raw, &reason)?;
-                popped.dead.push((raw.id, reason));
+                let task_name = match &raw.task_name {
+                    Value::Text(name) if !name.is_empty() => Some(name.clone()),
+                    _ => None,
+                };
+                popped.dead.push(Buried {
+                    task_id: raw.id,
+                    task_name,
+                    reason,
+                });
             }
         }
     }

@@ -161,8 +161,8 @@ fn rows_that_cannot_run_move_to_foreman_dead_with_the_reason() {
     }
     assert_eq!(env.queued(), 0);
     daemon.expect_log(&format!(
-        "task {} moved to foreman_dead: unknown task name",
-        expected[0].0
+        "task {} {} moved to foreman_dead: unknown task name",
+        expected[0].0, expected[0].1
     ));
     daemon.stop();
 }

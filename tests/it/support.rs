@@ -55,7 +55,12 @@ impl Env {
             .arg(&self.db)
             .args(args);
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("FOREMAN_")
+            let name = key.to_string_lossy();
+            // SENTRY_*: no test reports to the caller's Sentry; proxies would take the stand-in
+            // Sentry's requests to 127.0.0.1 elsewhere.
+            if name.starts_with("FOREMAN_")
+                || name.starts_with("SENTRY_")
+                || name.to_ascii_lowercase().ends_with("_proxy")
                 || key == "RUST_LOG"
                 || key == "JOURNAL_STREAM"
             {

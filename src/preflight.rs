@@ -1,0 +1,478 @@
+//! Preflight: what `foreman run` checks before it takes the PID lock, so that a read-only mount, a
+//! missing directory or a permission problem stops it with one line naming the path, the cause and
+//! the fix, instead of an SQLite code at the first write; and a warning, once, when the wakeup dir
+//! or the database is on a file system where inotify or SQLite's WAL cannot do their job. It only
+//! looks (its one probe file is removed at once): creating the database, the wakeup dir and the
+//! PID file stays with `Queue`, `WakeupDir` and `PidGuard`, which use the same wording when the
+//! file system refuses them later.
+
+use std::ffi::CString;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use crate::config::Config;
+use crate::duration::format_duration;
+use crate::error::{Error, Result};
+
+/// The fix for a read-only mount. In a container that is the image's root file system; under
+/// systemd (which sets `INVOCATION_ID` for every service) the unit's `ProtectSystem=strict`.
+fn read_only_fix(under_systemd: bool) -> &'static str {
+    if under_systemd {
+        "add it to the unit's ReadWritePaths= (ProtectSystem=strict makes every other path \
+         read-only), or mount a writable volume there"
+    } else {
+        "mount a writable volume there (Kubernetes readOnlyRootFilesystem: use an emptyDir or a PVC)"
+    }
+}
+
+/// Checks everything `foreman run` will write, then warns about file systems where a wakeup or
+/// the WAL cannot work as on a local disk.
+pub fn check(config: &Config) -> Result<()> {
+    db_writable(&config.db, true)?;
+    crate::wakeup::WakeupDir::check(&config.wakeup_dir)?;
+    pid_file_writable(&config.pid_file)?;
+    warn_about_file_systems(config);
+    Ok(())
+}
+
+/// Whether the database at `db` (which need not exist yet) can be opened for writing: its
+/// directory exists and takes new files (SQLite creates `-wal` and `-shm` next to the database, and
+/// removes them when the last connection closes), and the files that exist are writable. With
+/// `probe`, a file is also created and removed in the directory: access(2) cannot see a full disk,
+/// a network server's own rules or a security module. The database file itself is never opened:
+/// closing any descriptor of it would drop the POSIX locks of an SQLite connection the same
+/// process (a program embedding foreman) may hold.
+pub fn db_writable(db: &Path, probe: bool) -> Result<()> {
+    let head = |verb: &str| format!("cannot {verb} {}: ", db.display());
+    // SQLite follows a symlinked database to its target and puts `-wal` and `-shm` there.
+    let real = std::fs::canonicalize(db);
+    let db = real.as_deref().unwrap_or(db);
+    let dir = parent(db);
+    let name = db.file_name().unwrap_or(db.as_os_str()).to_string_lossy();
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Environment(format!(
+                "{}{} is not a directory; set db to a file in a directory",
+                head("create"),
+                dir.display()
+            )));
+        }
+        Err(e) => {
+            let subject = format!("its directory {}", dir.display());
+            return Err(refused(
+                &head("open"),
+                &subject,
+                &unreachable(dir, &e),
+                None,
+            ));
+        }
+    }
+    let why = format!("SQLite needs to create {name}-wal and -shm next to it");
+    let dir_refused = |e: io::Error| {
+        let subject = format!("its directory {}", dir.display());
+        refused(&head("write"), &subject, &refusal(dir, &e), Some(&why))
+    };
+    writable(dir).map_err(dir_refused)?;
+    if probe {
+        probe_create(dir, &name).map_err(dir_refused)?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = db.as_os_str().to_owned();
+        file.push(suffix);
+        let file = Path::new(&file);
+        if std::fs::symlink_metadata(file).is_err() {
+            continue; // Absent: the directory check covers its creation.
+        }
+        writable(file).map_err(|e| {
+            let subject = if suffix.is_empty() {
+                "the file".to_owned()
+            } else {
+                format!("its {suffix} file {}", file.display())
+            };
+            refused(&head("write"), &subject, &refusal(file, &e), None)
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether the PID file can be opened for writing, or created in its directory.
+pub fn pid_file_writable(pid_file: &Path) -> Result<()> {
+    let head = |verb: &str| format!("cannot {verb} pid file {}: ", pid_file.display());
+    match std::fs::metadata(pid_file) {
+        Ok(_) => writable(pid_file)
+            .map_err(|e| refused(&head("write"), "the file", &refusal(pid_file, &e), None)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dir = parent(pid_file);
+            let subject = format!("its directory {}", dir.display());
+            std::fs::metadata(dir)
+                .map_err(|e| refused(&head("create"), &subject, &unreachable(dir, &e), None))?;
+            writable(dir).map_err(|e| refused(&head("create"), &subject, &refusal(dir, &e), None))
+        }
+        Err(e) => Err(refused(
+            &head("open"),
+            "the file",
+            &unreachable(pid_file, &e),
+            None,
+        )),
+    }
+}
+
+/// Whether a directory `what` at `path` that does not exist yet can be created with its missing
+/// parents: the nearest one that exists must be a directory that takes new entries.
+pub(crate) fn creatable(path: &Path, what: &str) -> Result<()> {
+    let head = format!("cannot create {what} {}: ", path.display());
+    let mut ancestor = parent(path);
+    loop {
+        match std::fs::metadata(ancestor) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => {
+                return Err(Error::Environment(format!(
+                    "{head}{} is not a directory; choose another path",
+                    ancestor.display()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && parent(ancestor) != ancestor => {
+                ancestor = parent(ancestor);
+            }
+            Err(e) => {
+                let subject = ancestor.display().to_string();
+                return Err(refused(&head, &subject, &unreachable(ancestor, &e), None));
+            }
+        }
+    }
+    writable(ancestor).map_err(|e| {
+        let subject = ancestor.display().to_string();
+        refused(&head, &subject, &refusal(ancestor, &e), None)
+    })
+}
+
+/// The directory a path is in; `.` for a bare file name, the path itself for `/`.
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
+        Some(dir) => dir,
+        None => path,
+    }
+}
+
+/// Why a path refuses what foreman needs, worded to fit one line: `{subject} {cause} ({detail};
+/// {why}); {fix}`.
+pub(crate) struct Refusal {
+    cause: String,
+    detail: Option<String>,
+    fix: String,
+}
+
+/// The one-line error: `head` names what failed ("cannot write /data/foreman.sqlite3: "),
+/// `subject` the path that refused ("its directory /data"), `why` what foreman needs it for.
+pub(crate) fn refused(head: &str, subject: &str, refusal: &Refusal, why: Option<&str>) -> Error {
+    let Refusal { cause, detail, fix } = refusal;
+    let aside = match (detail.as_deref(), why) {
+        (Some(detail), Some(why)) => format!(" ({detail}; {why})"),
+        (Some(one), None) | (None, Some(one)) => format!(" ({one})"),
+        (None, None) => String::new(),
+    };
+    Error::Environment(format!("{head}{subject} {cause}{aside}; {fix}"))
+}
+
+/// Why a write to `path` was refused with `err` (from `writable`, a probe or a create).
+pub(crate) fn refusal(path: &Path, err: &io::Error) -> Refusal {
+    let uid = euid();
+    match err.raw_os_error() {
+        Some(libc::EROFS) => Refusal {
+            cause: "is on a read-only file system".to_owned(),
+            detail: None,
+            fix: read_only_fix(std::env::var_os("INVOCATION_ID").is_some()).to_owned(),
+        },
+        // Mode bits never stop root: what does is an immutable flag, a security module or an NFS
+        // server that maps root to nobody.
+        Some(libc::EACCES | libc::EPERM) if uid == 0 => Refusal {
+            cause: "is not writable even by root".to_owned(),
+            detail: owner_and_mode(path),
+            fix: "look for an immutable flag (lsattr), a security module's denial (SELinux, \
+                  AppArmor) or an NFS export's root_squash"
+                .to_owned(),
+        },
+        Some(libc::EACCES | libc::EPERM) => Refusal {
+            cause: format!("is not writable by uid {uid}"),
+            detail: owner_and_mode(path),
+            fix: format!(
+                "give uid {uid} write access to {} (chown or chmod; in Kubernetes, \
+                 securityContext.fsGroup)",
+                path.display()
+            ),
+        },
+        Some(libc::ENOSPC | libc::EDQUOT) => Refusal {
+            cause: "has no space left".to_owned(),
+            detail: Some(err.to_string()),
+            fix: "free some space or use a larger volume".to_owned(),
+        },
+        _ => Refusal {
+            cause: "cannot be written".to_owned(),
+            detail: Some(err.to_string()),
+            fix: "check its mount and permissions".to_owned(),
+        },
+    }
+}
+
+/// Why `path` could not even be looked at (`stat` failed with `err`).
+pub(crate) fn unreachable(path: &Path, err: &io::Error) -> Refusal {
+    let uid = euid();
+    match err.kind() {
+        io::ErrorKind::NotFound => Refusal {
+            cause: "does not exist".to_owned(),
+            detail: None,
+            fix: format!(
+                "create it (mkdir -p {}) or mount a volume there",
+                path.display()
+            ),
+        },
+        io::ErrorKind::PermissionDenied => Refusal {
+            cause: format!("is out of reach of uid {uid}"),
+            detail: Some("a directory above it does not let this user search it".to_owned()),
+            fix: format!("give uid {uid} search (x) permission on every directory above it"),
+        },
+        _ => Refusal {
+            cause: "cannot be looked at".to_owned(),
+            detail: Some(err.to_string()),
+            fix: "check its mount and permissions".to_owned(),
+        },
+    }
+}
+
+fn owner_and_mode(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "owner uid {}, mode {:04o}",
+        meta.uid(),
+        meta.mode() & 0o7777
+    ))
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Whether this process may write `path`: EROFS for a read-only mount (whole file system, or a
+/// read-only bind mount such as Kubernetes' readOnlyRootFilesystem or systemd's ProtectSystem),
+/// which stops root too; else access(2)'s answer for the mode bits, ACLs and security modules.
+/// access(2) checks the real ids, which are the effective ones: foreman is never setuid. (The
+/// effective-ids variant, faccessat2, is refused with EPERM by some container seccomp profiles.)
+pub(crate) fn writable(path: &Path) -> io::Result<()> {
+    let c = c_path(path)?;
+    let mut vfs = MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is NUL-terminated and outlives the call; `vfs` is large enough for the result.
+    if unsafe { libc::statvfs(c.as_ptr(), vfs.as_mut_ptr()) } == 0 {
+        // SAFETY: statvfs succeeded, so it filled the struct (which was zeroed anyway).
+        let vfs = unsafe { vfs.assume_init() };
+        if vfs.f_flag & libc::ST_RDONLY != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+    }
+    // SAFETY: as above.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Creates and removes a file in `dir`, named after the database so a leftover explains itself.
+fn probe_create(dir: &Path, db_name: &str) -> io::Result<()> {
+    let probe = dir.join(format!(".{db_name}.foreman-probe-{}", std::process::id()));
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe);
+    match created {
+        Ok(file) => {
+            drop(file);
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        // A leftover of a run killed between the two calls (in a container the pid is the same
+        // every time): the directory did take that create.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn warn_about_file_systems(config: &Config) {
+    if let Some(fs) = remote_fs_at(&config.wakeup_dir) {
+        log::warn!(
+            "wakeup dir {} is on {fs}: inotify does not see files created on other machines; the \
+             daemon relies on its {} tick there",
+            config.wakeup_dir.display(),
+            format_duration(config.tick)
+        );
+    }
+    if let Some(fs) = remote_fs_at(&config.db) {
+        log::warn!(
+            "database {} is on {fs}: SQLite's WAL mode shares its index (the -shm file) through \
+             memory, so every process that opens the database must run on one machine, and SQLite \
+             says WAL does not work over a network file system; keep it on a local volume",
+            config.db.display()
+        );
+    }
+}
+
+/// The remote file system `path` (or, while it does not exist, its nearest existing ancestor) is
+/// on, if any.
+fn remote_fs_at(path: &Path) -> Option<&'static str> {
+    let mut path = path;
+    loop {
+        match fs_magic(path) {
+            Ok(magic) => return remote_fs(magic),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && parent(path) != path => {
+                path = parent(path);
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// `statfs(2)`'s `f_type`: which file system `path` is on.
+fn fs_magic(path: &Path) -> io::Result<u32> {
+    let c = c_path(path)?;
+    let mut fs = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is NUL-terminated and outlives the call; `fs` is large enough for the result.
+    if unsafe { libc::statfs(c.as_ptr(), fs.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded, so it filled the struct (which was zeroed anyway).
+    let fs = unsafe { fs.assume_init() };
+    // The magics are 32-bit patterns; f_type is a signed word whose width depends on the target.
+    #[allow(clippy::cast_sign_loss)]
+    Ok(fs.f_type as u32)
+}
+
+/// The name of the file system with this `statfs` magic when inotify cannot see every change on
+/// it: one whose files other machines (or a VM's host) change directly, without passing through
+/// this kernel. inotify reports only what this kernel does, so a producer elsewhere never wakes the
+/// daemon, and SQLite's WAL shared memory does not reach another machine either. Local file
+/// systems, tmpfs and overlayfs (a container's root: changes through the same mount are seen; a
+/// volume shared between containers is a bind mount of the host's disk) are fine: `None`.
+pub fn remote_fs(magic: u32) -> Option<&'static str> {
+    Some(match magic {
+        0x0000_6969 => "nfs",
+        0x0000_517B | 0xFF53_4D42 | 0xFE53_4D42 => "smb/cifs",
+        // Docker Desktop's and WSL 2's host mounts, QEMU shares.
+        0x0102_1997 => "9p",
+        // sshfs, s3fs, gcsfuse, glusterfs, ceph-fuse, and virtiofs (Docker Desktop on macOS,
+        // Kata, VM shares), which reports FUSE's magic too.
+        0x6573_5546 => "a FUSE file system (sshfs, gcsfuse, virtiofs, …)",
+        0x5346_414F | 0x6B41_4653 => "afs",
+        0x00C3_6400 => "cephfs",
+        0x0BD0_0BD0 => "lustre",
+        0x4750_4653 => "gpfs",
+        0x1983_0326 => "beegfs",
+        0x0116_1970 => "gfs2",
+        0x7461_636F => "ocfs2",
+        0xAAD7_AAEA => "panfs",
+        0x7375_7245 => "coda",
+        0x0000_564C => "ncpfs",
+        0x786F_4256 => "vboxsf (VirtualBox shared folder)",
+        0xBACB_ACBC => "vmhgfs (VMware shared folder)",
+        0x7C7C_6673 => "prl_fs (Parallels shared folder)",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_and_host_shares_are_remote_local_and_container_file_systems_are_not() {
+        for (magic, name) in [
+            (0x6969, "nfs"),
+            (0xFF53_4D42, "smb/cifs"),
+            (0xFE53_4D42, "smb/cifs"),
+            (0x0102_1997, "9p"),
+            (0x00C3_6400, "cephfs"),
+            (0x0BD0_0BD0, "lustre"),
+        ] {
+            assert_eq!(remote_fs(magic), Some(name), "{magic:#x}");
+        }
+        assert!(remote_fs(0x6573_5546).unwrap().contains("FUSE"));
+        // ext4, xfs, btrfs, tmpfs, overlayfs, zfs.
+        for magic in [
+            0xEF53,
+            0x5846_5342,
+            0x9123_683E,
+            0x0102_1994,
+            0x794C_7630,
+            0x2FC1_2FC1,
+        ] {
+            assert_eq!(remote_fs(magic), None, "{magic:#x}");
+        }
+    }
+
+    #[test]
+    fn the_temp_dir_is_local_and_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("missing/still/q.db");
+        assert_eq!(remote_fs_at(&db), None);
+        assert!(writable(dir.path()).is_ok());
+        db_writable(&dir.path().join("q.db"), true).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "probe left"
+        );
+    }
+
+    #[test]
+    fn a_missing_database_directory_is_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("nowhere/q.db");
+        let err = db_writable(&db, true).unwrap_err().to_string();
+        let nowhere = dir.path().join("nowhere");
+        assert_eq!(
+            err,
+            format!(
+                "cannot open {}: its directory {} does not exist; create it (mkdir -p {}) or mount a volume there",
+                db.display(),
+                nowhere.display(),
+                nowhere.display()
+            )
+        );
+    }
+
+    #[test]
+    fn refusals_fit_one_line() {
+        let path = Path::new("/data");
+        let rofs = Refusal {
+            fix: read_only_fix(false).to_owned(),
+            ..refusal(path, &io::Error::from_raw_os_error(libc::EROFS))
+        };
+        let err = refused(
+            "cannot write /data/foreman.sqlite3: ",
+            "its directory /data",
+            &rofs,
+            Some("SQLite needs to create foreman.sqlite3-wal and -shm next to it"),
+        );
+        assert_eq!(
+            err.to_string(),
+            "cannot write /data/foreman.sqlite3: its directory /data is on a read-only file system \
+             (SQLite needs to create foreman.sqlite3-wal and -shm next to it); mount a writable \
+             volume there (Kubernetes readOnlyRootFilesystem: use an emptyDir or a PVC)"
+        );
+        assert_eq!(err.exit_code(), 1);
+        assert!(read_only_fix(true).contains("ReadWritePaths="));
+    }
+}
