@@ -72,18 +72,11 @@ mod reporting {
     /// The Sentry settings when the config file could not be loaded: only `SENTRY_DSN`, so that the
     /// error saying why can still be reported.
     pub fn config_from_env() -> SentryConfig {
-        SentryConfig {
-            dsn: std::env::var("SENTRY_DSN")
-                .ok()
-                .filter(|dsn| !dsn.trim().is_empty()),
-            ..SentryConfig::default()
-        }
+        SentryConfig::new(None, None, None)
     }
 
     fn host_name() -> Option<String> {
-        let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-        let name = name.trim();
-        (!name.is_empty()).then(|| name.to_owned())
+        Some(crate::queue::daemon::hostname()).filter(|name| !name.is_empty())
     }
 
     /// Runs an in-process handler in a scope tagged with its task, so that the event the panic

@@ -206,7 +206,12 @@ pub struct SentryConfig {
 }
 
 impl SentryConfig {
-    fn new(dsn: Option<String>, environment: Option<String>, send_args: Option<bool>) -> Self {
+    /// `SENTRY_DSN` from the environment, else `dsn`.
+    pub(crate) fn new(
+        dsn: Option<String>,
+        environment: Option<String>,
+        send_args: Option<bool>,
+    ) -> Self {
         SentryConfig {
             dsn: std::env::var("SENTRY_DSN")
                 .ok()

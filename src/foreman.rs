@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::notify::Notifier;
 use crate::pid_guard::PidGuard;
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
-use crate::queue::daemon::{Beat, DaemonInfo, process_start};
+use crate::queue::daemon::{Beat, DaemonInfo, hostname, process_start};
 use crate::queue::{Access, Ending, Next, Queue, Resolved, RunState, unix_now};
 use crate::registry::{Handler, Registry};
 use crate::schedule::Schedules;
@@ -244,17 +244,6 @@ fn open_queue(config: &Config) -> Result<Queue> {
         workers: config.workers,
     })?;
     Ok(queue)
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer outlives the call, which writes at most its length.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn log_startup(config: &Config, registry: &Registry, pools: &[ProcessPool]) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::pid_guard::DaemonState;
-use crate::queue::daemon::process_start;
+use crate::queue::daemon::{hostname, process_start};
 use crate::queue::report::{DaemonRow, DueRow, RunningAttempt};
 use crate::queue::{Access, Queue};
 
@@ -280,17 +280,6 @@ pub fn open(config: &Config) -> crate::Result<Queue> {
 }
 
 /// This machine's name, as the daemon records it in its row; empty if it cannot be read.
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer outlives the call, which writes at most its length.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 fn unix_seconds(time: std::time::SystemTime) -> f64 {
     time.duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
