@@ -467,9 +467,11 @@ fn wait(cli: &Cli, id: i64, timeout: Duration, json: bool) -> Result<()> {
             progress.state,
             progress.attempt
         );
+        // A change seen during the gap is kept, not dropped: a commit's last write to the -wal can
+        // come just before the commit is visible, so the look after the gap may still miss it,
+        // and only the kept change brings the next look.
         watch.changed_within(remaining.min(WAIT_FALLBACK));
         std::thread::sleep(WAIT_MIN_GAP.saturating_sub(looked_at.elapsed()));
-        watch.forget();
     }
 }
 

@@ -45,14 +45,9 @@ impl DbWatch {
         }
     }
 
-    /// Blocks until a change has been seen since the last call (or `forget`), or `timeout` passes.
+    /// Blocks until a change has been seen since the last call, or `timeout` passes.
     pub fn changed_within(&self, timeout: Duration) -> bool {
         self.changes.recv_timeout(timeout).is_ok()
-    }
-
-    /// Drops the change seen so far, if any: a look at the database after this call covers it.
-    pub fn forget(&self) {
-        let _ = self.changes.try_recv();
     }
 }
 
