@@ -15,7 +15,7 @@ use crate::duration::{format_duration, parse_duration};
 use crate::error::{Error, Result};
 use crate::ops::stats::Stats;
 use crate::ops::status::Status;
-use crate::ops::{self, Style, Thresholds, metrics};
+use crate::ops::{self, Style, Thresholds, metrics, one_line};
 use crate::queue::admin::{CancelOutcome, DeadLetter, DeadSelection, Requeued, TaskProgress};
 use crate::queue::{Access, NewTask, Queue, SCHEMA_VERSION, unix_now};
 use crate::registry::Registry;
@@ -655,17 +655,6 @@ fn dead_table(rows: &[DeadLetter]) -> String {
         );
     }
     out
-}
-
-/// `text` on one line of at most `width` characters, cut with an ellipsis.
-fn one_line(text: &str, width: usize) -> String {
-    let clean = text.chars().map(|c| if c.is_control() { ' ' } else { c });
-    if text.chars().count() <= width {
-        return clean.collect();
-    }
-    let mut cut: String = clean.take(width.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
 }
 
 /// `12s ago`, `3m ago`, `5h ago`, `2d ago`.

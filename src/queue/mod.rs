@@ -945,7 +945,7 @@ fn text_lossy(value: Value) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -981,6 +981,21 @@ mod tests {
         assert_eq!(queue.prune_history(10.0, None, 1000).unwrap(), (0, None));
     }
 
+    /// The steps of `sql`'s query plan, joined by " | ".
+    pub(crate) fn query_plan(queue: &Queue, sql: &str) -> String {
+        let mut explain = queue
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        let values = std::iter::repeat_n(1, explain.parameter_count());
+        let plan: Vec<String> = explain
+            .query_map(rusqlite::params_from_iter(values), |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        plan.join(" | ")
+    }
+
     #[test]
     fn every_pop_statement_is_an_index_search() {
         let dir = tempfile::tempdir().unwrap();
@@ -1009,17 +1024,7 @@ mod tests {
             ),
             (SQL_DELETE, "INTEGER PRIMARY KEY (rowid=?)"),
         ] {
-            let mut explain = queue
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap();
-            let values = std::iter::repeat_n(1, explain.parameter_count());
-            let plan: Vec<String> = explain
-                .query_map(rusqlite::params_from_iter(values), |r| r.get(3))
-                .unwrap()
-                .collect::<rusqlite::Result<_>>()
-                .unwrap();
-            let plan = plan.join(" | ");
+            let plan = query_plan(&queue, sql);
             assert!(
                 plan.contains(&format!("SEARCH foreman_task USING {index}")),
                 "{sql}: {plan}"

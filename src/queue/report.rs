@@ -625,17 +625,7 @@ mod tests {
                 "SEARCH foreman_daemon USING INTEGER PRIMARY KEY (rowid=?)",
             ),
         ] {
-            let mut explain = queue
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap();
-            let values = std::iter::repeat_n(1, explain.parameter_count());
-            let plan: Vec<String> = explain
-                .query_map(rusqlite::params_from_iter(values), |r| r.get(3))
-                .unwrap()
-                .collect::<rusqlite::Result<_>>()
-                .unwrap();
-            let plan = plan.join(" | ");
+            let plan = crate::queue::tests::query_plan(&queue, sql);
             assert!(plan.contains(wanted), "{sql}: {plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
             // Walking the partial index of running attempts is fine: it holds nothing else.
