@@ -116,8 +116,8 @@ fn steady_rate(starts: &Starts) -> f64 {
     (starts.len() - 1) as f64 / last.duration_since(*first).as_secs_f64()
 }
 
-fn drain_inproc() -> f64 {
-    let bench = Bench::new("");
+fn drain_inproc(config: &str) -> f64 {
+    let bench = Bench::new(config);
     init(&bench);
     let ids = bench.enqueue_batch("bench.noop", DRAIN_TASKS);
     let starts: Starts = Arc::default();
@@ -514,8 +514,14 @@ fn show(name: &str, unit: &str, (med, min, max): (f64, f64, f64)) {
 }
 
 fn drain_scenarios(report: &mut serde_json::Map<String, serde_json::Value>) {
-    let inproc = median((0..REPS).map(|_| drain_inproc()).collect());
+    let inproc = median((0..REPS).map(|_| drain_inproc("")).collect());
     show("drain-inproc (20k)", "tasks/s", inproc);
+    let prefetch = median((0..REPS).map(|_| drain_inproc("prefetch = 256")).collect());
+    show("drain-inproc, prefetch 256", "tasks/s", prefetch);
+    report.insert(
+        "drain_inproc_prefetch_tasks_per_s".into(),
+        prefetch.0.into(),
+    );
     let command = median((0..REPS).map(|_| drain_command()).collect());
     show("drain-command /bin/true", "tasks/s", command);
     let bare = median((0..REPS).map(|_| bare_spawn()).collect());

@@ -234,6 +234,9 @@ pub struct DaemonArgs {
     /// Time running tasks get to finish after SIGTERM [default: 10s]
     #[arg(long, env = "FOREMAN_GRACEFUL_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
     pub graceful_timeout: Option<Duration>,
+    /// Tasks popped ahead of free workers (faster; a crash loses them) [default: 0]
+    #[arg(long, env = "FOREMAN_PREFETCH", value_name = "N")]
+    pub prefetch: Option<usize>,
     /// Fallback check of the queue, in case a wakeup is missed [default: 1s]
     #[arg(long, env = "FOREMAN_TICK", value_parser = parse_duration, value_name = "DURATION")]
     pub tick: Option<Duration>,
@@ -248,6 +251,7 @@ impl Cli {
             workers: daemon.workers,
             graceful_timeout: daemon.graceful_timeout,
             tick: daemon.tick,
+            prefetch: daemon.prefetch,
         }
     }
 

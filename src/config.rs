@@ -28,6 +28,8 @@ pub const DEFAULT_STATS_RETENTION: Duration = Duration::from_hours(168);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// More threads than this is a typo, not a configuration.
 const MAX_WORKERS: usize = 1024;
+/// Popped-but-not-started tasks are lost in a crash: more than this is a typo, not a trade-off.
+const MAX_PREFETCH: usize = 100_000;
 /// Task names under this prefix belong to foreman's built-in handlers.
 pub const RESERVED_PREFIX: &str = "foreman.";
 
@@ -40,6 +42,7 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub graceful_timeout: Option<Duration>,
     pub tick: Option<Duration>,
+    pub prefetch: Option<usize>,
 }
 
 /// How a configured task runs.
@@ -185,6 +188,8 @@ pub struct Config {
     pub pid_file: PathBuf,
     pub workers: usize,
     pub graceful_timeout: Duration,
+    /// Tasks popped beyond the free workers, handed over as workers free up (see README).
+    pub prefetch: usize,
     pub tick: Duration,
     pub tasks: BTreeMap<String, TaskConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
@@ -231,6 +236,7 @@ struct FileConfig {
     pid_file: Option<PathBuf>,
     workers: Option<usize>,
     graceful_timeout: Option<DurationValue>,
+    prefetch: Option<usize>,
     tick: Option<DurationValue>,
     #[serde(default)]
     tasks: BTreeMap<String, FileTask>,
@@ -421,6 +427,7 @@ impl Config {
             wakeup_dir,
             pid_file,
             workers,
+            prefetch: overrides.prefetch.or(parsed.prefetch).unwrap_or(0),
             graceful_timeout: overrides
                 .graceful_timeout
                 .or(parsed.graceful_timeout.map(|d| d.0))
@@ -455,8 +462,8 @@ impl Config {
         self.tasks.get(name).map_or(&DEFAULT_POLICY, |t| &t.policy)
     }
 
-    /// Checks what every command needs; `check_commands` adds what only the daemon needs.
-    fn validate(&self, overrides: &Overrides) -> Result<()> {
+    /// The top-level settings: numbers in range, durations above zero, a DSN that parses.
+    fn validate_settings(&self, overrides: &Overrides) -> Result<()> {
         // Name the flag when the value came from the command line or env, not the file.
         let origin = |from_override: bool, key: &str| {
             if from_override {
@@ -465,12 +472,28 @@ impl Config {
                 self.key_name(key)
             }
         };
-        if self.workers == 0 || self.workers > MAX_WORKERS {
-            let key = origin(overrides.workers.is_some(), "workers");
-            return Err(Error::Config(format!(
-                "{key} must be between 1 and {MAX_WORKERS}, got {}",
-                self.workers
-            )));
+        for (key, value, range, from_override) in [
+            (
+                "workers",
+                self.workers,
+                1..=MAX_WORKERS,
+                overrides.workers.is_some(),
+            ),
+            (
+                "prefetch",
+                self.prefetch,
+                0..=MAX_PREFETCH,
+                overrides.prefetch.is_some(),
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(Error::Config(format!(
+                    "{} must be between {} and {}, got {value}",
+                    origin(from_override, key),
+                    range.start(),
+                    range.end()
+                )));
+            }
         }
         for (key, value) in [
             ("history_retention", self.history_retention),
@@ -493,6 +516,12 @@ impl Config {
             let key = origin(overrides.tick.is_some(), "tick");
             return Err(Error::Config(format!("{key} must be greater than 0")));
         }
+        Ok(())
+    }
+
+    /// Checks what every command needs; `check_commands` adds what only the daemon needs.
+    fn validate(&self, overrides: &Overrides) -> Result<()> {
+        self.validate_settings(overrides)?;
         for (name, task) in &self.tasks {
             let key = format!("tasks.\"{name}\"");
             if name.is_empty() {
@@ -617,6 +646,7 @@ impl Config {
             "graceful_timeout = \"{}\"",
             format_duration(self.graceful_timeout)
         );
+        let _ = writeln!(out, "prefetch = {}", self.prefetch);
         let _ = writeln!(out, "tick = \"{}\"", format_duration(self.tick));
         let _ = writeln!(
             out,

@@ -363,7 +363,7 @@ impl Foreman<'_> {
             return;
         }
         loop {
-            let free = self.config.workers - self.running.len();
+            let free = self.capacity().saturating_sub(self.running.len());
             if free == 0 && self.ended.is_empty() {
                 return;
             }
@@ -428,6 +428,11 @@ impl Foreman<'_> {
                 return; // Nothing more is due, or what is due must wait.
             }
         }
+    }
+
+    /// The most tasks out at once: one per worker, plus the prefetched ones waiting for a worker.
+    fn capacity(&self) -> usize {
+        self.config.workers + self.config.prefetch
     }
 
     /// Whether the daemon is done: stopping with nothing left running, or past the terminating
@@ -652,7 +657,7 @@ impl Foreman<'_> {
         if Instant::now() >= self.next_prune {
             self.prune();
         }
-        if self.running.len() == self.config.workers {
+        if self.running.len() >= self.capacity() {
             if !self.ended.is_empty() {
                 self.fill(); // A DB error kept them from being recorded; try again.
             }
@@ -726,9 +731,13 @@ impl Foreman<'_> {
             Phase::Running => "",
             Phase::Draining { .. } | Phase::Terminating { .. } => "stopping; ",
         };
+        let busy = self.running.len().min(self.config.workers);
+        let prefetched = match self.running.len() - busy {
+            0 => String::new(),
+            n => format!(" (+{n} prefetched)"),
+        };
         format!(
-            "{phase}{}/{} busy; {} task(s) ended in the last minute",
-            self.running.len(),
+            "{phase}{busy}/{} busy{prefetched}; {} task(s) ended in the last minute",
             self.config.workers,
             self.tally.last_minute(unix_now())
         )

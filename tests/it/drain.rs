@@ -208,3 +208,31 @@ fn the_daemon_creates_schema_and_wakeup_dir_on_a_fresh_path() {
     daemon.expect_log(&format!("task {id} foreman.echo: args=[\"fresh\"]"));
     daemon.stop();
 }
+
+#[test]
+fn prefetch_pops_ahead_of_free_workers_and_still_runs_each_task_once() {
+    let env = Env::new();
+    let gate = env.path("gate");
+    env.config(&format!(
+        "workers = 1\nprefetch = 3\n[tasks.gated]\ncommand = [\"sh\", \"-c\", \"while [ ! -e '{}' ]; do sleep 0.01; done; echo $FOREMAN_TASK_ID >> \\\"$RECORD_FILE\\\"\"]\n",
+        gate.display()
+    ));
+    env.init();
+    let ids: Vec<i64> = (0..6).map(|_| env.insert("gated", "[]")).collect();
+    let daemon = env.daemon(&[]);
+    // One running, three popped ahead (their rows gone, recorded running), two still queued.
+    let running = || -> i64 {
+        env.sql()
+            .query_row(
+                "SELECT count(*) FROM foreman_run WHERE state = 'running'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert!(wait_until(PATIENCE, || running() == 4 && env.queued() == 2));
+    std::fs::write(&gate, "").unwrap();
+    let ran = env.wait_ran(6);
+    assert_each_ran_once(&ran, ids);
+    daemon.stop();
+}
