@@ -822,6 +822,9 @@ impl Foreman<'_> {
         self.children.kill_everything();
         // Once only: a second signal asks for an exit now, not after three busy timeouts.
         self.flush();
+        // The figures of the attempts that ended since the last beat, counted as at any other exit.
+        // No stopped stamp: abandoning running tasks is not a clean exit.
+        self.write_beat();
         Err(Error::Interrupted {
             abandoned: self.running.len(),
         })

@@ -10,9 +10,8 @@ use foreman::cli::{Cli, execute};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level);
-    // Dropped when main returns, after everything else: sends what is queued, within a bound.
-    let _sentry = init_sentry(&cli);
-    match execute(&cli, foreman::forward_shutdown_signals) {
+    let sentry = init_sentry(&cli);
+    let code = match execute(&cli, foreman::forward_shutdown_signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Does nothing unless Sentry was initialised, which only `run` does.
@@ -24,8 +23,30 @@ fn main() -> ExitCode {
             }
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
+    };
+    close_sentry(sentry);
+    code
+}
+
+/// Sends what is queued for Sentry, within `FLUSH_TIMEOUT`. The guard is not dropped: its drop
+/// joins the transport's thread, which waits for a request in flight without a time limit (a
+/// Sentry host that accepts the connection but never answers would hold the exit forever). The
+/// process exits with the thread still running.
+#[cfg(feature = "sentry")]
+fn close_sentry(guard: Option<sentry::ClientInitGuard>) {
+    if let Some(guard) = guard {
+        if !guard.flush(Some(foreman::alert::FLUSH_TIMEOUT)) {
+            log::warn!(
+                "Sentry did not take the queued reports within {:?}; they are dropped",
+                foreman::alert::FLUSH_TIMEOUT
+            );
+        }
+        std::mem::forget(guard);
     }
 }
+
+#[cfg(not(feature = "sentry"))]
+fn close_sentry(_guard: Option<std::convert::Infallible>) {}
 
 /// Sentry for `run` only: the other commands have a person watching their output. A config that
 /// does not load is still reported, if `SENTRY_DSN` says where (`run` then fails with its error).

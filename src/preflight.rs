@@ -11,7 +11,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::duration::format_duration;
@@ -47,9 +47,8 @@ pub fn check(config: &Config) -> Result<()> {
 /// process (a program embedding foreman) may hold.
 pub fn db_writable(db: &Path, probe: bool) -> Result<()> {
     let head = |verb: &str| format!("cannot {verb} {}: ", db.display());
-    // SQLite follows a symlinked database to its target and puts `-wal` and `-shm` there.
-    let real = std::fs::canonicalize(db);
-    let db = real.as_deref().unwrap_or(db);
+    let real = real_path(db);
+    let db = real.as_path();
     let dir = parent(db);
     let name = db.file_name().unwrap_or(db.as_os_str()).to_string_lossy();
     match std::fs::metadata(dir) {
@@ -97,6 +96,29 @@ pub fn db_writable(db: &Path, probe: bool) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Where SQLite puts the database: it follows a symlinked database to its target, which may not
+/// exist yet (SQLite creates it), and puts `-wal` and `-shm` next to it.
+fn real_path(db: &Path) -> PathBuf {
+    /// As many links as Linux follows in one lookup.
+    const MAX_LINKS: usize = 40;
+    let mut path = db.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        if let Ok(real) = std::fs::canonicalize(&path) {
+            return real;
+        }
+        // Missing, or a link to a file not created yet: follow the link by hand.
+        let Ok(target) = std::fs::read_link(&path) else {
+            break;
+        };
+        path = parent(&path).join(target);
+    }
+    // A file not created yet: its directory's real path, if it has one.
+    match (std::fs::canonicalize(parent(&path)), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path,
+    }
 }
 
 /// Whether the PID file can be opened for writing, or created in its directory.
@@ -474,5 +496,25 @@ mod tests {
         );
         assert_eq!(err.exit_code(), 1);
         assert!(read_only_fix(true).contains("ReadWritePaths="));
+    }
+
+    #[test]
+    fn a_symlink_to_a_database_not_created_yet_is_checked_where_sqlite_creates_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink("data/real.db", &link).unwrap();
+        db_writable(&link, true).unwrap();
+        assert_eq!(
+            real_path(&link),
+            std::fs::canonicalize(dir.path().join("data"))
+                .unwrap()
+                .join("real.db")
+        );
+        // A link whose target's directory is missing names that directory.
+        let broken = dir.path().join("broken.db");
+        std::os::unix::fs::symlink("nowhere/real.db", &broken).unwrap();
+        let err = db_writable(&broken, true).unwrap_err().to_string();
+        assert!(err.contains("nowhere"), "{err}");
     }
 }

@@ -44,12 +44,16 @@ impl Histogram {
 
     pub fn merge(&mut self, other: &Histogram) {
         for (b, n) in &other.buckets {
-            *self.buckets.entry(*b).or_default() += n;
+            let count = self.buckets.entry(*b).or_default();
+            *count = count.saturating_add(*n);
         }
     }
 
     pub fn count(&self) -> u64 {
-        self.buckets.values().sum()
+        // Saturating: the counts are read from the database, where anything may have been written.
+        self.buckets
+            .values()
+            .fold(0, |sum, n| sum.saturating_add(*n))
     }
 
     /// The `q` quantile (0..=1), as the geometric middle of its bucket; `None` when empty.
@@ -61,9 +65,9 @@ impl Histogram {
         // The rank of the quantile, 1-based: the median of 3 is the 2nd.
         #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
+        let mut seen: u64 = 0;
         for (b, n) in &self.buckets {
-            seen += n;
+            seen = seen.saturating_add(*n);
             if seen >= rank {
                 let (low, high) = Self::bounds(*b);
                 return Some(if *b == 0 {
@@ -132,9 +136,10 @@ impl MinuteStat {
     }
 
     pub fn merge(&mut self, other: &MinuteStat) {
-        self.count += other.count;
-        self.done += other.done;
-        self.failed += other.failed;
+        // Saturating: `other` may come from a row anyone could have written.
+        self.count = self.count.saturating_add(other.count);
+        self.done = self.done.saturating_add(other.done);
+        self.failed = self.failed.saturating_add(other.failed);
         self.wall_total += other.wall_total;
         self.wall_max = self.wall_max.max(other.wall_max);
         self.wait_total += other.wait_total;
@@ -276,6 +281,23 @@ mod tests {
             Histogram::from_json(r#"{"x": 1, "999": 2, "3": -1}"#).count(),
             0
         );
+    }
+
+    #[test]
+    fn huge_counts_read_from_the_db_saturate_instead_of_overflowing() {
+        let huge = Histogram::from_json(&format!(r#"{{"3": {}, "4": {}}}"#, u64::MAX, u64::MAX));
+        assert_eq!(huge.count(), u64::MAX);
+        let mut sum = huge.clone();
+        sum.merge(&huge);
+        assert_eq!(sum.count(), u64::MAX);
+        assert!(sum.quantile(0.5).is_some());
+        let mut stat = MinuteStat {
+            count: u64::MAX,
+            done: u64::MAX,
+            ..MinuteStat::default()
+        };
+        stat.merge(&stat.clone());
+        assert_eq!((stat.count, stat.done), (u64::MAX, u64::MAX));
     }
 
     #[test]

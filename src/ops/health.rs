@@ -19,7 +19,8 @@ const STALL_LOOKAHEAD: usize = 64;
 pub enum Reason {
     /// Running, heartbeat fresh, nothing waiting too long.
     Ok,
-    /// Running, but it has not written its first heartbeat yet (within `--max-age` of its start).
+    /// Running, but it has not written its first heartbeat yet (within `--max-age` of its start),
+    /// or it started less than `--max-queue-age` ago with a backlog it has not caught up on.
     Starting,
     /// Tasks wait longer than `--max-queue-age`, but because every worker (or their pool's every
     /// process) is busy: a capacity problem, not a stuck daemon.
@@ -181,6 +182,19 @@ pub fn judge(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds
         )
     );
     match (waiting, oldest) {
+        // A backlog older than the daemon: its rows have waited for this daemon only as long as
+        // it has run (a pool may still be starting), so a stall is judged once that is long enough.
+        (Some(due), _) if busy < workers && now - row.started_at <= max_queue_age => Verdict::new(
+            Reason::Starting,
+            format!(
+                "daemon pid {pid} started {} ago with a backlog: task {} ({}) was due {} ago; a stall counts after {} up",
+                age(now - row.started_at),
+                due.task_id,
+                due.task_name,
+                age(now - due.due_since),
+                age(max_queue_age)
+            ),
+        ),
         (Some(due), _) if busy < workers => Verdict::new(
             Reason::Stalled,
             format!(
@@ -473,6 +487,23 @@ mod tests {
         assert!(
             verdict.message.starts_with("every worker is busy"),
             "{verdict:?}"
+        );
+        // A daemon up for less than --max-queue-age has not had the time to stall on a backlog
+        // older than itself (its pool may still be starting): starting, not stalled.
+        let mut new = row();
+        new.started_at = NOW - 5.0;
+        let verdict = judge(
+            &obs(held(), Some(new), 0, Some(NOW - 600.0)),
+            Some(&due("plain", NOW - 600.0)),
+            LIMITS,
+        );
+        assert_eq!(verdict.reason, Reason::Starting, "{verdict:?}");
+        assert!(
+            verdict
+                .line()
+                .starts_with("healthy: starting: daemon pid 42 started 5.0s ago"),
+            "{}",
+            verdict.line()
         );
         // Only a saturated pool's rows are late (`observe` skipped them): busy, not stalled.
         let verdict = judge(&obs(held(), Some(row()), 1, Some(NOW - 90.0)), None, LIMITS);

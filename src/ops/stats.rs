@@ -85,8 +85,8 @@ impl TaskStats {
 
     fn add(&mut self, interval: usize, stat: &MinuteStat) {
         self.total.merge(stat);
-        self.counts[interval] += stat.count;
-        self.failures[interval] += stat.failed;
+        self.counts[interval] = self.counts[interval].saturating_add(stat.count);
+        self.failures[interval] = self.failures[interval].saturating_add(stat.failed);
     }
 }
 
@@ -337,7 +337,8 @@ pub fn sparkline(values: &[u64], zero: char) -> String {
                 return zero;
             }
             // 1..=8 eighths of the peak, rounded up so that any activity shows.
-            let level = (v * 8).div_ceil(peak).clamp(1, 8);
+            // In u128: a count read from the database may be anything up to u64::MAX.
+            let level = (u128::from(v) * 8).div_ceil(u128::from(peak)).clamp(1, 8);
             SPARKS[usize::try_from(level - 1).unwrap_or(0)]
         })
         .collect()
@@ -377,6 +378,7 @@ mod tests {
         assert_eq!(sparkline(&[0, 2, 4, 6, 8], ' '), " ▂▄▆█");
         assert_eq!(sparkline(&[0, 0], '·'), "··");
         assert_eq!(sparkline(&[], '·'), "");
+        assert_eq!(sparkline(&[1, u64::MAX / 2, u64::MAX], '·'), "▁▄█");
     }
 
     #[test]

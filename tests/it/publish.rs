@@ -256,3 +256,43 @@ fn systemd_hears_ready_status_watchdog_and_stopping_and_tasks_do_not_inherit_its
     assert!(receive_until(&socket, "STOPPING=1", &mut seen), "{seen:?}");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn figures_of_attempts_that_ended_reach_the_db_at_a_second_signal_too() {
+    let env = Env::new();
+    env.record_config("[tasks.slow]\ncommand = [\"sleep\", \"30\"]\n");
+    env.init();
+    env.insert("slow", "[]");
+    let mut daemon = env.daemon(&[]);
+    let runs = |state: &str| -> i64 {
+        env.sql()
+            .query_row(
+                "SELECT count(*) FROM foreman_run WHERE state = ?1",
+                [state],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert!(wait_until(PATIENCE, || runs("running") == 1));
+    for _ in 0..3 {
+        env.insert("record", "[]");
+    }
+    env.touch_wakeup("w");
+    // Recorded in foreman_run as soon as they end; their figures wait for the next beat (up to a
+    // second), which the second signal comes before.
+    assert!(wait_until(PATIENCE, || runs("done") == 3));
+    daemon.signal(libc::SIGINT);
+    daemon.expect_log("signal 2: stopping");
+    daemon.signal(libc::SIGINT);
+    let status = daemon.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    let counted: Option<i64> = env
+        .sql()
+        .query_row(
+            "SELECT sum(count) FROM foreman_stat WHERE task_name = 'record'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(counted, Some(3), "{}", daemon.log());
+}

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::support::{Env, PATIENCE, stderr, wait_until};
+use crate::support::{Env, PATIENCE, RECORD_TASK, stderr, wait_until};
 
 /// Accepts connections on a port of its own and records every event it receives, with the raw
 /// envelope it came in, until the test process exits.
@@ -175,4 +175,35 @@ fn commands_other_than_run_do_not_report() {
         .expect("run foreman");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(sentry.received.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_sentry_that_never_answers_holds_up_neither_the_tasks_nor_the_exit() {
+    // Accepts connections (the kernel completes them) but never reads or answers a request.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let env = Env::new();
+    env.config(&format!(
+        "sentry_dsn = \"http://key@127.0.0.1:{port}/1\"\n{RECORD_TASK}\n[tasks.fails]\ncommand = [\"/bin/sh\", \"-c\", \"exit 3\"]\n"
+    ));
+    env.init();
+    let mut daemon = env.daemon(&[]);
+    env.insert("fails", "[]");
+    env.touch_wakeup("a");
+    daemon.expect_log("moved to foreman_dead");
+    // The transport's thread is now waiting for an answer; tasks still run.
+    let id = env.insert("record", "[]");
+    env.touch_wakeup("b");
+    assert_eq!(env.wait_ran(1), [id]);
+    daemon.signal(libc::SIGTERM);
+    let started = std::time::Instant::now();
+    let status = daemon.wait_exit(PATIENCE);
+    assert!(status.success(), "{status}; log:\n{}", daemon.log());
+    // The flush gets its 2 s, and no more.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "exit took {:?}",
+        started.elapsed()
+    );
+    drop(listener);
 }
