@@ -35,6 +35,8 @@ DELETE FROM sqlite_sequence WHERE name = 'foreman_task';
 UPDATE sqlite_sequence SET name = 'foreman_task' WHERE name = 'foreman_task_v1';
 DROP TABLE foreman_task_v1;
 ";
+/// Prepared statements kept per connection: every statement foreman runs, with room to spare.
+const STATEMENT_CACHE: usize = 64;
 /// How long a statement waits for another connection's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -231,6 +233,9 @@ impl Queue {
 
     fn configure(&self, access: Access) -> rusqlite::Result<()> {
         self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        // The loop's transaction alone uses more than rusqlite's default 16 statements (pop,
+        // history, retries, savepoints); an LRU that small re-parses some of them every pop.
+        self.conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // Reading the journal mode first is what tells "not a database" apart early, with SQLite's
         // own message, instead of at the first pop.
         let mode: String = self
