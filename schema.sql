@@ -130,8 +130,9 @@ CREATE TABLE IF NOT EXISTS foreman_schedule (
 );
 
 -- The daemon's heartbeat: one row (id 1), replaced when a daemon starts, rewritten from its loop
--- every `heartbeat` (5 s by default) and at least once a second while it works, and stamped
--- stopped_at when it exits cleanly. A heartbeat that stops moving while the pid lives is a stuck
+-- every `heartbeat` (5 s by default) and at least once a second while it works, stamped
+-- stopping_at when a shutdown signal makes it stop popping (it then waits for its running tasks)
+-- and stopped_at when it exits cleanly. A heartbeat that stops moving while the pid lives is a stuck
 -- loop. pid_start is the process's start time in clock ticks since boot (field 22 of
 -- /proc/PID/stat), so a reused pid is not taken for the daemon. pools is a JSON array of
 -- {"name", "processes", "up"}; totals a JSON object {task name: {"done": n, "failed": n}} counted
@@ -144,6 +145,7 @@ CREATE TABLE IF NOT EXISTS foreman_daemon (
     version      TEXT NOT NULL,
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
+    stopping_at  REAL,
     stopped_at   REAL,
     workers      INTEGER NOT NULL,
     pools        TEXT NOT NULL DEFAULT '[]',

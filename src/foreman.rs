@@ -816,6 +816,10 @@ impl Foreman<'_> {
             };
             let status = self.status_line();
             self.notifier.stopping(&status);
+            // So that `foreman health` tells a daemon draining on purpose from a stalled one.
+            if let Err(e) = self.queue.daemon_stopping(unix_now()) {
+                self.db_error(&e);
+            }
             return Ok(());
         }
         self.log_survivors("abandoned at second signal");

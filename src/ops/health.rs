@@ -29,6 +29,8 @@ pub enum Reason {
     HeartbeatStale,
     /// Tasks wait longer than `--max-queue-age` while workers are free.
     Stalled,
+    /// A shutdown signal made it stop popping; it waits for its running tasks (`graceful_timeout`).
+    Stopping,
     /// The database cannot be opened or read.
     DbError,
 }
@@ -42,12 +44,16 @@ impl Reason {
             Reason::DaemonDown => "daemon_down",
             Reason::HeartbeatStale => "heartbeat_stale",
             Reason::Stalled => "stalled",
+            Reason::Stopping => "stopping",
             Reason::DbError => "db_error",
         }
     }
 
     pub fn is_healthy(self) -> bool {
-        matches!(self, Reason::Ok | Reason::Starting | Reason::Busy)
+        matches!(
+            self,
+            Reason::Ok | Reason::Starting | Reason::Busy | Reason::Stopping
+        )
     }
 }
 
@@ -168,6 +174,16 @@ pub fn judge(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds
     }
     let busy = i64::try_from(obs.running.len()).unwrap_or(i64::MAX);
     let workers = row.workers;
+    if let Some(stopping) = row.stopping_at {
+        // Due rows wait on purpose now: the next daemon pops them.
+        return Verdict::new(
+            Reason::Stopping,
+            format!(
+                "daemon pid {pid} is stopping (signalled {} ago), waiting for {busy} running task(s)",
+                age((now - stopping).max(0.0))
+            ),
+        );
+    }
     let oldest = obs
         .oldest_due
         .as_ref()
@@ -344,6 +360,7 @@ mod tests {
             version: "0.1.0".to_owned(),
             started_at: 1000.0,
             heartbeat_at: NOW - 1.0,
+            stopping_at: None,
             stopped_at: None,
             workers: 2,
             pools: vec![PoolRow {

@@ -424,6 +424,7 @@ mod tests {
             version: "0.1.0".to_owned(),
             started_at,
             heartbeat_at,
+            stopping_at: None,
             stopped_at: None,
             workers: 4,
             pools: Vec::new(),

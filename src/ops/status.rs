@@ -332,6 +332,7 @@ impl Status {
             "uptime_seconds": daemon.uptime(now).map(rounded),
             "heartbeat_at": row.map(|r| r.heartbeat_at),
             "heartbeat_age_seconds": heartbeat_age.map(rounded),
+            "stopping_at": row.and_then(|r| r.stopping_at),
             "stopped_at": row.and_then(|r| r.stopped_at),
         })
     }

@@ -68,6 +68,19 @@ impl Queue {
         })
     }
 
+    /// Stamps the start of a shutdown on this daemon's row: it pops no more, and waits for its
+    /// running tasks.
+    pub fn daemon_stopping(&mut self, now: f64) -> Result<()> {
+        let pid = std::process::id();
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE foreman_daemon SET stopping_at = ?1 WHERE id = 1 AND pid = ?2",
+            )?
+            .execute(params![now, pid])
+            .map(drop)
+        })
+    }
+
     /// Stamps a clean exit on this daemon's row.
     pub fn daemon_stopped(&mut self, now: f64) -> Result<()> {
         let pid = std::process::id();

@@ -235,7 +235,8 @@ impl Queue {
         self.conn.busy_timeout(BUSY_TIMEOUT)?;
         // The loop's transaction alone uses more than rusqlite's default 16 statements (pop,
         // history, retries, savepoints); an LRU that small re-parses some of them every pop.
-        self.conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        self.conn
+            .set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // Reading the journal mode first is what tells "not a database" apart early, with SQLite's
         // own message, instead of at the first pop.
         let mode: String = self
@@ -290,7 +291,9 @@ impl Queue {
                 Ok(done)
             });
         if done.is_err() && !conn.is_autocommit() {
-            let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+            let _ = conn
+                .prepare_cached("ROLLBACK")
+                .and_then(|mut s| s.execute([]));
         }
         done.map_err(|e| Error::db(&self.path, e))
     }

@@ -23,6 +23,8 @@ pub struct DaemonRow {
     pub version: String,
     pub started_at: f64,
     pub heartbeat_at: f64,
+    /// Set when a shutdown signal made it stop popping.
+    pub stopping_at: Option<f64>,
     /// Set when it exited cleanly.
     pub stopped_at: Option<f64>,
     /// Its worker slots: the most tasks it runs at once.
@@ -103,7 +105,7 @@ const SQL_DUE_BEFORE: &str = "SELECT id, task_name, run_after, created_at FROM f
 const SQL_RUNNING: &str = "SELECT task_id, attempt, task_name, started_at, enqueued_at \
      FROM foreman_run WHERE state = 'running'";
 const SQL_DAEMON: &str = "SELECT pid, pid_start, host, version, started_at, heartbeat_at, stopped_at, \
-     workers, pools, totals FROM foreman_daemon WHERE id = 1";
+     workers, pools, totals, stopping_at FROM foreman_daemon WHERE id = 1";
 
 impl Queue {
     /// Runs `read` in one read transaction, so that every figure it reads is of the same moment
@@ -133,6 +135,7 @@ impl Queue {
                         workers: r.get(7)?,
                         pools: parse_pools(&r.get::<_, String>(8)?),
                         totals: parse_totals(&r.get::<_, String>(9)?),
+                        stopping_at: r.get(10)?,
                     })
                 })
                 .optional()

@@ -1122,3 +1122,31 @@ fn colour_only_on_a_terminal_and_never_with_no_color() {
     // Redirected, never: the other tests read plain text from a pipe.
     assert!(!env.ok(&["status"]).contains('\x1b'));
 }
+
+#[test]
+fn health_says_stopping_while_a_signalled_daemon_waits_for_its_tasks() {
+    let env = Env::new();
+    let gate = env.path("gate");
+    env.config(&format!(
+        "workers = 1\ngraceful_timeout = \"1m\"\n[tasks.gated]\ncommand = [\"sh\", \"-c\", \"while [ ! -e '{}' ]; do sleep 0.01; done\"]\n",
+        gate.display()
+    ));
+    env.init();
+    env.insert("gated", "[]");
+    let mut daemon = env.daemon(&[]);
+    wait_registered(&env, &daemon);
+    assert!(wait_until(PATIENCE, || env.queued() == 0));
+    // Due long ago, and left queued on purpose by a daemon that is stopping.
+    insert_due(&env, "gated", 120.0);
+    daemon.signal(libc::SIGTERM);
+    let (code, line) = health_until(&env, &["--max-queue-age", "1s"], "healthy: stopping");
+    assert_eq!(code, Some(0), "{line}");
+    let status = json(&env.ok(&["status", "--json"]));
+    assert!(
+        status["daemon"]["stopping_at"].as_f64().is_some(),
+        "{status}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    assert!(daemon.wait_exit(PATIENCE).success());
+    health_until(&env, &[], "unhealthy: daemon_down");
+}
