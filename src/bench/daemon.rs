@@ -37,7 +37,10 @@ impl Workspace {
     /// Python modules there. A `--db` or `--wakeup-dir` that exists is refused: the bench deletes
     /// its databases between runs, and must never delete a real queue.
     pub fn create(db: Option<PathBuf>, wakeup_dir: Option<PathBuf>) -> Result<Workspace> {
-        for (path, what) in [(&db, "--db (or FOREMAN_DB)"), (&wakeup_dir, "--wakeup-dir")] {
+        for (path, what) in [
+            (&db, "--db (or FOREMAN_DB)"),
+            (&wakeup_dir, "--wakeup-dir (or FOREMAN_WAKEUP_DIR)"),
+        ] {
             if let Some(path) = path
                 && path.symlink_metadata().is_ok()
             {
@@ -371,6 +374,12 @@ impl Daemon {
     /// SIGTERM, then waits for a clean exit (status 0): the daemon records every ended attempt
     /// before it exits, so the database is complete afterwards.
     pub fn stop(mut self) -> Outcome<()> {
+        if let Some(status) = self.exited {
+            return Err(self.failure(&format!(
+                "the daemon {} before it was stopped",
+                crate::command::describe(status)
+            )));
+        }
         if let Ok(pid) = libc::pid_t::try_from(self.pid) {
             // SAFETY: kill with a pid we spawned and have not reaped (`exited` is None).
             unsafe { libc::kill(pid, libc::SIGTERM) };

@@ -212,7 +212,12 @@ impl Bench<'_> {
     pub fn pause(&self, duration: std::time::Duration) -> Outcome<()> {
         match self.shutdown.recv_timeout(duration) {
             Ok(signal) => Err(Failure::Interrupted(signal)),
-            Err(_) => Ok(()),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(()),
+            // No signal can come any more; the pause must still last (it paces the latency tasks).
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(duration);
+                Ok(())
+            }
         }
     }
 }

@@ -35,13 +35,13 @@ impl Bench<'_> {
         };
         for rep in 1..=self.sizes.reps {
             self.rep(scenario, rep, "run");
-            let mut run = self.work.run(&daemon::config(WORKERS, 0, ""))?;
+            let run = self.work.run(&daemon::config(WORKERS, 0, ""))?;
             let mut daemon = run.spawn(self.work)?;
             let mut records = Records::new(run.out.clone());
             let warm = self.warm_up(&run, &mut daemon, &mut records, false)?;
             let (mut ids, seconds) = match mode {
                 Mode::OneByOne => rust_one_by_one(&run, rows)?,
-                Mode::Batch => rust_batch(&mut run, rows)?,
+                Mode::Batch => rust_batch(&run, rows)?,
             };
             rates.rust.push(rows as f64 / seconds);
             let target = records.len() + rows;
@@ -92,9 +92,8 @@ fn rust_one_by_one(run: &Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
 }
 
 /// Every row in one transaction with one prepared statement, then the wakeup file.
-fn rust_batch(run: &mut Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
-    let db = run.db.clone();
-    let db_failure = |e: rusqlite::Error| Failure::new(format!("{}: {e}", db.display()));
+fn rust_batch(run: &Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
+    let db_failure = |e: rusqlite::Error| Failure::new(format!("{}: {e}", run.db.display()));
     let wakeup = run.wakeup.join("bench-rust");
     let start = Instant::now();
     let conn = run.conn()?;
