@@ -5,6 +5,7 @@
 //! (see `examples/inproc.rs`).
 
 pub mod alert;
+pub mod bench;
 pub mod children;
 pub mod cli;
 pub mod command;

@@ -1,0 +1,446 @@
+//! The bench's files and processes: the `Workspace` (a temporary directory removed on drop), one
+//! `Run` per daemon start (a fresh database, wakeup dir, config and record file), and the
+//! `Daemon` child (`foreman run` from this very executable), which is killed on every way out,
+//! and whose CPU time and peak RSS are read from `/proc`. It measures nothing itself.
+
+use std::io::{BufRead as _, Read as _, Seek as _};
+use std::ops::RangeInclusive;
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::{Failure, Outcome, python};
+use crate::error::{Error, Result};
+use crate::queue::{Access, Queue};
+use crate::wakeup::WakeupDir;
+
+/// Longer than the generated config's `graceful_timeout` (5 s): a daemon still there after this
+/// did not stop on SIGTERM, which fails the scenario.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lines of the daemon's log quoted when something went wrong.
+const LOG_TAIL_LINES: usize = 15;
+
+/// The bench's temporary directory: the Python modules, and a subdirectory per daemon run.
+pub(crate) struct Workspace {
+    root: PathBuf,
+    /// `--db`: every run's database goes there instead (removed between runs).
+    db: Option<PathBuf>,
+    wakeup_dir: Option<PathBuf>,
+    runs: std::cell::Cell<usize>,
+}
+
+impl Workspace {
+    /// Creates a new directory under the system's temp dir (`$TMPDIR`, else /tmp) and writes the
+    /// Python modules there. A `--db` or `--wakeup-dir` that exists is refused: the bench deletes
+    /// its databases between runs, and must never delete a real queue.
+    pub fn create(db: Option<PathBuf>, wakeup_dir: Option<PathBuf>) -> Result<Workspace> {
+        for (path, what) in [
+            (&db, "--db (or FOREMAN_DB)"),
+            (&wakeup_dir, "--wakeup-dir (or FOREMAN_WAKEUP_DIR)"),
+        ] {
+            if let Some(path) = path
+                && path.symlink_metadata().is_ok()
+            {
+                return Err(Error::Config(format!(
+                    "foreman bench: {what} {} exists; the bench creates and deletes its own \
+                     databases there, so name a path that does not exist yet",
+                    path.display()
+                )));
+            }
+        }
+        let root = unique_dir()?;
+        let work = Workspace {
+            root,
+            db,
+            wakeup_dir,
+            runs: std::cell::Cell::new(0),
+        };
+        python::write_modules(&work.root)?;
+        Ok(work)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A fresh run: its directory, a database with the schema, the wakeup dir and `config`.
+    pub fn run(&self, config: &str) -> Outcome<Run> {
+        let n = self.runs.get() + 1;
+        self.runs.set(n);
+        let dir = self.root.join(format!("run-{n}"));
+        std::fs::create_dir(&dir)
+            .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
+        let db = self.db.clone().unwrap_or_else(|| dir.join("q.sqlite3"));
+        let wakeup = self
+            .wakeup_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.wakeup", db.display())));
+        let config_path = dir.join("foreman.toml");
+        std::fs::write(&config_path, config)
+            .map_err(|e| Failure::new(format!("cannot write {}: {e}", config_path.display())))?;
+        // The run owns these from here on: its drop removes them, even if what follows fails.
+        let mut run = Run {
+            pid_file: dir.join("q.pid"),
+            out: dir.join("started.txt"),
+            log: dir.join("daemon.log"),
+            config: config_path,
+            dir,
+            db,
+            wakeup,
+            conn: None,
+        };
+        Queue::open(&run.db, Access::Create)?.ensure_schema()?;
+        WakeupDir::prepare(&run.wakeup)?;
+        run.conn = Some(producer_connection(&run.db)?);
+        Ok(run)
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        // Nothing to report to: a leftover directory in /tmp is the worst outcome.
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// `$TMPDIR/foreman-bench-<pid>-<n>`, mode 0700, created here (never an existing one).
+fn unique_dir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    let pid = std::process::id();
+    let mut attempt = 0;
+    loop {
+        let path = base.join(format!("foreman-bench-{pid}-{attempt}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot create a directory in {}", base.display()),
+                    e,
+                ));
+            }
+        }
+    }
+}
+
+/// A producer's connection, as schema.sql recommends: busy timeout, `synchronous = NORMAL`.
+pub(crate) fn producer_connection(db: &Path) -> Outcome<Connection> {
+    let fail = |e: rusqlite::Error| Failure::new(format!("{}: {e}", db.display()));
+    let conn = Connection::open(db).map_err(fail)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(fail)?;
+    Ok(conn)
+}
+
+/// A config for the daemon child: `workers` threads, `prefetch`, then `extra` (pools, tasks).
+pub(crate) fn config(workers: usize, prefetch: usize, extra: &str) -> String {
+    format!("workers = {workers}\nprefetch = {prefetch}\ngraceful_timeout = \"5s\"\n{extra}")
+}
+
+/// One daemon start's files and the producer's connection to its database.
+pub(crate) struct Run {
+    pub dir: PathBuf,
+    pub db: PathBuf,
+    pub wakeup: PathBuf,
+    pub pid_file: PathBuf,
+    /// `FOREMAN_BENCH_OUT`: where tasks record their start.
+    pub out: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    conn: Option<Connection>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.conn = None;
+        // The database and wakeup dir may be outside `dir` (--db); the pid file never is.
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
+        }
+        let _ = std::fs::remove_dir_all(&self.wakeup);
+    }
+}
+
+impl Run {
+    pub fn conn(&self) -> Outcome<&Connection> {
+        self.conn
+            .as_ref()
+            .ok_or_else(|| Failure::new("the producer connection is closed"))
+    }
+
+    fn db_failure(&self, e: &rusqlite::Error) -> Failure {
+        Failure::new(format!("{}: {e}", self.db.display()))
+    }
+
+    /// Starts `foreman run` (this executable) on the run's files, its log in the run's dir.
+    pub fn spawn(&self, work: &Workspace) -> Outcome<Daemon> {
+        Daemon::spawn(self, work)
+    }
+
+    /// Inserts `count` rows of `name` in one transaction (a recursive CTE: fast at a million
+    /// rows); with `keys_from`, row i gets `args = [keys_from + i]` (i from 0). Returns the ids,
+    /// consecutive since the transaction held the write lock. Does not wake the daemon.
+    pub fn insert_many(
+        &mut self,
+        name: &str,
+        count: usize,
+        keys_from: Option<i64>,
+    ) -> Outcome<RangeInclusive<i64>> {
+        let count_sql = i64::try_from(count).map_err(|_| Failure::new("too many rows"))?;
+        let args = if keys_from.is_some() {
+            "json_array(i - 1 + ?3)"
+        } else {
+            "'[]'"
+        };
+        let sql = format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             INSERT INTO foreman_task(task_name, args) SELECT ?2, {args} FROM n"
+        );
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| Failure::new("the producer connection is closed"))?;
+        let write = |conn: &mut Connection| -> rusqlite::Result<i64> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            match keys_from {
+                Some(from) => tx.execute(&sql, rusqlite::params![count_sql, name, from])?,
+                None => tx.execute(&sql, rusqlite::params![count_sql, name])?,
+            };
+            let last = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(last)
+        };
+        let last = write(conn).map_err(|e| self.db_failure(&e))?;
+        Ok(last - count_sql + 1..=last)
+    }
+
+    /// Inserts one row, autocommit; returns its id. Does not wake the daemon.
+    pub fn insert_one(&self, name: &str, args: &str) -> Outcome<i64> {
+        self.conn()?
+            .query_row(
+                "INSERT INTO foreman_task(task_name, args) VALUES (?1, ?2) RETURNING id",
+                [name, args],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.db_failure(&e))
+    }
+
+    /// Rows still queued among `ids`.
+    pub fn queued(&self, ids: &RangeInclusive<i64>) -> Outcome<usize> {
+        self.conn()?
+            .query_row(
+                "SELECT count(*) FROM foreman_task WHERE id BETWEEN ?1 AND ?2",
+                [ids.start(), ids.end()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| usize::try_from(n).unwrap_or(0))
+            .map_err(|e| self.db_failure(&e))
+    }
+
+    /// The producer's wakeup: create a file in the wakeup dir if it is not there (schema.sql).
+    pub fn wake(&self) -> Outcome<()> {
+        touch_if_absent(&self.wakeup.join("bench"))
+    }
+}
+
+/// Creates `path` unless it exists: one `stat` in the common case, as the Python client does.
+pub(crate) fn touch_if_absent(path: &Path) -> Outcome<()> {
+    if path.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map(drop)
+        .map_err(|e| Failure::new(format!("cannot create wakeup file {}: {e}", path.display())))
+}
+
+/// A `foreman run` child. Dropping it kills it (SIGKILL) unless `stop` already ended it.
+pub(crate) struct Daemon {
+    child: Child,
+    pid: u32,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Daemon {
+    fn spawn(run: &Run, work: &Workspace) -> Outcome<Daemon> {
+        let exe = std::env::current_exe()
+            .map_err(|e| Failure::new(format!("cannot find this executable: {e}")))?;
+        let exe = exe.to_str().ok_or_else(|| {
+            Failure::new(format!("executable path {} is not UTF-8", exe.display()))
+        })?;
+        // The daemon's own way of starting children: its own process group, so that a Ctrl-C at
+        // the terminal reaches the bench alone (which then kills it), and SIGKILL when the bench
+        // dies, even by `kill -9`.
+        let mut command = crate::command::piped_command(&[exe.to_owned()]).map_err(Failure::new)?;
+        let log = std::fs::File::create(&run.log)
+            .map_err(|e| Failure::new(format!("cannot create {}: {e}", run.log.display())))?;
+        let log_too = log
+            .try_clone()
+            .map_err(|e| Failure::new(format!("{}: {e}", run.log.display())))?;
+        command
+            .arg("--config")
+            .arg(&run.config)
+            .arg("--db")
+            .arg(&run.db)
+            .arg("--wakeup-dir")
+            .arg(&run.wakeup)
+            .arg("--pid-file")
+            .arg(&run.pid_file)
+            .args(["--log-level", "warn", "run"])
+            .current_dir(work.root())
+            .stdin(Stdio::null())
+            .stdout(log_too)
+            .stderr(log);
+        for (key, _) in std::env::vars_os() {
+            let name = key.to_string_lossy();
+            // The caller's settings would change what is measured (FOREMAN_WORKERS…), its Sentry
+            // would get the bench's reports, its journal our log lines.
+            if name.starts_with("FOREMAN_")
+                || name.starts_with("SENTRY_")
+                || ["RUST_LOG", "JOURNAL_STREAM", "PYTHONPATH"].contains(&name.as_ref())
+            {
+                command.env_remove(&key);
+            }
+        }
+        command
+            .env(crate::registry::BENCH_OUT_ENV, &run.out)
+            .env("PYTHONPATH", work.root());
+        let child = command
+            .spawn()
+            .map_err(|e| Failure::new(format!("cannot start {exe} run: {e}")))?;
+        Ok(Daemon {
+            pid: child.id(),
+            child,
+            log: run.log.clone(),
+            exited: None,
+        })
+    }
+
+    /// CPU time of every live thread, in ns: the first field of each `/proc/PID/task/*/schedstat`
+    /// (the scheduler's own clock, unlike utime's 10 ms ticks).
+    pub fn cpu_ns(&self) -> Outcome<u64> {
+        let dir = format!("/proc/{}/task", self.pid);
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| self.failure(&format!("cannot read {dir}: {e}")))?;
+        let mut total = 0;
+        for entry in entries.flatten() {
+            // A thread that ended since read_dir has no file any more: its time is gone with it.
+            let Ok(text) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+                continue;
+            };
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .ok_or_else(|| Failure::new(format!("{dir}/*/schedstat: unexpected {text:?}")))?;
+        }
+        Ok(total)
+    }
+
+    /// Peak resident set size in KiB (`VmHWM` of `/proc/PID/status`).
+    pub fn peak_rss_kib(&self) -> Outcome<u64> {
+        let path = format!("/proc/{}/status", self.pid);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| self.failure(&format!("cannot read {path}: {e}")))?;
+        text.lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| Failure::new(format!("{path} has no VmHWM line")))
+    }
+
+    /// Fails if the daemon has exited (it should run until `stop`).
+    pub fn check_alive(&mut self) -> Outcome<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                self.exited = Some(status);
+                Err(self.failure(&format!("the daemon {}", crate::command::describe(status))))
+            }
+            Err(e) => Err(self.failure(&format!("cannot wait for the daemon: {e}"))),
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit (status 0): the daemon records every ended attempt
+    /// before it exits, so the database is complete afterwards.
+    pub fn stop(mut self) -> Outcome<()> {
+        if let Some(status) = self.exited {
+            return Err(self.failure(&format!(
+                "the daemon {} before it was stopped",
+                crate::command::describe(status)
+            )));
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.pid) {
+            // SAFETY: kill with a pid we spawned and have not reaped (`exited` is None).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    self.exited = Some(status);
+                    if status.success() {
+                        return Ok(());
+                    }
+                    return Err(self.failure(&format!(
+                        "the daemon {} after SIGTERM",
+                        crate::command::describe(status)
+                    )));
+                }
+                Ok(None) if start.elapsed() < STOP_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(None) => {
+                    return Err(self.failure(&format!(
+                        "the daemon did not exit within {STOP_TIMEOUT:?} of SIGTERM"
+                    )));
+                }
+                Err(e) => return Err(self.failure(&format!("cannot wait for the daemon: {e}"))),
+            }
+        }
+    }
+
+    /// `message` and the end of the daemon's log.
+    pub fn failure(&self, message: &str) -> Failure {
+        Failure::new(format!("{message}{}", log_tail(&self.log)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            // Errors: it is gone already, or cannot be signalled; either way nothing to do.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The last lines of the daemon's log, indented, or nothing when it is empty.
+fn log_tail(path: &Path) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    // The tail is in the last few KiB; a log of warnings about 20,000 tasks can be large.
+    let len = file.metadata().map_or(0, |m| m.len());
+    let _ = file.seek(std::io::SeekFrom::Start(len.saturating_sub(8192)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    let lines: Vec<String> = bytes.lines().map_while(std::result::Result::ok).collect();
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    if tail.is_empty() {
+        return String::new();
+    }
+    // Not the path: the run's directory is removed with the run.
+    format!("; the daemon's log ends with:\n    {}", tail.join("\n    "))
+}
