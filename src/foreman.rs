@@ -15,7 +15,7 @@ use crate::notify::Notifier;
 use crate::pid_guard::PidGuard;
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
 use crate::queue::daemon::{Beat, DaemonInfo, hostname, process_start};
-use crate::queue::{Access, Ending, Next, Queue, Resolved, RunState, unix_now};
+use crate::queue::{Access, Ending, FileStamp, Next, Queue, Resolved, RunState, unix_now};
 use crate::registry::{Handler, Registry};
 use crate::schedule::Schedules;
 use crate::signals::Shutdown;
@@ -58,6 +58,10 @@ const PRUNE_BATCH: usize = 1000;
 const PRUNE_EVERY: Duration = Duration::from_mins(1);
 /// The longest a busy daemon keeps its figures in memory before writing them (with a heartbeat).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// The idle tick skips its look at the queue while neither the database nor its `-wal` changed;
+/// it looks anyway this often, in case a commit left both the same size within the file
+/// system's timestamp granularity.
+const LOOK_ANYWAY: Duration = Duration::from_secs(30);
 
 enum Phase {
     Running,
@@ -130,6 +134,8 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         tally: Tally::default(),
         notifier: Notifier::from_env(),
         last_beat: Instant::now(),
+        last_stamp: None,
+        last_look: Instant::now(),
     };
     foreman.schedules_due();
     foreman.wakeup.clear();
@@ -150,15 +156,12 @@ impl Foreman<'_> {
         wakes: &Receiver<()>,
     ) -> Result<()> {
         let ticker = crossbeam_channel::tick(self.config.tick);
-        let beat_every = [
-            Some(self.config.heartbeat),
-            Some(FLUSH_EVERY),
-            self.notifier.watchdog_every(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(FLUSH_EVERY);
+        // Figures are flushed by the tick too (at most once a second), so an idle daemon wakes for
+        // its heartbeat only every `heartbeat`.
+        let beat_every = self
+            .notifier
+            .watchdog_every()
+            .map_or(self.config.heartbeat, |w| w.min(self.config.heartbeat));
         let beats = crossbeam_channel::tick(beat_every);
         let mut shutdown = shutdown.clone();
         loop {
@@ -351,6 +354,9 @@ struct Foreman<'c> {
     notifier: Notifier,
     /// When the heartbeat row was last written.
     last_beat: Instant,
+    /// The database files as the tick's last look at the queue saw them.
+    last_stamp: Option<FileStamp>,
+    last_look: Instant,
 }
 
 impl Foreman<'_> {
@@ -657,6 +663,9 @@ impl Foreman<'_> {
         if Instant::now() >= self.next_prune {
             self.prune();
         }
+        if !self.tally.is_empty() && self.last_beat.elapsed() >= FLUSH_EVERY {
+            self.write_beat();
+        }
         if self.running.len() >= self.capacity() {
             if !self.ended.is_empty() {
                 self.fill(); // A DB error kept them from being recorded; try again.
@@ -664,7 +673,19 @@ impl Foreman<'_> {
             return;
         }
         // A stale file would keep create-if-absent producers from ever signalling again.
-        self.wakeup.clear_if_changed();
+        let woken = self.wakeup.clear_if_changed() > 0;
+        // Taken before the look, so a commit during it shows as a change next time.
+        let stamp = self.queue.file_stamp();
+        if !woken
+            && stamp.is_some()
+            && stamp == self.last_stamp
+            && self.ended.is_empty()
+            && self.last_look.elapsed() < LOOK_ANYWAY
+        {
+            return; // Nothing was committed since the last look: the queue is as it was.
+        }
+        self.last_stamp = stamp;
+        self.last_look = Instant::now();
         match self.queue.next_due() {
             Ok(Some(due)) if due <= unix_now() => self.fill(),
             Ok(due) => {
@@ -689,6 +710,9 @@ impl Foreman<'_> {
 
     /// Writes the heartbeat row and the figures counted since the last one, in one transaction.
     fn write_beat(&mut self) {
+        // Our own commit must not read as a producer's to the next tick; one that came before it
+        // still does, since the stamp is then already different.
+        let unchanged = self.last_stamp.is_some() && self.queue.file_stamp() == self.last_stamp;
         let stats = self.tally.take();
         let pools = self.pools_json();
         let totals = self.tally.totals_json();
@@ -697,7 +721,12 @@ impl Foreman<'_> {
             totals_json: &totals,
         };
         match self.queue.heartbeat(unix_now(), &beat, &stats) {
-            Ok(()) => self.last_beat = Instant::now(),
+            Ok(()) => {
+                self.last_beat = Instant::now();
+                if unchanged {
+                    self.last_stamp = self.queue.file_stamp();
+                }
+            }
             Err(e) => {
                 self.tally.restore(stats);
                 self.db_error(&e);

@@ -40,6 +40,15 @@ const STATEMENT_CACHE: usize = 64;
 /// How long a statement waits for another connection's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What `Queue::file_stamp` compares.
+pub type FileStamp = [(u64, Option<std::time::SystemTime>); 2];
+
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// How a command needs the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -422,6 +431,19 @@ impl Queue {
             }
             Ok(popped)
         })
+    }
+
+    /// The size and modification time of the database file and its `-wal`: every commit changes
+    /// one of them, so the idle tick can tell "nothing was committed" with two `stat`s instead of
+    /// a read transaction. `None` when they cannot be read.
+    pub fn file_stamp(&self) -> Option<FileStamp> {
+        let stamp = |path: &Path| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.len(), m.modified().ok()))
+        };
+        let wal = suffixed(&self.path, "-wal");
+        Some([stamp(&self.path)?, stamp(&wal).unwrap_or((0, None))])
     }
 
     /// When the earliest queued row is due (it may be now or past), without writing anything:
