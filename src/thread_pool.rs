@@ -62,8 +62,8 @@ pub struct ThreadPool {
 }
 
 impl ThreadPool {
-    /// Starts `workers` threads. The foreman loop never submits more jobs than there are idle
-    /// workers, so the channel never holds a task a worker could not start at once.
+    /// Starts `workers` threads. The foreman loop submits no more jobs than there are idle workers
+    /// plus its `prefetch`, so only prefetched tasks ever wait in the channel.
     pub fn start(
         workers: usize,
         finished: &Sender<Finished>,
