@@ -129,12 +129,18 @@ fn runnable_by_nobody(env: &Env) -> PathBuf {
 fn finish(mut cmd: Command, env: &Env) -> (Option<i32>, String) {
     let err_path = env.path("stderr.txt");
     let err_file = std::fs::File::create(&err_path).unwrap();
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(err_file)
         .spawn()
         .expect("spawn foreman");
+    wait_child(child, &err_path)
+}
+
+/// Waits for `child` to exit (killing it after PATIENCE); returns its exit code and the stderr
+/// it wrote to `err_path`.
+fn wait_child(mut child: std::process::Child, err_path: &Path) -> (Option<i32>, String) {
     let mut status = None;
     let exited = wait_until(PATIENCE, || {
         status = child.try_wait().unwrap();
@@ -144,7 +150,7 @@ fn finish(mut cmd: Command, env: &Env) -> (Option<i32>, String) {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let err = std::fs::read_to_string(&err_path).unwrap();
+    let err = std::fs::read_to_string(err_path).unwrap();
     assert!(exited, "still running after {PATIENCE:?}; stderr:\n{err}");
     (status.and_then(|s| s.code()), err)
 }
@@ -268,25 +274,15 @@ fn a_read_only_mount_stops_even_root() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn();
-    let mut child = match spawned {
+    let child = match spawned {
         Ok(child) => child,
         Err(e) => {
             eprintln!("skipped: cannot make a read-only mount here: {e}");
             return;
         }
     };
-    let mut status = None;
-    let exited = wait_until(PATIENCE, || {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    assert!(exited, "still running on a read-only mount: {err}");
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    let (code, err) = wait_child(child, &err_path);
+    assert_eq!(code, Some(1), "{err}");
     let expected = format!(
         "cannot write {}: its directory {} is on a read-only file system (SQLite needs to create \
          q.sqlite3-wal and -shm next to it); mount a writable volume there (Kubernetes \
