@@ -49,15 +49,20 @@ fn run_command(
     children: &Children,
 ) -> Result<Outcome, Outcome> {
     let started = Instant::now();
-    let mut command = piped_command(argv).map_err(Outcome::Failed)?;
-    command
-        .env("FOREMAN_TASK_ID", task.id.to_string())
-        .env("FOREMAN_TASK_NAME", &task.name)
-        .env("FOREMAN_ATTEMPT", task.attempt.to_string());
-    let (mut child, pid) = spawn(&mut command, argv).map_err(Outcome::Failed)?;
+    let (id, attempt) = (task.id.to_string(), task.attempt.to_string());
+    let env = [
+        ("FOREMAN_TASK_ID", id.as_str()),
+        ("FOREMAN_TASK_NAME", task.name.as_str()),
+        ("FOREMAN_ATTEMPT", attempt.as_str()),
+    ];
+    let child = crate::spawn::spawn(argv, &env).map_err(|e| {
+        let program = argv.first().map_or("", String::as_str);
+        Outcome::Failed(format!("cannot start command {program:?}: {e}"))
+    })?;
+    let pid = child.pid;
     children.insert(task.id, pid);
 
-    let mut pump = Pump::new(task, &mut child, pid);
+    let mut pump = Pump::new(task, child);
     let timed_out = pump.run(timeout.and_then(|t| started.checked_add(t)), pid);
     let stderr_tail = pump.stderr.tail.take().unwrap_or_default();
     drop(pump);
@@ -71,8 +76,7 @@ fn run_command(
         kill_group(pid, libc::SIGKILL);
     }
     children.remove(task.id);
-    let status = child
-        .wait()
+    let status = crate::spawn::reap(pid)
         .map_err(|e| Outcome::Failed(format!("waiting for command {:?}: {e}", argv[0])))?;
     if let Some(timeout) = timeout.filter(|_| timed_out) {
         return Err(Outcome::Timeout(format!(
@@ -226,28 +230,15 @@ struct Stream<'t> {
 }
 
 impl<'t> Pump<'t> {
-    fn new(task: &'t Task, child: &mut std::process::Child, pid: libc::pid_t) -> Self {
-        let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
-        if let Some(stdin) = &stdin {
-            set_nonblocking(stdin.as_raw_fd());
-        }
-        let pidfd = pidfd_open(pid);
+    fn new(task: &'t Task, child: crate::spawn::Spawned) -> Self {
+        set_nonblocking(child.stdin.as_raw_fd());
+        let pidfd = pidfd_open(child.pid);
         Pump {
-            stdin,
+            stdin: Some(child.stdin),
             input: task.to_json_line().into_bytes(),
             written: 0,
-            stdout: Stream::new(
-                child.stdout.take().map(|s| File::from(OwnedFd::from(s))),
-                "stdout",
-                task,
-                false,
-            ),
-            stderr: Stream::new(
-                child.stderr.take().map(|s| File::from(OwnedFd::from(s))),
-                "stderr",
-                task,
-                true,
-            ),
+            stdout: Stream::new(Some(child.stdout), "stdout", task, false),
+            stderr: Stream::new(Some(child.stderr), "stderr", task, true),
             pidfd,
         }
     }

@@ -23,6 +23,7 @@ pub mod queue;
 pub mod registry;
 pub mod schedule;
 pub mod signals;
+pub mod spawn;
 pub mod stats;
 pub mod task;
 pub mod thread_pool;

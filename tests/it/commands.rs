@@ -100,3 +100,75 @@ command = ["sh", "-c", "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1));
     daemon.expect_log(&format!("task {next} foreman.echo"));
     daemon.stop();
 }
+
+#[test]
+fn a_command_starts_with_default_signal_handling_and_the_daemons_environment() {
+    let env = Env::new();
+    // SigIgn and SigBlk of the task's own process, and a variable from the daemon's environment.
+    env.config(
+        r#"
+[tasks."app.signals"]
+command = ["sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/$$/status > \"$RECORD_FILE\"; echo \"inherited=$FROM_DAEMON\" >> \"$RECORD_FILE\""]
+"#,
+    );
+    env.init();
+    env.insert("app.signals", "[]");
+    let mut cmd = env.command(&["run"]);
+    cmd.env("FROM_DAEMON", "yes")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut daemon = cmd.spawn().unwrap();
+    let record = env.path("ran.txt");
+    assert!(wait_until(PATIENCE, || std::fs::read_to_string(&record)
+        .is_ok_and(|s| s.contains("inherited="))));
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(i32::try_from(daemon.id()).unwrap(), libc::SIGTERM) };
+    daemon.wait().unwrap();
+    let text = std::fs::read_to_string(&record).unwrap();
+    let mask = |name: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    // Rust ignores SIGPIPE in the daemon; a task must get the default back (bit 13 - 1).
+    assert_eq!(mask("SigIgn:") & (1 << 12), 0, "{text}");
+    assert_eq!(mask("SigBlk:"), 0, "no signal blocked: {text}");
+    assert!(text.contains("inherited=yes"), "{text}");
+}
+
+#[test]
+fn a_command_that_cannot_be_started_fails_with_the_reason() {
+    let env = Env::new();
+    let program = env.path("vanishing");
+    std::fs::write(&program, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    env.config(&format!(
+        "[tasks.\"app.gone\"]\ncommand = [\"{}\"]\n",
+        program.display()
+    ));
+    env.init();
+    let daemon = env.daemon(&[]);
+    // Checked at startup; gone by the time the task runs.
+    std::fs::remove_file(&program).unwrap();
+    let id = env.insert("app.gone", "[]");
+    env.touch_wakeup("w");
+    let reason = || -> Option<String> {
+        env.sql()
+            .query_row(
+                "SELECT reason FROM foreman_dead WHERE task_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .ok()
+    };
+    assert!(wait_until(PATIENCE, || reason().is_some()));
+    let reason = reason().unwrap();
+    assert!(
+        reason.contains("cannot start command") && reason.contains("No such file or directory"),
+        "{reason}"
+    );
+    daemon.stop();
+}
