@@ -16,6 +16,10 @@ use crate::notify::DAEMON_ONLY_ENV;
 /// The child's stack while it runs between the clone and its `execvp` (PATH search included).
 const CHILD_STACK: usize = 128 * 1024;
 
+thread_local! {
+    static STACK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; CHILD_STACK]);
+}
+
 /// A started command: its pid (also its process group id) and the daemon's ends of its pipes.
 pub struct Spawned {
     pub pid: libc::pid_t,
@@ -75,8 +79,9 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned>
         // SAFETY: plain data, filled in below.
         mask: unsafe { std::mem::zeroed() },
     };
-    let mut stack = vec![0u8; CHILD_STACK];
-    let pid = clone_child(&mut child, &mut stack)?;
+    // One stack per spawning thread, kept: a fresh 128 KiB buffer would be an mmap, munmap and
+    // page faults per task.
+    let pid = STACK.with_borrow_mut(|stack| clone_child(&mut child, stack))?;
     // The child has exec'd or exited by now (CLONE_VFORK); its ends are its own copies.
     drop((stdin_read, stdout_write, stderr_write, report_write));
     let mut errno = [0u8; 4];
