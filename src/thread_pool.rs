@@ -1,13 +1,14 @@
-//! `ThreadPool`: a fixed set of worker threads fed over a channel. Each runs one task at a time and
+//! `ThreadPool`: a fixed set of worker threads fed through one job queue. Each runs one task at a time and
 //! reports a `Finished` back to the foreman loop; a panicking handler fails its task, never the pool.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 
 use crate::children::Children;
 use crate::error::{Error, Result};
@@ -57,8 +58,49 @@ impl std::fmt::Display for Uneventful {
 impl std::error::Error for Uneventful {}
 
 pub struct ThreadPool {
-    jobs: Sender<Job>,
+    jobs: Arc<Inbox>,
     _threads: Vec<JoinHandle<()>>,
+}
+
+/// The workers' job queue. A mutex and a condition variable rather than a channel: an idle worker
+/// then sleeps at once, where a channel's receiver spins and yields first, which on a 2-core
+/// machine took CPU from the foreman loop at every hand-off.
+#[derive(Default)]
+struct Inbox {
+    queue: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Inbox {
+    /// The next job; `None` once the pool is closed.
+    fn take(&self) -> Option<Job> {
+        let mut guard = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(job) = guard.0.pop_front() {
+                return Some(job);
+            }
+            if guard.1 {
+                return None;
+            }
+            guard = self
+                .ready
+                .wait(guard)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        // Workers finish what they hold and stop, as they did when a channel's sender was dropped.
+        let mut guard = self
+            .jobs
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        guard.1 = true;
+        self.jobs.ready.notify_all();
+    }
 }
 
 impl ThreadPool {
@@ -69,10 +111,10 @@ impl ThreadPool {
         finished: &Sender<Finished>,
         children: &Arc<Children>,
     ) -> Result<ThreadPool> {
-        let (jobs, inbox) = crossbeam_channel::unbounded::<Job>();
+        let jobs = Arc::new(Inbox::default());
         let threads = (0..workers)
             .map(|n| {
-                let inbox = inbox.clone();
+                let inbox = Arc::clone(&jobs);
                 let finished = finished.clone();
                 let children = Arc::clone(children);
                 std::thread::Builder::new()
@@ -88,13 +130,19 @@ impl ThreadPool {
     }
 
     pub fn submit(&self, job: Job) {
-        // Workers only stop when this sender is dropped, so a send cannot fail while we hold it.
-        let _ = self.jobs.send(job);
+        let mut guard = self
+            .jobs
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        guard.0.push_back(job);
+        drop(guard);
+        self.jobs.ready.notify_one();
     }
 }
 
-fn work(inbox: &Receiver<Job>, finished: &Sender<Finished>, children: &Children) {
-    for Job { task, handler } in inbox {
+fn work(inbox: &Inbox, finished: &Sender<Finished>, children: &Children) {
+    while let Some(Job { task, handler }) = inbox.take() {
         let started = Instant::now();
         log::debug!("task {} {} started", task.id, task.name);
         let outcome = match catch_unwind(AssertUnwindSafe(|| run(&task, &handler, children))) {
