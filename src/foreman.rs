@@ -701,7 +701,10 @@ impl Foreman<'_> {
     /// The heartbeat timer: pings systemd's watchdog (from this loop, so a stuck loop gets the
     /// daemon restarted), and writes the heartbeat row with the figures when they are due.
     fn beat(&mut self) {
-        if !self.tally.is_empty() || self.last_beat.elapsed() >= self.config.heartbeat {
+        // A tenth short of the period: the timer fires every `heartbeat` (or more often, for the
+        // watchdog), and the last write ended a little after its firing.
+        let due = self.config.heartbeat.mul_f64(0.9);
+        if !self.tally.is_empty() || self.last_beat.elapsed() >= due {
             self.write_beat();
         }
         let status = self.status_line();
@@ -710,8 +713,10 @@ impl Foreman<'_> {
 
     /// Writes the heartbeat row and the figures counted since the last one, in one transaction.
     fn write_beat(&mut self) {
-        // Our own commit must not read as a producer's to the next tick; one that came before it
-        // still does, since the stamp is then already different.
+        // Our own commit must not read as a producer's to the next tick, but a producer's must
+        // still: one before this point changed the stamp already, and one up to the second
+        // `data_version` (say while the heartbeat waited for the write lock) changes that.
+        let version = self.queue.data_version().ok();
         let unchanged = self.last_stamp.is_some() && self.queue.file_stamp() == self.last_stamp;
         let stats = self.tally.take();
         let pools = self.pools_json();
@@ -723,8 +728,11 @@ impl Foreman<'_> {
         match self.queue.heartbeat(unix_now(), &beat, &stats) {
             Ok(()) => {
                 self.last_beat = Instant::now();
-                if unchanged {
-                    self.last_stamp = self.queue.file_stamp();
+                if unchanged && version.is_some() {
+                    let stamp = self.queue.file_stamp();
+                    if self.queue.data_version().ok() == version {
+                        self.last_stamp = stamp;
+                    }
                 }
             }
             Err(e) => {

@@ -3,6 +3,10 @@
 //! std's `Command` can only do that with a `pre_exec` hook, which makes it copy the daemon's whole
 //! address space with `fork()` for every task: a third of the spawn rate. The child runs only
 //! async-signal-safe libc calls on its own stack, on data prepared before the clone.
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that started the child exits, not the process: only
+//! call `spawn` from a thread that outlives the child (foreman's workers wait for their task's
+//! process to exit, and live as long as the daemon).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
@@ -13,7 +17,9 @@ use std::process::ExitStatus;
 
 use crate::notify::DAEMON_ONLY_ENV;
 
-/// The child's stack while it runs between the clone and its `execvp` (PATH search included).
+/// The child's stack while it runs between the clone and its `execvpe` (PATH search included),
+/// plus one pointer per argument: for a program without a `#!` line, `execvpe` copies argv onto
+/// the stack to run it through `/bin/sh` (glibc's `posix_spawn` sizes its stack the same way).
 const CHILD_STACK: usize = 128 * 1024;
 
 thread_local! {
@@ -81,7 +87,13 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned>
     };
     // One stack per spawning thread, kept: a fresh 128 KiB buffer would be an mmap, munmap and
     // page faults per task.
-    let pid = STACK.with_borrow_mut(|stack| clone_child(&mut child, stack))?;
+    let needed = CHILD_STACK + argv_ptrs.len() * std::mem::size_of::<*const libc::c_char>();
+    let pid = STACK.with_borrow_mut(|stack| {
+        if stack.len() < needed {
+            stack.resize(needed, 0);
+        }
+        clone_child(&mut child, stack)
+    })?;
     // The child has exec'd or exited by now (CLONE_VFORK); its ends are its own copies.
     drop((stdin_read, stdout_write, stderr_write, report_write));
     let mut errno = [0u8; 4];
@@ -250,4 +262,35 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: pipe2 just returned these fds and nothing else owns them.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_without_a_shebang_and_a_long_argv_runs_through_sh() {
+        // execvpe's ENOEXEC fallback copies argv onto the child's stack.
+        let dir = std::env::temp_dir().join(format!("foreman-spawn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("no-shebang");
+        std::fs::write(&script, "exit 7\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut argv = vec![script.display().to_string()];
+        argv.extend((0..40_000).map(|i| i.to_string()));
+        let child = spawn(&argv, &[]).unwrap();
+        drop(child.stdin);
+        let status = reap(child.pid).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(status.code(), Some(7), "{status:?}");
+    }
+
+    #[test]
+    fn a_missing_program_is_an_error_naming_the_cause() {
+        let err = spawn(&["/nonexistent/foreman-test".to_owned()], &[])
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
 }

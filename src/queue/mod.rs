@@ -446,6 +446,15 @@ impl Queue {
         Some([stamp(&self.path)?, stamp(&wal).unwrap_or((0, None))])
     }
 
+    /// SQLite's `PRAGMA data_version`: it changes between two calls when another connection
+    /// committed meanwhile, and never for this connection's own commits.
+    pub fn data_version(&self) -> Result<i64> {
+        self.conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(|e| self.err(e))
+    }
+
     /// When the earliest queued row is due (it may be now or past), without writing anything:
     /// the fallback tick's check, so an idle daemon never takes the write lock.
     pub fn next_due(&self) -> Result<Option<f64>> {
@@ -1026,6 +1035,29 @@ pub(crate) mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         plan.join(" | ")
+    }
+
+    #[test]
+    fn data_version_moves_for_other_connections_commits_only() {
+        let dir = std::env::temp_dir().join(format!("foreman-dv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("q.sqlite3");
+        let mut queue = Queue::open(&path, Access::Create).unwrap();
+        queue.ensure_schema().unwrap();
+        let before = queue.data_version().unwrap();
+        queue.prune_stats(0).unwrap();
+        assert_eq!(queue.data_version().unwrap(), before, "our own commit");
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute("INSERT INTO foreman_task(task_name) VALUES ('x')", [])
+            .unwrap();
+        assert_ne!(
+            queue.data_version().unwrap(),
+            before,
+            "another connection's commit"
+        );
+        drop((queue, other));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

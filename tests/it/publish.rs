@@ -296,3 +296,26 @@ fn figures_of_attempts_that_ended_reach_the_db_at_a_second_signal_too() {
         .unwrap();
     assert_eq!(counted, Some(3), "{}", daemon.log());
 }
+
+#[test]
+fn an_idle_daemon_beats_every_heartbeat_not_every_other() {
+    let env = Env::new();
+    env.config("heartbeat = \"300ms\"\n");
+    let daemon = env.daemon(&[]);
+    let mut beats: Vec<f64> = Vec::new();
+    assert!(wait_until(PATIENCE, || {
+        if let Some(row) = daemon_row(&env)
+            && beats.last() != Some(&row.2)
+        {
+            beats.push(row.2);
+        }
+        beats.len() >= 6
+    }));
+    // The first gaps may include startup; the idle ones must be one period, not two.
+    let gaps: Vec<f64> = beats.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| *g < 0.45),
+        "heartbeat gaps {gaps:?} for a 300 ms heartbeat"
+    );
+    daemon.stop();
+}
