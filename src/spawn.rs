@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::process::ExitStatus;
+use std::sync::OnceLock;
 
 use crate::notify::DAEMON_ONLY_ENV;
 
@@ -41,8 +42,11 @@ struct ChildArgs {
     envp: *const *const libc::c_char,
     /// The child's ends of the stdin, stdout and stderr pipes.
     stdio: [libc::c_int; 3],
-    /// Write end of a close-on-exec pipe: the child writes its errno there if `exec` fails.
-    report: libc::c_int,
+    /// Where the child leaves its errno if it cannot exec. The child shares our memory
+    /// (`CLONE_VM`) and we resume only once it has exec'd or exited (`CLONE_VFORK`), so this
+    /// replaces the usual close-on-exec report pipe, whose read waits for the exec'd child to close
+    /// its copy: on this 2-core VM, often until `/bin/true` had exited.
+    errno: libc::c_int,
     parent: libc::pid_t,
     /// The signal mask to restore in the child (the parent blocks every signal around the clone).
     mask: libc::sigset_t,
@@ -62,14 +66,13 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned>
     let Some(program) = words.first() else {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     };
-    let env = environment(extra_env)?;
+    let mut extra = Vec::with_capacity(extra_env.len());
+    let envp_ptrs = environment(extra_env, &mut extra)?;
     let argv_ptrs = null_terminated(&words);
-    let envp_ptrs = null_terminated(&env);
 
     let (stdin_read, stdin_write) = pipe()?;
     let (stdout_read, stdout_write) = pipe()?;
     let (stderr_read, stderr_write) = pipe()?;
-    let (report_read, report_write) = pipe()?;
     let mut child = ChildArgs {
         program: program.as_ptr(),
         argv: argv_ptrs.as_ptr(),
@@ -79,7 +82,7 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned>
             stdout_write.as_raw_fd(),
             stderr_write.as_raw_fd(),
         ],
-        report: report_write.as_raw_fd(),
+        errno: 0,
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
         // SAFETY: plain data, filled in below.
@@ -95,22 +98,21 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned>
         clone_child(&mut child, stack)
     })?;
     // The child has exec'd or exited by now (CLONE_VFORK); its ends are its own copies.
-    drop((stdin_read, stdout_write, stderr_write, report_write));
-    let mut errno = [0u8; 4];
-    let mut report = File::from(report_read);
-    match io::Read::read(&mut report, &mut errno) {
-        Ok(4) => {
-            // exec failed; the child exited with 127. Reap it before saying why.
-            let _ = reap(pid);
-            Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
-        }
-        _ => Ok(Spawned {
-            pid,
-            stdin: File::from(stdin_write),
-            stdout: File::from(stdout_read),
-            stderr: File::from(stderr_read),
-        }),
+    drop((stdin_read, stdout_write, stderr_write));
+    // SAFETY: the child, which wrote it if at all, has exec'd or exited; volatile because the
+    // write happened behind the compiler's back.
+    let errno = unsafe { std::ptr::read_volatile(&raw const child.errno) };
+    if errno != 0 {
+        // exec failed; the child exited with 127. Reap it before saying why.
+        let _ = reap(pid);
+        return Err(io::Error::from_raw_os_error(errno));
     }
+    Ok(Spawned {
+        pid,
+        stdin: File::from(stdin_write),
+        stdout: File::from(stdout_read),
+        stderr: File::from(stderr_read),
+    })
 }
 
 /// Waits for the child to exit and reaps it.
@@ -165,8 +167,9 @@ fn clone_child(args: &mut ChildArgs, stack: &mut [u8]) -> io::Result<libc::pid_t
 
 /// The child, between the clone and the exec: async-signal-safe calls only, no allocation.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `ChildArgs` the parent passed, alive while the parent waits for us.
-    let args = unsafe { &*(arg as *const ChildArgs) };
+    // SAFETY: `arg` is the `ChildArgs` the parent passed, alive while the parent waits for us;
+    // only `errno` is written, and only by us until we exec or exit.
+    let args = unsafe { &mut *arg.cast::<ChildArgs>() };
     // SAFETY: every call below is async-signal-safe and takes pointers prepared by the parent.
     unsafe {
         // Signals the daemon handles go back to their default action, and SIGPIPE, which Rust
@@ -187,7 +190,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             std::ptr::null_mut(),
         );
         if libc::setpgid(0, 0) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            fail(args.report);
+            fail(&raw mut args.errno);
         }
         // The daemon may have died before the prctl; then no signal would ever come.
         if libc::getppid() != args.parent {
@@ -202,47 +205,75 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::dup2(fd, target)
             };
             if moved < 0 {
-                fail(args.report);
+                fail(&raw mut args.errno);
             }
         }
         libc::execvpe(args.program, args.argv, args.envp);
-        fail(args.report)
+        fail(&raw mut args.errno)
     }
 }
 
 /// Tells the parent why the child could not exec, and exits.
-unsafe fn fail(report: libc::c_int) -> ! {
-    // SAFETY: errno's location is valid in this thread; write and _exit are async-signal-safe.
+unsafe fn fail(report: *mut libc::c_int) -> ! {
+    // SAFETY: errno's location is valid in this thread; `report` points into the parent's
+    // `ChildArgs`, which outlives us; _exit is async-signal-safe.
     unsafe {
-        let errno = (*libc::__errno_location()).to_ne_bytes();
-        libc::write(report, errno.as_ptr().cast(), errno.len());
+        // A failure without errno must still read as one.
+        let errno = (*libc::__errno_location()).max(1);
+        std::ptr::write_volatile(report, errno);
         libc::_exit(127)
     }
 }
 
-/// `KEY=value` strings: the daemon's environment without its systemd variables, plus `extra`.
-fn environment(extra: &[(&str, &str)]) -> io::Result<Vec<CString>> {
-    let skip = |key: &OsStr| {
-        DAEMON_ONLY_ENV.iter().any(|k| key == OsStr::new(k))
-            || extra.iter().any(|(k, _)| key == OsStr::new(k))
-    };
-    let mut env = Vec::new();
-    let push = |key: &OsStr, value: &OsStr| {
-        let mut pair = OsString::with_capacity(key.len() + value.len() + 1);
-        pair.push(key);
-        pair.push("=");
-        pair.push(value);
-        CString::new(pair.into_vec()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-    };
-    for (key, value) in std::env::vars_os() {
-        if !skip(&key) {
-            env.push(push(&key, &value)?);
-        }
-    }
+/// The daemon's environment without its systemd variables, as `KEY=value` strings: read once,
+/// since nothing in foreman changes it after start, and copying it per task was a twentieth of the
+/// daemon's CPU on a command drain. A variable that is not valid as a C string (impossible from
+/// `execve`) is left out.
+fn inherited() -> &'static [CString] {
+    static INHERITED: OnceLock<Vec<CString>> = OnceLock::new();
+    INHERITED.get_or_init(|| {
+        std::env::vars_os()
+            .filter(|(key, _)| !DAEMON_ONLY_ENV.iter().any(|k| key == OsStr::new(k)))
+            .filter_map(|(key, value)| {
+                let mut pair = OsString::with_capacity(key.len() + value.len() + 1);
+                pair.push(&key);
+                pair.push("=");
+                pair.push(&value);
+                CString::new(pair.into_vec()).ok()
+            })
+            .collect()
+    })
+}
+
+/// `envp` for the child: the inherited variables (less those `extra` sets) and `extra`'s, whose
+/// strings are built into `owned`.
+fn environment<'a>(
+    extra: &[(&str, &str)],
+    owned: &'a mut Vec<CString>,
+) -> io::Result<Vec<*const libc::c_char>> {
     for (key, value) in extra {
-        env.push(push(OsStr::new(key), OsStr::new(value))?);
+        owned.push(
+            CString::new(format!("{key}={value}"))
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        );
     }
-    Ok(env)
+    let overridden = |pair: &CString| {
+        let bytes = pair.as_bytes();
+        extra.iter().any(|(key, _)| {
+            bytes.len() > key.len() && bytes.starts_with(key.as_bytes()) && bytes[key.len()] == b'='
+        })
+    };
+    let inherited = inherited();
+    let mut envp = Vec::with_capacity(inherited.len() + owned.len() + 1);
+    envp.extend(
+        inherited
+            .iter()
+            .filter(|pair| !overridden(pair))
+            .map(|pair| pair.as_ptr()),
+    );
+    envp.extend(owned.iter().map(|pair| pair.as_ptr()));
+    envp.push(std::ptr::null());
+    Ok(envp)
 }
 
 fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
