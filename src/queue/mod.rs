@@ -265,7 +265,11 @@ impl Queue {
             self.conn
                 .query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
         }
-        self.conn.execute_batch("PRAGMA synchronous = NORMAL")
+        // 512 KiB of page cache instead of SQLite's 2 MiB: a pop reads the head of one index and
+        // the rows it points at, so the hot pages are few, and a miss is a read from the OS's
+        // cache; the rest was a fifth of the daemon's resident memory after a drain.
+        self.conn
+            .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -512")
     }
 
     /// An error from opening or configuring the database. SQLite's READONLY and CANTOPEN codes on a
