@@ -280,6 +280,11 @@ fn rows_that_cannot_run_are_dead_lettered_as_stored_with_one_line_each_and_the_r
     assert!(buried.iter().all(|l| l.len() < 400), "{buried:#?}");
     assert!(!daemon.has_log("forged log line\n"));
     assert!(!daemon.has_log("cannot pop"), "{}", daemon.log());
+    // The operator commands read those dead letters too, bytes that are not UTF-8 included.
+    let listed: Value =
+        serde_json::from_str(&env.ok(&["dead", "list", "--json", "--limit", "1000"])).unwrap();
+    assert_eq!(listed["total"], json!(expected.len()));
+    env.ok(&["status"]);
     daemon.stop();
 }
 
