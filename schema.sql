@@ -44,9 +44,9 @@
 --   delay is due when it is inserted, so plain tasks run in id (FIFO) order.
 --   A failed task with retries left (config max_retries) is put back with the same id, attempt + 1
 --   and a later run_after; when none are left it moves to foreman_dead with its last error.
---   A row that cannot run (unknown or empty task name, args not a JSON array, kwargs not a JSON
---   object, text that is not JSON or not UTF-8) is moved to foreman_dead with the reason, in the same
---   transaction that pops it.
+--   A row that cannot run (unknown or empty task name, a name over 1024 bytes or with a control
+--   character, args not a JSON array, kwargs not a JSON object, text that is not JSON or not UTF-8)
+--   is moved to foreman_dead with the reason, in the same transaction that pops it.
 --   Every attempt is recorded in foreman_run (kept 7 days by default): `foreman wait ID` reads it.
 --
 -- The daemon puts the database in WAL mode (a persistent setting), so producers never block it for long.

@@ -408,8 +408,8 @@ fn init(cli: &Cli) -> Result<()> {
 }
 
 fn enqueue(cli: &Cli, task: &EnqueueArgs) -> Result<()> {
-    if task.name.is_empty() {
-        return Err(Error::Config("task name must not be empty".to_owned()));
+    if let Some(problem) = crate::task::name_problem(&task.name) {
+        return Err(Error::Config(format!("task name {problem}")));
     }
     let args: serde_json::Value = serde_json::from_str(&task.args)
         .map_err(|e| Error::Config(format!("ARGS_JSON is not valid JSON: {e}")))?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::duration::{format_duration, parse_duration};
+use crate::duration::{format_duration, in_range, parse_duration};
 use crate::error::{Error, Result};
 
 pub const DEFAULT_DB: &str = "foreman.sqlite3";
@@ -337,10 +337,10 @@ impl<'de> Deserialize<'de> for DurationValue {
             serde::de::Error::custom("expected a duration such as \"10s\" or a number of seconds")
         })? {
             Raw::Text(text) => parse_duration(&text),
-            Raw::Int(secs) => Ok(Duration::from_secs(secs)),
-            Raw::Float(secs) => {
-                Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {secs}"))
-            }
+            Raw::Int(secs) => in_range(Duration::from_secs(secs), &secs.to_string()),
+            Raw::Float(secs) => Duration::try_from_secs_f64(secs)
+                .map_err(|_| format!("invalid duration {secs}"))
+                .and_then(|d| in_range(d, &secs.to_string())),
         };
         parsed.map(DurationValue).map_err(serde::de::Error::custom)
     }
@@ -358,6 +358,11 @@ impl Config {
             Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
         };
+        Config::build(file, parsed, overrides)
+    }
+
+    /// The configuration from a parsed file (or none) and the overrides, validated.
+    fn build(file: Option<PathBuf>, parsed: FileConfig, overrides: &Overrides) -> Result<Config> {
         // Paths written in a config file are relative to that file, so the file means the same
         // whatever directory the daemon is started from.
         let base = file
@@ -524,8 +529,10 @@ impl Config {
         self.validate_settings(overrides)?;
         for (name, task) in &self.tasks {
             let key = format!("tasks.\"{name}\"");
-            if name.is_empty() {
-                return Err(self.key_error("tasks", "a task name is empty"));
+            if let Some(problem) = crate::task::name_problem(name) {
+                // Quoted by `{:?}` so that a control character or a huge name stays one short line.
+                let shown: String = name.chars().take(64).collect();
+                return Err(self.key_error("tasks", &format!("task name {shown:?} {problem}")));
             }
             if name.starts_with(RESERVED_PREFIX) {
                 return Err(self.key_error(
@@ -842,8 +849,8 @@ fn build_schedule(
     if !kwargs.is_object() {
         return Err((format!("{key}.kwargs"), "must be a table".to_owned()));
     }
-    if schedule.task.is_empty() {
-        return Err((format!("{key}.task"), "must not be empty".to_owned()));
+    if let Some(problem) = crate::task::name_problem(&schedule.task) {
+        return Err((format!("{key}.task"), problem));
     }
     Ok(ScheduleConfig {
         task: schedule.task,
@@ -943,12 +950,17 @@ fn suffixed(path: &Path, suffix: &str) -> PathBuf {
 fn read_file_config(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
+    parse_file_config(path, &text)
+}
+
+/// The text of the config file at `path`, parsed; errors name the file, the line and the key.
+fn parse_file_config(path: &Path, text: &str) -> Result<FileConfig> {
     let deserializer =
-        toml::de::Deserializer::parse(&text).map_err(|e| toml_error(path, &text, &e))?;
+        toml::de::Deserializer::parse(text).map_err(|e| toml_error(path, text, &e))?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner.span().map(|s| line_of(&text, s.start));
+        let line = inner.span().map(|s| line_of(text, s.start));
         let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
         if key == "." || key.is_empty() {
             Error::Config(format!(
@@ -957,8 +969,25 @@ fn read_file_config(path: &Path) -> Result<FileConfig> {
                 inner.message().trim()
             ))
         } else {
+            // `[tasks.myapp.send_email]` unquoted is a table `myapp` holding `send_email`.
+            let sections = ["tasks.", "pools.", "schedules."];
+            let in_header = inner.span().is_some_and(|s| {
+                let start = text
+                    .get(..s.start)
+                    .map_or(0, |t| t.rfind('\n').map_or(0, |n| n + 1));
+                text.get(start..)
+                    .is_some_and(|l| l.trim_start().starts_with('['))
+            });
+            let hint = if in_header
+                && sections.iter().any(|s| key.starts_with(s))
+                && inner.message().starts_with("unknown field")
+            {
+                " (a name with dots must be quoted: [tasks.\"myapp.send_email\"])"
+            } else {
+                ""
+            };
             Error::Config(format!(
-                "{}{at}: key `{key}`: {}",
+                "{}{at}: key `{key}`: {}{hint}",
                 path.display(),
                 inner.message().trim()
             ))
@@ -967,9 +996,26 @@ fn read_file_config(path: &Path) -> Result<FileConfig> {
 }
 
 fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> Error {
+    // The line itself, quoted (so it stays one line) and shortened: a syntax error's message
+    // ("duplicate key", "string values must be quoted") does not say which key it is about.
     let at = err
         .span()
-        .map(|s| format!(" (line {})", line_of(text, s.start)))
+        .map(|s| {
+            let start = text
+                .get(..s.start)
+                .map_or(0, |t| t.rfind('\n').map_or(0, |n| n + 1));
+            let line = text
+                .get(start..)
+                .unwrap_or_default()
+                .lines()
+                .next()
+                .unwrap_or_default();
+            let mut shown: String = line.trim().chars().take(60).collect();
+            if shown.len() < line.trim().len() {
+                shown.push('…');
+            }
+            format!(" (line {}: {shown:?})", line_of(text, s.start))
+        })
         .unwrap_or_default();
     Error::Config(format!(
         "{}{at}: invalid TOML: {}",
@@ -1270,5 +1316,132 @@ max_retries = -1",
         assert_eq!(again.workers, 3);
         assert_eq!(again.graceful_timeout, Duration::from_millis(2500));
         assert_eq!(again.tasks, config.tasks);
+    }
+}
+
+/// Property tests ("fuzzing") of config loading: any text, and any value under every known key,
+/// loads or fails with one line naming the file (and the key). Run longer with
+/// `PROPTEST_CASES=200000 cargo test --release --lib fuzz` (see README, *Fuzzing*).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn load(text: &str) -> Result<Config> {
+        let path = Path::new("/etc/foreman/fuzz.toml");
+        Config::build(
+            Some(path.to_path_buf()),
+            parse_file_config(path, text)?,
+            &Overrides::default(),
+        )
+    }
+
+    /// A TOML value as text: well-formed ones of every type, and near-misses.
+    fn toml_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|i| i.to_string()),
+            any::<u64>().prop_map(|i| i.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            Just("nan".to_owned()),
+            Just("-inf".to_owned()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<String>().prop_map(|s| toml::Value::String(s).to_string()),
+            "\"[0-9.]{0,6}(ms|s|m|h|d|y|)\"",
+            "\"[*/0-9 ,-]{0,14}\"",
+            Just("\"at-least-once\"".to_owned()),
+            Just("[\"true\", \"--flag\"]".to_owned()),
+            Just("[]".to_owned()),
+            Just("[1, \"a\"]".to_owned()),
+            Just("{ base = \"1s\", factor = 0.5 }".to_owned()),
+            Just("{ min = \"1h\", max = \"1m\" }".to_owned()),
+            Just("{ a = 1 }".to_owned()),
+            Just("1979-05-27T07:32:00Z".to_owned()),
+            "[a-z\"\\[\\]{}=., ]{0,10}",
+        ]
+    }
+
+    /// (section header, what the section needs anyway, key): every key the file format knows.
+    fn known_key() -> impl Strategy<Value = (&'static str, &'static str, &'static str)> {
+        const TOP: &[&str] = &[
+            "db",
+            "wakeup_dir",
+            "pid_file",
+            "workers",
+            "graceful_timeout",
+            "prefetch",
+            "tick",
+            "history_retention",
+            "stats_retention",
+            "heartbeat",
+            "sentry_dsn",
+            "sentry_environment",
+            "sentry_send_args",
+        ];
+        const TASK: &[&str] = &[
+            "command",
+            "pool",
+            "timeout",
+            "max_retries",
+            "retry_backoff",
+            "delivery",
+        ];
+        const POOL: &[&str] = &["processes", "start_timeout"];
+        const SCHEDULE: &[&str] = &[
+            "cron", "jitter", "args", "kwargs", "priority", "adaptive", "task",
+        ];
+        prop_oneof![
+            proptest::sample::select(TOP).prop_map(|k| ("", "", k)),
+            proptest::sample::select(TASK).prop_map(|k| ("[tasks.\"a.b\"]", "", k)),
+            proptest::sample::select(POOL).prop_map(|k| ("[pools.p]", "command = [\"true\"]", k)),
+            proptest::sample::select(SCHEDULE).prop_map(|k| ("[schedules.s]", "every = \"1m\"", k)),
+            Just(("[schedules.s]", "task = \"t\"", "every")),
+        ]
+    }
+
+    fn one_line_about(err: &Error, what: &str) -> std::result::Result<(), TestCaseError> {
+        let text = err.to_string();
+        prop_assert_eq!(err.exit_code(), 2, "{}", text);
+        prop_assert!(!text.trim().contains('\n'), "{}", text);
+        prop_assert!(text.starts_with("/etc/foreman/fuzz.toml"), "{}", text);
+        // A syntax error is reported where the parser gave up, which for an unclosed `{` or `[`
+        // is a later line: it names the line (quoted), not necessarily the key.
+        if text.contains("invalid TOML") {
+            prop_assert!(text.contains("(line "), "{}", text);
+        } else {
+            prop_assert!(text.contains(what), "{} does not name {}", text, what);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_config(256))]
+
+        #[test]
+        fn any_text_loads_or_fails_in_one_line_naming_the_file(text in prop_oneof![
+            any::<String>(),
+            "([a-z_]{1,8} = [0-9a-z\"\\[\\]{}.,= ]{0,10}\n|\\[[a-z_.\"]{0,12}\\]\n){0,5}",
+        ]) {
+            if let Err(err) = load(&text) {
+                one_line_about(&err, "")?;
+            }
+        }
+
+        #[test]
+        fn a_bad_value_under_any_known_key_names_that_key(
+            (header, needs, key) in known_key(),
+            value in toml_value(),
+        ) {
+            let text = format!("{header}\n{needs}\n{key} = {value}\n");
+            // A schedule must have a task, unless the generated key is it.
+            let text = if header == "[schedules.s]" && key != "task" && !needs.starts_with("task") {
+                format!("{text}task = \"t\"\n")
+            } else {
+                text
+            };
+            if let Err(err) = load(&text) {
+                one_line_about(&err, key)?;
+            }
+        }
     }
 }

@@ -35,3 +35,14 @@ pub use foreman::run;
 pub use registry::{Registry, TaskResult};
 pub use signals::{Shutdown, forward_shutdown_signals};
 pub use task::Task;
+
+/// The settings of the property tests (the `fuzz` modules): `cases` each by default, so that
+/// `cargo test` stays quick; `PROPTEST_CASES` sets the count for a long run (README, *Fuzzing*).
+#[cfg(test)]
+pub(crate) fn fuzz_config(cases: u32) -> proptest::test_runner::Config {
+    let mut config = proptest::test_runner::Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = cases;
+    }
+    config
+}

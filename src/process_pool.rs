@@ -47,6 +47,9 @@ const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(1);
 /// to the dead-letter table. One failure may be bad luck; three in a row (≈ 0.3 s of backoff) is a
 /// broken deployment.
 const DOWN_AFTER_FAILURES: u32 = 3;
+/// How long a worker whose stdout closed during a task may take to show it exited (it closes its
+/// pipes a moment before it can be waited for); still running after that, it closed stdout alone.
+const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
 /// After its stdin closes, how long an idle worker gets to exit on its own before SIGTERM.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 /// How often a driver waiting for a hello checks whether the pool is stopping.
@@ -444,16 +447,19 @@ impl Driver {
                             served_any = true;
                             let _ = self.finished.send(finished);
                         }
-                        Ran::NotSent(job) => {
+                        Ran::NotSent(job, refused) => {
                             // The job never reached the process: another one may run it.
                             let _ = self.requeue.send(job);
                             let status = worker.kill();
-                            let why = format!(
-                                "worker pid {} was gone when a task came ({}){}",
-                                worker.pid,
-                                describe(status),
-                                worker.stderr_tail_suffix()
-                            );
+                            let why = match refused {
+                                Some(why) => format!("worker pid {} {why}", worker.pid),
+                                None => format!(
+                                    "worker pid {} was gone when a task came ({}){}",
+                                    worker.pid,
+                                    describe(status),
+                                    worker.stderr_tail_suffix()
+                                ),
+                            };
                             log::warn!("pool {}: {why}", self.name);
                             return Ended::Gone { healthy: healthy(served_any), why };
                         }
@@ -487,8 +493,9 @@ fn backoff(failures: u32) -> Duration {
 enum Ran {
     /// The worker answered; it is ready for the next task.
     Answered(Finished),
-    /// The worker was gone before it could read the task.
-    NotSent(PoolJob),
+    /// The worker was gone before it could read the task, or (with the reason) it broke the
+    /// protocol while idle and was not given it.
+    NotSent(PoolJob, Option<String>),
     /// The task failed with the worker (death, timeout, garbage); the worker is dead and reaped.
     Broken(Finished),
 }
@@ -524,6 +531,60 @@ struct Answer {
     /// Whether a successful task found something new (protocol v1, optional).
     #[serde(default)]
     eventful: Option<bool>,
+}
+
+/// A worker's answer line to the task `task_id`: the task's outcome, or (one line, quoting the
+/// start of the line) the protocol error that fails the task and the worker.
+pub(crate) fn parse_answer(line: &[u8], task_id: i64) -> StdResult<Outcome, String> {
+    match serde_json::from_slice::<Answer>(line) {
+        Ok(answer) if answer.id == task_id => Ok(if answer.ok {
+            Outcome::Done {
+                eventful: answer.eventful.unwrap_or(true),
+            }
+        } else {
+            Outcome::Failed(
+                answer
+                    .error
+                    .unwrap_or_else(|| "failed (the worker gave no error text)".into()),
+            )
+        }),
+        Ok(answer) => Err(format!(
+            "worker protocol error: answer for task {} while running task {task_id}",
+            answer.id
+        )),
+        Err(e) => Err(format!(
+            "worker protocol error: {}: {}",
+            bounded(&e.to_string()),
+            excerpt(line)
+        )),
+    }
+}
+
+/// The task names a hello line announces, or why it is not a hello this daemon accepts (one line,
+/// to follow "worker pid N ").
+pub(crate) fn parse_hello(line: &[u8]) -> StdResult<BTreeSet<String>, String> {
+    match serde_json::from_slice::<Hello>(line) {
+        Ok(hello) if hello.protocol == PROTOCOL_VERSION => Ok(hello.tasks.into_iter().collect()),
+        Ok(hello) => Err(format!(
+            "speaks protocol {}, this foreman speaks {PROTOCOL_VERSION}",
+            hello.protocol
+        )),
+        Err(e) => Err(format!(
+            "wrote a bad hello line ({}): {}",
+            bounded(&e.to_string()),
+            excerpt(line)
+        )),
+    }
+}
+
+/// serde's messages quote the offending value (escaped, so on one line), which a worker can make
+/// a megabyte long: kept to their start.
+fn bounded(message: &str) -> String {
+    const MAX_CHARS: usize = 200;
+    match message.char_indices().nth(MAX_CHARS) {
+        Some((end, _)) => format!("{}…", &message[..end]),
+        None => message.to_owned(),
+    }
 }
 
 enum LineError {
@@ -583,28 +644,18 @@ impl Worker {
         let Some(line) = worker.read_hello(driver)? else {
             return Ok(None);
         };
-        let hello = match serde_json::from_slice::<Hello>(&line) {
-            Ok(hello) if hello.protocol == PROTOCOL_VERSION => hello,
-            Ok(hello) => {
+        let tasks = match parse_hello(&line) {
+            Ok(tasks) => tasks,
+            Err(why) => {
                 worker.kill();
-                return Err(format!(
-                    "worker pid {pid} speaks protocol {}, this foreman speaks {PROTOCOL_VERSION}",
-                    hello.protocol
-                ));
-            }
-            Err(e) => {
-                worker.kill();
-                return Err(format!(
-                    "worker pid {pid} wrote a bad hello line ({e}): {}",
-                    excerpt(&line)
-                ));
+                return Err(format!("worker pid {pid} {why}"));
             }
         };
         if driver.stopping() {
             worker.kill();
             return Ok(None);
         }
-        worker.tasks = hello.tasks.into_iter().collect();
+        worker.tasks = tasks;
         Ok(Some(worker))
     }
 
@@ -663,12 +714,18 @@ impl Worker {
             job.task.name,
             self.pid
         );
+        // Output nobody asked for (a second answer, a stray print) would be read as this task's
+        // answer and fail it: the worker is replaced before it sees the task instead.
+        if let Some(why) = self.stdout.unsolicited() {
+            children.remove(job.task.id);
+            return Ran::NotSent(job, Some(why));
+        }
         let line = job.task.to_json_line();
         let result = match self.write_all(line.as_bytes(), deadline) {
             Ok(()) => self.stdout.read_line(deadline, self.pidfd.as_ref()),
             Err(WriteError::NothingWritten) => {
                 children.remove(job.task.id);
-                return Ran::NotSent(job);
+                return Ran::NotSent(job, None);
             }
             Err(WriteError::Timeout) => Err(LineError::Timeout),
             Err(WriteError::Broken) => Err(LineError::Eof),
@@ -680,27 +737,12 @@ impl Worker {
             elapsed: started.elapsed(),
         };
         let failure = match result {
-            Ok(answer) => match serde_json::from_slice::<Answer>(&answer) {
-                Ok(answer) if answer.id == task.id => {
+            Ok(answer) => match parse_answer(&answer, task.id) {
+                Ok(outcome) => {
                     children.remove(task.id);
-                    let outcome = if answer.ok {
-                        Outcome::Done {
-                            eventful: answer.eventful.unwrap_or(true),
-                        }
-                    } else {
-                        Outcome::Failed(
-                            answer
-                                .error
-                                .unwrap_or_else(|| "failed (the worker gave no error text)".into()),
-                        )
-                    };
                     return Ran::Answered(finished(task, outcome));
                 }
-                Ok(answer) => format!(
-                    "worker protocol error: answer for task {} while running task {}",
-                    answer.id, task.id
-                ),
-                Err(e) => format!("worker protocol error: {e}: {}", excerpt(&answer)),
+                Err(why) => why,
             },
             Err(LineError::Timeout) => {
                 let reason = match job.timeout {
@@ -714,6 +756,13 @@ impl Worker {
                 "worker protocol error: an answer line longer than 1 MiB".to_owned()
             }
             Err(LineError::Io(e)) => format!("reading the worker's answer: {e}"),
+            // Still running after its stdout closed: it cannot answer any more.
+            Err(LineError::Eof) if !self.wait_exit(EXIT_AFTER_EOF) => {
+                format!(
+                    "worker protocol error: worker pid {} closed its stdout without answering",
+                    self.pid
+                )
+            }
             Err(LineError::Eof) => {
                 let status = self.kill_keeping_group(&children, task.id);
                 let reason = format!(
@@ -885,6 +934,27 @@ impl LineReader {
         }
     }
 
+    /// Whether the worker wrote to its stdout (or closed it) while it had no task: what is
+    /// buffered, or readable right now, described for the log.
+    fn unsolicited(&mut self) -> Option<String> {
+        if self.buf.is_empty() {
+            let mut fds = [pollfd(self.file.as_raw_fd(), libc::POLLIN)];
+            if !poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|ready| ready > 0) {
+                return None;
+            }
+            let mut chunk = [0u8; 512];
+            match self.file.read(&mut chunk) {
+                Ok(0) => return Some("closed its stdout while idle".to_owned()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Some(format!("stdout failed while idle: {e}")),
+            }
+        }
+        Some(format!(
+            "wrote to its stdout while idle (worker protocol error): {}",
+            excerpt(&self.buf)
+        ))
+    }
+
     /// The next line without its newline. A process that exited (its pidfd is readable) with
     /// nothing more to read gives `Eof`, even if a grandchild still holds the pipe open.
     fn read_line(
@@ -1006,5 +1076,134 @@ mod tests {
         let long = vec![b'x'; 5000];
         assert!(excerpt(&long).len() < 210);
         assert_eq!(excerpt(b"hi\xff"), "\"hi\u{fffd}\"");
+    }
+}
+
+/// Property tests ("fuzzing") of what the daemon reads from a worker's stdout: any bytes give an
+/// outcome or one bounded line of protocol error, never a panic. Run longer with
+/// `PROPTEST_CASES=200000 cargo test --release --lib fuzz` (see README, *Fuzzing*).
+#[cfg(test)]
+mod fuzz {
+    use std::io::{Seek, Write as _};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Bytes that are often almost an answer: JSON punctuation, the protocol's keys, UTF-8 and not.
+    fn line_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            "[{}\\[\\]\":,0-9 \\\\]{0,12}(id|ok|error|eventful|protocol|tasks|true|false|null)?[{}\\[\\]\":,0-9 ]{0,12}"
+                .prop_map(String::into_bytes),
+            (any::<i64>(), any::<bool>(), any::<Option<String>>(), any::<Option<bool>>()).prop_map(
+                |(id, ok, error, eventful)| {
+                    serde_json::json!({"id": id, "ok": ok, "error": error, "eventful": eventful})
+                        .to_string()
+                        .into_bytes()
+                }
+            ),
+        ]
+    }
+
+    fn one_bounded_line(why: &str) -> std::result::Result<(), TestCaseError> {
+        prop_assert!(!why.contains('\n'), "{why}");
+        prop_assert!(why.chars().count() < 600, "{} chars", why.chars().count());
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz_config(256))]
+
+        #[test]
+        fn any_answer_line_is_an_outcome_or_a_protocol_error(line in line_bytes(), id in any::<i64>()) {
+            match parse_answer(&line, id) {
+                Ok(Outcome::Done { .. } | Outcome::Failed(_)) => {
+                    let doc: serde_json::Value = serde_json::from_slice(&line).unwrap();
+                    prop_assert_eq!(&doc["id"], &serde_json::json!(id));
+                }
+                Ok(Outcome::Timeout(_)) => prop_assert!(false, "an answer is never a timeout"),
+                Err(why) => {
+                    prop_assert!(why.starts_with("worker protocol error: "), "{why}");
+                    one_bounded_line(&why)?;
+                }
+            }
+        }
+
+        #[test]
+        fn a_well_formed_answer_is_understood(id in any::<i64>(), ok in any::<bool>(), error in any::<Option<String>>(), eventful in any::<Option<bool>>()) {
+            let line = serde_json::json!({"id": id, "ok": ok, "error": error, "eventful": eventful, "extra": [1]}).to_string();
+            let outcome = parse_answer(line.as_bytes(), id).map_err(TestCaseError::fail)?;
+            match outcome {
+                Outcome::Done { eventful: e } => prop_assert!(ok && e == eventful.unwrap_or(true)),
+                Outcome::Failed(text) => {
+                    prop_assert!(!ok);
+                    if let Some(error) = error {
+                        prop_assert_eq!(text, error);
+                    }
+                }
+                Outcome::Timeout(_) => prop_assert!(false),
+            }
+            let other = id.wrapping_add(1);
+            prop_assert!(parse_answer(line.as_bytes(), other).unwrap_err().contains("answer for task"));
+        }
+
+        #[test]
+        fn any_hello_line_is_task_names_or_one_line_why(line in line_bytes()) {
+            if let Err(why) = parse_hello(&line) {
+                one_bounded_line(&why)?;
+            }
+        }
+
+        /// The line reader splits any byte stream (here a file, read in 8 KiB chunks) into the
+        /// same lines as a plain split, and ends at the end.
+        #[test]
+        fn the_line_reader_splits_any_stream(bytes in proptest::collection::vec(any::<u8>(), 0..20_000)) {
+            // Newlines often enough for short lines and long ones, across chunk boundaries.
+            let data: Vec<u8> = bytes.iter().map(|&b| if b < 4 { b'\n' } else { b }).collect();
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&data).unwrap();
+            file.rewind().unwrap();
+            let mut reader = LineReader::new(file);
+            let mut lines = Vec::new();
+            loop {
+                match reader.read_line(None, None) {
+                    Ok(line) => lines.push(line),
+                    Err(LineError::Eof) => break,
+                    Err(LineError::TooLong | LineError::Timeout | LineError::Io(_)) => {
+                        prop_assert!(false, "a short stream gave something else than lines");
+                    }
+                }
+            }
+            let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |end| end + 1);
+            let want: Vec<&[u8]> = data[..complete].split(|&b| b == b'\n').collect();
+            prop_assert_eq!(lines.len() + 1, want.len());
+            for (got, want) in lines.iter().zip(&want) {
+                prop_assert_eq!(got.as_slice(), *want);
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_too_long_not_a_huge_buffer() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![b'x'; 3 * MAX_LINE_BYTES]).unwrap();
+        file.rewind().unwrap();
+        let mut reader = LineReader::new(file);
+        assert!(matches!(
+            reader.read_line(None, None),
+            Err(LineError::TooLong)
+        ));
+        assert!(reader.buf.len() <= MAX_LINE_BYTES + 8192);
+    }
+
+    #[test]
+    fn a_huge_bad_value_is_quoted_short() {
+        let line = format!("{{\"id\": \"{}\", \"ok\": true}}", "y".repeat(1 << 20));
+        let why = parse_answer(line.as_bytes(), 1).unwrap_err();
+        assert!(
+            why.len() < 600 && why.starts_with("worker protocol error: invalid type"),
+            "{why}"
+        );
     }
 }

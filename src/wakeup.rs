@@ -21,8 +21,8 @@ pub struct WakeupDir {
 
 impl WakeupDir {
     /// Creates the directory with mode 0700 if it is missing; refuses one that is not a directory,
-    /// that this user cannot write, or that is owned by another user (who could then stall or
-    /// flood this daemon).
+    /// that this user cannot write, that is owned by another user or writable by every user (who
+    /// could then stall or flood this daemon). A symlink is followed, and its target checked.
     pub fn prepare(path: &Path) -> Result<WakeupDir> {
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -154,20 +154,55 @@ fn unreachable(path: &Path, err: &io::Error) -> Error {
     preflight::refused("", &subject, &preflight::unreachable(path, err), None)
 }
 
-fn check_existing(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+fn check_existing(path: &Path, link: &std::fs::Metadata) -> Result<()> {
+    // A symlink is followed (a volume mount or a deploy tool may put one there): what must be a
+    // private directory of ours is its target, so the checks below are the target's.
+    let (meta, subject) = if link.file_type().is_symlink() {
+        let target = std::fs::read_link(path).unwrap_or_default();
+        let subject = format!(
+            "wakeup dir {} (a symlink to {})",
+            path.display(),
+            target.display()
+        );
+        match std::fs::metadata(path) {
+            Ok(meta) => (meta, subject),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let target = path.parent().unwrap_or(Path::new("")).join(target);
+                return Err(Error::Environment(format!(
+                    "{subject} points to nothing; create it (mkdir -m 0700 {}) or remove the symlink",
+                    target.display()
+                )));
+            }
+            Err(e) => {
+                return Err(Error::Environment(format!(
+                    "{subject} cannot be followed ({e}); point it at a directory this user can reach"
+                )));
+            }
+        }
+    } else {
+        (link.clone(), format!("wakeup dir {}", path.display()))
+    };
     if !meta.is_dir() {
         return Err(Error::Environment(format!(
-            "wakeup dir {} is not a directory; remove it, or set wakeup_dir (FOREMAN_WAKEUP_DIR) to a directory",
-            path.display()
+            "{subject} is not a directory; remove it, or set wakeup_dir (FOREMAN_WAKEUP_DIR) to a directory"
         )));
     }
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
         return Err(Error::Config(format!(
-            "wakeup dir {} is owned by uid {}, not by this user (uid {me}); refusing it",
-            path.display(),
+            "{subject} is owned by uid {}, not by this user (uid {me}); refusing it",
             meta.uid()
+        )));
+    }
+    // Anyone who can create files there can wake the daemon at will, and with the sticky bit plant
+    // files it cannot remove; and `clear` deletes every file of ours in it, so a shared directory
+    // such as /tmp given by mistake would lose them. `init` and `run` create it 0700.
+    if meta.mode() & 0o002 != 0 {
+        return Err(Error::Config(format!(
+            "{subject} is writable by every user (mode {:04o}): any local user could wake this daemon or plant files in it; refusing it (chmod o-w {}, or let foreman create it: it makes it 0700)",
+            meta.mode() & 0o7777,
+            path.display()
         )));
     }
     // The daemon removes the files producers create, which takes write permission on the
@@ -175,7 +210,7 @@ fn check_existing(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
     preflight::writable(path).map_err(|e| {
         preflight::refused(
             "",
-            &format!("wakeup dir {}", path.display()),
+            &subject,
             &preflight::refusal(path, &e),
             Some("producers create files there and the daemon removes them"),
         )

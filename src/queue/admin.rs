@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Queue, text_lossy};
+use super::{Queue, cell, text_lossy};
 use crate::error::Result;
 
 /// Where a task stands, as `foreman wait` reports it.
@@ -157,15 +157,15 @@ impl Queue {
                     Ok(DeadLetter {
                         id: r.get(0)?,
                         task_id: r.get(1)?,
-                        task_name: text(r.get(2)?),
-                        args: text(r.get(3)?),
-                        kwargs: text(r.get(4)?),
-                        reason: text(r.get(5)?).unwrap_or_default(),
-                        created_at: real(&r.get(6)?),
-                        died_at: real(&r.get(7)?),
-                        attempts: integer(&r.get(8)?),
-                        priority: integer(&r.get(9)?),
-                        origin: text(r.get(10)?),
+                        task_name: text(cell(r, 2)?),
+                        args: text(cell(r, 3)?),
+                        kwargs: text(cell(r, 4)?),
+                        reason: text(cell(r, 5)?).unwrap_or_default(),
+                        created_at: real(&cell(r, 6)?),
+                        died_at: real(&cell(r, 7)?),
+                        attempts: integer(&cell(r, 8)?),
+                        priority: integer(&cell(r, 9)?),
+                        origin: text(cell(r, 10)?),
                     })
                 },
             )
@@ -219,18 +219,18 @@ fn latest_run(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgres
          FROM foreman_run WHERE task_id = ?1 ORDER BY attempt DESC LIMIT 1",
     )?
     .query_row([id], |r| {
-        let state = text(r.get(2)?).unwrap_or_default();
-        let retry_at = real(&r.get(7)?);
+        let state = text(cell(r, 2)?).unwrap_or_default();
+        let retry_at = real(&cell(r, 7)?);
         Ok(TaskProgress {
             task_id: id,
-            task_name: text_lossy(r.get(1)?),
+            task_name: text_lossy(cell(r, 1)?),
             is_final: is_final(&state, retry_at),
             state,
             attempt: r.get(0)?,
-            error: text(r.get(6)?),
-            enqueued_at: real(&r.get(3)?),
-            started_at: real(&r.get(4)?),
-            finished_at: real(&r.get(5)?),
+            error: text(cell(r, 6)?),
+            enqueued_at: real(&cell(r, 3)?),
+            started_at: real(&cell(r, 4)?),
+            finished_at: real(&cell(r, 5)?),
         })
     })
     .optional()
@@ -260,12 +260,12 @@ fn queued_task(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgre
         };
         Ok(TaskProgress {
             task_id: id,
-            task_name: text_lossy(r.get(0)?),
+            task_name: text_lossy(cell(r, 0)?),
             state: state.to_owned(),
-            attempt: attempt(&r.get(2)?),
+            attempt: attempt(&cell(r, 2)?),
             is_final: false,
             error: None,
-            enqueued_at: real(&r.get(1)?),
+            enqueued_at: real(&cell(r, 1)?),
             started_at: None,
             finished_at: None,
         })
@@ -283,14 +283,14 @@ fn latest_dead(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgre
     .query_row([id], |r| {
         Ok(TaskProgress {
             task_id: id,
-            task_name: text_lossy(r.get(0)?),
+            task_name: text_lossy(cell(r, 0)?),
             state: "dead".to_owned(),
-            attempt: integer(&r.get(4)?),
+            attempt: integer(&cell(r, 4)?),
             is_final: true,
-            error: text(r.get(2)?),
-            enqueued_at: real(&r.get(1)?),
+            error: text(cell(r, 2)?),
+            enqueued_at: real(&cell(r, 1)?),
             started_at: None,
-            finished_at: real(&r.get(3)?),
+            finished_at: real(&cell(r, 3)?),
         })
     })
     .optional()
@@ -301,7 +301,7 @@ fn cancel_in(tx: &Connection, id: i64) -> rusqlite::Result<CancelOutcome> {
         .query_row(
             "SELECT task_name, attempt, created_at, leased_at IS NOT NULL FROM foreman_task WHERE id = ?1",
             [id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((cell(r, 0)?, cell(r, 1)?, cell(r, 2)?, r.get(3)?)),
         )
         .optional()?;
     match row {

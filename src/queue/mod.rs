@@ -2,14 +2,15 @@
 //! connection settings, the schema version check, the pop transaction and the CLI's queries.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use rusqlite::types::Value;
 use rusqlite::config::DbConfig;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Error, Result};
-use crate::task::{RawRow, Task, decode};
+use crate::task::{RawRow, Task, decode, printable_name};
 
 pub mod admin;
 pub mod daemon;
@@ -333,12 +334,20 @@ impl Queue {
         Ok(())
     }
 
-    /// Creates the schema if it is absent; idempotent, safe against a concurrent `init`.
+    /// Creates the schema if it is absent; idempotent, safe against a concurrent `init`. Refuses a
+    /// database whose tables lack columns this version needs (made by hand before `init`, say),
+    /// naming them, rather than failing later on a statement.
     pub fn ensure_schema(&mut self) -> Result<()> {
         let version = self.user_version()?;
         self.refuse_newer(version)?;
         if version == SCHEMA_VERSION {
-            return Ok(());
+            refuse_missing_columns(&self.conn).map_err(|e| self.err(e))?;
+            if missing_table(&self.conn)
+                .map_err(|e| self.err(e))?
+                .is_none()
+            {
+                return Ok(());
+            }
         }
         let tx = self
             .conn
@@ -348,7 +357,15 @@ impl Queue {
         let version: i64 = tx
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|e| Error::db(&self.path, e))?;
-        if version == SCHEMA_VERSION {
+        // A version 1 database lacks the columns its migration adds.
+        if version != 1 {
+            refuse_missing_columns(&tx).map_err(|e| Error::db(&self.path, e))?;
+        }
+        if version == SCHEMA_VERSION
+            && missing_table(&tx)
+                .map_err(|e| Error::db(&self.path, e))?
+                .is_none()
+        {
             return Ok(());
         }
         if version == 1 {
@@ -362,6 +379,7 @@ impl Queue {
             tx.execute_batch(MIGRATE_V1_AFTER).map_err(|e| {
                 Error::db(&self.path, format!("migrating from schema version 1: {e}"))
             })?;
+            refuse_missing_columns(&tx).map_err(|e| Error::db(&self.path, e))?;
             log::info!(
                 "{}: migrated the schema from version 1 to {SCHEMA_VERSION}",
                 self.path.display()
@@ -373,11 +391,24 @@ impl Queue {
     /// Checks that the schema exists and is one this binary understands, without changing anything.
     pub fn check_schema(&self) -> Result<()> {
         match self.user_version()? {
-            0 => Err(self.err("has no foreman schema (run `foreman init`)")),
+            0 => {
+                // `init` would refuse such a table too: say what it would say.
+                refuse_missing_columns(&self.conn).map_err(|e| self.err(e))?;
+                Err(self.err("has no foreman schema (run `foreman init`)"))
+            }
             version if version < SCHEMA_VERSION => Err(self.err(format!(
                 "has schema version {version}; this foreman needs {SCHEMA_VERSION} (run `foreman init` or start the daemon to upgrade it)"
             ))),
-            version => self.refuse_newer(version),
+            version => {
+                self.refuse_newer(version)?;
+                refuse_missing_columns(&self.conn).map_err(|e| self.err(e))?;
+                match missing_table(&self.conn).map_err(|e| self.err(e))? {
+                    Some(table) => Err(self.err(format!(
+                        "has no table {table} (run `foreman init` to create it)"
+                    ))),
+                    None => Ok(()),
+                }
+            }
         }
     }
 
@@ -874,15 +905,15 @@ fn pop_priority<H>(
             let Some(r) = cursor.next()? else { break };
             let raw = RawRow {
                 id: r.get(0)?,
-                task_name: r.get(1)?,
-                args: r.get(2)?,
-                kwargs: r.get(3)?,
-                created_at: r.get(4)?,
-                run_after: r.get(5)?,
-                priority: r.get(6)?,
-                attempt: r.get(7)?,
-                origin: r.get(8)?,
-                leased_at: r.get(9)?,
+                task_name: cell(r, 1)?,
+                args: cell(r, 2)?,
+                kwargs: cell(r, 3)?,
+                created_at: cell(r, 4)?,
+                run_after: cell(r, 5)?,
+                priority: cell(r, 6)?,
+                attempt: cell(r, 7)?,
+                origin: cell(r, 8)?,
+                leased_at: cell(r, 9)?,
             };
             let resolved = match decode(&raw) {
                 Ok(task) => {
@@ -936,13 +967,9 @@ fn pop_priority<H>(
             }
             Err(reason) => {
                 bury_raw(tx, &raw, &reason)?;
-                let task_name = match &raw.task_name {
-                    Value::Text(name) if !name.is_empty() => Some(name.clone()),
-                    _ => None,
-                };
                 popped.dead.push(Buried {
                     task_id: raw.id,
-                    task_name,
+                    task_name: printable_name(&raw.task_name),
                     reason,
                 });
             }
@@ -962,27 +989,102 @@ fn lose_expired_lease(tx: &Connection, task: &Task, now: f64) -> rusqlite::Resul
     .map(drop)
 }
 
-/// Moves a row to `foreman_dead` exactly as the producer wrote it.
+/// Moves a row to `foreman_dead` exactly as the producer wrote it: copied in SQL, so every
+/// column keeps its bytes and its type (a TEXT that is not UTF-8 stays TEXT).
 fn bury_raw(tx: &Connection, raw: &RawRow, reason: &str) -> rusqlite::Result<()> {
-    delete_task(tx, raw.id)?;
     tx.prepare_cached(
         "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, created_at, reason, attempts, priority, origin) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, coalesce(?7, 0), ?8)",
+         SELECT id, task_name, args, kwargs, created_at, ?2, 0, \
+                CASE WHEN typeof(priority) = 'integer' THEN priority ELSE 0 END, origin \
+         FROM foreman_task WHERE id = ?1",
     )?
-    .execute(params![
-        raw.id,
-        raw.task_name,
-        raw.args,
-        raw.kwargs,
-        raw.created_at,
-        reason,
-        match raw.priority {
-            Value::Integer(p) => Some(p),
-            _ => None,
+    .execute(params![raw.id, reason])?;
+    delete_task(tx, raw.id)
+}
+
+/// A column as a `Value`, whatever a producer stored in it. SQLite lets a TEXT value hold bytes
+/// that are not UTF-8, which rusqlite refuses to read as text: read with `get`, one such row
+/// would fail every pop (and every `status` or `dead list`) for good. Those bytes come back as a
+/// `Blob`, which the decoding turns into "not valid UTF-8".
+pub(crate) fn cell(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Value> {
+    Ok(match row.get_ref(index)? {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(f) => Value::Real(f),
+        ValueRef::Text(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => Value::Text(text.to_owned()),
+            Err(_) => Value::Blob(bytes.to_vec()),
         },
-        raw.origin
-    ])
-    .map(drop)
+        ValueRef::Blob(bytes) => Value::Blob(bytes.to_vec()),
+    })
+}
+
+/// The tables and columns `SCHEMA_SQL` creates, read from an in-memory database it was applied
+/// to, so that the check below can never drift from the schema.
+fn expected_tables() -> &'static [(String, Vec<String>)] {
+    static TABLES: OnceLock<Vec<(String, Vec<String>)>> = OnceLock::new();
+    TABLES.get_or_init(|| {
+        let read = || -> rusqlite::Result<Vec<(String, Vec<String>)>> {
+            let conn = Connection::open_in_memory()?;
+            conn.execute_batch(SCHEMA_SQL)?;
+            let names: Vec<String> = conn
+                .prepare(
+                    "SELECT name FROM sqlite_schema WHERE type = 'table' AND name LIKE 'foreman%' ORDER BY name",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            names
+                .into_iter()
+                .map(|name| {
+                    let columns = table_columns(&conn, &name)?;
+                    Ok((name, columns))
+                })
+                .collect()
+        };
+        // Cannot fail for the schema this binary carries (a unit test applies it); if it did,
+        // the check would only be skipped.
+        read().unwrap_or_default()
+    })
+}
+
+/// The columns of `table` in the database; empty when there is no such table.
+fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    conn.prepare_cached("SELECT name FROM pragma_table_info(?1)")?
+        .query_map([table], |r| r.get(0))?
+        .collect()
+}
+
+/// An existing foreman table without every column the schema gives it (a producer created
+/// `foreman_task` itself, say, before `init`): an error naming the table and the columns.
+fn refuse_missing_columns(conn: &Connection) -> std::result::Result<(), String> {
+    for (table, expected) in expected_tables() {
+        let have = table_columns(conn, table).map_err(|e| e.to_string())?;
+        if have.is_empty() {
+            continue;
+        }
+        let missing: Vec<&str> = expected
+            .iter()
+            .filter(|column| !have.contains(column))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "table {table} lacks column(s) {} of schema version {SCHEMA_VERSION}: it was not created by foreman (rename it, run `foreman init`, and copy its rows over)",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first foreman table the database lacks, if any.
+fn missing_table(conn: &Connection) -> rusqlite::Result<Option<&'static str>> {
+    for (table, _) in expected_tables() {
+        if table_columns(conn, table)?.is_empty() {
+            return Ok(Some(table));
+        }
+    }
+    Ok(None)
 }
 
 /// Task names as a person should see them, whatever a producer stored.
@@ -1098,6 +1200,27 @@ pub(crate) mod tests {
             let re_prepared = statement.get_status(rusqlite::StatementStatus::RePrepare);
             assert_eq!(re_prepared, 0, "{sql}");
         }
+    }
+
+    #[test]
+    fn the_column_check_knows_every_table_of_the_schema() {
+        let tables: Vec<&str> = expected_tables().iter().map(|(t, _)| t.as_str()).collect();
+        for table in [
+            "foreman_task",
+            "foreman_dead",
+            "foreman_run",
+            "foreman_schedule",
+            "foreman_daemon",
+            "foreman_stat",
+        ] {
+            assert!(tables.contains(&table), "{tables:?}");
+        }
+        let task = &expected_tables()
+            .iter()
+            .find(|(t, _)| t == "foreman_task")
+            .unwrap()
+            .1;
+        assert!(task.iter().any(|c| c == "leased_at"), "{task:?}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, params};
 
-use super::{Queue, SQL_NEXT_PRIORITY, SQL_TOP_PRIORITY, text_lossy};
+use super::{Queue, SQL_NEXT_PRIORITY, SQL_TOP_PRIORITY, cell, text_lossy};
 use crate::error::Result;
 use crate::stats::{Histogram, MinuteStat};
 
@@ -156,8 +156,8 @@ impl Queue {
                         task_id: r.get(0)?,
                         attempt: r.get(1)?,
                         task_name: r.get(2)?,
-                        started_at: real(&r.get(3)?),
-                        enqueued_at: real(&r.get(4)?),
+                        started_at: real(&cell(r, 3)?),
+                        enqueued_at: real(&cell(r, 4)?),
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
@@ -192,13 +192,13 @@ impl Queue {
             .and_then(|mut s| {
                 s.query_map([now], |r| {
                     Ok(TaskDepth {
-                        task_name: text_lossy(r.get(0)?),
+                        task_name: text_lossy(cell(r, 0)?),
                         queued: r.get(1)?,
                         due: r.get(2)?,
                         delayed: r.get(3)?,
                         leased: r.get(4)?,
-                        oldest_due_at: real(&r.get(5)?),
-                        next_due_at: real(&r.get(6)?),
+                        oldest_due_at: real(&cell(r, 5)?),
+                        next_due_at: real(&cell(r, 6)?),
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
@@ -283,9 +283,9 @@ impl Queue {
                 let run_after: f64 = r.get(2).map_err(err)?;
                 let row = DueRow {
                     task_id: r.get(0).map_err(err)?,
-                    task_name: text_lossy(r.get(1).map_err(err)?),
+                    task_name: text_lossy(cell(r, 1).map_err(err)?),
                     priority: p,
-                    due_since: real(&r.get(3).map_err(err)?)
+                    due_since: real(&cell(r, 3).map_err(err)?)
                         .map_or(run_after, |c| c.max(run_after)),
                 };
                 if visit(row) {

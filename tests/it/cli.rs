@@ -90,7 +90,7 @@ fn enqueue_rejects_bad_json_with_exit_2() {
             &["enqueue", "x", "[]", "--kwargs", "[]"],
             "must be a JSON object",
         ),
-        (&["enqueue", ""], "must not be empty"),
+        (&["enqueue", ""], "task name is empty"),
     ] {
         let out = env.run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

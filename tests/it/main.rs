@@ -2,6 +2,7 @@
 //! dir with a real SQLite file, inotify, signals and child processes.
 
 mod admin;
+mod bad_input;
 mod bench;
 mod cli;
 mod commands;
