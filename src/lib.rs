@@ -8,6 +8,7 @@ pub mod alert;
 pub mod bench;
 pub mod children;
 pub mod cli;
+pub mod clock;
 pub mod command;
 pub mod config;
 pub mod db_watch;

@@ -222,6 +222,28 @@ impl Schedules {
     }
 }
 
+impl Schedules {
+    /// After the wall clock stepped back by `seconds`: an `every` or adaptive schedule's next due
+    /// time was computed on the clock before the step, so it moves back as much (not before
+    /// `now`), and the interval stays what was asked. A cron schedule keeps its wall-clock times:
+    /// its next one is after its last firing, so a step back neither repeats a firing nor bunches
+    /// them up.
+    pub fn step_back(&mut self, queue: &mut Queue, seconds: f64, now: f64) {
+        for entry in &mut self.entries {
+            if entry.cron.is_some() || entry.state.next_due <= now {
+                continue;
+            }
+            let mut state = entry.state.clone();
+            state.next_due = (state.next_due - seconds).max(now);
+            if let Err(e) = queue.save_schedule(&entry.name, &state) {
+                log::error!("schedule {}: {e}", entry.name);
+            }
+            // Even unsaved: a restart reads the later time, which only makes one firing late.
+            entry.state = state;
+        }
+    }
+}
+
 /// The due time after a firing (or a skipped one) at `now`.
 fn following(entry: &Entry, now: f64) -> f64 {
     let base = match (&entry.config.when, &entry.cron) {
@@ -255,4 +277,71 @@ fn next_cron(cron: &Cron, now: f64) -> f64 {
 
 fn jitter(jitter: Option<Duration>) -> f64 {
     jitter.map_or(0.0, |j| j.as_secs_f64() * fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::queue::Access;
+
+    fn schedule(when: When) -> ScheduleConfig {
+        ScheduleConfig {
+            task: "t".to_owned(),
+            args: serde_json::json!([]),
+            kwargs: serde_json::json!({}),
+            priority: 0,
+            when,
+            jitter: None,
+        }
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // The values compared are exact.
+    fn a_step_back_keeps_every_intervals_and_cron_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        queue.ensure_schema().unwrap();
+        let configs = BTreeMap::from([
+            (
+                "every".to_owned(),
+                schedule(When::Every(Duration::from_mins(10))),
+            ),
+            (
+                "cron".to_owned(),
+                schedule(When::Cron("0 * * * *".to_owned())),
+            ),
+        ]);
+        // Loaded an hour before a step back of an hour: the every schedule is due at once.
+        let before = 1_800_000_000.0;
+        let mut schedules = Schedules::load(&configs, &mut queue, before).unwrap();
+        let fired = |s: &mut Schedules, q: &mut Queue, now| {
+            s.fire_due(q, now, |_| false);
+            s.entries
+                .iter()
+                .map(|e| e.state.next_due)
+                .collect::<Vec<f64>>()
+        };
+        // Entries are in name order: cron, every.
+        let due = fired(&mut schedules, &mut queue, before);
+        assert_eq!(due[1], before + 600.0);
+        let cron_due = due[0];
+        assert!(cron_due > before && cron_due <= before + 3600.0);
+        // The clock steps back an hour, a minute after the firing.
+        let now = before + 60.0 - 3600.0;
+        schedules.step_back(&mut queue, 3600.0, now);
+        let due: Vec<f64> = schedules.entries.iter().map(|e| e.state.next_due).collect();
+        assert_eq!(
+            due[1],
+            now + 540.0,
+            "every: nine more minutes, as before the step"
+        );
+        assert_eq!(due[0], cron_due, "cron: the same wall-clock time");
+        let stored: BTreeMap<String, ScheduleState> =
+            queue.schedules().unwrap().into_iter().collect();
+        assert_eq!(stored["every"].next_due, now + 540.0, "saved");
+        // Nothing fires before its time on the new clock: no burst, no repeat.
+        assert_eq!(fired(&mut schedules, &mut queue, now + 500.0), due);
+    }
 }
