@@ -15,6 +15,7 @@ pub mod db_watch;
 pub mod duration;
 pub mod error;
 pub mod foreman;
+pub mod line_budget;
 pub mod notify;
 pub mod ops;
 pub mod pid_guard;

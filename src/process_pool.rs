@@ -26,6 +26,7 @@ use crate::command::{
 use crate::config::PoolConfig;
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
+use crate::line_budget::LineBudget;
 use crate::task::Task;
 use crate::thread_pool::{Finished, Outcome};
 
@@ -947,10 +948,12 @@ fn log_stderr(
             let mut stderr = stderr;
             let mut partial = Vec::new();
             let mut chunk = [0u8; 8192];
-            let emit = |line: &[u8]| {
+            let who = format!("pool {pool} pid {pid}");
+            let mut budget = LineBudget::new();
+            let mut emit = |line: &[u8]| {
                 let text = String::from_utf8_lossy(line);
                 let text = text.trim_end_matches('\r');
-                log::info!("pool {pool} pid {pid} stderr: {text}");
+                budget.log(&who, "stderr", text);
                 if text.trim().is_empty() {
                     return;
                 }
@@ -983,6 +986,7 @@ fn log_stderr(
             if !partial.is_empty() {
                 emit(&partial);
             }
+            budget.finish(&who);
         })
         .map(drop)
         .map_err(|e| format!("cannot start the stderr reader thread: {e}"))?;
