@@ -52,6 +52,10 @@ const DOWN_AFTER_FAILURES: u32 = 3;
 const STOP_WAIT: Duration = Duration::from_secs(2);
 /// How often a driver waiting for a hello checks whether the pool is stopping.
 const STOP_CHECK: Duration = Duration::from_millis(100);
+/// After end of file on a worker's stdout during a task, how long it gets to turn out to be
+/// exiting (its fds close a moment before it can be waited for) before it counts as a worker that
+/// closed its stdout and lives on.
+const CLOSED_OR_DYING: Duration = Duration::from_millis(100);
 
 /// A task on its way to a pool process.
 pub struct PoolJob {
@@ -445,12 +449,12 @@ impl Driver {
                             served_any = true;
                             let _ = self.finished.send(finished);
                         }
-                        Ran::NotSent(job) => {
+                        Ran::NotSent(job, what) => {
                             // The job never reached the process: another one may run it.
                             let _ = self.requeue.send(job);
                             let status = worker.kill();
                             let why = format!(
-                                "worker pid {} was gone when a task came ({}){}",
+                                "worker pid {} {what} ({}){}",
                                 worker.pid,
                                 describe(status),
                                 worker.stderr_tail_suffix()
@@ -488,8 +492,9 @@ fn backoff(failures: u32) -> Duration {
 enum Ran {
     /// The worker answered; it is ready for the next task.
     Answered(Finished),
-    /// The worker was gone before it could read the task.
-    NotSent(PoolJob),
+    /// The worker was gone before it could read the task, or could not have answered it; says
+    /// which.
+    NotSent(PoolJob, String),
     /// The task failed with the worker (death, timeout, garbage); the worker is dead and reaped.
     Broken(Finished),
 }
@@ -654,6 +659,9 @@ impl Worker {
 
     /// Writes the task, waits for the answer (up to the timeout) and judges it.
     fn run(&mut self, job: PoolJob) -> Ran {
+        if let Some(what) = self.broken_while_idle() {
+            return Ran::NotSent(job, what);
+        }
         let children = Arc::clone(&self.children);
         let started = Instant::now();
         let deadline = job.timeout.and_then(deadline_after);
@@ -669,7 +677,7 @@ impl Worker {
             Ok(()) => self.stdout.read_line(deadline, self.pidfd.as_ref()),
             Err(WriteError::NothingWritten) => {
                 children.remove(job.task.id);
-                return Ran::NotSent(job);
+                return Ran::NotSent(job, "was gone when a task came".to_owned());
             }
             Err(WriteError::Timeout) => Err(LineError::Timeout),
             Err(WriteError::Broken) => Err(LineError::Eof),
@@ -716,9 +724,16 @@ impl Worker {
             }
             Err(LineError::Io(e)) => format!("reading the worker's answer: {e}"),
             Err(LineError::Eof) => {
+                // End of file on stdout: the process is exiting, or it closed its stdout and so
+                // can never answer (it is killed then, like a dead one, and restarted).
+                let what = if self.wait_exit(CLOSED_OR_DYING) {
+                    "died during the task"
+                } else {
+                    "closed its stdout during the task"
+                };
                 let status = self.kill_keeping_group(&children, task.id);
                 let reason = format!(
-                    "worker pid {} died during the task ({}){}",
+                    "worker pid {} {what} ({}){}",
                     self.pid,
                     describe(status),
                     self.stderr_tail_suffix()
@@ -728,6 +743,31 @@ impl Worker {
         };
         self.kill_keeping_group(&children, task.id);
         Ran::Broken(finished(task, Outcome::Failed(failure)))
+    }
+
+    /// Whether the worker broke the protocol between two tasks, so that it could not answer the
+    /// next one (it closed its stdout, or exited) or its answer could not be told from what it
+    /// wrote unasked. Such a worker gets no task: it is restarted, and the task goes to another.
+    fn broken_while_idle(&mut self) -> Option<String> {
+        if !self.stdout.buf.is_empty() {
+            return Some(format!(
+                "wrote to its stdout between tasks: {}",
+                excerpt(&self.stdout.buf)
+            ));
+        }
+        let mut fds = [pollfd(self.stdout.file.as_raw_fd(), libc::POLLIN)];
+        if !poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|ready| ready > 0) {
+            return None; // Nothing to read: as it should be.
+        }
+        let mut chunk = [0u8; 256];
+        match self.stdout.file.read(&mut chunk) {
+            Ok(0) => Some("closed its stdout between tasks".to_owned()),
+            Ok(n) => Some(format!(
+                "wrote to its stdout between tasks: {}",
+                excerpt(&chunk[..n])
+            )),
+            Err(e) => Some(format!("cannot read its stdout: {e}")),
+        }
     }
 
     /// Kills the worker, forgetting its task's process group only once it has exited, so the
