@@ -8,7 +8,7 @@ use chrono::{DateTime, Local};
 use croner::Cron;
 
 use crate::config::{ScheduleConfig, When};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::queue::{NewTask, Queue, ScheduleState};
 
 /// Seconds before a firing the DB refused is tried again (it stays due, so it is not lost).
@@ -120,8 +120,17 @@ impl Schedules {
 
     /// Fires every schedule that is due. One whose previous task is still queued or running
     /// (`busy` says) skips this firing instead of piling a second one up. A missed window fires
-    /// once, however many were missed: the next due time is computed from now.
-    pub fn fire_due(&mut self, queue: &mut Queue, now: f64, busy: impl Fn(i64) -> bool) {
+    /// once, however many were missed: the next due time is computed from now. Returns the
+    /// schedules whose firing (or skip) the DB refused to record, with the error, for the caller
+    /// to log (a full disk refuses them all, every time); one not fired is tried again a second
+    /// later.
+    pub fn fire_due(
+        &mut self,
+        queue: &mut Queue,
+        now: f64,
+        busy: impl Fn(i64) -> bool,
+    ) -> Vec<(String, Error)> {
+        let mut refused = Vec::new();
         for entry in &mut self.entries {
             if entry.state.next_due > now {
                 continue;
@@ -138,7 +147,7 @@ impl Schedules {
                     entry.name
                 );
                 if let Err(e) = queue.save_schedule(&entry.name, &state) {
-                    log::error!("schedule {}: {e}", entry.name);
+                    refused.push((entry.name.clone(), e));
                 }
                 // Even unsaved: a restart may then skip once more, which is harmless.
                 entry.state = state;
@@ -168,15 +177,12 @@ impl Schedules {
                     entry.state = state;
                 }
                 Err(e) => {
-                    log::error!(
-                        "schedule {}: cannot enqueue (trying again in {}s): {e}",
-                        entry.name,
-                        RETRY_AFTER_ERROR
-                    );
+                    refused.push((entry.name.clone(), e));
                     entry.state.next_due = now + RETRY_AFTER_ERROR;
                 }
             }
         }
+        refused
     }
 
     /// An adaptive schedule's task reported whether it found something new: the interval shrinks
