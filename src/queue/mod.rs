@@ -888,17 +888,17 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
 /// write until someone fixes it.
 fn is_about_the_row(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode;
-    // `None`: rusqlite's own errors, such as a value that does not convert.
-    !matches!(
-        e.sqlite_error_code(),
-        Some(code) if !matches!(
+    match e.sqlite_error_code() {
+        Some(code) => matches!(
             code,
             ErrorCode::ConstraintViolation
                 | ErrorCode::TooBig
                 | ErrorCode::TypeMismatch
                 | ErrorCode::ParameterOutOfRange
-        )
-    )
+        ),
+        // rusqlite's own errors, such as a value that does not convert.
+        None => true,
+    }
 }
 
 /// The DB refused to record how an attempt ended: say everything needed to redo it by hand.
@@ -1216,6 +1216,23 @@ pub(crate) mod tests {
             .query_row("SELECT count(*) FROM foreman_task", [], |r| r.get(0))
             .unwrap();
         assert_eq!(queued, 0);
+    }
+
+    #[test]
+    fn only_a_rows_own_error_skips_its_ending_a_full_disk_fails_the_cycle() {
+        let sqlite = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        assert!(is_about_the_row(&sqlite(rusqlite::ffi::SQLITE_CONSTRAINT)));
+        assert!(is_about_the_row(&sqlite(rusqlite::ffi::SQLITE_TOOBIG)));
+        assert!(is_about_the_row(&rusqlite::Error::InvalidQuery));
+        for code in [
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_IOERR,
+            rusqlite::ffi::SQLITE_READONLY,
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_CORRUPT,
+        ] {
+            assert!(!is_about_the_row(&sqlite(code)), "{code}");
+        }
     }
 
     #[test]
