@@ -1,6 +1,7 @@
 //! Runs one command task: spawns its argv directly (never through a shell) in its own process group,
-//! writes the task as JSON to its stdin, logs its output lines tagged with the task id, and turns the
-//! exit status into an outcome. The child dies with the daemon, even on `kill -9`.
+//! writes the task as JSON to its stdin, logs its output lines tagged with the task id (within a
+//! `LineBudget`), and turns the exit status into an outcome. The child dies with the daemon, even
+//! on `kill -9`.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::children::{Children, KILL_GRACE, kill_group};
 use crate::duration::format_duration;
+use crate::line_budget::LineBudget;
 use crate::task::Task;
 use crate::thread_pool::Outcome;
 
@@ -211,35 +213,40 @@ fn waitid_no_reap(pid: libc::pid_t, extra: libc::c_int) -> io::Result<bool> {
 }
 
 /// Moves bytes between the daemon and one child: the task JSON in, output lines out to the log.
-struct Pump<'t> {
+struct Pump {
     stdin: Option<File>,
     input: Vec<u8>,
     written: usize,
-    stdout: Stream<'t>,
-    stderr: Stream<'t>,
+    stdout: Stream,
+    stderr: Stream,
     /// Readable once the child has exited (Linux ≥ 5.3); without it, EOF on both pipes ends the pump.
     pidfd: Option<OwnedFd>,
+    /// `task 42 myapp.x`: what its log lines start with.
+    who: String,
+    /// The task's log lines, stdout and stderr together.
+    budget: LineBudget,
 }
 
-struct Stream<'t> {
+struct Stream {
     pipe: Option<File>,
     partial: Vec<u8>,
     label: &'static str,
-    task: &'t Task,
     tail: Option<VecDeque<String>>,
 }
 
-impl<'t> Pump<'t> {
-    fn new(task: &'t Task, child: crate::spawn::Spawned) -> Self {
+impl Pump {
+    fn new(task: &Task, child: crate::spawn::Spawned) -> Self {
         set_nonblocking(child.stdin.as_raw_fd());
         let pidfd = pidfd_open(child.pid);
         Pump {
             stdin: Some(child.stdin),
             input: task.to_json_line().into_bytes(),
             written: 0,
-            stdout: Stream::new(Some(child.stdout), "stdout", task, false),
-            stderr: Stream::new(Some(child.stderr), "stderr", task, true),
+            stdout: Stream::new(Some(child.stdout), "stdout", false),
+            stderr: Stream::new(Some(child.stderr), "stderr", true),
             pidfd,
+            who: format!("task {} {}", task.id, task.name),
+            budget: LineBudget::new(),
         }
     }
 
@@ -306,7 +313,7 @@ impl<'t> Pump<'t> {
             }
             for (index, stream) in [(1, &mut self.stdout), (2, &mut self.stderr)] {
                 if polled[index].revents != 0 {
-                    drained_after_exit += stream.read_some(&mut buf);
+                    drained_after_exit += stream.read_some(&mut buf, &mut self.budget, &self.who);
                 }
             }
             if polled[3].revents != 0 {
@@ -317,8 +324,9 @@ impl<'t> Pump<'t> {
                 drained_after_exit = 0;
             }
         }
-        self.stdout.flush();
-        self.stderr.flush();
+        self.stdout.flush(&mut self.budget, &self.who);
+        self.stderr.flush(&mut self.budget, &self.who);
+        self.budget.finish(&self.who);
         timed_out
     }
 
@@ -342,19 +350,18 @@ impl<'t> Pump<'t> {
     }
 }
 
-impl<'t> Stream<'t> {
-    fn new(pipe: Option<File>, label: &'static str, task: &'t Task, keep_tail: bool) -> Self {
+impl Stream {
+    fn new(pipe: Option<File>, label: &'static str, keep_tail: bool) -> Self {
         Stream {
             pipe,
             partial: Vec::new(),
             label,
-            task,
             tail: keep_tail.then(VecDeque::new),
         }
     }
 
     /// Reads what is available; returns the number of bytes read (0 at EOF, which closes the pipe).
-    fn read_some(&mut self, buf: &mut [u8]) -> usize {
+    fn read_some(&mut self, buf: &mut [u8], budget: &mut LineBudget, who: &str) -> usize {
         let Some(pipe) = self.pipe.as_mut() else {
             return 0;
         };
@@ -364,39 +371,34 @@ impl<'t> Stream<'t> {
                 0
             }
             Ok(n) => {
-                self.feed(&buf[..n]);
+                self.feed(&buf[..n], budget, who);
                 n
             }
         }
     }
 
-    fn feed(&mut self, mut data: &[u8]) {
+    fn feed(&mut self, mut data: &[u8], budget: &mut LineBudget, who: &str) {
         while let Some(pos) = data.iter().position(|&b| b == b'\n') {
             self.partial.extend_from_slice(&data[..pos]);
-            self.emit();
+            self.emit(budget, who);
             data = &data[pos + 1..];
         }
         self.partial.extend_from_slice(data);
         if self.partial.len() >= MAX_LINE_BYTES {
-            self.emit();
+            self.emit(budget, who);
         }
     }
 
-    fn flush(&mut self) {
+    fn flush(&mut self, budget: &mut LineBudget, who: &str) {
         if !self.partial.is_empty() {
-            self.emit();
+            self.emit(budget, who);
         }
     }
 
-    fn emit(&mut self) {
+    fn emit(&mut self, budget: &mut LineBudget, who: &str) {
         let text = String::from_utf8_lossy(&self.partial);
         let line = text.trim_end_matches('\r');
-        log::info!(
-            "task {} {} {}: {line}",
-            self.task.id,
-            self.task.name,
-            self.label
-        );
+        budget.log(who, self.label, line);
         if let Some(tail) = self.tail.as_mut() {
             if tail.len() == STDERR_TAIL_LINES {
                 tail.pop_front();

@@ -6,10 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, select};
+use crossbeam_channel::{Receiver, Sender, select};
+use notify::RecommendedWatcher;
 
 use crate::children::{Children, KILL_GRACE};
+use crate::clock::StepDetector;
 use crate::config::{Config, Delivery, Runner};
+use crate::duration::format_duration;
 use crate::error::{Error, Result};
 use crate::notify::Notifier;
 use crate::pid_guard::PidGuard;
@@ -22,7 +25,7 @@ use crate::signals::Shutdown;
 use crate::stats::{Tally, minute_of};
 use crate::task::Task;
 use crate::thread_pool::{Finished, Job, Outcome, ThreadPool};
-use crate::wakeup::WakeupDir;
+use crate::wakeup::{Lost, WakeupDir};
 
 /// Everything the daemon reacts to.
 #[derive(Debug)]
@@ -62,6 +65,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// it looks anyway this often, in case a commit left both the same size within the file
 /// system's timestamp granularity.
 const LOOK_ANYWAY: Duration = Duration::from_secs(30);
+/// A DB error that lasts is logged again this often (the loop retries it at every tick).
+const DB_ERROR_EVERY: Duration = Duration::from_secs(10);
 
 enum Phase {
     Running,
@@ -73,6 +78,18 @@ enum Phase {
     Terminating {
         deadline: Instant,
     },
+}
+
+/// The DB's failures since it last took a write, so that a lasting one is logged once per
+/// `DB_ERROR_EVERY`, and its end once.
+#[derive(Default)]
+struct DbTrouble {
+    /// When the first failure of the current streak happened.
+    since: Option<Instant>,
+    failures: u64,
+    logged_at: Option<Instant>,
+    /// The last error logged, without its figures.
+    logged: String,
 }
 
 struct Running {
@@ -101,7 +118,16 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
     let wakeup = WakeupDir::prepare(&config.wakeup_dir)?;
     // Watch before the first pop, so a task enqueued during startup cannot slip between the two.
     let (wake_tx, wakes) = crossbeam_channel::bounded(1);
-    let _watcher = wakeup.watch(wake_tx)?;
+    let (watcher, watcher_error) = match wakeup.watch(wake_tx.clone()) {
+        Ok(watcher) => (Some(watcher), None),
+        Err(e) => {
+            // Out of inotify instances or watches (other programs of this user hold them): the
+            // tick alone keeps the queue moving, and every tick tries the watch again.
+            let message = unwatched(&e, config.tick);
+            log::warn!("{message}");
+            (None, Some(message))
+        }
+    };
     let (finished_tx, finished) = crossbeam_channel::unbounded();
     let children = Arc::new(Children::default());
     let threads = ThreadPool::start(config.workers, &finished_tx, &children)?;
@@ -125,7 +151,13 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         children,
         running: HashMap::with_capacity(config.workers),
         phase: Phase::Running,
-        last_db_error: None,
+        fatal: None,
+        db_trouble: DbTrouble::default(),
+        watcher,
+        wake_tx,
+        wakeup_trouble: watcher_error,
+        clock: StepDetector::default(),
+        stepped_back: 0.0,
         ended: Vec::new(),
         schedules,
         next_task_due: None,
@@ -195,6 +227,9 @@ impl Foreman<'_> {
             };
             match event {
                 Event::Wakeup => {
+                    if self.wakeup.watch_lost() {
+                        self.look_at_wakeup_dir();
+                    }
                     self.wakeup.clear();
                     self.fill();
                 }
@@ -221,7 +256,7 @@ impl Foreman<'_> {
                 Event::Beat => self.beat(),
             }
             if self.stopped() {
-                return Ok(());
+                return self.fatal.take().map_or(Ok(()), Err);
             }
         }
     }
@@ -333,13 +368,26 @@ struct Foreman<'c> {
     registry: Registry,
     queue: Queue,
     wakeup: WakeupDir,
+    /// The inotify watch on the wakeup dir; `None` while none can be set up (the tick tries again).
+    watcher: Option<RecommendedWatcher>,
+    /// Where a new watch sends its wakes.
+    wake_tx: Sender<()>,
+    /// The last problem with the wakeup dir or its watch that was logged, so each is logged once.
+    wakeup_trouble: Option<String>,
     threads: ThreadPool,
     pools: Vec<ProcessPool>,
     children: Arc<Children>,
     running: HashMap<i64, Running>,
     phase: Phase,
-    /// When the last DB error was logged, so a broken DB logs once per tick, not once per event.
-    last_db_error: Option<Instant>,
+    /// Why the daemon stops by itself (the database file was replaced): `run` returns it once the
+    /// running tasks are done.
+    fatal: Option<Error>,
+    db_trouble: DbTrouble,
+    /// Tells the wall clock's backward steps from the monotonic clock's steady pace.
+    clock: StepDetector,
+    /// Seconds the wall clock stepped back that the queue's due times have not been moved by yet
+    /// (the DB refused the update); tried again at the next tick.
+    stepped_back: f64,
     /// Attempts that ended and are not recorded yet: the next cycle transaction writes them, with
     /// its pop, so recording costs no transaction of its own.
     ended: Vec<Ending>,
@@ -384,10 +432,11 @@ impl Foreman<'_> {
             let popped = match self.queue.cycle(&self.ended, free, now, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
-                    self.db_error(&e);
+                    self.db_error("cannot pop tasks", &e);
                     return;
                 }
             };
+            self.db_works();
             self.ended.clear();
             for buried in &popped.dead {
                 let name = buried.task_name.as_deref().unwrap_or("(no name)");
@@ -497,8 +546,11 @@ impl Foreman<'_> {
         }
         let resolve = |_: &Task| Resolved::<()>::Defer;
         match self.queue.cycle(&self.ended, 0, unix_now(), resolve) {
-            Ok(_) => self.ended.clear(),
-            Err(e) => self.db_error(&e),
+            Ok(_) => {
+                self.db_works();
+                self.ended.clear();
+            }
+            Err(e) => self.db_error("cannot record the ended tasks", &e),
         }
     }
 
@@ -508,20 +560,17 @@ impl Foreman<'_> {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
         };
-        let now = unix_now();
-        // A due time absurdly far off (or not finite) is only re-read after the longest wait.
-        let wait = if due <= now {
-            Duration::ZERO
-        } else {
-            Duration::try_from_secs_f64(due - now).map_or(MAX_DUE_WAIT, |w| w.min(MAX_DUE_WAIT))
-        };
-        Instant::now().checked_add(wait)
+        Instant::now().checked_add(crate::clock::wait_until(due, unix_now(), MAX_DUE_WAIT))
     }
 
     fn schedules_due(&mut self) {
         let running = &self.running;
-        self.schedules
+        let refused = self
+            .schedules
             .fire_due(&mut self.queue, unix_now(), |id| running.contains_key(&id));
+        for (name, e) in refused {
+            self.db_error(&format!("schedule {name}"), &e);
+        }
     }
 
     /// Turns a finished attempt into its record (and retry or dead letter), written by the next
@@ -660,6 +709,10 @@ impl Foreman<'_> {
             self.flush();
             return;
         }
+        if self.db_replaced() {
+            return;
+        }
+        self.watch_clock();
         if Instant::now() >= self.next_prune {
             self.prune();
         }
@@ -672,8 +725,7 @@ impl Foreman<'_> {
             }
             return;
         }
-        // A stale file would keep create-if-absent producers from ever signalling again.
-        let woken = self.wakeup.clear_if_changed() > 0;
+        let woken = self.look_at_wakeup_dir();
         // Taken before the look, so a commit during it shows as a change next time.
         let stamp = self.queue.file_stamp();
         if !woken
@@ -694,7 +746,125 @@ impl Foreman<'_> {
                     self.fill();
                 }
             }
-            Err(e) => self.db_error(&e),
+            Err(e) => self.db_error("cannot read the queue", &e),
+        }
+    }
+
+    /// Whether the database file at the configured path is no longer the file this daemon has
+    /// open (deleted, or replaced by a restored backup): producers then write to a file it never
+    /// reads. It stops popping, lets its running tasks end, and `run` returns an error (exit 1),
+    /// so that the supervisor's restart opens the file that is there now.
+    fn db_replaced(&mut self) -> bool {
+        let Some(what) = self.queue.replaced() else {
+            return false;
+        };
+        let db = self.config.db.display();
+        log::error!(
+            "database {db} {what} while the daemon ran: it stops popping and exits with status 1 once its {} running task(s) end, so that a restart opens the file now at that path",
+            self.running.len()
+        );
+        match self.queue.abandon() {
+            Ok(true) => {}
+            Ok(false) => log::warn!(
+                "database {db}: another process still reads the old file, so its WAL could not be emptied; a process opening the new file may read the old one's pages: stop every process that uses the database before replacing it"
+            ),
+            Err(e) => log::warn!("database {db}: emptying the old file's WAL: {e}"),
+        }
+        self.fatal = Some(Error::Environment(format!(
+            "database {db} {what} while the daemon ran; restart foreman to use the file now at that path"
+        )));
+        self.stop_popping("database gone");
+        true
+    }
+
+    /// Notices a backward step of the wall clock and moves what waits for a wall-clock time back
+    /// by as much, so that a delay or an `every` interval lasts what was asked, not that plus
+    /// the step. (A forward step needs nothing: what became due runs, a missed window once.)
+    fn watch_clock(&mut self) {
+        let now = unix_now();
+        if let Some(back) = self.clock.observe(Instant::now(), now) {
+            log::warn!(
+                "the wall clock stepped back {back:.1}s: moving the due times of delayed tasks and of `every` schedules back as much"
+            );
+            self.stepped_back += back;
+            self.next_task_due = None;
+            self.schedules.step_back(&mut self.queue, back, now);
+        }
+        if self.stepped_back > 0.0 {
+            match self.queue.move_due_back(self.stepped_back, now) {
+                Ok(moved) => {
+                    if moved > 0 {
+                        log::info!(
+                            "moved {moved} delayed task(s) {:.1}s earlier after the clock step",
+                            self.stepped_back
+                        );
+                    }
+                    self.stepped_back = 0.0;
+                }
+                Err(e) => self.db_error("cannot move delayed tasks after the clock step", &e),
+            }
+        }
+    }
+
+    /// The tick's look at the wakeup dir: clears files left there (a stale file would keep
+    /// create-if-absent producers from ever signalling again), and sets the watch up again when
+    /// the directory was removed or replaced, or when none could be set up before. Returns
+    /// whether a producer may have signalled since the last look.
+    fn look_at_wakeup_dir(&mut self) -> bool {
+        match self.wakeup.clear_if_changed() {
+            Ok(removed) => {
+                if self.watcher.is_none() {
+                    self.watch_wakeup_dir(None);
+                }
+                removed > 0
+            }
+            Err(lost) => {
+                self.watch_wakeup_dir(Some(lost));
+                true
+            }
+        }
+    }
+
+    /// (Re)creates and watches the wakeup dir. Each distinct failure is logged once; the tick
+    /// tries again, and meanwhile moves the queue by itself.
+    fn watch_wakeup_dir(&mut self, lost: Option<Lost>) {
+        let path = &self.config.wakeup_dir;
+        if lost.is_some() {
+            self.watcher = None; // It watches a directory producers no longer reach.
+        }
+        let set_up = WakeupDir::prepare(path)
+            .and_then(|dir| dir.watch(self.wake_tx.clone()).map(|w| (dir, w)));
+        match set_up {
+            Ok((mut dir, watcher)) => {
+                dir.clear();
+                self.wakeup = dir;
+                self.watcher = Some(watcher);
+                self.wakeup_trouble = None;
+                match lost {
+                    Some(lost) => log::warn!(
+                        "wakeup dir {} {lost} while the daemon ran; watching it again",
+                        path.display()
+                    ),
+                    None => log::info!(
+                        "watching wakeup dir {} again: new tasks start at once again",
+                        path.display()
+                    ),
+                }
+            }
+            Err(e) => {
+                let message = match lost {
+                    Some(lost) => format!(
+                        "wakeup dir {} {lost} while the daemon ran, and cannot be set up again: {e}; tasks start within the {} tick until it can",
+                        path.display(),
+                        format_duration(self.config.tick)
+                    ),
+                    None => unwatched(&e, self.config.tick),
+                };
+                if self.wakeup_trouble.as_deref() != Some(message.as_str()) {
+                    log::warn!("{message}");
+                    self.wakeup_trouble = Some(message);
+                }
+            }
         }
     }
 
@@ -727,6 +897,7 @@ impl Foreman<'_> {
         };
         match self.queue.heartbeat(unix_now(), &beat, &stats) {
             Ok(()) => {
+                self.db_works();
                 self.last_beat = Instant::now();
                 if unchanged && version.is_some() {
                     let stamp = self.queue.file_stamp();
@@ -737,7 +908,7 @@ impl Foreman<'_> {
             }
             Err(e) => {
                 self.tally.restore(stats);
-                self.db_error(&e);
+                self.db_error("cannot write the heartbeat", &e);
             }
         }
     }
@@ -782,6 +953,9 @@ impl Foreman<'_> {
 
     /// The last words in the DB: the figures not written yet, and a clean exit on the daemon row.
     fn sign_off(&mut self) {
+        if self.queue.is_abandoned() {
+            return; // The row is in a file nobody reads any more.
+        }
         self.write_beat();
         if let Err(e) = self.queue.daemon_stopped(unix_now()) {
             log::warn!("could not mark the daemon stopped in the DB: {e}");
@@ -797,7 +971,7 @@ impl Foreman<'_> {
             // Once per pass over the history: a minute's figures are few rows.
             let oldest = minute_of(now - self.config.stats_retention.as_secs_f64());
             if let Err(e) = self.queue.prune_stats(oldest) {
-                self.db_error(&e);
+                self.db_error("cannot prune old figures", &e);
             }
         }
         match self
@@ -821,42 +995,64 @@ impl Foreman<'_> {
             }
             Err(e) => {
                 self.next_prune = Instant::now() + PRUNE_EVERY;
-                self.db_error(&e);
+                self.db_error("cannot prune old history", &e);
             }
         }
     }
 
-    fn db_error(&mut self, e: &Error) {
+    /// A DB operation failed: it is retried at the next event or tick. The first failure is
+    /// logged at once, a different one too, and the same one again every `DB_ERROR_EVERY`
+    /// while it lasts: a full disk writes a line every few seconds, not one per tick.
+    fn db_error(&mut self, what: &str, e: &Error) {
+        // Whatever failed, the next tick looks at the queue: a pop that failed left due rows
+        // behind, and the disk coming back commits nothing that would say so.
+        self.last_stamp = None;
         let now = Instant::now();
-        if self
-            .last_db_error
-            .is_none_or(|at| now.duration_since(at) >= self.config.tick)
-        {
+        let trouble = &mut self.db_trouble;
+        trouble.failures += 1;
+        let since = *trouble.since.get_or_insert(now);
+        // Compared without `what` (a full disk fails the pop and the heartbeat alike) nor the
+        // figures in it (the free space), which may move while the cause stays.
+        let error = e.to_string();
+        let cause: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
+        let due = trouble
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= DB_ERROR_EVERY);
+        if !due && cause == trouble.logged {
+            return;
+        }
+        if trouble.logged_at.is_none() {
             log::error!(
-                "cannot pop tasks (retrying every {:?}): {e}",
-                self.config.tick
+                "{what}: {error} (retrying every {}; logged again every {} while it lasts)",
+                format_duration(self.config.tick),
+                format_duration(DB_ERROR_EVERY)
             );
-            self.last_db_error = Some(now);
+        } else {
+            log::error!(
+                "{what}: {error} (failing for {:.1}s, {} attempts)",
+                now.duration_since(since).as_secs_f64(),
+                trouble.failures
+            );
+        }
+        trouble.logged_at = Some(now);
+        trouble.logged = cause;
+    }
+
+    /// A DB write succeeded: ends a streak of failures, saying so.
+    fn db_works(&mut self) {
+        let trouble = std::mem::take(&mut self.db_trouble);
+        if let Some(since) = trouble.since {
+            log::info!(
+                "the database takes writes again after {:.1}s ({} failed attempts)",
+                since.elapsed().as_secs_f64(),
+                trouble.failures
+            );
         }
     }
 
     fn shutdown(&mut self, signal: Shutdown) -> Result<()> {
         if let Phase::Running = self.phase {
-            log::info!(
-                "signal {}: stopping; waiting up to {:?} for {} running task(s)",
-                signal.0,
-                self.config.graceful_timeout,
-                self.running.len()
-            );
-            self.phase = Phase::Draining {
-                deadline: Instant::now() + self.config.graceful_timeout,
-            };
-            let status = self.status_line();
-            self.notifier.stopping(&status);
-            // So that `foreman health` tells a daemon draining on purpose from a stalled one.
-            if let Err(e) = self.queue.daemon_stopping(unix_now()) {
-                self.db_error(&e);
-            }
+            self.stop_popping(&format!("signal {}", signal.0));
             return Ok(());
         }
         self.log_survivors("abandoned at second signal");
@@ -869,6 +1065,27 @@ impl Foreman<'_> {
         Err(Error::Interrupted {
             abandoned: self.running.len(),
         })
+    }
+
+    /// Running → Draining: no more pops; the running tasks get the graceful timeout.
+    fn stop_popping(&mut self, why: &str) {
+        log::info!(
+            "{why}: stopping; waiting up to {:?} for {} running task(s)",
+            self.config.graceful_timeout,
+            self.running.len()
+        );
+        self.phase = Phase::Draining {
+            deadline: Instant::now() + self.config.graceful_timeout,
+        };
+        let status = self.status_line();
+        self.notifier.stopping(&status);
+        // So that `foreman health` tells a daemon draining on purpose from a stalled one.
+        if self.queue.is_abandoned() {
+            return;
+        }
+        if let Err(e) = self.queue.daemon_stopping(unix_now()) {
+            self.db_error("cannot mark the daemon stopping", &e);
+        }
     }
 
     fn deadline(&mut self) {
@@ -892,6 +1109,14 @@ impl Foreman<'_> {
             );
         }
     }
+}
+
+/// Why the wakeup dir is not watched, and what that costs.
+fn unwatched(e: &Error, tick: Duration) -> String {
+    format!(
+        "{e}; falling back to the {} tick until a watch can be set up (a new task may wait up to a tick to start)",
+        format_duration(tick)
+    )
 }
 
 /// A failure's last non-empty line: a traceback's says what went wrong.

@@ -309,6 +309,44 @@ pub(crate) fn writable(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The space this user may still use on the file system holding `path`, and its size, in bytes.
+pub(crate) fn free_space(path: &Path) -> Option<(u64, u64)> {
+    let c = c_path(path).ok()?;
+    let mut vfs = MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is NUL-terminated and outlives the call; `vfs` is large enough for the result.
+    if unsafe { libc::statvfs(c.as_ptr(), vfs.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs succeeded, so it filled the struct.
+    let vfs = unsafe { vfs.assume_init() };
+    // The field widths depend on the target; u64 holds them all.
+    #[allow(clippy::useless_conversion)]
+    let (frsize, avail, blocks) = (
+        u64::from(vfs.f_frsize),
+        u64::from(vfs.f_bavail),
+        u64::from(vfs.f_blocks),
+    );
+    Some((avail.saturating_mul(frsize), blocks.saturating_mul(frsize)))
+}
+
+/// A size for messages: `0 B`, `812 KiB`, `1.5 GiB`.
+pub(crate) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut scale = 1u64;
+    while n / scale >= 1024 && unit + 1 < UNITS.len() {
+        scale *= 1024;
+        unit += 1;
+    }
+    if unit > 0 && n / scale < 10 {
+        // One decimal where it still says something.
+        #[allow(clippy::cast_precision_loss)] // A message, not a measurement.
+        let exact = n as f64 / scale as f64;
+        return format!("{exact:.1} {}", UNITS[unit]);
+    }
+    format!("{} {}", n / scale, UNITS[unit])
+}
+
 /// Creates and removes a file in `dir`, named after the database so a leftover explains itself.
 fn probe_create(dir: &Path, db_name: &str) -> io::Result<()> {
     let probe = dir.join(format!(".{db_name}.foreman-probe-{}", std::process::id()));
@@ -473,6 +511,18 @@ mod tests {
                 nowhere.display()
             )
         );
+    }
+
+    #[test]
+    fn sizes_read_at_a_glance() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(812 * 1024), "812 KiB");
+        assert_eq!(bytes(u64::MAX), "16777215 TiB");
+        let dir = tempfile::tempdir().unwrap();
+        let (free, total) = free_space(dir.path()).unwrap();
+        assert!(free <= total && total > 0);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::command::{
 use crate::config::PoolConfig;
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
+use crate::line_budget::LineBudget;
 use crate::task::Task;
 use crate::thread_pool::{Finished, Outcome};
 
@@ -47,13 +48,14 @@ const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(1);
 /// to the dead-letter table. One failure may be bad luck; three in a row (≈ 0.3 s of backoff) is a
 /// broken deployment.
 const DOWN_AFTER_FAILURES: u32 = 3;
-/// How long a worker whose stdout closed during a task may take to show it exited (it closes its
-/// pipes a moment before it can be waited for); still running after that, it closed stdout alone.
-const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
 /// After its stdin closes, how long an idle worker gets to exit on its own before SIGTERM.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 /// How often a driver waiting for a hello checks whether the pool is stopping.
 const STOP_CHECK: Duration = Duration::from_millis(100);
+/// After end of file on a worker's stdout during a task, how long it gets to turn out to be
+/// exiting (its fds close a moment before it can be waited for) before it counts as a worker that
+/// closed its stdout and lives on.
+const CLOSED_OR_DYING: Duration = Duration::from_millis(100);
 
 /// A task on its way to a pool process.
 pub struct PoolJob {
@@ -447,19 +449,16 @@ impl Driver {
                             served_any = true;
                             let _ = self.finished.send(finished);
                         }
-                        Ran::NotSent(job, refused) => {
+                        Ran::NotSent(job, what) => {
                             // The job never reached the process: another one may run it.
                             let _ = self.requeue.send(job);
                             let status = worker.kill();
-                            let why = match refused {
-                                Some(why) => format!("worker pid {} {why}", worker.pid),
-                                None => format!(
-                                    "worker pid {} was gone when a task came ({}){}",
-                                    worker.pid,
-                                    describe(status),
-                                    worker.stderr_tail_suffix()
-                                ),
-                            };
+                            let why = format!(
+                                "worker pid {} {what} ({}){}",
+                                worker.pid,
+                                describe(status),
+                                worker.stderr_tail_suffix()
+                            );
                             log::warn!("pool {}: {why}", self.name);
                             return Ended::Gone { healthy: healthy(served_any), why };
                         }
@@ -493,9 +492,9 @@ fn backoff(failures: u32) -> Duration {
 enum Ran {
     /// The worker answered; it is ready for the next task.
     Answered(Finished),
-    /// The worker was gone before it could read the task, or (with the reason) it broke the
-    /// protocol while idle and was not given it.
-    NotSent(PoolJob, Option<String>),
+    /// The worker was gone before it could read the task, or could not have answered it; says
+    /// which.
+    NotSent(PoolJob, String),
     /// The task failed with the worker (death, timeout, garbage); the worker is dead and reaped.
     Broken(Finished),
 }
@@ -704,6 +703,9 @@ impl Worker {
 
     /// Writes the task, waits for the answer (up to the timeout) and judges it.
     fn run(&mut self, job: PoolJob) -> Ran {
+        if let Some(what) = self.broken_while_idle() {
+            return Ran::NotSent(job, what);
+        }
         let children = Arc::clone(&self.children);
         let started = Instant::now();
         let deadline = job.timeout.and_then(deadline_after);
@@ -714,18 +716,12 @@ impl Worker {
             job.task.name,
             self.pid
         );
-        // Output nobody asked for (a second answer, a stray print) would be read as this task's
-        // answer and fail it: the worker is replaced before it sees the task instead.
-        if let Some(why) = self.stdout.unsolicited() {
-            children.remove(job.task.id);
-            return Ran::NotSent(job, Some(why));
-        }
         let line = job.task.to_json_line();
         let result = match self.write_all(line.as_bytes(), deadline) {
             Ok(()) => self.stdout.read_line(deadline, self.pidfd.as_ref()),
             Err(WriteError::NothingWritten) => {
                 children.remove(job.task.id);
-                return Ran::NotSent(job, None);
+                return Ran::NotSent(job, "was gone when a task came".to_owned());
             }
             Err(WriteError::Timeout) => Err(LineError::Timeout),
             Err(WriteError::Broken) => Err(LineError::Eof),
@@ -756,17 +752,20 @@ impl Worker {
                 "worker protocol error: an answer line longer than 1 MiB".to_owned()
             }
             Err(LineError::Io(e)) => format!("reading the worker's answer: {e}"),
-            // Still running after its stdout closed: it cannot answer any more.
-            Err(LineError::Eof) if !self.wait_exit(EXIT_AFTER_EOF) => {
-                format!(
-                    "worker protocol error: worker pid {} closed its stdout without answering",
-                    self.pid
-                )
-            }
             Err(LineError::Eof) => {
+                // End of file on stdout: the process is exiting, or it closed its stdout and so
+                // can never answer (it is killed then, like a dead one, and restarted).
+                let (broke, what) = if self.wait_exit(CLOSED_OR_DYING) {
+                    ("", "died during the task")
+                } else {
+                    (
+                        "worker protocol error: ",
+                        "closed its stdout without answering",
+                    )
+                };
                 let status = self.kill_keeping_group(&children, task.id);
                 let reason = format!(
-                    "worker pid {} died during the task ({}){}",
+                    "{broke}worker pid {} {what} ({}){}",
                     self.pid,
                     describe(status),
                     self.stderr_tail_suffix()
@@ -776,6 +775,31 @@ impl Worker {
         };
         self.kill_keeping_group(&children, task.id);
         Ran::Broken(finished(task, Outcome::Failed(failure)))
+    }
+
+    /// Whether the worker broke the protocol between two tasks, so that it could not answer the
+    /// next one (it closed its stdout, or exited) or its answer could not be told from what it
+    /// wrote unasked. Such a worker gets no task: it is restarted, and the task goes to another.
+    fn broken_while_idle(&mut self) -> Option<String> {
+        if !self.stdout.buf.is_empty() {
+            return Some(format!(
+                "wrote to its stdout between tasks: {}",
+                excerpt(&self.stdout.buf)
+            ));
+        }
+        let mut fds = [pollfd(self.stdout.file.as_raw_fd(), libc::POLLIN)];
+        if !poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|ready| ready > 0) {
+            return None; // Nothing to read: as it should be.
+        }
+        let mut chunk = [0u8; 256];
+        match self.stdout.file.read(&mut chunk) {
+            Ok(0) => Some("closed its stdout between tasks".to_owned()),
+            Ok(n) => Some(format!(
+                "wrote to its stdout between tasks: {}",
+                excerpt(&chunk[..n])
+            )),
+            Err(e) => Some(format!("cannot read its stdout: {e}")),
+        }
     }
 
     /// Kills the worker, forgetting its task's process group only once it has exited, so the
@@ -934,27 +958,6 @@ impl LineReader {
         }
     }
 
-    /// Whether the worker wrote to its stdout (or closed it) while it had no task: what is
-    /// buffered, or readable right now, described for the log.
-    fn unsolicited(&mut self) -> Option<String> {
-        if self.buf.is_empty() {
-            let mut fds = [pollfd(self.file.as_raw_fd(), libc::POLLIN)];
-            if !poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|ready| ready > 0) {
-                return None;
-            }
-            let mut chunk = [0u8; 512];
-            match self.file.read(&mut chunk) {
-                Ok(0) => return Some("closed its stdout while idle".to_owned()),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return Some(format!("stdout failed while idle: {e}")),
-            }
-        }
-        Some(format!(
-            "wrote to its stdout while idle (worker protocol error): {}",
-            excerpt(&self.buf)
-        ))
-    }
-
     /// The next line without its newline. A process that exited (its pidfd is readable) with
     /// nothing more to read gives `Eof`, even if a grandchild still holds the pipe open.
     fn read_line(
@@ -1017,10 +1020,12 @@ fn log_stderr(
             let mut stderr = stderr;
             let mut partial = Vec::new();
             let mut chunk = [0u8; 8192];
-            let emit = |line: &[u8]| {
+            let who = format!("pool {pool} pid {pid}");
+            let mut budget = LineBudget::new();
+            let mut emit = |line: &[u8]| {
                 let text = String::from_utf8_lossy(line);
                 let text = text.trim_end_matches('\r');
-                log::info!("pool {pool} pid {pid} stderr: {text}");
+                budget.log(&who, "stderr", text);
                 if text.trim().is_empty() {
                     return;
                 }
@@ -1053,6 +1058,7 @@ fn log_stderr(
             if !partial.is_empty() {
                 emit(&partial);
             }
+            budget.finish(&who);
         })
         .map(drop)
         .map_err(|e| format!("cannot start the stderr reader thread: {e}"))?;

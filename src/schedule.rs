@@ -8,7 +8,7 @@ use chrono::{DateTime, Local};
 use croner::Cron;
 
 use crate::config::{ScheduleConfig, When};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::queue::{NewTask, Queue, ScheduleState};
 
 /// Seconds before a firing the DB refused is tried again (it stays due, so it is not lost).
@@ -120,8 +120,17 @@ impl Schedules {
 
     /// Fires every schedule that is due. One whose previous task is still queued or running
     /// (`busy` says) skips this firing instead of piling a second one up. A missed window fires
-    /// once, however many were missed: the next due time is computed from now.
-    pub fn fire_due(&mut self, queue: &mut Queue, now: f64, busy: impl Fn(i64) -> bool) {
+    /// once, however many were missed: the next due time is computed from now. Returns the
+    /// schedules whose firing (or skip) the DB refused to record, with the error, for the caller
+    /// to log (a full disk refuses them all, every time); one not fired is tried again a second
+    /// later.
+    pub fn fire_due(
+        &mut self,
+        queue: &mut Queue,
+        now: f64,
+        busy: impl Fn(i64) -> bool,
+    ) -> Vec<(String, Error)> {
+        let mut refused = Vec::new();
         for entry in &mut self.entries {
             if entry.state.next_due > now {
                 continue;
@@ -138,7 +147,7 @@ impl Schedules {
                     entry.name
                 );
                 if let Err(e) = queue.save_schedule(&entry.name, &state) {
-                    log::error!("schedule {}: {e}", entry.name);
+                    refused.push((entry.name.clone(), e));
                 }
                 // Even unsaved: a restart may then skip once more, which is harmless.
                 entry.state = state;
@@ -168,15 +177,12 @@ impl Schedules {
                     entry.state = state;
                 }
                 Err(e) => {
-                    log::error!(
-                        "schedule {}: cannot enqueue (trying again in {}s): {e}",
-                        entry.name,
-                        RETRY_AFTER_ERROR
-                    );
+                    refused.push((entry.name.clone(), e));
                     entry.state.next_due = now + RETRY_AFTER_ERROR;
                 }
             }
         }
+        refused
     }
 
     /// An adaptive schedule's task reported whether it found something new: the interval shrinks
@@ -222,6 +228,28 @@ impl Schedules {
     }
 }
 
+impl Schedules {
+    /// After the wall clock stepped back by `seconds`: an `every` or adaptive schedule's next due
+    /// time was computed on the clock before the step, so it moves back as much (not before
+    /// `now`), and the interval stays what was asked. A cron schedule keeps its wall-clock times:
+    /// its next one is after its last firing, so a step back neither repeats a firing nor bunches
+    /// them up.
+    pub fn step_back(&mut self, queue: &mut Queue, seconds: f64, now: f64) {
+        for entry in &mut self.entries {
+            if entry.cron.is_some() || entry.state.next_due <= now {
+                continue;
+            }
+            let mut state = entry.state.clone();
+            state.next_due = (state.next_due - seconds).max(now);
+            if let Err(e) = queue.save_schedule(&entry.name, &state) {
+                log::error!("schedule {}: {e}", entry.name);
+            }
+            // Even unsaved: a restart reads the later time, which only makes one firing late.
+            entry.state = state;
+        }
+    }
+}
+
 /// The due time after a firing (or a skipped one) at `now`.
 fn following(entry: &Entry, now: f64) -> f64 {
     let base = match (&entry.config.when, &entry.cron) {
@@ -255,4 +283,71 @@ fn next_cron(cron: &Cron, now: f64) -> f64 {
 
 fn jitter(jitter: Option<Duration>) -> f64 {
     jitter.map_or(0.0, |j| j.as_secs_f64() * fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::queue::Access;
+
+    fn schedule(when: When) -> ScheduleConfig {
+        ScheduleConfig {
+            task: "t".to_owned(),
+            args: serde_json::json!([]),
+            kwargs: serde_json::json!({}),
+            priority: 0,
+            when,
+            jitter: None,
+        }
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // The values compared are exact.
+    fn a_step_back_keeps_every_intervals_and_cron_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        queue.ensure_schema().unwrap();
+        let configs = BTreeMap::from([
+            (
+                "every".to_owned(),
+                schedule(When::Every(Duration::from_mins(10))),
+            ),
+            (
+                "cron".to_owned(),
+                schedule(When::Cron("0 * * * *".to_owned())),
+            ),
+        ]);
+        // Loaded an hour before a step back of an hour: the every schedule is due at once.
+        let before = 1_800_000_000.0;
+        let mut schedules = Schedules::load(&configs, &mut queue, before).unwrap();
+        let fired = |s: &mut Schedules, q: &mut Queue, now| {
+            s.fire_due(q, now, |_| false);
+            s.entries
+                .iter()
+                .map(|e| e.state.next_due)
+                .collect::<Vec<f64>>()
+        };
+        // Entries are in name order: cron, every.
+        let due = fired(&mut schedules, &mut queue, before);
+        assert_eq!(due[1], before + 600.0);
+        let cron_due = due[0];
+        assert!(cron_due > before && cron_due <= before + 3600.0);
+        // The clock steps back an hour, a minute after the firing.
+        let now = before + 60.0 - 3600.0;
+        schedules.step_back(&mut queue, 3600.0, now);
+        let due: Vec<f64> = schedules.entries.iter().map(|e| e.state.next_due).collect();
+        assert_eq!(
+            due[1],
+            now + 540.0,
+            "every: nine more minutes, as before the step"
+        );
+        assert_eq!(due[0], cron_due, "cron: the same wall-clock time");
+        let stored: BTreeMap<String, ScheduleState> =
+            queue.schedules().unwrap().into_iter().collect();
+        assert_eq!(stored["every"].next_due, now + 540.0, "saved");
+        // Nothing fires before its time on the new clock: no burst, no repeat.
+        assert_eq!(fired(&mut schedules, &mut queue, now + 500.0), due);
+    }
 }

@@ -5,6 +5,8 @@
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use crossbeam_channel::Sender;
@@ -17,6 +19,29 @@ pub struct WakeupDir {
     path: PathBuf,
     /// The directory's mtime just before the last `clear` read it.
     cleared_at_mtime: Option<SystemTime>,
+    /// (device, inode) of the directory `prepare` checked: the one a watch sees. `None` for a
+    /// producer's view, which never watches.
+    identity: Option<(u64, u64)>,
+    /// Set by the watch when the directory itself is removed: a directory created again at once
+    /// may get the same inode number back, which the identity check cannot tell.
+    watch_lost: Arc<AtomicBool>,
+}
+
+/// What became of the directory `prepare` checked: producers now reach another one, or none, and
+/// a watch on it sees nothing they do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    Gone,
+    Replaced,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lost::Gone => "was removed",
+            Lost::Replaced => "was replaced by another directory",
+        })
+    }
 }
 
 impl WakeupDir {
@@ -44,7 +69,9 @@ impl WakeupDir {
             Err(e) => return Err(unreachable(path, &e)),
             Ok(meta) => check_existing(path, &meta)?,
         }
-        Ok(WakeupDir::at(path))
+        let mut dir = WakeupDir::at(path);
+        dir.identity = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        Ok(dir)
     }
 
     /// What `prepare` refuses, without creating anything: for `foreman run`'s preflight. A missing
@@ -64,6 +91,8 @@ impl WakeupDir {
         WakeupDir {
             path: path.to_path_buf(),
             cleared_at_mtime: None,
+            identity: None,
+            watch_lost: Arc::default(),
         }
     }
 
@@ -74,13 +103,27 @@ impl WakeupDir {
     /// Watches the directory; every creation or change in it (and every overflow or error of the
     /// watch) sends one wake. `wakes` should be bounded(1): a pending wake already covers the rest.
     pub fn watch(&self, wakes: Sender<()>) -> Result<RecommendedWatcher> {
+        // notify names events by the absolute path it was asked to watch.
+        let itself = std::path::absolute(&self.path).map_err(|e| {
+            Error::io(
+                format!("cannot watch wakeup dir {}", self.path.display()),
+                e,
+            )
+        })?;
+        let lost = Arc::clone(&self.watch_lost);
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let wake = match &event {
-                    Ok(event) => {
-                        event.need_rescan()
-                            || !matches!(event.kind, EventKind::Remove(_) | EventKind::Access(_))
+                    Ok(event) if matches!(event.kind, EventKind::Remove(_)) => {
+                        // The directory itself is gone, and this watch with it: the loop must
+                        // set up another one, now.
+                        let gone = event.paths.contains(&itself);
+                        if gone {
+                            lost.store(true, Ordering::Relaxed);
+                        }
+                        gone || event.need_rescan()
                     }
+                    Ok(event) => event.need_rescan() || !matches!(event.kind, EventKind::Access(_)),
                     Err(e) => {
                         log::warn!(
                             "wakeup watch error (the fallback tick keeps the queue moving): {e}"
@@ -92,16 +135,31 @@ impl WakeupDir {
                     let _ = wakes.try_send(());
                 }
             })
-            .map_err(|e| Error::io("cannot start the inotify watcher", io::Error::other(e)))?;
+            .map_err(|e| self.unwatchable(&e))?;
         watcher
             .watch(&self.path, RecursiveMode::NonRecursive)
-            .map_err(|e| {
-                Error::io(
-                    format!("cannot watch wakeup dir {}", self.path.display()),
-                    io::Error::other(e),
-                )
-            })?;
+            .map_err(|e| self.unwatchable(&e))?;
         Ok(watcher)
+    }
+
+    /// Why a watch could not be set up, naming the kernel limit when that is the reason.
+    fn unwatchable(&self, e: &notify::Error) -> Error {
+        let limit = match &e.kind {
+            notify::ErrorKind::MaxFilesWatch => Some("watches (fs.inotify.max_user_watches)"),
+            notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc::EMFILE) => {
+                Some("inotify instances (fs.inotify.max_user_instances) or open files")
+            }
+            _ => None,
+        };
+        let what = format!("cannot watch wakeup dir {}", self.path.display());
+        match limit {
+            // SAFETY: geteuid has no preconditions.
+            Some(limit) => Error::Environment(format!(
+                "{what}: uid {} has used up its {limit}; other programs of this user hold them",
+                unsafe { libc::geteuid() }
+            )),
+            None => Error::io(what, io::Error::other(e.to_string())),
+        }
     }
 
     /// Removes the wakeup files, so that producers which create a file only when it is absent will
@@ -121,12 +179,30 @@ impl WakeupDir {
     /// `clear`, but only when the directory changed since the last one. Reading a directory makes
     /// inotify report an open to the watcher thread, so the idle tick checks the mtime instead. A
     /// change hidden by the clock's granularity costs at most a tick of latency: the tick checks
-    /// the queue itself whatever the directory holds.
-    pub fn clear_if_changed(&mut self) -> usize {
-        match self.cleared_at_mtime {
-            Some(seen) if self.mtime() == Some(seen) => 0,
-            _ => self.clear(),
+    /// the queue itself whatever the directory holds. The same `stat` tells whether the directory
+    /// is still the one `prepare` checked (and the watch sees): `Err` when it is not.
+    pub fn clear_if_changed(&mut self) -> std::result::Result<usize, Lost> {
+        if self.watch_lost() {
+            return Err(Lost::Gone);
         }
+        let meta = std::fs::metadata(&self.path);
+        if let Some(known) = self.identity {
+            match &meta {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Lost::Gone),
+                Ok(m) if (m.dev(), m.ino()) != known => return Err(Lost::Replaced),
+                _ => {}
+            }
+        }
+        let mtime = meta.ok().and_then(|m| m.modified().ok());
+        match self.cleared_at_mtime {
+            Some(seen) if mtime == Some(seen) => Ok(0),
+            _ => Ok(self.clear()),
+        }
+    }
+
+    /// Whether the watch saw the directory itself removed (and so stopped watching).
+    pub fn watch_lost(&self) -> bool {
+        self.watch_lost.load(Ordering::Relaxed)
     }
 
     fn mtime(&self) -> Option<SystemTime> {
@@ -227,8 +303,12 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let mut dir = WakeupDir::prepare(&root.path().join("w")).unwrap();
         dir.touch("a").unwrap();
-        assert_eq!(dir.clear_if_changed(), 1, "never cleared yet: must read");
-        dir.clear_if_changed(); // Sees our own removal once.
+        assert_eq!(
+            dir.clear_if_changed(),
+            Ok(1),
+            "never cleared yet: must read"
+        );
+        dir.clear_if_changed().unwrap(); // Sees our own removal once.
         // A file that appeared without changing the mtime is not looked for...
         let mtime = dir.mtime().unwrap();
         dir.touch("b").unwrap();
@@ -236,14 +316,53 @@ mod tests {
             .unwrap()
             .set_modified(mtime)
             .unwrap();
-        assert_eq!(dir.clear_if_changed(), 0);
+        assert_eq!(dir.clear_if_changed(), Ok(0));
         // ...but any change to the directory is.
         let later = mtime + Duration::from_secs(1);
         std::fs::File::open(dir.path())
             .unwrap()
             .set_modified(later)
             .unwrap();
-        assert_eq!(dir.clear_if_changed(), 1);
+        assert_eq!(dir.clear_if_changed(), Ok(1));
         assert_eq!(dir.clear(), 0);
+    }
+
+    #[test]
+    fn the_tick_tells_a_removed_or_replaced_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("w");
+        let mut dir = WakeupDir::prepare(&path).unwrap();
+        assert_eq!(dir.clear_if_changed(), Ok(0));
+        // Made while the first one exists, so it cannot get its inode number.
+        std::fs::create_dir(root.path().join("v")).unwrap();
+        std::fs::remove_dir(&path).unwrap();
+        assert_eq!(dir.clear_if_changed(), Err(Lost::Gone));
+        // Moved in by someone else: another inode, which no watch of ours sees.
+        std::fs::rename(root.path().join("v"), &path).unwrap();
+        assert_eq!(dir.clear_if_changed(), Err(Lost::Replaced));
+        let mut again = WakeupDir::prepare(&path).unwrap();
+        assert_eq!(again.clear_if_changed(), Ok(0));
+        // A producer's view has nothing to lose.
+        std::fs::remove_dir(&path).unwrap();
+        assert_eq!(WakeupDir::at(&path).clear_if_changed(), Ok(0));
+    }
+
+    #[test]
+    fn the_watch_tells_when_the_directory_itself_goes() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("w");
+        let dir = WakeupDir::prepare(&path).unwrap();
+        let (wake_tx, wakes) = crossbeam_channel::bounded(1);
+        let _watcher = dir.watch(wake_tx).unwrap();
+        dir.touch("a").unwrap();
+        wakes.recv_timeout(Duration::from_secs(5)).unwrap();
+        std::fs::remove_file(path.join("a")).unwrap();
+        assert!(!dir.watch_lost(), "a file removed is not the directory");
+        std::fs::remove_dir(&path).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !dir.watch_lost() && std::time::Instant::now() < deadline {
+            let _ = wakes.recv_timeout(Duration::from_millis(10));
+        }
+        assert!(dir.watch_lost());
     }
 }

@@ -1,6 +1,7 @@
 //! `Queue`: every SQL statement foreman runs (besides `schema.sql`), on one connection. It owns the
 //! connection settings, the schema version check, the pop transaction and the CLI's queries.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -65,6 +66,11 @@ pub enum Access {
 pub struct Queue {
     conn: Connection,
     path: PathBuf,
+    /// (device, inode) of the file opened: a file at `path` that is not this one means the
+    /// database was deleted or replaced under the connection.
+    identity: Option<(u64, u64)>,
+    /// Set by `abandon`: nothing more is written.
+    abandoned: bool,
 }
 
 /// What one cycle transaction popped. `H` is whatever the caller's resolver gives for a task name.
@@ -223,9 +229,12 @@ impl Queue {
         }
         let refused = |e: rusqlite::Error| Queue::refused(path, access, e);
         let conn = Connection::open_with_flags(path, flags).map_err(refused)?;
+        let identity = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
         let queue = Queue {
             conn,
             path: path.to_path_buf(),
+            identity,
+            abandoned: false,
         };
         queue.configure(access).map_err(refused)?;
         // SQLite falls back to read-only, silently, when the file system refuses writes that the
@@ -302,6 +311,7 @@ impl Queue {
     /// The transaction statements are prepared once, like the work's: the loop runs one
     /// transaction per pop, and parsing `BEGIN` and `COMMIT` each time showed in its profile.
     fn write<T>(&mut self, work: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        self.refuse_abandoned()?;
         let conn = &self.conn;
         let done = conn
             .prepare_cached("BEGIN IMMEDIATE")
@@ -316,7 +326,27 @@ impl Queue {
                 .prepare_cached("ROLLBACK")
                 .and_then(|mut s| s.execute([]));
         }
-        done.map_err(|e| Error::db(&self.path, e))
+        done.map_err(|e| self.write_error(e))
+    }
+
+    /// A failed write, worded for the user: SQLite's "database or disk is full" is said with the
+    /// free space and the fix, like the preflight's refusals; other errors as SQLite gives them.
+    fn write_error(&self, e: rusqlite::Error) -> Error {
+        if e.sqlite_error_code() != Some(rusqlite::ErrorCode::DiskFull) {
+            return Error::db(&self.path, e);
+        }
+        let space =
+            crate::preflight::free_space(&self.path).map_or_else(String::new, |(free, total)| {
+                format!(
+                    " (its file system has {} free of {})",
+                    crate::preflight::bytes(free),
+                    crate::preflight::bytes(total)
+                )
+            });
+        Error::Environment(format!(
+            "cannot write {}: database or disk is full{space}; free some space or use a larger volume",
+            self.path.display()
+        ))
     }
 
     fn user_version(&self) -> Result<i64> {
@@ -438,6 +468,11 @@ impl Queue {
                 // One ending the DB refuses must not block the others, nor the pop, forever.
                 tx.prepare_cached("SAVEPOINT ending")?.execute([])?;
                 if let Err(e) = record_ending(tx, ending) {
+                    // A full disk or an I/O error refuses every write: the whole cycle fails, and
+                    // the loop keeps the endings to record them once the DB takes writes again.
+                    if !is_about_the_row(&e) {
+                        return Err(e);
+                    }
                     // Undoes this ending alone.
                     tx.prepare_cached("ROLLBACK TO ending")?.execute([])?;
                     log_unrecorded(ending, &e);
@@ -486,6 +521,62 @@ impl Queue {
         };
         let wal = suffixed(&self.path, "-wal");
         Some([stamp(&self.path)?, stamp(&wal).unwrap_or((0, None))])
+    }
+
+    /// Whether the file at the database's path is no longer the one this connection has open:
+    /// what happened to it, if so. One `stat`, for the loop's tick.
+    pub fn replaced(&self) -> Option<&'static str> {
+        let known = self.identity?;
+        match std::fs::metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == known => None,
+            Ok(_) => Some("was replaced by another file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("was deleted or moved away"),
+            // Cannot look (a directory above lost its search permission): no verdict.
+            Err(_) => None,
+        }
+    }
+
+    /// Stops writing to a database file that was replaced or deleted under this connection.
+    /// SQLite leaves the WAL of a moved file in place at close, where it would be taken for the
+    /// WAL of the file now at the path: its pages would then overwrite that file's. So the WAL is
+    /// folded into the file this connection has open (the moved or deleted one) and emptied now,
+    /// and every later write fails instead of filling it again. Returns whether the WAL is empty
+    /// (another process reading the old file can keep it from being emptied).
+    pub fn abandon(&mut self) -> Result<bool> {
+        self.abandoned = true;
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok(busy == 0)
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned
+    }
+
+    fn refuse_abandoned(&self) -> Result<()> {
+        if self.abandoned {
+            return Err(self.err(
+                "the file was replaced or deleted under the daemon; nothing more is written to it",
+            ));
+        }
+        Ok(())
+    }
+
+    /// After the wall clock stepped back by `seconds`: moves the due times of the rows waiting for
+    /// a later time back as much (not before `now`), since they were computed on the clock before
+    /// the step. Leased rows keep theirs: a lease is renewed by the daemon that holds it. Returns
+    /// how many rows moved. A delayed row inserted between the step and this call (at most a
+    /// tick) moves too, and runs that much early.
+    pub fn move_due_back(&mut self, seconds: f64, now: f64) -> Result<usize> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE foreman_task SET run_after = max(?2, run_after - ?1) \
+                 WHERE run_after > ?2 AND leased_at IS NULL",
+            )?
+            .execute(params![seconds, now])
+        })
     }
 
     /// SQLite's `PRAGMA data_version`: it changes between two calls when another connection
@@ -653,6 +744,7 @@ impl Queue {
     /// Stores a schedule's state (a new schedule, a changed spec, or an adaptive interval that
     /// moved).
     pub fn save_schedule(&mut self, name: &str, state: &ScheduleState) -> Result<()> {
+        self.refuse_abandoned()?;
         save_schedule(&self.conn, name, state).map_err(|e| self.err(e))
     }
 
@@ -691,7 +783,9 @@ impl Queue {
     /// Inserts one task; the caller has checked that `args` is a JSON array and `kwargs` an
     /// object.
     pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<i64> {
-        insert_task(&self.conn, task).map_err(|e| self.err(e))
+        // In a transaction of its own: an autocommit `INSERT … RETURNING` hands back the id
+        // before its commit, and a commit that fails then (a full disk) would go unnoticed.
+        self.write(|tx| insert_task(tx, task))
     }
 }
 
@@ -829,6 +923,24 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `e` is about the row being written (it would fail again however often it is tried),
+/// rather than about the database as a whole (full, read-only, an I/O error), which refuses every
+/// write until someone fixes it.
+fn is_about_the_row(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(code) => matches!(
+            code,
+            ErrorCode::ConstraintViolation
+                | ErrorCode::TooBig
+                | ErrorCode::TypeMismatch
+                | ErrorCode::ParameterOutOfRange
+        ),
+        // rusqlite's own errors, such as a value that does not convert.
+        None => true,
+    }
 }
 
 /// The DB refused to record how an attempt ended: say everything needed to redo it by hand.
@@ -1148,6 +1260,92 @@ pub(crate) mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         plan.join(" | ")
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // The values compared are exact.
+    fn a_clock_step_back_moves_waiting_rows_back_but_not_due_or_leased_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        queue.ensure_schema().unwrap();
+        let insert = |run_after: f64, leased_at: Option<f64>| -> i64 {
+            queue
+                .conn
+                .query_row(
+                    "INSERT INTO foreman_task(task_name, run_after, leased_at) VALUES ('t', ?1, ?2) RETURNING id",
+                    params![run_after, leased_at],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        let due = insert(900.0, None);
+        let soon = insert(1500.0, None);
+        let later = insert(9000.0, None);
+        let leased = insert(1500.0, Some(900.0));
+        // The clock went back an hour, to 1000: what waited for 1500 on the old clock was due.
+        assert_eq!(queue.move_due_back(3600.0, 1000.0).unwrap(), 2);
+        let run_after = |id: i64| -> f64 {
+            queue
+                .conn
+                .query_row(
+                    "SELECT run_after FROM foreman_task WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(run_after(due), 900.0);
+        assert_eq!(run_after(soon), 1000.0);
+        assert_eq!(run_after(later), 5400.0);
+        assert_eq!(run_after(leased), 1500.0);
+    }
+
+    #[test]
+    fn a_full_database_is_said_with_the_free_space_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        queue.ensure_schema().unwrap();
+        // A database that may not grow refuses like a full disk (SQLITE_FULL).
+        let pages: i64 = queue
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        queue
+            .conn
+            .execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+            .unwrap();
+        let big = "x".repeat(100_000);
+        let task = NewTask {
+            name: "t",
+            args: &format!("[\"{big}\"]"),
+            kwargs: "{}",
+            ..NewTask::default()
+        };
+        let err = queue.enqueue_task(&task).unwrap_err().to_string();
+        assert!(err.contains("database or disk is full"), "{err}");
+        assert!(err.contains("free some space"), "{err}");
+        let queued: i64 = queue
+            .conn
+            .query_row("SELECT count(*) FROM foreman_task", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(queued, 0);
+    }
+
+    #[test]
+    fn only_a_rows_own_error_skips_its_ending_a_full_disk_fails_the_cycle() {
+        let sqlite = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        assert!(is_about_the_row(&sqlite(rusqlite::ffi::SQLITE_CONSTRAINT)));
+        assert!(is_about_the_row(&sqlite(rusqlite::ffi::SQLITE_TOOBIG)));
+        assert!(is_about_the_row(&rusqlite::Error::InvalidQuery));
+        for code in [
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_IOERR,
+            rusqlite::ffi::SQLITE_READONLY,
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_CORRUPT,
+        ] {
+            assert!(!is_about_the_row(&sqlite(code)), "{code}");
+        }
     }
 
     #[test]

@@ -684,7 +684,7 @@ fn garbage_from_a_worker_fails_that_task_clearly_and_a_new_worker_takes_over() {
     }
     // A second answer is caught before the next task is written: that task runs elsewhere, ok.
     assert_ne!(pid_of("after-twice"), pid_of("twice"));
-    daemon.expect_log("wrote to its stdout while idle (worker protocol error)");
+    daemon.expect_log("wrote to its stdout between tasks");
     assert_eq!(
         count(&env, "SELECT count(*) FROM foreman_dead"),
         n(broken.len())

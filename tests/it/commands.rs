@@ -95,8 +95,24 @@ command = ["sh", "-c", "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1));
     let id = env.insert("noisy", &big);
     let next = env.insert("foreman.echo", "[]");
     env.touch_wakeup("w");
-    daemon.expect_log(&format!("task {id} noisy stdout: line 1999"));
     daemon.expect_log(&format!("task {id} noisy done"));
+    // All of it was read: the first 1,000 lines at least are logged (the burst of the task's log
+    // budget), the rest counted.
+    let logged = daemon
+        .log_lines(&format!("task {id} noisy stdout: line "))
+        .len();
+    let counted: usize = daemon
+        .log_lines(&format!("task {id} noisy: "))
+        .iter()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)?
+                .strip_suffix(" output line(s) not logged")
+        })
+        .map(|n| n.parse::<usize>().unwrap())
+        .sum();
+    assert!(logged >= 1000, "{logged}");
+    assert_eq!(logged + counted, 2000, "{}", daemon.log());
     daemon.expect_log(&format!("task {next} foreman.echo"));
     daemon.stop();
 }

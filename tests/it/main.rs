@@ -8,6 +8,7 @@ mod cli;
 mod commands;
 mod drain;
 mod environment;
+mod faults;
 mod history;
 mod library;
 mod ops;

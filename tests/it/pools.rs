@@ -220,6 +220,7 @@ fn a_timeout_kills_the_worker_and_frees_its_slot() {
     // The pool's only slot is free again, on a new process.
     enqueue(&env, "apptasks.record", r#"["freed"]"#);
     assert_ne!(wait_record(&env, "freed"), hung);
+    env.assert_healthy();
     daemon.stop();
 }
 
@@ -339,6 +340,7 @@ timeout = "300ms"
     // The only worker is free again.
     let next = enqueue(&env, "record", "[]");
     assert_eq!(env.wait_ran(1), vec![next]);
+    env.assert_healthy();
     daemon.stop();
 }
 

@@ -3,6 +3,8 @@
 //! timeout on something observable, never bare sleeps.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -111,30 +113,18 @@ impl Env {
     }
 
     pub fn daemon(&self, args: &[&str]) -> Daemon {
-        let mut full = vec!["run", "--log-level", "debug"];
-        full.extend_from_slice(args);
-        let mut child = self
-            .command(&full)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn daemon");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let daemon = Daemon {
-            child,
-            log,
-            exit: None,
-        };
-        daemon.expect_log("foreman running");
-        daemon
+        Daemon::spawn(self.command(&daemon_args(args)))
+    }
+
+    /// `foreman health`, which must say healthy.
+    pub fn assert_healthy(&self) {
+        let out = self.run(&["health"]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.starts_with("healthy"),
+            "foreman health: {said}{}",
+            stderr(&out)
+        );
     }
 
     pub fn sql(&self) -> rusqlite::Connection {
@@ -192,7 +182,39 @@ pub struct Daemon {
     exit: Option<ExitStatus>,
 }
 
+/// `foreman run`'s arguments for a test daemon: debug logs, then `args`.
+pub fn daemon_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut full = vec!["run", "--log-level", "debug"];
+    full.extend_from_slice(args);
+    full
+}
+
 impl Daemon {
+    /// Starts `cmd` (a `foreman run`), capturing its log, and waits until it runs.
+    pub fn spawn(mut cmd: Command) -> Daemon {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let daemon = Daemon {
+            child,
+            log,
+            exit: None,
+        };
+        daemon.expect_log("foreman running");
+        daemon
+    }
+
     pub fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).unwrap()
     }
@@ -296,4 +318,158 @@ pub fn stderr(out: &Output) -> String {
 
 pub fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Mode bits do not stop root, so tests that need them run foreman as `nobody` when they run as
+/// root.
+pub const NOBODY: u32 = 65534;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// An `Env` whose database and wakeup dir live in `data/`, owned by the user foreman runs as:
+/// ourselves, or another user (`nobody` by default) when we are root.
+pub struct Unprivileged {
+    pub env: Env,
+    pub data: PathBuf,
+    pub uid: u32,
+    bin: PathBuf,
+}
+
+impl Unprivileged {
+    pub fn new() -> Unprivileged {
+        Unprivileged::as_uid(NOBODY)
+    }
+
+    /// Runs foreman as `uid` when we are root (a user of its own keeps a test's per-user kernel
+    /// limits away from the other tests').
+    pub fn as_uid(uid: u32) -> Unprivileged {
+        let mut env = Env::new();
+        let data = env.path("data");
+        std::fs::create_dir(&data).unwrap();
+        env.db = data.join("q.sqlite3");
+        env.wakeup = data.join("q.sqlite3.wakeup");
+        let (uid, bin) = if is_root() {
+            // The user must be able to enter the temp dir (0700 from tempfile) and run the binary.
+            chmod(env.dir.path(), 0o755);
+            std::os::unix::fs::chown(&data, Some(uid), Some(uid)).unwrap();
+            (uid, runnable_by(&env, uid))
+        } else {
+            // SAFETY: as in is_root.
+            (unsafe { libc::geteuid() }, PathBuf::from(BIN))
+        };
+        Unprivileged {
+            env,
+            data,
+            uid,
+            bin,
+        }
+    }
+
+    /// `Env::command`, as the unprivileged user.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let template = self.env.command(args);
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(template.get_args());
+        if let Some(dir) = template.get_current_dir() {
+            cmd.current_dir(dir);
+        }
+        for (key, value) in template.get_envs() {
+            match value {
+                Some(value) => cmd.env(key, value),
+                None => cmd.env_remove(key),
+            };
+        }
+        if is_root() {
+            cmd.uid(self.uid).gid(self.uid);
+        }
+        cmd
+    }
+
+    /// `Env::daemon`, as the unprivileged user.
+    pub fn daemon(&self, args: &[&str]) -> Daemon {
+        Daemon::spawn(self.command(&daemon_args(args)))
+    }
+
+    /// Runs the command as the unprivileged user and expects it to fail with exit code 1 and one
+    /// error line: `message`.
+    pub fn expect_refusal(&self, args: &[&str], message: &str) {
+        let (code, err) = finish(self.command(args), &self.env);
+        let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR] ")).collect();
+        assert_eq!(code, Some(1), "foreman {args:?}: {err}");
+        assert_eq!(errors.len(), 1, "foreman {args:?}: {err}");
+        let line = errors[0].split_once(" ERROR] ").unwrap().1;
+        assert_eq!(line, message, "foreman {args:?}");
+    }
+
+    /// `foreman init`, as the unprivileged user.
+    pub fn init(&self) {
+        let (code, err) = finish(self.command(&["init"]), &self.env);
+        assert_eq!(code, Some(0), "{err}");
+    }
+
+    /// The fix every permission refusal proposes for `path`.
+    pub fn give_access(&self, path: &Path) -> String {
+        format!(
+            "give uid {} write access to {} (chown or chmod; in Kubernetes, securityContext.fsGroup)",
+            self.uid,
+            path.display()
+        )
+    }
+}
+
+/// The binary, or a copy in the temp dir when `uid` cannot reach the build's target dir.
+fn runnable_by(env: &Env, uid: u32) -> PathBuf {
+    let runs = Command::new(BIN)
+        .arg("--version")
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if runs {
+        return PathBuf::from(BIN);
+    }
+    let copy = env.path("foreman");
+    std::fs::copy(BIN, &copy).unwrap();
+    chmod(&copy, 0o755);
+    copy
+}
+
+/// Waits for `cmd` to exit (killing it after `PATIENCE`: a daemon that should have refused to start
+/// would run forever); returns its exit code and stderr.
+pub fn finish(mut cmd: Command, env: &Env) -> (Option<i32>, String) {
+    let err_path = env.path("stderr.txt");
+    let err_file = std::fs::File::create(&err_path).unwrap();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err_file)
+        .spawn()
+        .expect("spawn foreman");
+    wait_child(child, &err_path)
+}
+
+/// Waits for `child` to exit (killing it after PATIENCE); returns its exit code and the stderr
+/// it wrote to `err_path`.
+pub fn wait_child(mut child: std::process::Child, err_path: &Path) -> (Option<i32>, String) {
+    let mut status = None;
+    let exited = wait_until(PATIENCE, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let err = std::fs::read_to_string(err_path).unwrap();
+    assert!(exited, "still running after {PATIENCE:?}; stderr:\n{err}");
+    (status.and_then(|s| s.code()), err)
 }
