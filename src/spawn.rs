@@ -247,9 +247,9 @@ fn inherited() -> &'static [CString] {
 
 /// `envp` for the child: the inherited variables (less those `extra` sets) and `extra`'s, whose
 /// strings are built into `owned`.
-fn environment<'a>(
+fn environment(
     extra: &[(&str, &str)],
-    owned: &'a mut Vec<CString>,
+    owned: &mut Vec<CString>,
 ) -> io::Result<Vec<*const libc::c_char>> {
     for (key, value) in extra {
         owned.push(

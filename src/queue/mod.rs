@@ -1385,7 +1385,7 @@ pub(crate) mod tests {
             .unwrap();
         let mut popped = 0;
         for (round, limit) in [1, 4, 2, 3, 1, 4, 7, 2].into_iter().enumerate() {
-            let now = unix_now() + round as f64;
+            let now = unix_now() + f64::from(u32::try_from(round).unwrap());
             popped += queue
                 .cycle(&[], limit, now, |_| Resolved::Run((), None))
                 .unwrap()
