@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod cli;
 mod commands;
+mod crash;
 mod drain;
 mod environment;
 mod history;

@@ -111,10 +111,20 @@ impl Env {
     }
 
     pub fn daemon(&self, args: &[&str]) -> Daemon {
-        let mut full = vec!["run", "--log-level", "debug"];
+        let mut full = vec!["--log-level", "debug"];
         full.extend_from_slice(args);
-        let mut child = self
-            .command(&full)
+        let daemon = self.spawn_daemon(&full, |_| {});
+        daemon.expect_log("foreman running");
+        daemon
+    }
+
+    /// Starts `foreman run ARGS` without waiting for it to be ready (a test may kill it during its
+    /// startup); `setup` may add to its command, e.g. environment variables.
+    pub fn spawn_daemon(&self, args: &[&str], setup: impl FnOnce(&mut Command)) -> Daemon {
+        let mut cmd = self.command(&[]);
+        cmd.arg("run").args(args);
+        setup(&mut cmd);
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -128,13 +138,11 @@ impl Env {
                 sink.lock().unwrap().push(line);
             }
         });
-        let daemon = Daemon {
+        Daemon {
             child,
             log,
             exit: None,
-        };
-        daemon.expect_log("foreman running");
-        daemon
+        }
     }
 
     pub fn sql(&self) -> rusqlite::Connection {
@@ -296,4 +304,35 @@ pub fn stderr(out: &Output) -> String {
 
 pub fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `PRAGMA integrity_check` of the database, on a connection that does not checkpoint when it
+/// closes: the next daemon then starts on the `-wal` its predecessor left, as after a real crash.
+pub fn integrity_check(db: &Path) -> String {
+    let conn = rusqlite::Connection::open(db).expect("open db");
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )
+    .expect("no checkpoint on close");
+    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check")
+}
+
+/// Live processes (not zombies) whose environment holds `entry` (`NAME=value`): how a test finds
+/// what a daemon started, whoever their parent is now.
+pub fn processes_with_env(entry: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == entry.as_bytes())
+            }) && !is_dead(*pid)
+        })
+        .collect()
 }
