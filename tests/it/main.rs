@@ -10,6 +10,7 @@ mod drain;
 mod environment;
 mod history;
 mod library;
+mod load;
 mod ops;
 mod pools;
 mod publish;

@@ -336,3 +336,15 @@ pub fn processes_with_env(entry: &str) -> Vec<i32> {
         })
         .collect()
 }
+
+/// A process's resident set size in KiB (`VmRSS`), if it is still there.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How many file descriptors a process has open, if it is still there.
+pub fn open_fds(pid: i32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
