@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Daemon, Env, PATIENCE, PYTHON_CLIENT, integrity_check, processes_with_env, wait_until,
+    Daemon, Env, PATIENCE, PYTHON_CLIENT, inspect, integrity_check, processes_with_env, wait_until,
 };
 
 /// The task name of the command and pool kinds (the in-process kind runs `foreman.bench`).
@@ -194,7 +194,7 @@ impl Tally {
             }
         }
         self.counted = record.ids.len();
-        let conn = env.sql();
+        let conn = inspect(&env.db);
         let ids = |sql: &str| -> HashSet<i64> {
             conn.prepare(sql)
                 .unwrap()
@@ -362,8 +362,7 @@ fn after_kill(drain: &Drain, env: &Env, record: &mut Record, tally: &mut Tally, 
     record.refresh();
     let lost = tally.account(drain, env, record);
     tally.lost_per_crash.push(lost);
-    let leased: i64 = env
-        .sql()
+    let leased: i64 = inspect(&env.db)
         .query_row(
             "SELECT count(*) FROM foreman_task WHERE leased_at IS NOT NULL",
             [],

@@ -306,9 +306,10 @@ pub fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// `PRAGMA integrity_check` of the database, on a connection that does not checkpoint when it
-/// closes: the next daemon then starts on the `-wal` its predecessor left, as after a real crash.
-pub fn integrity_check(db: &Path) -> String {
+/// A connection that leaves the `-wal` as it finds it: it does not checkpoint (and delete the
+/// `-wal`) when it closes as the last one. After a `kill -9`, the next daemon then starts on the
+/// `-wal` its predecessor left, as after a real crash.
+pub fn inspect(db: &Path) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(db).expect("open db");
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
     conn.set_db_config(
@@ -316,7 +317,13 @@ pub fn integrity_check(db: &Path) -> String {
         true,
     )
     .expect("no checkpoint on close");
-    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+    conn
+}
+
+/// `PRAGMA integrity_check` of the database, on an `inspect` connection.
+pub fn integrity_check(db: &Path) -> String {
+    inspect(db)
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("integrity_check")
 }
 
