@@ -577,5 +577,6 @@ fn kill_9_of_a_producer_mid_transaction_leaves_no_row_and_the_daemon_running() {
     assert_eq!(partial, 0, "rows of the killed transaction are visible");
     assert_eq!(integrity_check(&env.db), "ok");
     let log = daemon.stop();
-    assert!(!log.contains("cannot pop"), "{log}");
+    // Not even a pop that timed out waiting for the lock: the killed producer released it.
+    assert!(!log.contains("ERROR]") && !log.contains("WARN ]"), "{log}");
 }
