@@ -42,6 +42,8 @@ DROP TABLE foreman_task_v1;
 const STATEMENT_CACHE: usize = 64;
 /// How long a statement waits for another connection's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The size in bytes a grown `-wal` is cut back to when SQLite starts reusing it.
+pub const WAL_SIZE_LIMIT: u64 = 16 << 20;
 
 /// What `Queue::file_stamp` compares.
 pub type FileStamp = [(u64, Option<std::time::SystemTime>); 2];
@@ -275,11 +277,18 @@ impl Queue {
             self.conn
                 .query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
         }
+        // A reader that holds a snapshot keeps every commit after it in the -wal, so the file grows
+        // for as long as it reads; SQLite reuses it from the start once every reader has let go,
+        // but never gives the space back. With a limit, the first commit after that reuse cuts
+        // the file back to it. Above the ~4 MiB that autocheckpoints keep it at, so a steady
+        // load never pays for the truncation.
         // 512 KiB of page cache instead of SQLite's 2 MiB: a pop reads the head of one index and
         // the rows it points at, so the hot pages are few, and a miss is a read from the OS's
         // cache; the rest was a fifth of the daemon's resident memory after a drain.
-        self.conn
-            .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -512")
+        self.conn.execute_batch(&format!(
+            "PRAGMA synchronous = NORMAL; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}; \
+             PRAGMA cache_size = -512"
+        ))
     }
 
     /// An error from opening or configuring the database. SQLite's READONLY and CANTOPEN codes on a

@@ -116,6 +116,15 @@ impl Env {
         Daemon::spawn(self.command(&daemon_args(args)))
     }
 
+    /// Starts `foreman run ARGS` without waiting for it to be ready (a test may kill it during its
+    /// startup); `setup` may add to its command, e.g. environment variables.
+    pub fn spawn_daemon(&self, args: &[&str], setup: impl FnOnce(&mut Command)) -> Daemon {
+        let mut cmd = self.command(&[]);
+        cmd.arg("run").args(args);
+        setup(&mut cmd);
+        Daemon::start(cmd)
+    }
+
     /// `foreman health`, which must say healthy.
     pub fn assert_healthy(&self) {
         let out = self.run(&["health"]);
@@ -191,7 +200,14 @@ pub fn daemon_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
 
 impl Daemon {
     /// Starts `cmd` (a `foreman run`), capturing its log, and waits until it runs.
-    pub fn spawn(mut cmd: Command) -> Daemon {
+    pub fn spawn(cmd: Command) -> Daemon {
+        let daemon = Daemon::start(cmd);
+        daemon.expect_log("foreman running");
+        daemon
+    }
+
+    /// `spawn` without waiting for the daemon to say it runs.
+    pub fn start(mut cmd: Command) -> Daemon {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -206,13 +222,11 @@ impl Daemon {
                 sink.lock().unwrap().push(line);
             }
         });
-        let daemon = Daemon {
+        Daemon {
             child,
             log,
             exit: None,
-        };
-        daemon.expect_log("foreman running");
-        daemon
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -472,4 +486,54 @@ pub fn wait_child(mut child: std::process::Child, err_path: &Path) -> (Option<i3
     let err = std::fs::read_to_string(err_path).unwrap();
     assert!(exited, "still running after {PATIENCE:?}; stderr:\n{err}");
     (status.and_then(|s| s.code()), err)
+}
+
+/// A connection that leaves the `-wal` as it finds it: it does not checkpoint (and delete the
+/// `-wal`) when it closes as the last one. After a `kill -9`, the next daemon then starts on the
+/// `-wal` its predecessor left, as after a real crash.
+pub fn inspect(db: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(db).expect("open db");
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )
+    .expect("no checkpoint on close");
+    conn
+}
+
+/// `PRAGMA integrity_check` of the database, on an `inspect` connection.
+pub fn integrity_check(db: &Path) -> String {
+    inspect(db)
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check")
+}
+
+/// Live processes (not zombies) whose environment holds `entry` (`NAME=value`): how a test finds
+/// what a daemon started, whoever their parent is now.
+pub fn processes_with_env(entry: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == entry.as_bytes())
+            }) && !is_dead(*pid)
+        })
+        .collect()
+}
+
+/// A process's resident set size in KiB (`VmRSS`), if it is still there.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How many file descriptors a process has open, if it is still there.
+pub fn open_fds(pid: i32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
