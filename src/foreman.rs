@@ -88,8 +88,6 @@ struct DbTrouble {
     since: Option<Instant>,
     failures: u64,
     logged_at: Option<Instant>,
-    /// The last error logged, without its figures.
-    logged: String,
 }
 
 struct Running {
@@ -152,6 +150,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         running: HashMap::with_capacity(config.workers),
         phase: Phase::Running,
         fatal: None,
+        signalled: false,
         db_trouble: DbTrouble::default(),
         watcher,
         wake_tx,
@@ -382,6 +381,8 @@ struct Foreman<'c> {
     /// Why the daemon stops by itself (the database file was replaced): `run` returns it once the
     /// running tasks are done.
     fatal: Option<Error>,
+    /// Whether a stop signal came: the second one abandons the running tasks.
+    signalled: bool,
     db_trouble: DbTrouble,
     /// Tells the wall clock's backward steps from the monotonic clock's steady pace.
     clock: StepDetector,
@@ -436,7 +437,11 @@ impl Foreman<'_> {
                     return;
                 }
             };
-            self.db_works();
+            // Only a cycle that wrote says the database takes writes again: one with nothing to
+            // record or pop commits an empty transaction, which a full disk lets through.
+            if !self.ended.is_empty() || !popped.tasks.is_empty() || !popped.dead.is_empty() {
+                self.db_works();
+            }
             self.ended.clear();
             for buried in &popped.dead {
                 let name = buried.task_name.as_deref().unwrap_or("(no name)");
@@ -1001,8 +1006,9 @@ impl Foreman<'_> {
     }
 
     /// A DB operation failed: it is retried at the next event or tick. The first failure is
-    /// logged at once, a different one too, and the same one again every `DB_ERROR_EVERY`
-    /// while it lasts: a full disk writes a line every few seconds, not one per tick.
+    /// logged at once, then the latest one every `DB_ERROR_EVERY` while they last: a full disk
+    /// writes a line every few seconds, not one per tick. Not by the text: one cause reads
+    /// differently from the pop, the heartbeat and a schedule (and with the free space in it).
     fn db_error(&mut self, what: &str, e: &Error) {
         // Whatever failed, the next tick looks at the queue: a pop that failed left due rows
         // behind, and the disk coming back commits nothing that would say so.
@@ -1011,16 +1017,13 @@ impl Foreman<'_> {
         let trouble = &mut self.db_trouble;
         trouble.failures += 1;
         let since = *trouble.since.get_or_insert(now);
-        // Compared without `what` (a full disk fails the pop and the heartbeat alike) nor the
-        // figures in it (the free space), which may move while the cause stays.
-        let error = e.to_string();
-        let cause: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
         let due = trouble
             .logged_at
             .is_none_or(|at| now.duration_since(at) >= DB_ERROR_EVERY);
-        if !due && cause == trouble.logged {
+        if !due {
             return;
         }
+        let error = e.to_string();
         if trouble.logged_at.is_none() {
             log::error!(
                 "{what}: {error} (retrying every {}; logged again every {} while it lasts)",
@@ -1035,7 +1038,6 @@ impl Foreman<'_> {
             );
         }
         trouble.logged_at = Some(now);
-        trouble.logged = cause;
     }
 
     /// A DB write succeeded: ends a streak of failures, saying so.
@@ -1051,8 +1053,20 @@ impl Foreman<'_> {
     }
 
     fn shutdown(&mut self, signal: Shutdown) -> Result<()> {
+        let first = !self.signalled;
+        self.signalled = true;
         if let Phase::Running = self.phase {
             self.stop_popping(&format!("signal {}", signal.0));
+            return Ok(());
+        }
+        if first {
+            // Draining on its own (the database file was replaced): a supervisor's stop is the
+            // first signal, which waits for the running tasks as it would have anyway.
+            log::info!(
+                "signal {}: already stopping; still waiting for {} running task(s)",
+                signal.0,
+                self.running.len()
+            );
             return Ok(());
         }
         self.log_survivors("abandoned at second signal");

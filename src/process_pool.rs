@@ -717,6 +717,7 @@ impl Worker {
             self.pid
         );
         let line = job.task.to_json_line();
+        let mut stdin_broke = false;
         let result = match self.write_all(line.as_bytes(), deadline) {
             Ok(()) => self.stdout.read_line(deadline, self.pidfd.as_ref()),
             Err(WriteError::NothingWritten) => {
@@ -724,7 +725,11 @@ impl Worker {
                 return Ran::NotSent(job, "was gone when a task came".to_owned());
             }
             Err(WriteError::Timeout) => Err(LineError::Timeout),
-            Err(WriteError::Broken) => Err(LineError::Eof),
+            // EOF as far as the answer goes, but the message must say which pipe broke.
+            Err(WriteError::Broken) => {
+                stdin_broke = true;
+                Err(LineError::Eof)
+            }
         };
         let task = job.task;
         let finished = |task, outcome| Finished {
@@ -757,6 +762,11 @@ impl Worker {
                 // can never answer (it is killed then, like a dead one, and restarted).
                 let (broke, what) = if self.wait_exit(CLOSED_OR_DYING) {
                     ("", "died during the task")
+                } else if stdin_broke {
+                    (
+                        "worker protocol error: ",
+                        "closed its stdin before it had read the task",
+                    )
                 } else {
                     (
                         "worker protocol error: ",

@@ -357,6 +357,66 @@ fn a_database_replaced_or_deleted_under_the_daemon_stops_it_with_exit_1_for_a_re
 }
 
 #[test]
+fn an_idle_daemon_on_a_full_disk_logs_the_trouble_once() {
+    // With nothing to pop, a cycle commits an empty transaction, which a full disk lets through:
+    // that must not read as the database taking writes again (and restart the error's logging).
+    let mut env = Env::new();
+    let small = env.path("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = if is_root() {
+        Tmpfs::mount(&small, "16m")
+    } else {
+        Err("not root".to_owned())
+    };
+    let _tmpfs = match mounted {
+        Ok(tmpfs) => tmpfs,
+        Err(e) => {
+            eprintln!("skipped: cannot mount tmpfs ({e})");
+            return;
+        }
+    };
+    env.db = small.join("q.sqlite3");
+    env.wakeup = small.join("q.sqlite3.wakeup");
+    env.config("workers = 2\n[schedules.every_second]\ntask = \"foreman.echo\"\nevery = \"1s\"\n");
+    env.init();
+    let daemon = env.daemon(&["--tick", "50ms"]);
+    let filler = fill(&small);
+    daemon.expect_log("database or disk is full");
+    // Two more firings of the schedule, each failing, each followed by an empty pop.
+    let pid = daemon.pid();
+    assert!(!wait_until(Duration::from_millis(2500), || is_dead(pid)));
+    let log = daemon.log();
+    assert_eq!(daemon.log_lines("disk is full").len(), 1, "{log}");
+    assert!(!log.contains("takes writes again"), "{log}");
+    std::fs::remove_file(&filler).unwrap();
+    daemon.expect_log("the database takes writes again");
+    daemon.stop();
+}
+
+#[test]
+fn a_stop_signal_while_draining_for_a_replaced_database_still_waits_for_the_running_task() {
+    // A supervisor restarting the daemon after a restore sends one SIGTERM: that must not count
+    // as the second signal, which abandons running tasks.
+    let env = Env::new();
+    env.init();
+    let mut daemon = env.daemon(&["--tick", "50ms"]);
+    let id = enqueue(&env, "foreman.sleep", "[2]");
+    daemon.expect_log(&format!("task {id} foreman.sleep started"));
+    std::fs::remove_file(&env.db).unwrap();
+    daemon.expect_log("database gone: stopping");
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_log("signal 15: already stopping; still waiting for 1 running task(s)");
+    let status = daemon.wait_exit(PATIENCE);
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!("task {id} foreman.sleep done")),
+        "{log}"
+    );
+    assert!(!log.contains("abandoned"), "{log}");
+}
+
+#[test]
 fn a_wakeup_dir_removed_under_the_daemon_is_made_again_and_watched() {
     let env = Env::new();
     env.init();
