@@ -1226,17 +1226,13 @@ pub(crate) mod tests {
     #[test]
     fn pruning_walks_past_rows_it_must_keep() {
         let dir = tempfile::tempdir().unwrap();
-        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
-        queue.ensure_schema().unwrap();
-        queue
-            .conn
-            .execute_batch(
-                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) \
-                 INSERT INTO foreman_run(task_id, attempt, task_name, state, finished_at) \
-                 SELECT i, 1, 't', CASE WHEN i <= 10 THEN 'running' ELSE 'done' END, \
-                        CASE WHEN i <= 10 THEN NULL ELSE 5.0 END FROM n",
-            )
-            .unwrap();
+        let mut queue = queue_with(
+            &dir,
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) \
+             INSERT INTO foreman_run(task_id, attempt, task_name, state, finished_at) \
+             SELECT i, 1, 't', CASE WHEN i <= 10 THEN 'running' ELSE 'done' END, \
+                    CASE WHEN i <= 10 THEN NULL ELSE 5.0 END FROM n",
+        );
         let mut passes = Vec::new();
         let mut from = None;
         loop {
@@ -1380,18 +1376,22 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A new database in `dir`, its schema created, and `sql` run on it.
+    fn queue_with(dir: &tempfile::TempDir, sql: &str) -> Queue {
+        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        queue.ensure_schema().unwrap();
+        queue.conn.execute_batch(sql).unwrap();
+        queue
+    }
+
     #[test]
     fn pops_of_changing_sizes_never_re_prepare_the_pop() {
         let dir = tempfile::tempdir().unwrap();
-        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
-        queue.ensure_schema().unwrap();
-        queue
-            .conn
-            .execute_batch(
-                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40) \
-                 INSERT INTO foreman_task(task_name) SELECT 't' FROM n",
-            )
-            .unwrap();
+        let mut queue = queue_with(
+            &dir,
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40) \
+             INSERT INTO foreman_task(task_name) SELECT 't' FROM n",
+        );
         let mut popped = 0;
         for (round, limit) in [1, 4, 2, 3, 1, 4, 7, 2].into_iter().enumerate() {
             let now = unix_now() + f64::from(u32::try_from(round).unwrap());

@@ -5,36 +5,16 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Stdio;
 
 use serde_json::{Value, json};
 
-use crate::support::{Env, PATIENCE, RECORD_TASK, is_dead, wait_until};
+use crate::support::{Env, PATIENCE, RECORD_TASK, finish, is_dead, wait_until};
 
 /// Runs `foreman ARGS` that must stop by itself (a refusal), killing it after `PATIENCE` so a
 /// daemon that wrongly starts cannot hang the test. Returns the exit code and the stderr lines.
 fn refused(env: &Env, args: &[&str]) -> (Option<i32>, Vec<String>) {
-    let err_path = env.path("stderr.txt");
-    let mut child = env
-        .command(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .expect("spawn foreman");
-    let mut status = None;
-    let exited = wait_until(PATIENCE, || {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    assert!(exited, "foreman {args:?} is still running; stderr:\n{err}");
-    let lines = err.lines().map(str::to_owned).collect();
-    (status.and_then(|s| s.code()), lines)
+    let (code, err) = finish(env.command(args), env);
+    (code, err.lines().map(str::to_owned).collect())
 }
 
 /// The one error line of a refusal, without its timestamp; fails unless there is exactly one line.

@@ -169,9 +169,9 @@ fn expect_producers_refused(env: &Env) {
     );
 }
 
-#[test]
-fn a_full_disk_fails_producers_clearly_and_the_daemon_resumes_losing_nothing() {
-    let mut env = Env::new();
+/// Moves `env`'s database and wakeup dir to a 16 MiB tmpfs, mounted until the guard drops; `None`
+/// (the test is skipped, and says so) where mounting is not allowed.
+fn on_a_small_disk(env: &mut Env) -> Option<(Tmpfs, PathBuf)> {
     let small = env.path("small");
     std::fs::create_dir(&small).unwrap();
     let mounted = if is_root() {
@@ -179,15 +179,25 @@ fn a_full_disk_fails_producers_clearly_and_the_daemon_resumes_losing_nothing() {
     } else {
         Err("not root".to_owned())
     };
-    let _tmpfs = match mounted {
-        Ok(tmpfs) => tmpfs,
+    match mounted {
+        Ok(tmpfs) => {
+            env.db = small.join("q.sqlite3");
+            env.wakeup = small.join("q.sqlite3.wakeup");
+            Some((tmpfs, small))
+        }
         Err(e) => {
             eprintln!("skipped: cannot mount tmpfs ({e})");
-            return;
+            None
         }
+    }
+}
+
+#[test]
+fn a_full_disk_fails_producers_clearly_and_the_daemon_resumes_losing_nothing() {
+    let mut env = Env::new();
+    let Some((_tmpfs, small)) = on_a_small_disk(&mut env) else {
+        return;
     };
-    env.db = small.join("q.sqlite3");
-    env.wakeup = small.join("q.sqlite3.wakeup");
     env.config(
         r#"
 workers = 1
@@ -361,22 +371,9 @@ fn an_idle_daemon_on_a_full_disk_logs_the_trouble_once() {
     // With nothing to pop, a cycle commits an empty transaction, which a full disk lets through:
     // that must not read as the database taking writes again (and restart the error's logging).
     let mut env = Env::new();
-    let small = env.path("small");
-    std::fs::create_dir(&small).unwrap();
-    let mounted = if is_root() {
-        Tmpfs::mount(&small, "16m")
-    } else {
-        Err("not root".to_owned())
+    let Some((_tmpfs, small)) = on_a_small_disk(&mut env) else {
+        return;
     };
-    let _tmpfs = match mounted {
-        Ok(tmpfs) => tmpfs,
-        Err(e) => {
-            eprintln!("skipped: cannot mount tmpfs ({e})");
-            return;
-        }
-    };
-    env.db = small.join("q.sqlite3");
-    env.wakeup = small.join("q.sqlite3.wakeup");
     env.config("workers = 2\n[schedules.every_second]\ntask = \"foreman.echo\"\nevery = \"1s\"\n");
     env.init();
     let daemon = env.daemon(&["--tick", "50ms"]);
