@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     BIN, Daemon, Env, PATIENCE, PYTHON_CLIENT, Unprivileged, chmod, daemon_args, finish, is_dead,
-    is_root, stderr, wait_until,
+    is_root, records, stderr, wait_record, wait_until,
 };
 
 fn unix_now() -> f64 {
@@ -550,28 +550,6 @@ def flood(tag, megabytes):
     sys.stderr.flush()
     _record(tag)
 "#;
-
-/// (tag, pid) lines the tasks recorded.
-fn records(env: &Env) -> Vec<(String, i32)> {
-    std::fs::read_to_string(env.path("ran.txt"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (tag, pid) = l.rsplit_once(' ')?;
-            Some((tag.to_owned(), pid.parse().ok()?))
-        })
-        .collect()
-}
-
-fn wait_record(env: &Env, tag: &str) -> i32 {
-    let mut pid = None;
-    let found = wait_until(PATIENCE, || {
-        pid = records(env).into_iter().find(|r| r.0 == tag).map(|r| r.1);
-        pid.is_some()
-    });
-    assert!(found, "task {tag} never ran; records: {:?}", records(env));
-    pid.unwrap()
-}
 
 /// An `Env` with the fault task module as pool `py` (one process, its address space capped by
 /// `ulimit -v` so a runaway task cannot take the machine), plus `extra` config.

@@ -3,7 +3,9 @@
 
 use std::process::Stdio;
 
-use crate::support::{Daemon, Env, PATIENCE, PYTHON_CLIENT, is_dead, stderr, wait_until};
+use crate::support::{
+    Daemon, Env, PATIENCE, PYTHON_CLIENT, is_dead, records, stderr, wait_record, wait_until,
+};
 
 /// Task module used by the pools below. It imports the decorator both ways a user may, which must
 /// work under `python3 -m foreman_worker` (where that module is `__main__`).
@@ -65,28 +67,6 @@ processes = {processes}
     ));
     env.init();
     env
-}
-
-/// (tag, pid) lines the Python tasks recorded.
-fn records(env: &Env) -> Vec<(String, i32)> {
-    std::fs::read_to_string(env.path("ran.txt"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (tag, pid) = l.rsplit_once(' ')?;
-            Some((tag.to_owned(), pid.parse().ok()?))
-        })
-        .collect()
-}
-
-fn wait_record(env: &Env, tag: &str) -> i32 {
-    let mut pid = None;
-    let found = wait_until(PATIENCE, || {
-        pid = records(env).into_iter().find(|r| r.0 == tag).map(|r| r.1);
-        pid.is_some()
-    });
-    assert!(found, "task {tag} never ran; records: {:?}", records(env));
-    pid.unwrap()
 }
 
 fn enqueue(env: &Env, name: &str, args: &str) -> i64 {

@@ -537,3 +537,26 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
 pub fn open_fds(pid: i32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
+
+/// The (tag, pid) lines that Python pool tasks appended to `ran.txt`.
+pub fn records(env: &Env) -> Vec<(String, i32)> {
+    std::fs::read_to_string(env.path("ran.txt"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (tag, pid) = l.rsplit_once(' ')?;
+            Some((tag.to_owned(), pid.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits for the task tagged `tag` to record its start; returns the pid of the process that ran it.
+pub fn wait_record(env: &Env, tag: &str) -> i32 {
+    let mut pid = None;
+    let found = wait_until(PATIENCE, || {
+        pid = records(env).into_iter().find(|r| r.0 == tag).map(|r| r.1);
+        pid.is_some()
+    });
+    assert!(found, "task {tag} never ran; records: {:?}", records(env));
+    pid.unwrap()
+}
