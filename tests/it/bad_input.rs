@@ -647,14 +647,7 @@ fn garbage_from_a_worker_fails_that_task_clearly_and_a_new_worker_takes_over() {
     let records = records();
     let pid_of = |tag: &str| records.iter().find(|(t, _)| t == tag).unwrap().1;
     for (i, ((_, reason), id)) in broken.iter().zip(&ids).enumerate() {
-        let got: String = env
-            .sql()
-            .query_row(
-                "SELECT reason FROM foreman_dead WHERE task_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let got = env.dead_reason(*id).unwrap();
         assert!(got.contains(reason), "task {id}: {got:?} lacks {reason:?}");
         assert!(!got.contains('\n'), "{got:?}");
         // The worker that broke is gone, and the next task ran on a new one.

@@ -173,17 +173,8 @@ fn a_command_that_cannot_be_started_fails_with_the_reason() {
     std::fs::remove_file(&program).unwrap();
     let id = env.insert("app.gone", "[]");
     env.touch_wakeup("w");
-    let reason = || -> Option<String> {
-        env.sql()
-            .query_row(
-                "SELECT reason FROM foreman_dead WHERE task_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .ok()
-    };
-    assert!(wait_until(PATIENCE, || reason().is_some()));
-    let reason = reason().unwrap();
+    assert!(wait_until(PATIENCE, || env.dead_reason(id).is_some()));
+    let reason = env.dead_reason(id).unwrap();
     assert!(
         reason.contains("cannot start command") && reason.contains("No such file or directory"),
         "{reason}"

@@ -464,14 +464,7 @@ fn an_at_least_once_task_running_at_three_crashes_is_buried() {
     assert_eq!(runs.len(), 3);
     assert!(runs.iter().all(|r| r.1 == "lost"));
     assert_eq!(runs[2].4, None, "the last lost attempt is final");
-    let reason: String = env
-        .sql()
-        .query_row(
-            "SELECT reason FROM foreman_dead WHERE task_id = ?1",
-            [id],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let reason = env.dead_reason(id).unwrap();
     assert!(reason.contains("3 times"), "{reason}");
     daemon.stop();
 }

@@ -94,14 +94,7 @@ fn worker_pids(daemon: &Daemon) -> Vec<i32> {
 fn wait_dead_reason(env: &Env, id: i64) -> String {
     let mut reason = None;
     wait_until(PATIENCE, || {
-        reason = env
-            .sql()
-            .query_row(
-                "SELECT reason FROM foreman_dead WHERE task_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .ok();
+        reason = env.dead_reason(id);
         reason.is_some()
     });
     reason.unwrap_or_else(|| panic!("task {id} never reached foreman_dead"))

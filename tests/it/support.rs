@@ -157,6 +157,17 @@ impl Env {
         std::fs::write(self.wakeup.join(name), b"").expect("touch wakeup");
     }
 
+    /// The reason task `id` was moved to `foreman_dead` with, if it is there.
+    pub fn dead_reason(&self, id: i64) -> Option<String> {
+        self.sql()
+            .query_row(
+                "SELECT reason FROM foreman_dead WHERE task_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .ok()
+    }
+
     pub fn queued(&self) -> i64 {
         self.sql()
             .query_row("SELECT count(*) FROM foreman_task", [], |r| r.get(0))
