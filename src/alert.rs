@@ -32,9 +32,9 @@ mod reporting {
 
     use crate::config::SentryConfig;
     use crate::error::Error;
+    use crate::outcome::PANIC_PREFIX;
     use crate::queue::{Buried, RunState};
     use crate::task::Task;
-    use crate::thread_pool::PANIC_PREFIX;
 
     /// How long the binary waits at exit (and a panicking worker thread waits) for queued events to
     /// be sent: long enough for a reachable Sentry, short enough not to hold up a restart.
@@ -76,7 +76,7 @@ mod reporting {
     }
 
     fn host_name() -> Option<String> {
-        Some(crate::queue::daemon::hostname()).filter(|name| !name.is_empty())
+        Some(crate::sys::hostname()).filter(|name| !name.is_empty())
     }
 
     /// Runs an in-process handler in a scope tagged with its task, so that the event the panic

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use crossbeam_channel::Receiver;
 
+use crate::clock::unix_now;
 use crate::config::{Config, Overrides};
 use crate::db_watch::DbWatch;
 use crate::duration::{format_duration, parse_duration};
@@ -16,8 +17,9 @@ use crate::error::{Error, Result};
 use crate::ops::stats::Stats;
 use crate::ops::status::Status;
 use crate::ops::{self, Style, Thresholds, metrics, one_line};
+use crate::outcome::headline;
 use crate::queue::admin::{CancelOutcome, DeadLetter, DeadSelection, Requeued, TaskProgress};
-use crate::queue::{Access, NewTask, Queue, SCHEMA_VERSION, unix_now};
+use crate::queue::{Access, NewTask, Queue, SCHEMA_VERSION};
 use crate::registry::Registry;
 use crate::signals::Shutdown;
 use crate::wakeup::WakeupDir;
@@ -541,8 +543,7 @@ fn outcome_line(progress: &TaskProgress) -> String {
     let error = progress
         .error
         .as_deref()
-        .map(headline)
-        .filter(|line| !line.is_empty())
+        .and_then(headline)
         .map(|line| format!(": {line}"))
         .unwrap_or_default();
     format!("task {id} {} ({attempt}){error}\n", progress.state)
@@ -561,15 +562,6 @@ fn progress_json(progress: &TaskProgress) -> String {
         "finished_at": progress.finished_at,
     });
     format!("{doc}\n")
-}
-
-/// The last non-empty line: where a traceback or a command's stderr says what went wrong.
-fn headline(text: &str) -> &str {
-    text.lines()
-        .rev()
-        .map(str::trim)
-        .find(|line| !line.is_empty())
-        .unwrap_or("")
 }
 
 /// Each id once, in the order given: a repeat would only report on what the first did.
@@ -677,7 +669,7 @@ fn dead_table(rows: &[DeadLetter]) -> String {
                 dead.attempts.to_string(),
                 dead.died_at
                     .map_or_else(|| "?".to_owned(), |t| ago(now - t)),
-                headline(&dead.reason).to_owned(),
+                headline(&dead.reason).unwrap_or_default().to_owned(),
             ]
         })
         .collect();

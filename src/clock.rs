@@ -4,6 +4,13 @@
 
 use std::time::{Duration, Instant};
 
+/// Now, as Unix seconds: the unit of every time column, and of every due time the loop handles.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// A smaller difference between the two clocks is jitter or NTP slewing, not a step.
 const STEP_TOLERANCE_SECONDS: f64 = 1.0;
 

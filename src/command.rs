@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use crate::children::{Children, KILL_GRACE, kill_group};
 use crate::duration::format_duration;
 use crate::line_budget::LineBudget;
+use crate::outcome::Outcome;
 use crate::task::Task;
-use crate::thread_pool::Outcome;
 
 /// The exit status by which a command says it succeeded but found nothing new (for adaptive
 /// schedules); 0 means it did.

@@ -381,12 +381,12 @@ impl Config {
             .wakeup_dir
             .clone()
             .or_else(|| from_file(parsed.wakeup_dir))
-            .unwrap_or_else(|| suffixed(&db, ".wakeup"));
+            .unwrap_or_else(|| crate::fs_check::suffixed(&db, ".wakeup"));
         let pid_file = overrides
             .pid_file
             .clone()
             .or_else(|| from_file(parsed.pid_file))
-            .unwrap_or_else(|| suffixed(&db, ".pid"));
+            .unwrap_or_else(|| crate::fs_check::suffixed(&db, ".pid"));
         // A relative program path is relative to the config file, like the other paths in it; a
         // bare name is looked up in PATH when the process starts.
         let resolve_program = |mut command: Vec<String>| {
@@ -799,7 +799,7 @@ fn build_schedule(
     let when = match (schedule.every, schedule.cron, schedule.adaptive) {
         (Some(every), None, None) => When::Every(every.0),
         (None, Some(cron), None) => {
-            crate::schedule::parse_cron(&cron).map_err(|e| (format!("{key}.cron"), e))?;
+            crate::cron::parse_cron(&cron).map_err(|e| (format!("{key}.cron"), e))?;
             When::Cron(cron)
         }
         (every, None, Some(adaptive)) => {
@@ -939,12 +939,6 @@ fn toml_key(key: &str) -> String {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if bare { key.to_owned() } else { toml_str(key) }
-}
-
-fn suffixed(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig> {

@@ -10,21 +10,23 @@ use crossbeam_channel::{Receiver, Sender, select};
 use notify::RecommendedWatcher;
 
 use crate::children::{Children, KILL_GRACE};
-use crate::clock::StepDetector;
+use crate::clock::{StepDetector, unix_now};
 use crate::config::{Config, Delivery, Runner};
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
 use crate::notify::Notifier;
+use crate::outcome::{Finished, Outcome, headline};
 use crate::pid_guard::PidGuard;
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
-use crate::queue::daemon::{Beat, DaemonInfo, hostname, process_start};
-use crate::queue::{Access, Ending, FileStamp, Next, Queue, Resolved, RunState, unix_now};
+use crate::queue::daemon::{Beat, DaemonInfo};
+use crate::queue::{Access, Ending, FileStamp, Next, Queue, Resolved, RunState};
 use crate::registry::{Handler, Registry};
 use crate::schedule::Schedules;
 use crate::signals::Shutdown;
 use crate::stats::{Tally, minute_of};
+use crate::sys::{hostname, process_start};
 use crate::task::Task;
-use crate::thread_pool::{Finished, Job, Outcome, ThreadPool};
+use crate::thread_pool::{Job, ThreadPool};
 use crate::wakeup::{Lost, WakeupDir};
 
 /// Everything the daemon reacts to.
@@ -65,6 +67,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// it looks anyway this often, in case a commit left both the same size within the file
 /// system's timestamp granularity.
 const LOOK_ANYWAY: Duration = Duration::from_secs(30);
+/// What a failure without any text is said to be.
+const NO_REASON: &str = "(no reason given)";
 /// A DB error that lasts is logged again this often (the loop retries it at every tick).
 const DB_ERROR_EVERY: Duration = Duration::from_secs(10);
 
@@ -106,7 +110,9 @@ struct Running {
 /// absent, and drains the backlog first. At the graceful deadline, command tasks are killed but an
 /// in-process handler cannot be: `run` returns without it, and it ends when the process exits.
 pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
-    crate::preflight::check(config)?;
+    crate::queue::files::preflight(&config.db)?;
+    WakeupDir::preflight(&config.wakeup_dir, config.tick)?;
+    crate::fs_check::pid_file_writable(&config.pid_file)?;
     config.check_commands()?;
     registry.add_config(config)?;
     registry.check_schedules(config)?;
@@ -615,7 +621,7 @@ impl Foreman<'_> {
             let delay = policy.retry_backoff.delay(retries_made + 1);
             Next::Retry(now + delay.as_secs_f64())
         } else {
-            let headline = headline(&reason);
+            let headline = headline(&reason).unwrap_or(NO_REASON);
             crate::alert::task_failed(&task, state, headline, &reason);
             Next::Bury(if task.attempt > 1 {
                 format!("failed {} attempts; the last: {headline}", task.attempt)
@@ -1133,15 +1139,6 @@ fn unwatched(e: &Error, tick: Duration) -> String {
     )
 }
 
-/// A failure's last non-empty line: a traceback's says what went wrong.
-fn headline(reason: &str) -> &str {
-    reason
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map_or("(no reason given)", str::trim)
-}
-
 /// Logs a failed attempt: one record per line (the journal splits multi-line messages anyway, and
 /// loses their priority), the first saying what happens next.
 fn log_failure(task: &Task, elapsed: Duration, reason: &str, next: &Next, now: f64) {
@@ -1159,7 +1156,7 @@ fn log_failure(task: &Task, elapsed: Duration, reason: &str, next: &Next, now: f
         task.id,
         task.name,
         task.attempt,
-        headline(reason)
+        headline(reason).unwrap_or(NO_REASON)
     );
     if reason.contains('\n') {
         for line in reason.lines() {

@@ -32,7 +32,7 @@ impl PidGuard {
             .open(path)
             // Say why in the preflight's words (read-only mount, permissions) when it can tell.
             .map_err(|e| {
-                crate::preflight::pid_file_writable(path)
+                crate::fs_check::pid_file_writable(path)
                     .err()
                     .unwrap_or_else(|| io_err(e))
             })?;

@@ -27,8 +27,8 @@ use crate::config::PoolConfig;
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
 use crate::line_budget::LineBudget;
+use crate::outcome::{Finished, Outcome};
 use crate::task::Task;
-use crate::thread_pool::{Finished, Outcome};
 
 /// The worker protocol version this daemon speaks.
 pub const PROTOCOL_VERSION: u64 = 1;

@@ -1,23 +1,18 @@
 //! Recurring tasks: when each `[schedules.NAME]` fires next, firing it (task and state in one
 //! transaction), and how an adaptive schedule's interval moves with its task's answers.
 
-use std::str::FromStr as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Local};
 use croner::Cron;
 
 use crate::config::{ScheduleConfig, When};
+use crate::cron::parse_cron;
 use crate::error::{Error, Result};
 use crate::queue::{NewTask, Queue, ScheduleState};
 
 /// Seconds before a firing the DB refused is tried again (it stays due, so it is not lost).
 const RETRY_AFTER_ERROR: f64 = 1.0;
-
-/// Parses a cron pattern the way the daemon will use it (five fields, or six with seconds).
-pub fn parse_cron(pattern: &str) -> std::result::Result<Cron, String> {
-    Cron::from_str(pattern).map_err(|e| format!("invalid cron pattern {pattern:?}: {e}"))
-}
 
 /// What the stored state was computed from; a changed definition starts the schedule afresh.
 fn spec(config: &ScheduleConfig) -> String {

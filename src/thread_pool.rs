@@ -6,56 +6,21 @@ use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
 use crate::children::Children;
 use crate::error::{Error, Result};
+use crate::outcome::{Finished, Outcome, PANIC_PREFIX, Uneventful};
 use crate::registry::Handler;
 use crate::task::Task;
 use crate::{alert, command};
-
-/// How a panicking handler's failure starts, so that `alert` can tell that the panic integration
-/// already reported it.
-pub(crate) const PANIC_PREFIX: &str = "handler panicked: ";
 
 pub struct Job {
     pub task: Task,
     pub handler: Handler,
 }
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// `eventful`: the task found something new (what adaptive schedules feed on); a handler that
-    /// does not say counts as eventful.
-    Done {
-        eventful: bool,
-    },
-    Failed(String),
-    /// Killed at its timeout.
-    Timeout(String),
-}
-
-/// A task that finished, handed back to the foreman loop whole (a retry needs its arguments).
-#[derive(Debug)]
-pub struct Finished {
-    pub task: Task,
-    pub outcome: Outcome,
-    pub elapsed: Duration,
-}
-
-/// What an in-process handler returns (as its error) to say it succeeded but found nothing new.
-#[derive(Debug, Clone, Copy)]
-pub struct Uneventful;
-
-impl std::fmt::Display for Uneventful {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("uneventful")
-    }
-}
-
-impl std::error::Error for Uneventful {}
 
 pub struct ThreadPool {
     jobs: Arc<Inbox>,

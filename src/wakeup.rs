@@ -7,13 +7,14 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Sender;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
+use crate::duration::format_duration;
 use crate::error::{Error, Result};
-use crate::preflight;
+use crate::fs_check;
 
 pub struct WakeupDir {
     path: PathBuf,
@@ -74,12 +75,28 @@ impl WakeupDir {
         Ok(dir)
     }
 
+    /// What `foreman run` checks of the wakeup dir before it takes the PID lock: what `prepare`
+    /// would refuse, and whether it sits on a file system where inotify misses other machines'
+    /// files (a warning: the daemon then relies on its `tick`).
+    pub fn preflight(path: &Path, tick: Duration) -> Result<()> {
+        WakeupDir::check(path)?;
+        if let Some(fs) = fs_check::remote_fs_at(path) {
+            log::warn!(
+                "wakeup dir {} is on {fs}: inotify does not see files created on other machines; the \
+                 daemon relies on its {} tick there",
+                path.display(),
+                format_duration(tick)
+            );
+        }
+        Ok(())
+    }
+
     /// What `prepare` refuses, without creating anything: for `foreman run`'s preflight. A missing
     /// directory passes if it can be created.
     pub fn check(path: &Path) -> Result<()> {
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                preflight::creatable(path, "wakeup dir")
+                fs_check::creatable(path, "wakeup dir")
             }
             Err(e) => Err(unreachable(path, &e)),
             Ok(meta) => check_existing(path, &meta),
@@ -227,7 +244,7 @@ impl WakeupDir {
 
 fn unreachable(path: &Path, err: &io::Error) -> Error {
     let subject = format!("wakeup dir {}", path.display());
-    preflight::refused("", &subject, &preflight::unreachable(path, err), None)
+    fs_check::refused("", &subject, &fs_check::unreachable(path, err), None)
 }
 
 fn check_existing(path: &Path, link: &std::fs::Metadata) -> Result<()> {
@@ -283,11 +300,11 @@ fn check_existing(path: &Path, link: &std::fs::Metadata) -> Result<()> {
     }
     // The daemon removes the files producers create, which takes write permission on the
     // directory, not on the files.
-    preflight::writable(path).map_err(|e| {
-        preflight::refused(
+    fs_check::writable(path).map_err(|e| {
+        fs_check::refused(
             "",
             &subject,
-            &preflight::refusal(path, &e),
+            &fs_check::refusal(path, &e),
             Some("producers create files there and the daemon removes them"),
         )
     })

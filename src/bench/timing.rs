@@ -12,7 +12,7 @@ use super::python::{self, POOL_TASK};
 use super::records::Records;
 use super::report::{ScenarioReport, at_most};
 use super::{Bench, Failure, Outcome, Scenario, percentile};
-use crate::queue::unix_now;
+use crate::clock::unix_now;
 
 /// Between two latency tasks: long enough for the daemon to be idle again.
 const LATENCY_SPACING: Duration = Duration::from_millis(20);

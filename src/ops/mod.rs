@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::pid_guard::DaemonState;
-use crate::queue::daemon::{hostname, process_start};
 use crate::queue::report::{DaemonRow, DueRow, RunningAttempt};
 use crate::queue::{Access, Queue};
+use crate::sys::{hostname, process_start};
 
 pub mod health;
 pub mod metrics;
@@ -246,7 +246,7 @@ impl Observation {
     ) -> crate::Result<(Observation, T)> {
         // The lock first: a daemon that starts after it was read only makes the row look newer.
         let lock = Lock::read(&config.pid_file);
-        let now = crate::queue::unix_now();
+        let now = crate::clock::unix_now();
         let (row, running, oldest_due, more) = queue.snapshot(|q| {
             let row = q.daemon_row()?;
             let more = more(q, now, row.as_ref())?;

@@ -15,6 +15,7 @@ use crate::task::{RawRow, Task, decode, printable_name};
 
 pub mod admin;
 pub mod daemon;
+pub mod files;
 pub mod report;
 
 /// The public protocol; see the comment block at its top.
@@ -47,12 +48,6 @@ pub const WAL_SIZE_LIMIT: u64 = 16 << 20;
 
 /// What `Queue::file_stamp` compares.
 pub type FileStamp = [(u64, Option<std::time::SystemTime>); 2];
-
-fn suffixed(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
 
 /// How a command needs the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,13 +185,6 @@ const MAX_ERROR_BYTES: usize = 8 * 1024;
 /// does not keep free slots from the rows behind it.
 const LOOKAHEAD: usize = 64;
 
-/// Now, as Unix seconds: the unit of every time column.
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 fn truncate_error(error: &str) -> std::borrow::Cow<'_, str> {
     if error.len() <= MAX_ERROR_BYTES {
         return error.into();
@@ -227,7 +215,7 @@ impl Queue {
             ));
         }
         if access != Access::ReadOnly {
-            crate::preflight::db_writable(path, false)?;
+            files::db_writable(path, false)?;
         }
         let refused = |e: rusqlite::Error| Queue::refused(path, access, e);
         let conn = Connection::open_with_flags(path, flags).map_err(refused)?;
@@ -243,12 +231,9 @@ impl Queue {
         // checks above could not foresee (a FUSE or NFS server's own rules).
         if access != Access::ReadOnly && queue.conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false)
         {
-            return Err(crate::preflight::db_writable(path, true)
-                .err()
-                .unwrap_or_else(|| {
-                    queue
-                        .err("SQLite could open it only read-only; check its mount and permissions")
-                }));
+            return Err(files::db_writable(path, true).err().unwrap_or_else(|| {
+                queue.err("SQLite could open it only read-only; check its mount and permissions")
+            }));
         }
         Ok(queue)
     }
@@ -301,7 +286,7 @@ impl Queue {
         );
         if file_system
             && access != Access::ReadOnly
-            && let Err(explained) = crate::preflight::db_writable(path, true)
+            && let Err(explained) = files::db_writable(path, true)
         {
             return explained;
         }
@@ -345,11 +330,11 @@ impl Queue {
             return Error::db(&self.path, e);
         }
         let space =
-            crate::preflight::free_space(&self.path).map_or_else(String::new, |(free, total)| {
+            crate::fs_check::free_space(&self.path).map_or_else(String::new, |(free, total)| {
                 format!(
                     " (its file system has {} free of {})",
-                    crate::preflight::bytes(free),
-                    crate::preflight::bytes(total)
+                    crate::fs_check::bytes(free),
+                    crate::fs_check::bytes(total)
                 )
             });
         Error::Environment(format!(
@@ -528,7 +513,7 @@ impl Queue {
                 .ok()
                 .map(|m| (m.len(), m.modified().ok()))
         };
-        let wal = suffixed(&self.path, "-wal");
+        let wal = crate::fs_check::suffixed(&self.path, "-wal");
         Some([stamp(&self.path)?, stamp(&wal).unwrap_or((0, None))])
     }
 
@@ -1394,7 +1379,7 @@ pub(crate) mod tests {
         );
         let mut popped = 0;
         for (round, limit) in [1, 4, 2, 3, 1, 4, 7, 2].into_iter().enumerate() {
-            let now = unix_now() + f64::from(u32::try_from(round).unwrap());
+            let now = crate::clock::unix_now() + f64::from(u32::try_from(round).unwrap());
             popped += queue
                 .cycle(&[], limit, now, |_| Resolved::Run((), None))
                 .unwrap()

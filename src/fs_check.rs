@@ -1,21 +1,25 @@
-//! Preflight: what `foreman run` checks before it takes the PID lock, so that a read-only mount, a
-//! missing directory or a permission problem stops it with one line naming the path, the cause and
-//! the fix, instead of an SQLite code at the first write; and a warning, once, when the wakeup dir
-//! or the database is on a file system where inotify or SQLite's WAL cannot do their job. It only
-//! looks (its one probe file is removed at once): creating the database, the wakeup dir and the
-//! PID file stays with `Queue`, `WakeupDir` and `PidGuard`, which use the same wording when the
-//! file system refuses them later.
+//! File-system checks that turn a read-only mount, a missing directory or a permission problem into
+//! one line naming the path, the cause and the fix, instead of an OS or SQLite code at the first
+//! write; and the file systems where inotify or SQLite's WAL cannot do their job. A leaf: it only
+//! looks (its one probe file is removed at once); the database, the wakeup dir and the PID file
+//! are created by their owners, which use these words when the file system refuses them.
 
 use std::ffi::CString;
+use std::ffi::OsString;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
-use crate::duration::format_duration;
 use crate::error::{Error, Result};
+
+/// `path` with `suffix` appended to its file name: `<db>-wal`, `<db>.wakeup`, `<db>.pid`.
+pub fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(suffix);
+    PathBuf::from(name)
+}
 
 /// The fix for a read-only mount. In a container that is the image's root file system; under
 /// systemd (which sets `INVOCATION_ID` for every service) the unit's `ProtectSystem=strict`.
@@ -25,99 +29,6 @@ fn read_only_fix(under_systemd: bool) -> &'static str {
          read-only), or mount a writable volume there"
     } else {
         "mount a writable volume there (Kubernetes readOnlyRootFilesystem: use an emptyDir or a PVC)"
-    }
-}
-
-/// Checks everything `foreman run` will write, then warns about file systems where a wakeup or
-/// the WAL cannot work as on a local disk.
-pub fn check(config: &Config) -> Result<()> {
-    db_writable(&config.db, true)?;
-    crate::wakeup::WakeupDir::check(&config.wakeup_dir)?;
-    pid_file_writable(&config.pid_file)?;
-    warn_about_file_systems(config);
-    Ok(())
-}
-
-/// Whether the database at `db` (which need not exist yet) can be opened for writing: its
-/// directory exists and takes new files (SQLite creates `-wal` and `-shm` next to the database, and
-/// removes them when the last connection closes), and the files that exist are writable. With
-/// `probe`, a file is also created and removed in the directory: access(2) cannot see a full disk,
-/// a network server's own rules or a security module. The database file itself is never opened:
-/// closing any descriptor of it would drop the POSIX locks of an SQLite connection the same
-/// process (a program embedding foreman) may hold.
-pub fn db_writable(db: &Path, probe: bool) -> Result<()> {
-    let head = |verb: &str| format!("cannot {verb} {}: ", db.display());
-    let real = real_path(db);
-    let db = real.as_path();
-    let dir = parent(db);
-    let name = db.file_name().unwrap_or(db.as_os_str()).to_string_lossy();
-    match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(Error::Environment(format!(
-                "{}{} is not a directory; set db to a file in a directory",
-                head("create"),
-                dir.display()
-            )));
-        }
-        Err(e) => {
-            let subject = format!("its directory {}", dir.display());
-            return Err(refused(
-                &head("open"),
-                &subject,
-                &unreachable(dir, &e),
-                None,
-            ));
-        }
-    }
-    let why = format!("SQLite needs to create {name}-wal and -shm next to it");
-    let dir_refused = |e: io::Error| {
-        let subject = format!("its directory {}", dir.display());
-        refused(&head("write"), &subject, &refusal(dir, &e), Some(&why))
-    };
-    writable(dir).map_err(dir_refused)?;
-    if probe {
-        probe_create(dir, &name).map_err(dir_refused)?;
-    }
-    for suffix in ["", "-wal", "-shm"] {
-        let mut file = db.as_os_str().to_owned();
-        file.push(suffix);
-        let file = Path::new(&file);
-        if std::fs::symlink_metadata(file).is_err() {
-            continue; // Absent: the directory check covers its creation.
-        }
-        writable(file).map_err(|e| {
-            let subject = if suffix.is_empty() {
-                "the file".to_owned()
-            } else {
-                format!("its {suffix} file {}", file.display())
-            };
-            refused(&head("write"), &subject, &refusal(file, &e), None)
-        })?;
-    }
-    Ok(())
-}
-
-/// Where SQLite puts the database: it follows a symlinked database to its target, which may not
-/// exist yet (SQLite creates it), and puts `-wal` and `-shm` next to it.
-fn real_path(db: &Path) -> PathBuf {
-    /// As many links as Linux follows in one lookup.
-    const MAX_LINKS: usize = 40;
-    let mut path = db.to_path_buf();
-    for _ in 0..MAX_LINKS {
-        if let Ok(real) = std::fs::canonicalize(&path) {
-            return real;
-        }
-        // Missing, or a link to a file not created yet: follow the link by hand.
-        let Ok(target) = std::fs::read_link(&path) else {
-            break;
-        };
-        path = parent(&path).join(target);
-    }
-    // A file not created yet: its directory's real path, if it has one.
-    match (std::fs::canonicalize(parent(&path)), path.file_name()) {
-        (Ok(dir), Some(name)) => dir.join(name),
-        _ => path,
     }
 }
 
@@ -173,7 +84,7 @@ pub(crate) fn creatable(path: &Path, what: &str) -> Result<()> {
 }
 
 /// The directory a path is in; `.` for a bare file name, the path itself for `/`.
-fn parent(path: &Path) -> &Path {
+pub(crate) fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
         Some(dir) => dir,
@@ -348,7 +259,7 @@ pub(crate) fn bytes(n: u64) -> String {
 }
 
 /// Creates and removes a file in `dir`, named after the database so a leftover explains itself.
-fn probe_create(dir: &Path, db_name: &str) -> io::Result<()> {
+pub(crate) fn probe_create(dir: &Path, db_name: &str) -> io::Result<()> {
     let probe = dir.join(format!(".{db_name}.foreman-probe-{}", std::process::id()));
     let created = std::fs::OpenOptions::new()
         .write(true)
@@ -371,28 +282,9 @@ fn probe_create(dir: &Path, db_name: &str) -> io::Result<()> {
     }
 }
 
-fn warn_about_file_systems(config: &Config) {
-    if let Some(fs) = remote_fs_at(&config.wakeup_dir) {
-        log::warn!(
-            "wakeup dir {} is on {fs}: inotify does not see files created on other machines; the \
-             daemon relies on its {} tick there",
-            config.wakeup_dir.display(),
-            format_duration(config.tick)
-        );
-    }
-    if let Some(fs) = remote_fs_at(&config.db) {
-        log::warn!(
-            "database {} is on {fs}: SQLite's WAL mode shares its index (the -shm file) through \
-             memory, so every process that opens the database must run on one machine, and SQLite \
-             says WAL does not work over a network file system; keep it on a local volume",
-            config.db.display()
-        );
-    }
-}
-
-/// The remote file system `path` (or, while it does not exist, its nearest existing ancestor) is
-/// on, if any.
-fn remote_fs_at(path: &Path) -> Option<&'static str> {
+/// The file system holding `path` (or, for a path not created yet, its nearest ancestor), when
+/// inotify or SQLite's WAL cannot work on it as on a local disk.
+pub fn remote_fs_at(path: &Path) -> Option<&'static str> {
     let mut path = path;
     loop {
         match fs_magic(path) {
@@ -483,37 +375,6 @@ mod tests {
     }
 
     #[test]
-    fn the_temp_dir_is_local_and_writable() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("missing/still/q.db");
-        assert_eq!(remote_fs_at(&db), None);
-        assert!(writable(dir.path()).is_ok());
-        db_writable(&dir.path().join("q.db"), true).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            0,
-            "probe left"
-        );
-    }
-
-    #[test]
-    fn a_missing_database_directory_is_named_with_the_fix() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("nowhere/q.db");
-        let err = db_writable(&db, true).unwrap_err().to_string();
-        let nowhere = dir.path().join("nowhere");
-        assert_eq!(
-            err,
-            format!(
-                "cannot open {}: its directory {} does not exist; create it (mkdir -p {}) or mount a volume there",
-                db.display(),
-                nowhere.display(),
-                nowhere.display()
-            )
-        );
-    }
-
-    #[test]
     fn sizes_read_at_a_glance() {
         assert_eq!(bytes(0), "0 B");
         assert_eq!(bytes(1023), "1023 B");
@@ -546,25 +407,5 @@ mod tests {
         );
         assert_eq!(err.exit_code(), 1);
         assert!(read_only_fix(true).contains("ReadWritePaths="));
-    }
-
-    #[test]
-    fn a_symlink_to_a_database_not_created_yet_is_checked_where_sqlite_creates_it() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("data")).unwrap();
-        let link = dir.path().join("link.db");
-        std::os::unix::fs::symlink("data/real.db", &link).unwrap();
-        db_writable(&link, true).unwrap();
-        assert_eq!(
-            real_path(&link),
-            std::fs::canonicalize(dir.path().join("data"))
-                .unwrap()
-                .join("real.db")
-        );
-        // A link whose target's directory is missing names that directory.
-        let broken = dir.path().join("broken.db");
-        std::os::unix::fs::symlink("nowhere/real.db", &broken).unwrap();
-        let err = db_writable(&broken, true).unwrap_err().to_string();
-        assert!(err.contains("nowhere"), "{err}");
     }
 }
