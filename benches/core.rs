@@ -38,7 +38,7 @@ impl Bench {
         let path = dir.path().join("foreman.toml");
         std::fs::write(&path, config_text).expect("config");
         let overrides = Overrides {
-            db: Some(dir.path().join("q.sqlite3")),
+            db: Some(dir.path().join("q.sqlite3").into()),
             ..Overrides::default()
         };
         let config = Config::load(Some(&path), &overrides).expect("config");
@@ -46,7 +46,8 @@ impl Bench {
     }
 
     fn conn(&self) -> rusqlite::Connection {
-        let conn = rusqlite::Connection::open(&self.config.db).expect("db");
+        let conn = rusqlite::Connection::open(self.config.db.sqlite_path().expect("a SQLite file"))
+            .expect("db");
         conn.busy_timeout(Duration::from_secs(5))
             .expect("busy timeout");
         // What the Python client and schema.sql recommend for producers: in WAL mode a commit
@@ -183,7 +184,12 @@ fn latency() -> (f64, f64) {
         let enqueued = Arc::clone(&enqueued);
         let producer_done = Arc::clone(&producer_done);
         let conn = bench.conn();
-        let wakeup = bench.config.wakeup_dir.join("bench");
+        let wakeup = bench
+            .config
+            .wakeup_dir
+            .as_deref()
+            .expect("a wakeup dir")
+            .join("bench");
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200)); // Let the daemon go idle first.
             let mut insert = conn
@@ -314,7 +320,12 @@ fn latency_pool() -> (f64, f64) {
     let bench = Bench::new(&pool_config(out.path()));
     init(&bench);
     let conn = bench.conn();
-    let wakeup = bench.config.wakeup_dir.join("bench");
+    let wakeup = bench
+        .config
+        .wakeup_dir
+        .as_deref()
+        .expect("a wakeup dir")
+        .join("bench");
     let enqueued: Arc<Mutex<Vec<f64>>> = Arc::default();
     let producer_done = Arc::new(AtomicBool::new(false));
     let producer = {
@@ -448,10 +459,11 @@ fn delay_lateness() -> (f64, f64) {
 }
 
 fn init(bench: &Bench) {
-    let mut queue = foreman::queue::Queue::open(&bench.config.db, foreman::queue::Access::Create)
+    let mut store = foreman::store::Store::open(&bench.config.db, foreman::store::Access::Create)
         .expect("open");
-    queue.ensure_schema().expect("schema");
-    foreman::wakeup::WakeupDir::prepare(&bench.config.wakeup_dir).expect("wakeup dir");
+    store.ensure_schema().expect("schema");
+    let wakeup_dir = bench.config.wakeup_dir.as_deref().expect("a wakeup dir");
+    foreman::wake::dir::WakeupDir::prepare(wakeup_dir).expect("wakeup dir");
 }
 
 fn median(mut values: Vec<f64>) -> (f64, f64, f64) {

@@ -33,7 +33,7 @@ mod reporting {
     use crate::config::SentryConfig;
     use crate::error::Error;
     use crate::outcome::PANIC_PREFIX;
-    use crate::queue::{Buried, RunState};
+    use crate::store::{Buried, RunState};
     use crate::task::Task;
 
     /// How long the binary waits at exit (and a panicking worker thread waits) for queued events to
@@ -284,7 +284,7 @@ mod tests {
 #[cfg(not(feature = "sentry"))]
 mod disabled {
     use crate::error::Error;
-    use crate::queue::{Buried, RunState};
+    use crate::store::{Buried, RunState};
     use crate::task::Task;
 
     pub fn in_task_scope<R>(_task: &Task, handler: impl FnOnce() -> R) -> R {

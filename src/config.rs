@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::database::Database;
 use crate::duration::{format_duration, in_range, parse_duration};
 use crate::error::{Error, Result};
 
@@ -36,7 +37,7 @@ pub const RESERVED_PREFIX: &str = "foreman.";
 /// Settings given on the command line or in `FOREMAN_*` variables; they override the config file.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
-    pub db: Option<PathBuf>,
+    pub db: Option<Database>,
     pub wakeup_dir: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
     pub workers: Option<usize>,
@@ -183,9 +184,11 @@ pub struct PoolConfig {
 pub struct Config {
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
-    pub db: PathBuf,
-    pub wakeup_dir: PathBuf,
-    pub pid_file: PathBuf,
+    pub db: Database,
+    /// Where producers wake the daemon (SQLite); `None` for a database that wakes it otherwise.
+    pub wakeup_dir: Option<PathBuf>,
+    /// The daemon's lock, one daemon per SQLite file; `None` when daemons share the database.
+    pub pid_file: Option<PathBuf>,
     pub workers: usize,
     pub graceful_timeout: Duration,
     /// Tasks popped beyond the free workers, handed over as workers free up (see README).
@@ -375,18 +378,22 @@ impl Config {
         let db = overrides
             .db
             .clone()
-            .or_else(|| from_file(parsed.db))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DB));
+            .or_else(|| {
+                parsed
+                    .db
+                    .map(|db| Database::parse(db.as_os_str()).relative_to(&base))
+            })
+            .unwrap_or_else(|| Database::Sqlite(PathBuf::from(DEFAULT_DB)));
         let wakeup_dir = overrides
             .wakeup_dir
             .clone()
             .or_else(|| from_file(parsed.wakeup_dir))
-            .unwrap_or_else(|| crate::fs_check::suffixed(&db, ".wakeup"));
+            .or_else(|| db.default_wakeup_dir());
         let pid_file = overrides
             .pid_file
             .clone()
             .or_else(|| from_file(parsed.pid_file))
-            .unwrap_or_else(|| crate::fs_check::suffixed(&db, ".pid"));
+            .or_else(|| db.default_pid_file());
         // A relative program path is relative to the config file, like the other paths in it; a
         // bare name is looked up in PATH when the process starts.
         let resolve_program = |mut command: Vec<String>| {
@@ -636,17 +643,16 @@ impl Config {
             |f| f.display().to_string(),
         );
         let _ = writeln!(out, "# config file: {source}");
-        let _ = writeln!(out, "db = {}", toml_str(&self.db.display().to_string()));
-        let _ = writeln!(
-            out,
-            "wakeup_dir = {}",
-            toml_str(&self.wakeup_dir.display().to_string())
-        );
-        let _ = writeln!(
-            out,
-            "pid_file = {}",
-            toml_str(&self.pid_file.display().to_string())
-        );
+        // A PostgreSQL URL is printed without its password (`Display`): this output gets pasted.
+        let _ = writeln!(out, "db = {}", toml_str(&self.db.to_string()));
+        for (key, path) in [
+            ("wakeup_dir", &self.wakeup_dir),
+            ("pid_file", &self.pid_file),
+        ] {
+            if let Some(path) = path {
+                let _ = writeln!(out, "{key} = {}", toml_str(&path.display().to_string()));
+            }
+        }
         let _ = writeln!(out, "workers = {}", self.workers);
         let _ = writeln!(
             out,
@@ -1085,9 +1091,16 @@ mod tests {
     #[test]
     fn defaults_derive_from_the_db_path() {
         let config = load_text("db = \"q.db\"").unwrap();
-        assert!(config.db.ends_with("q.db"));
-        assert!(config.wakeup_dir.to_string_lossy().ends_with("q.db.wakeup"));
-        assert!(config.pid_file.to_string_lossy().ends_with("q.db.pid"));
+        assert!(config.db.sqlite_path().unwrap().ends_with("q.db"));
+        let wakeup_dir = config.wakeup_dir.unwrap();
+        assert!(wakeup_dir.to_string_lossy().ends_with("q.db.wakeup"));
+        assert!(
+            config
+                .pid_file
+                .unwrap()
+                .to_string_lossy()
+                .ends_with("q.db.pid")
+        );
         assert_eq!(config.workers, DEFAULT_WORKERS);
     }
 

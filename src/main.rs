@@ -9,7 +9,7 @@ use foreman::cli::{Cli, execute};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_level);
+    init_logging(cli.globals.log_level);
     let sentry = init_sentry(&cli);
     let code = match execute(&cli, foreman::forward_shutdown_signals) {
         Ok(()) => ExitCode::SUCCESS,

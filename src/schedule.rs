@@ -9,7 +9,7 @@ use croner::Cron;
 use crate::config::{ScheduleConfig, When};
 use crate::cron::parse_cron;
 use crate::error::{Error, Result};
-use crate::queue::{NewTask, Queue, ScheduleState};
+use crate::store::{NewTask, ScheduleState, Store};
 
 /// Seconds before a firing the DB refused is tried again (it stays due, so it is not lost).
 const RETRY_AFTER_ERROR: f64 = 1.0;
@@ -53,7 +53,7 @@ impl Schedules {
     /// time they had, so a restart neither repeats a firing nor skips one.
     pub fn load(
         configs: &std::collections::BTreeMap<String, ScheduleConfig>,
-        queue: &mut Queue,
+        store: &mut Store,
         now: f64,
     ) -> Result<Schedules> {
         if configs.is_empty() {
@@ -62,7 +62,7 @@ impl Schedules {
             });
         }
         let stored: std::collections::HashMap<String, ScheduleState> =
-            queue.schedules()?.into_iter().collect();
+            store.schedules()?.into_iter().collect();
         let mut entries = Vec::with_capacity(configs.len());
         for (name, config) in configs {
             let cron = match &config.when {
@@ -91,7 +91,7 @@ impl Schedules {
                         state.interval = Some(start.as_secs_f64());
                     }
                     state.next_due += jitter(config.jitter);
-                    queue.save_schedule(name, &state)?;
+                    store.save_schedule(name, &state)?;
                     state
                 }
             };
@@ -121,7 +121,7 @@ impl Schedules {
     /// later.
     pub fn fire_due(
         &mut self,
-        queue: &mut Queue,
+        store: &mut Store,
         now: f64,
         busy: impl Fn(i64) -> bool,
     ) -> Vec<(String, Error)> {
@@ -135,13 +135,13 @@ impl Schedules {
             // When the DB cannot say, the firing is skipped: a late firing beats a doubled one.
             let previous = state
                 .last_task_id
-                .filter(|&id| busy(id) || queue.is_queued(id).unwrap_or(true));
+                .filter(|&id| busy(id) || store.is_queued(id).unwrap_or(true));
             if let Some(previous) = previous {
                 log::info!(
                     "schedule {}: task {previous} from its last firing has not finished; skipping this one",
                     entry.name
                 );
-                if let Err(e) = queue.save_schedule(&entry.name, &state) {
+                if let Err(e) = store.save_schedule(&entry.name, &state) {
                     refused.push((entry.name.clone(), e));
                 }
                 // Even unsaved: a restart may then skip once more, which is harmless.
@@ -162,7 +162,7 @@ impl Schedules {
                 priority: entry.config.priority,
                 origin: Some(&origin),
             };
-            match queue.fire_schedule(&entry.name, &task, &mut state) {
+            match store.fire_schedule(&entry.name, &task, &mut state) {
                 Ok(id) => {
                     log::info!(
                         "schedule {}: enqueued task {id} {}",
@@ -182,7 +182,7 @@ impl Schedules {
 
     /// An adaptive schedule's task reported whether it found something new: the interval shrinks
     /// (eventful) or grows (not), and the next due time moves with it.
-    pub fn report(&mut self, queue: &mut Queue, task_id: i64, eventful: bool, now: f64) {
+    pub fn report(&mut self, store: &mut Store, task_id: i64, eventful: bool, now: f64) {
         let Some(entry) = self
             .entries
             .iter_mut()
@@ -216,7 +216,7 @@ impl Schedules {
             if eventful { "eventful" } else { "uneventful" },
             current
         );
-        match queue.save_schedule(&entry.name, &state) {
+        match store.save_schedule(&entry.name, &state) {
             Ok(()) => entry.state = state,
             Err(e) => log::error!("schedule {}: {e}", entry.name),
         }
@@ -229,14 +229,14 @@ impl Schedules {
     /// `now`), and the interval stays what was asked. A cron schedule keeps its wall-clock times:
     /// its next one is after its last firing, so a step back neither repeats a firing nor bunches
     /// them up.
-    pub fn step_back(&mut self, queue: &mut Queue, seconds: f64, now: f64) {
+    pub fn step_back(&mut self, store: &mut Store, seconds: f64, now: f64) {
         for entry in &mut self.entries {
             if entry.cron.is_some() || entry.state.next_due <= now {
                 continue;
             }
             let mut state = entry.state.clone();
             state.next_due = (state.next_due - seconds).max(now);
-            if let Err(e) = queue.save_schedule(&entry.name, &state) {
+            if let Err(e) = store.save_schedule(&entry.name, &state) {
                 log::error!("schedule {}: {e}", entry.name);
             }
             // Even unsaved: a restart reads the later time, which only makes one firing late.
@@ -285,7 +285,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::queue::Access;
+    use crate::store::Access;
 
     fn schedule(when: When) -> ScheduleConfig {
         ScheduleConfig {
@@ -302,7 +302,8 @@ mod tests {
     #[allow(clippy::float_cmp)] // The values compared are exact.
     fn a_step_back_keeps_every_intervals_and_cron_times() {
         let dir = tempfile::tempdir().unwrap();
-        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        let db = crate::database::Database::Sqlite(dir.path().join("q.db"));
+        let mut queue = Store::open(&db, Access::Create).unwrap();
         queue.ensure_schema().unwrap();
         let configs = BTreeMap::from([
             (
@@ -317,7 +318,7 @@ mod tests {
         // Loaded an hour before a step back of an hour: the every schedule is due at once.
         let before = 1_800_000_000.0;
         let mut schedules = Schedules::load(&configs, &mut queue, before).unwrap();
-        let fired = |s: &mut Schedules, q: &mut Queue, now| {
+        let fired = |s: &mut Schedules, q: &mut Store, now| {
             s.fire_due(q, now, |_| false);
             s.entries
                 .iter()

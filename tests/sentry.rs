@@ -107,7 +107,7 @@ impl Daemon {
         let file = dir.path().join("foreman.toml");
         std::fs::write(&file, config).expect("write config");
         let overrides = Overrides {
-            db: Some(db.clone()),
+            db: Some(db.clone().into()),
             workers: Some(2),
             tick: Some(Duration::from_millis(20)),
             ..Overrides::default()
@@ -137,7 +137,7 @@ impl Daemon {
         self.db.exists()
             && rusqlite::Connection::open(&self.db)
                 .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)))
-                .is_ok_and(|v| v == foreman::queue::SCHEMA_VERSION)
+                .is_ok_and(|v| v == foreman::store::SCHEMA_VERSION)
     }
 
     fn sql(&self) -> rusqlite::Connection {

@@ -10,12 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, TransactionBehavior};
-
 use super::{Failure, Outcome, python};
+use crate::database::Database;
 use crate::error::{Error, Result};
-use crate::queue::{Access, Queue};
-use crate::wakeup::WakeupDir;
+use crate::store::{Access, Producer, RecordedAttempts, Store};
+use crate::wake::dir::WakeupDir;
 
 /// Longer than the generated config's `graceful_timeout` (5 s): a daemon still there after this
 /// did not stop on SIGTERM, which fails the scenario.
@@ -92,9 +91,9 @@ impl Workspace {
             wakeup,
             conn: None,
         };
-        Queue::open(&run.db, Access::Create)?.ensure_schema()?;
+        Store::open(&Database::Sqlite(run.db.clone()), Access::Create)?.ensure_schema()?;
         WakeupDir::prepare(&run.wakeup)?;
-        run.conn = Some(producer_connection(&run.db)?);
+        run.conn = Some(Producer::open(&run.db)?);
         Ok(run)
     }
 }
@@ -128,16 +127,6 @@ fn unique_dir() -> Result<PathBuf> {
     }
 }
 
-/// A producer's connection, as schema.sql recommends: busy timeout, `synchronous = NORMAL`.
-pub(crate) fn producer_connection(db: &Path) -> Outcome<Connection> {
-    let fail = |e: rusqlite::Error| Failure::new(format!("{}: {e}", db.display()));
-    let conn = Connection::open(db).map_err(fail)?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(fail)?;
-    Ok(conn)
-}
-
 /// A config for the daemon child: `workers` threads, `prefetch`, then `extra` (pools, tasks).
 pub(crate) fn config(workers: usize, prefetch: usize, extra: &str) -> String {
     format!("workers = {workers}\nprefetch = {prefetch}\ngraceful_timeout = \"5s\"\n{extra}")
@@ -153,7 +142,7 @@ pub(crate) struct Run {
     pub out: PathBuf,
     config: PathBuf,
     log: PathBuf,
-    conn: Option<Connection>,
+    conn: Option<Producer>,
 }
 
 impl Drop for Run {
@@ -169,14 +158,11 @@ impl Drop for Run {
 }
 
 impl Run {
-    pub fn conn(&self) -> Outcome<&Connection> {
+    /// The producer's connection to the run's database.
+    pub fn conn(&self) -> Outcome<&Producer> {
         self.conn
             .as_ref()
             .ok_or_else(|| Failure::new("the producer connection is closed"))
-    }
-
-    fn db_failure(&self, e: &rusqlite::Error) -> Failure {
-        Failure::new(format!("{}: {e}", self.db.display()))
     }
 
     /// Starts `foreman run` (this executable) on the run's files, its log in the run's dir.
@@ -184,64 +170,34 @@ impl Run {
         Daemon::spawn(self, work)
     }
 
-    /// Inserts `count` rows of `name` in one transaction (a recursive CTE: fast at a million
-    /// rows); with `keys_from`, row i gets `args = [keys_from + i]` (i from 0). Returns the ids,
-    /// consecutive since the transaction held the write lock. Does not wake the daemon.
+    /// Inserts `count` rows of `name` in one transaction; with `keys_from`, row i gets
+    /// `args = [keys_from + i]`. Returns the ids. Does not wake the daemon.
     pub fn insert_many(
         &mut self,
         name: &str,
         count: usize,
         keys_from: Option<i64>,
     ) -> Outcome<RangeInclusive<i64>> {
-        let count_sql = i64::try_from(count).map_err(|_| Failure::new("too many rows"))?;
-        let args = if keys_from.is_some() {
-            "json_array(i - 1 + ?3)"
-        } else {
-            "'[]'"
-        };
-        let sql = format!(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
-             INSERT INTO foreman_task(task_name, args) SELECT ?2, {args} FROM n"
-        );
         let conn = self
             .conn
             .as_mut()
             .ok_or_else(|| Failure::new("the producer connection is closed"))?;
-        let write = |conn: &mut Connection| -> rusqlite::Result<i64> {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            match keys_from {
-                Some(from) => tx.execute(&sql, rusqlite::params![count_sql, name, from])?,
-                None => tx.execute(&sql, rusqlite::params![count_sql, name])?,
-            };
-            let last = tx.last_insert_rowid();
-            tx.commit()?;
-            Ok(last)
-        };
-        let last = write(conn).map_err(|e| self.db_failure(&e))?;
-        Ok(last - count_sql + 1..=last)
+        Ok(conn.insert_many(name, count, keys_from)?)
     }
 
     /// Inserts one row, autocommit; returns its id. Does not wake the daemon.
     pub fn insert_one(&self, name: &str, args: &str) -> Outcome<i64> {
-        self.conn()?
-            .query_row(
-                "INSERT INTO foreman_task(task_name, args) VALUES (?1, ?2) RETURNING id",
-                [name, args],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.db_failure(&e))
+        Ok(self.conn()?.insert_one(name, args)?)
     }
 
     /// Rows still queued among `ids`.
     pub fn queued(&self, ids: &RangeInclusive<i64>) -> Outcome<usize> {
-        self.conn()?
-            .query_row(
-                "SELECT count(*) FROM foreman_task WHERE id BETWEEN ?1 AND ?2",
-                [ids.start(), ids.end()],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| usize::try_from(n).unwrap_or(0))
-            .map_err(|e| self.db_failure(&e))
+        Ok(self.conn()?.queued(ids)?)
+    }
+
+    /// What the daemon recorded of the attempts of `ids`.
+    pub fn attempts(&self, ids: &RangeInclusive<i64>) -> Outcome<RecordedAttempts> {
+        Ok(self.conn()?.attempts(ids)?)
     }
 
     /// The producer's wakeup: create a file in the wakeup dir if it is not there (schema.sql).

@@ -3,7 +3,6 @@
 //! drain rate at depth. Each drain is timed from the first task's recorded start to the last one's,
 //! so the daemon's startup and the producer's insert are not in the rate.
 
-use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use super::daemon::{self, Daemon, Run};
@@ -286,10 +285,10 @@ impl Bench<'_> {
         let took = start.elapsed();
         let interval = Duration::from_millis(20);
         self.wait_for(&mut daemon, "recorded done", n, interval, || {
-            attempts(&run, &ids).map(|a| a.done)
+            run.attempts(&ids).map(|a| a.done)
         })?;
         daemon.stop()?;
-        let seen = attempts(&run, &ids)?;
+        let seen = run.attempts(&ids)?;
         if seen.count != n || seen.tasks != n || seen.done != n {
             return Err(Failure::new(format!(
                 "exactly-once check failed: {n} command tasks made {} attempts of {} distinct \
@@ -301,31 +300,6 @@ impl Bench<'_> {
         records.exactly_once([], &[warm])?;
         Ok(n as f64 / took.as_secs_f64())
     }
-}
-
-/// The daemon's record of the command tasks: `foreman_run` rows.
-struct Attempts {
-    count: usize,
-    tasks: usize,
-    done: usize,
-}
-
-fn attempts(run: &Run, ids: &RangeInclusive<i64>) -> Outcome<Attempts> {
-    let count = |n: i64| usize::try_from(n).unwrap_or(0);
-    run.conn()?
-        .query_row(
-            "SELECT count(*), count(DISTINCT task_id), coalesce(sum(state = 'done'), 0) \
-             FROM foreman_run WHERE task_id BETWEEN ?1 AND ?2",
-            [ids.start(), ids.end()],
-            |r| {
-                Ok(Attempts {
-                    count: count(r.get(0)?),
-                    tasks: count(r.get(1)?),
-                    done: count(r.get(2)?),
-                })
-            },
-        )
-        .map_err(|e| Failure::new(format!("{}: {e}", run.db.display())))
 }
 
 /// `n` spawns of `/bin/true`, `threads` at a time, without foreman: what drain-command compares to.

@@ -1,6 +1,6 @@
 //! The producer's side: how fast one producer enqueues while the daemon runs, one row per
-//! transaction (plus the wakeup file) and many rows in one call, from Rust (rusqlite, as
-//! schema.sql says) and from Python (the shipped client, timed inside the Python process). The
+//! transaction (plus the wakeup file) and many rows in one call, from Rust (the store's producer
+//! connection, set up as schema.sql says) and from Python (the shipped client, timed inside the Python process). The
 //! daemon runs every task, so these scenarios check exactly-once too.
 
 use std::time::Instant;
@@ -73,47 +73,28 @@ impl Bench<'_> {
 
 /// One INSERT per transaction (autocommit), each followed by the wakeup file if it is absent.
 fn rust_one_by_one(run: &Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
-    let db_failure = |e: rusqlite::Error| Failure::new(format!("{}: {e}", run.db.display()));
     let wakeup = run.wakeup.join("bench-rust");
+    let producer = run.conn()?;
     let mut ids = Vec::with_capacity(rows);
     let start = Instant::now();
-    let mut insert = run
-        .conn()?
-        .prepare("INSERT INTO foreman_task(task_name) VALUES (?1) RETURNING id")
-        .map_err(db_failure)?;
     for _ in 0..rows {
-        let id: i64 = insert
-            .query_row([BENCH_TASK], |r| r.get(0))
-            .map_err(db_failure)?;
+        ids.push(producer.insert_name(BENCH_TASK)?);
         touch_if_absent(&wakeup)?;
-        ids.push(id);
     }
     Ok((ids, start.elapsed().as_secs_f64()))
 }
 
 /// Every row in one transaction with one prepared statement, then the wakeup file.
 fn rust_batch(run: &Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
-    let db_failure = |e: rusqlite::Error| Failure::new(format!("{}: {e}", run.db.display()));
     let wakeup = run.wakeup.join("bench-rust");
+    let producer = run.conn()?;
     let start = Instant::now();
-    let conn = run.conn()?;
-    conn.execute_batch("BEGIN IMMEDIATE").map_err(db_failure)?;
-    let inserted = (|| {
-        let mut insert = conn.prepare("INSERT INTO foreman_task(task_name) VALUES (?1)")?;
+    let last = producer.in_transaction(|p| {
         for _ in 0..rows {
-            insert.execute([BENCH_TASK])?;
+            p.append_name(BENCH_TASK)?;
         }
-        Ok(conn.last_insert_rowid())
-    })();
-    let last = match inserted {
-        Ok(last) => last,
-        Err(e) => {
-            // Rolling back is best effort: the connection is dropped with the run anyway.
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(db_failure(e));
-        }
-    };
-    conn.execute_batch("COMMIT").map_err(db_failure)?;
+        Ok(p.last_id())
+    })?;
     touch_if_absent(&wakeup)?;
     let seconds = start.elapsed().as_secs_f64();
     // Consecutive: the transaction held the write lock from BEGIN IMMEDIATE to COMMIT.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use super::{Scenario, Sizes, Spread};
-use crate::ops::{self, Paint, Style};
+use crate::commands::format::{self, Paint, Style};
 
 /// Which way a figure is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +222,7 @@ impl Output {
         Output {
             json,
             style: Style {
-                colour: ops::colour_wanted(),
+                colour: format::colour_wanted(),
             },
             reps: sizes.reps,
         }

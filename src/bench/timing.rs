@@ -68,11 +68,7 @@ impl Bench<'_> {
         n: usize,
         pool: bool,
     ) -> Outcome<HashMap<i64, f64>> {
-        let db_failure = |e: rusqlite::Error| Failure::new(format!("{}: {e}", run.db.display()));
-        let mut insert = run
-            .conn()?
-            .prepare("INSERT INTO foreman_task(task_name, args) VALUES (?1, ?2) RETURNING id")
-            .map_err(db_failure)?;
+        let producer = run.conn()?;
         let wakeup = run.wakeup.join("bench");
         let mut enqueued = HashMap::with_capacity(n);
         let start = Instant::now();
@@ -84,9 +80,7 @@ impl Bench<'_> {
                 (BENCH_TASK, "[]".to_owned())
             };
             let at = unix_now();
-            let id: i64 = insert
-                .query_row([name, &args], |r| r.get(0))
-                .map_err(db_failure)?;
+            let id = producer.insert_one(name, &args)?;
             touch_if_absent(&wakeup)?;
             enqueued.insert(if pool { key } else { id }, at);
             self.progress.show(&format!("enqueued {i} of {n}"));
@@ -166,23 +160,15 @@ impl Bench<'_> {
         let mut daemon = run.spawn(self.work)?;
         let mut records = Records::new(run.out.clone());
         let warm = self.warm_up(&run, &mut daemon, &mut records, false)?;
-        let db_failure = |e: rusqlite::Error| Failure::new(format!("{}: {e}", run.db.display()));
-        let conn = run.conn()?;
         let base = unix_now() + 0.2;
-        let mut due = HashMap::with_capacity(n);
-        conn.execute_batch("BEGIN IMMEDIATE").map_err(db_failure)?;
-        for i in 0..n {
-            let at = base + spread * i as f64 / n as f64;
-            let id: i64 = conn
-                .query_row(
-                    "INSERT INTO foreman_task(task_name, run_after) VALUES (?1, ?2) RETURNING id",
-                    rusqlite::params![BENCH_TASK, at],
-                    |r| r.get(0),
-                )
-                .map_err(db_failure)?;
-            due.insert(id, at);
-        }
-        conn.execute_batch("COMMIT").map_err(db_failure)?;
+        let due = run.conn()?.in_transaction(|p| {
+            let mut due = HashMap::with_capacity(n);
+            for i in 0..n {
+                let at = base + spread * i as f64 / n as f64;
+                due.insert(p.insert_due_at(BENCH_TASK, at)?, at);
+            }
+            Ok(due)
+        })?;
         run.wake()?;
         let target = records.len() + n;
         self.wait_records(&mut daemon, &mut records, "started", target)?;

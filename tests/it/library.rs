@@ -22,7 +22,7 @@ fn in_process_handlers_run_and_a_panic_frees_the_slot() {
         .register("app.panics", |_| panic!("handler bug"))
         .register("app.fails", |_| Err("no such user".into()));
     let overrides = Overrides {
-        db: Some(env.db.clone()),
+        db: Some(env.db.clone().into()),
         workers: Some(1),
         tick: Some(Duration::from_millis(50)),
         ..Overrides::default()
@@ -35,7 +35,7 @@ fn in_process_handlers_run_and_a_panic_frees_the_slot() {
             .sql()
             .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
             .unwrap()
-            == foreman::queue::SCHEMA_VERSION));
+            == foreman::store::SCHEMA_VERSION));
     // One worker: if the panic did not free its slot, the later task would never run.
     env.insert("app.panics", "[]");
     env.insert("app.fails", "[]");

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use foreman::queue::WAL_SIZE_LIMIT;
+use foreman::store::WAL_SIZE_LIMIT;
 
 use crate::support::{Daemon, Env, PATIENCE, PYTHON_CLIENT, open_fds, rss_kib, wait_until};
 

@@ -5,18 +5,42 @@
 
 use std::fmt::Write as _;
 
+use clap::Args;
+
+use super::format::{Paint, Style, age, colour_wanted, columns, one_line, rounded};
 use super::health::{self, Verdict};
-use super::{Observation, Paint, Style, Thresholds, age, columns, one_line, rounded};
+use super::observe::{Observation, Thresholds, open};
+use super::{Globals, print};
 use crate::config::Config;
-use crate::queue::Queue;
-use crate::queue::report::TaskDepth;
 use crate::stats::{MinuteStat, minute_of};
+use crate::store::{Store, TaskDepth};
 
 /// Running tasks and task names the text form lists before it says `… N more`: one screen.
 const MAX_RUNNING_LINES: usize = 10;
 const MAX_TASK_LINES: usize = 15;
 /// Task names are cut to this width in the text form.
 const NAME_WIDTH: usize = 40;
+
+/// Show the daemon (up or down, uptime, heartbeat), workers, running tasks, the queue per task
+/// name, dead letters and the last minute's throughput
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One JSON document instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(globals: &Globals, args: &StatusArgs) -> crate::Result<()> {
+    let config = globals.load_config()?;
+    let status = Status::read(&open(&config)?, &config)?;
+    print(&if args.json {
+        status.json()
+    } else {
+        status.text(Style {
+            colour: colour_wanted(),
+        })
+    })
+}
 
 /// Everything `status` and `metrics` report, read in one snapshot.
 #[derive(Debug, Clone)]
@@ -33,10 +57,10 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn read(queue: &Queue, config: &Config) -> crate::Result<Status> {
+    pub fn read(store: &Store, config: &Config) -> crate::Result<Status> {
         let thresholds = Thresholds::defaults(config);
         let (obs, (waiting, depth, dead, last_minute, stats)) =
-            Observation::read_with(queue, config, thresholds.max_age, |q, now, row| {
+            Observation::read_with(store, config, thresholds.max_age, |q, now, row| {
                 let minute = minute_of(now) - 1;
                 Ok((
                     health::waiting(q, now, row, thresholds)?,
@@ -48,7 +72,7 @@ impl Status {
             })?;
         let verdict = health::judge(&obs, waiting.as_ref(), thresholds);
         Ok(Status {
-            db: config.db.display().to_string(),
+            db: config.db.to_string(),
             obs,
             verdict,
             depth,

@@ -7,12 +7,43 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::{Paint, Style, columns, one_line, rounded, span};
+use clap::Args;
+
+use super::format::{Paint, Style, colour_wanted, columns, one_line, rounded, span};
+use super::observe::open;
+use super::{Globals, print};
 use crate::config::Config;
 use crate::duration::format_duration;
+use crate::duration::parse_duration;
 use crate::error::{Error, Result};
-use crate::queue::Queue;
 use crate::stats::{Histogram, MinuteStat, minute_of};
+use crate::store::Store;
+
+/// Per task name over a window: attempts, failures, p50/max wall and wait times, and a trend
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// How far back to look, e.g. 1h, 24h, 7d
+    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub window: Duration,
+    /// Only this task name
+    #[arg(long, value_name = "NAME")]
+    pub task: Option<String>,
+    /// One JSON document instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(globals: &Globals, args: &StatsArgs) -> Result<()> {
+    let config = globals.load_config()?;
+    let stats = Stats::read(&open(&config)?, &config, args.window, args.task.as_deref())?;
+    print(&if args.json {
+        stats.json()
+    } else {
+        stats.text(Style {
+            colour: colour_wanted(),
+        })
+    })
+}
 
 /// The most intervals a window is cut into: a sparkline that fits a line.
 const MAX_INTERVALS: i64 = 60;
@@ -104,7 +135,7 @@ pub struct Stats {
 
 impl Stats {
     pub fn read(
-        queue: &Queue,
+        store: &Store,
         config: &Config,
         window: Duration,
         task: Option<&str>,
@@ -114,7 +145,7 @@ impl Stats {
         }
         let now = crate::clock::unix_now();
         let intervals = Intervals::new(window, now);
-        let rows = queue.minute_stats(intervals.first, intervals.last_minute(), task)?;
+        let rows = store.minute_stats(intervals.first, intervals.last_minute(), task)?;
         let mut by_task: BTreeMap<String, TaskStats> = BTreeMap::new();
         let mut all = TaskStats::new(intervals.count);
         for (minute, name, stat) in rows {

@@ -5,30 +5,12 @@ use std::collections::BTreeMap;
 
 use rusqlite::{OptionalExtension, params};
 
-use super::Queue;
+use super::SqliteStore;
 use crate::error::Result;
 use crate::stats::{Histogram, MinuteStat};
+use crate::store::types::{Beat, DaemonInfo};
 
-/// Who the running daemon is, as it registers itself at startup.
-#[derive(Debug, Clone)]
-pub struct DaemonInfo {
-    pub pid: u32,
-    /// Field 22 of /proc/PID/stat: with the pid, tells this process from one that reused its pid.
-    pub pid_start: Option<u64>,
-    pub host: String,
-    pub version: String,
-    pub started_at: f64,
-    pub workers: usize,
-}
-
-/// What a heartbeat writes besides its time.
-#[derive(Debug, Default)]
-pub struct Beat<'a> {
-    pub pools_json: &'a str,
-    pub totals_json: &'a str,
-}
-
-impl Queue {
+impl SqliteStore {
     /// Makes `info` the daemon of this DB: replaces the row a predecessor left.
     pub fn register_daemon(&mut self, info: &DaemonInfo) -> Result<()> {
         self.write(|tx| {

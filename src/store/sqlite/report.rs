@@ -6,96 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, params};
 
-use super::{Queue, SQL_NEXT_PRIORITY, SQL_TOP_PRIORITY, cell, text_lossy};
+use super::cycle::{SQL_NEXT_PRIORITY, SQL_TOP_PRIORITY};
+use super::{SqliteStore, cell};
 use crate::error::Result;
 use crate::stats::{Histogram, MinuteStat};
-
-/// The `foreman_daemon` row: who the last daemon to start was, and what it last published.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DaemonRow {
-    pub pid: i64,
-    /// Field 22 of /proc/PID/stat when it started: tells it from a later process with its pid.
-    pub pid_start: Option<i64>,
-    pub host: String,
-    pub version: String,
-    pub started_at: f64,
-    pub heartbeat_at: f64,
-    /// Set when a shutdown signal made it stop popping.
-    pub stopping_at: Option<f64>,
-    /// Set when it exited cleanly.
-    pub stopped_at: Option<f64>,
-    /// Its worker slots: the most tasks it runs at once.
-    pub workers: i64,
-    pub pools: Vec<PoolRow>,
-    /// Attempts that ended since it started, by task name.
-    pub totals: BTreeMap<String, Totals>,
-}
-
-/// One element of the daemon row's `pools`. Fields a daemon did not publish are `None`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PoolRow {
-    pub name: String,
-    pub processes: Option<u64>,
-    pub up: Option<u64>,
-    pub busy: Option<u64>,
-    /// The task names it serves.
-    pub tasks: Vec<String>,
-}
-
-impl PoolRow {
-    /// Every process has a task: rows for it wait for a process, not for the daemon.
-    pub fn is_saturated(&self) -> bool {
-        matches!((self.busy, self.processes), (Some(busy), Some(processes)) if busy >= processes)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Totals {
-    pub done: u64,
-    pub failed: u64,
-}
-
-/// An attempt recorded `running` in `foreman_run`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunningAttempt {
-    pub task_id: i64,
-    pub attempt: i64,
-    pub task_name: String,
-    pub started_at: Option<f64>,
-    pub enqueued_at: Option<f64>,
-}
-
-/// The queued rows of one task name, as of `now`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TaskDepth {
-    pub task_name: String,
-    /// Every row: due + delayed + leased.
-    pub queued: i64,
-    /// Not leased and `run_after <= now`: waiting for a worker.
-    pub due: i64,
-    /// Not leased and `run_after > now`: waiting for their time (a delay or a retry's backoff).
-    pub delayed: i64,
-    /// Leased: an at-least-once task running now.
-    pub leased: i64,
-    /// When the longest-waiting due row became due.
-    pub oldest_due_at: Option<f64>,
-    /// When the first delayed row becomes due.
-    pub next_due_at: Option<f64>,
-}
-
-/// A due, unleased row, as the index walks find it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DueRow {
-    pub task_id: i64,
-    pub task_name: String,
-    pub priority: i64,
-    /// When it became due: its `run_after`, or its insertion if that was later (a producer may
-    /// set `run_after` in the past).
-    pub due_since: f64,
-}
+use crate::store::types::{DaemonRow, DueRow, PoolRow, RunningAttempt, TaskDepth, Totals};
 
 // The due rows of one priority, longest due first: a range search of `foreman_task_due`, like the
 // pop's. Leased rows in the range (an expired lease about to be taken again) are stepped over.
@@ -107,12 +24,12 @@ const SQL_RUNNING: &str = "SELECT task_id, attempt, task_name, started_at, enque
 const SQL_DAEMON: &str = "SELECT pid, pid_start, host, version, started_at, heartbeat_at, stopped_at, \
      workers, pools, totals, stopping_at FROM foreman_daemon WHERE id = 1";
 
-impl Queue {
+impl SqliteStore {
     /// Runs `read` in one read transaction, so that every figure it reads is of the same moment
     /// (the pop moves a row from the queue to the running set in one commit).
-    pub fn snapshot<T>(&self, read: impl FnOnce(&Queue) -> Result<T>) -> Result<T> {
+    pub fn snapshot<T>(&self, read: impl FnOnce() -> Result<T>) -> Result<T> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
-        let value = read(self)?;
+        let value = read()?;
         // Nothing was written: ending the transaction either way only releases the snapshot.
         tx.finish().map_err(|e| self.err(e))?;
         Ok(value)
@@ -156,8 +73,8 @@ impl Queue {
                         task_id: r.get(0)?,
                         attempt: r.get(1)?,
                         task_name: r.get(2)?,
-                        started_at: real(&cell(r, 3)?),
-                        enqueued_at: real(&cell(r, 4)?),
+                        started_at: cell(r, 3)?.as_f64(),
+                        enqueued_at: cell(r, 4)?.as_f64(),
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
@@ -192,13 +109,13 @@ impl Queue {
             .and_then(|mut s| {
                 s.query_map([now], |r| {
                     Ok(TaskDepth {
-                        task_name: text_lossy(cell(r, 0)?),
+                        task_name: cell(r, 0)?.into_text_lossy(),
                         queued: r.get(1)?,
                         due: r.get(2)?,
                         delayed: r.get(3)?,
                         leased: r.get(4)?,
-                        oldest_due_at: real(&cell(r, 5)?),
-                        next_due_at: real(&cell(r, 6)?),
+                        oldest_due_at: cell(r, 5)?.as_f64(),
+                        next_due_at: cell(r, 6)?.as_f64(),
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
@@ -283,9 +200,11 @@ impl Queue {
                 let run_after: f64 = r.get(2).map_err(err)?;
                 let row = DueRow {
                     task_id: r.get(0).map_err(err)?,
-                    task_name: text_lossy(cell(r, 1).map_err(err)?),
+                    task_name: cell(r, 1).map_err(err)?.into_text_lossy(),
                     priority: p,
-                    due_since: real(&cell(r, 3).map_err(err)?)
+                    due_since: cell(r, 3)
+                        .map_err(err)?
+                        .as_f64()
                         .map_or(run_after, |c| c.max(run_after)),
                 };
                 if visit(row) {
@@ -409,16 +328,6 @@ fn parse_totals(text: &str) -> BTreeMap<String, Totals> {
         .collect()
 }
 
-/// A time column a producer may have filled with anything.
-fn real(value: &Value) -> Option<f64> {
-    match *value {
-        Value::Real(t) => Some(t),
-        #[allow(clippy::cast_precision_loss)] // Unix seconds fit a double exactly for ages to come.
-        Value::Integer(t) => Some(t as f64),
-        _ => None,
-    }
-}
-
 fn earliest(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -429,16 +338,22 @@ fn earliest(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::Access;
+    use crate::store::Access;
 
-    fn queue() -> (tempfile::TempDir, Queue) {
+    fn queue() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
-        let mut queue = Queue::open(&dir.path().join("q.db"), Access::Create).unwrap();
+        let mut queue = SqliteStore::open(&dir.path().join("q.db"), Access::Create).unwrap();
         queue.ensure_schema().unwrap();
         (dir, queue)
     }
 
-    fn insert(queue: &Queue, name: &str, created_at: f64, run_after: f64, priority: i64) -> i64 {
+    fn insert(
+        queue: &SqliteStore,
+        name: &str,
+        created_at: f64,
+        run_after: f64,
+        priority: i64,
+    ) -> i64 {
         queue
             .conn
             .query_row(
@@ -628,7 +543,7 @@ mod tests {
                 "SEARCH foreman_daemon USING INTEGER PRIMARY KEY (rowid=?)",
             ),
         ] {
-            let plan = crate::queue::tests::query_plan(&queue, sql);
+            let plan = crate::store::sqlite::tests::query_plan(&queue, sql);
             assert!(plan.contains(wanted), "{sql}: {plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
             // Walking the partial index of running attempts is fine: it holds nothing else.

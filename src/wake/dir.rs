@@ -1,6 +1,8 @@
-//! `WakeupDir`: the directory producers touch to wake the daemon. Owns its creation and its checks
-//! (a directory, ours, writable), the inotify watch (through `notify`), and clearing the files the
-//! daemon has consumed.
+//! The wakeup directory, the SQLite way to wake the daemon: producers create a file in it after
+//! their commit. `WakeupDir` owns the directory's creation and checks (a directory, ours, writable),
+//! its inotify watch (through `notify`) and clearing the files the daemon has consumed;
+//! `DirWakeups` keeps a watch on it for the loop, setting it up again when the directory is
+//! removed or replaced, or when no watch could be had.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -310,10 +312,132 @@ fn check_existing(path: &Path, link: &std::fs::Metadata) -> Result<()> {
     })
 }
 
+/// The wakeup dir as the loop uses it: watched, its files cleared after each wake, and set up
+/// again (at once, from the watch's own removal event, or at the tick) when it goes.
+pub struct DirWakeups {
+    dir: WakeupDir,
+    /// The inotify watch; `None` while none can be set up (the tick tries again).
+    watcher: Option<RecommendedWatcher>,
+    /// Where a new watch sends its wakes.
+    wakes: Sender<()>,
+    /// The last problem with the directory or its watch that was logged, so each is logged once.
+    trouble: Option<String>,
+    /// The fallback tick, which the messages name as what keeps the queue moving meanwhile.
+    tick: Duration,
+}
+
+impl DirWakeups {
+    /// Creates the directory if it is missing and watches it. A watch that cannot be set up (out
+    /// of inotify instances or watches, which other programs of this user hold) is a warning: the
+    /// tick alone keeps the queue moving, and every tick tries the watch again.
+    pub fn start(path: &Path, tick: Duration, wakes: Sender<()>) -> Result<DirWakeups> {
+        let dir = WakeupDir::prepare(path)?;
+        let (watcher, trouble) = match dir.watch(wakes.clone()) {
+            Ok(watcher) => (Some(watcher), None),
+            Err(e) => {
+                let message = unwatched(&e, tick);
+                log::warn!("{message}");
+                (None, Some(message))
+            }
+        };
+        let mut wakeups = DirWakeups {
+            dir,
+            watcher,
+            wakes,
+            trouble,
+            tick,
+        };
+        wakeups.dir.clear();
+        Ok(wakeups)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A wake arrived: clears the files (so create-if-absent producers signal again), and
+    /// watches the directory again if the wake was the watch's own removal.
+    pub fn woken(&mut self) {
+        if self.dir.watch_lost() {
+            self.look();
+        }
+        self.dir.clear();
+    }
+
+    /// The tick's look at the directory: clears files left there (a stale file would keep
+    /// create-if-absent producers from ever signalling again), and sets the watch up again when
+    /// the directory was removed or replaced, or when none could be set up before. Returns
+    /// whether a producer may have signalled since the last look.
+    pub fn look(&mut self) -> bool {
+        match self.dir.clear_if_changed() {
+            Ok(removed) => {
+                if self.watcher.is_none() {
+                    self.rewatch(None);
+                }
+                removed > 0
+            }
+            Err(lost) => {
+                self.rewatch(Some(lost));
+                true
+            }
+        }
+    }
+
+    /// (Re)creates and watches the directory. Each distinct failure is logged once; the tick
+    /// tries again, and meanwhile moves the queue by itself.
+    fn rewatch(&mut self, lost: Option<Lost>) {
+        let path = self.dir.path().to_path_buf();
+        if lost.is_some() {
+            self.watcher = None; // It watches a directory producers no longer reach.
+        }
+        let set_up = WakeupDir::prepare(&path)
+            .and_then(|dir| dir.watch(self.wakes.clone()).map(|w| (dir, w)));
+        match set_up {
+            Ok((mut dir, watcher)) => {
+                dir.clear();
+                self.dir = dir;
+                self.watcher = Some(watcher);
+                self.trouble = None;
+                match lost {
+                    Some(lost) => log::warn!(
+                        "wakeup dir {} {lost} while the daemon ran; watching it again",
+                        path.display()
+                    ),
+                    None => log::info!(
+                        "watching wakeup dir {} again: new tasks start at once again",
+                        path.display()
+                    ),
+                }
+            }
+            Err(e) => {
+                let message = match lost {
+                    Some(lost) => format!(
+                        "wakeup dir {} {lost} while the daemon ran, and cannot be set up again: {e}; tasks start within the {} tick until it can",
+                        path.display(),
+                        format_duration(self.tick)
+                    ),
+                    None => unwatched(&e, self.tick),
+                };
+                if self.trouble.as_deref() != Some(message.as_str()) {
+                    log::warn!("{message}");
+                    self.trouble = Some(message);
+                }
+            }
+        }
+    }
+}
+
+/// Why the wakeup dir is not watched, and what that costs.
+fn unwatched(e: &Error, tick: Duration) -> String {
+    format!(
+        "{e}; falling back to the {} tick until a watch can be set up (a new task may wait up to a tick to start)",
+        format_duration(tick)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn the_tick_reads_the_directory_only_after_a_change() {

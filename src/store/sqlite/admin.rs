@@ -4,108 +4,18 @@
 
 use std::time::Duration;
 
-use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Queue, cell, text_lossy};
+use super::{SqliteStore, cell};
 use crate::error::Result;
-
-/// Where a task stands, as `foreman wait` reports it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaskProgress {
-    pub task_id: i64,
-    pub task_name: String,
-    /// `queued`, `delayed` or `leased` while its row is in `foreman_task` (and not running), else
-    /// the state of its latest attempt in `foreman_run` (`running`, `done`, `failed`, `timeout`,
-    /// `lost`, `dead`, `cancelled`), or `dead` from `foreman_dead` when it never had an attempt.
-    pub state: String,
-    /// The attempt this state is about; 0 for a dead letter that never ran.
-    pub attempt: i64,
-    /// No further attempt will be made: `state` is the outcome.
-    pub is_final: bool,
-    pub error: Option<String>,
-    pub enqueued_at: Option<f64>,
-    pub started_at: Option<f64>,
-    pub finished_at: Option<f64>,
-}
-
-impl TaskProgress {
-    pub fn succeeded(&self) -> bool {
-        self.is_final && self.state == "done"
-    }
-}
-
-/// What `Queue::cancel` did with one id.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CancelOutcome {
-    /// Its row was deleted before it started; its attempt is recorded `cancelled`.
-    Cancelled {
-        task_name: String,
-    },
-    /// Leased (`leased`: an at-least-once task), or its latest attempt is running: it has started.
-    Running {
-        leased: bool,
-    },
-    /// Its latest attempt ended in this state (or it is a dead letter: `dead`).
-    Finished {
-        state: String,
-    },
-    Unknown,
-}
-
-/// A row of `foreman_dead`. Text columns are as stored, read lossily when not valid UTF-8.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub task_id: i64,
-    pub task_name: Option<String>,
-    pub args: Option<String>,
-    pub kwargs: Option<String>,
-    pub reason: String,
-    pub created_at: Option<f64>,
-    pub died_at: Option<f64>,
-    pub attempts: i64,
-    pub priority: i64,
-    pub origin: Option<String>,
-}
-
-/// The newest dead letters, and how many match in all.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadPage {
-    pub total: i64,
-    pub rows: Vec<DeadLetter>,
-}
-
-/// Which dead letters `Queue::requeue_dead` takes.
-#[derive(Debug, Clone, Copy)]
-pub enum DeadSelection<'a> {
-    Ids(&'a [i64]),
-    /// Every dead letter, or those of one task name.
-    All {
-        task: Option<&'a str>,
-    },
-}
-
-/// What `Queue::requeue_dead` did with one dead letter.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Requeued {
-    /// Queued again as the new task `task_id`; the dead row is gone.
-    Task {
-        dead_id: i64,
-        task_id: i64,
-    },
-    /// Left dead: `foreman_task.task_name` cannot be NULL.
-    NoName {
-        dead_id: i64,
-    },
-    Unknown {
-        dead_id: i64,
-    },
-}
+use crate::store::row::Cell;
+use crate::store::types::{
+    CancelOutcome, DeadLetter, DeadPage, DeadSelection, Requeued, TaskProgress,
+};
 
 const NOW: &str = "(julianday('now') - 2440587.5) * 86400.0";
 
-impl Queue {
+impl SqliteStore {
     /// Where task `id` stands, read in one snapshot; `None` when no table knows the id.
     pub fn task_progress(&self, id: i64) -> Result<Option<TaskProgress>> {
         let err = |e| self.err(e);
@@ -161,8 +71,8 @@ impl Queue {
                         args: text(cell(r, 3)?),
                         kwargs: text(cell(r, 4)?),
                         reason: text(cell(r, 5)?).unwrap_or_default(),
-                        created_at: real(&cell(r, 6)?),
-                        died_at: real(&cell(r, 7)?),
+                        created_at: cell(r, 6)?.as_f64(),
+                        died_at: cell(r, 7)?.as_f64(),
                         attempts: integer(&cell(r, 8)?),
                         priority: integer(&cell(r, 9)?),
                         origin: text(cell(r, 10)?),
@@ -220,17 +130,17 @@ fn latest_run(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgres
     )?
     .query_row([id], |r| {
         let state = text(cell(r, 2)?).unwrap_or_default();
-        let retry_at = real(&cell(r, 7)?);
+        let retry_at = cell(r, 7)?.as_f64();
         Ok(TaskProgress {
             task_id: id,
-            task_name: text_lossy(cell(r, 1)?),
+            task_name: cell(r, 1)?.into_text_lossy(),
             is_final: is_final(&state, retry_at),
             state,
             attempt: r.get(0)?,
             error: text(cell(r, 6)?),
-            enqueued_at: real(&cell(r, 3)?),
-            started_at: real(&cell(r, 4)?),
-            finished_at: real(&cell(r, 5)?),
+            enqueued_at: cell(r, 3)?.as_f64(),
+            started_at: cell(r, 4)?.as_f64(),
+            finished_at: cell(r, 5)?.as_f64(),
         })
     })
     .optional()
@@ -260,12 +170,12 @@ fn queued_task(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgre
         };
         Ok(TaskProgress {
             task_id: id,
-            task_name: text_lossy(cell(r, 0)?),
+            task_name: cell(r, 0)?.into_text_lossy(),
             state: state.to_owned(),
             attempt: attempt(&cell(r, 2)?),
             is_final: false,
             error: None,
-            enqueued_at: real(&cell(r, 1)?),
+            enqueued_at: cell(r, 1)?.as_f64(),
             started_at: None,
             finished_at: None,
         })
@@ -283,21 +193,21 @@ fn latest_dead(conn: &Connection, id: i64) -> rusqlite::Result<Option<TaskProgre
     .query_row([id], |r| {
         Ok(TaskProgress {
             task_id: id,
-            task_name: text_lossy(cell(r, 0)?),
+            task_name: cell(r, 0)?.into_text_lossy(),
             state: "dead".to_owned(),
             attempt: integer(&cell(r, 4)?),
             is_final: true,
             error: text(cell(r, 2)?),
-            enqueued_at: real(&cell(r, 1)?),
+            enqueued_at: cell(r, 1)?.as_f64(),
             started_at: None,
-            finished_at: real(&cell(r, 3)?),
+            finished_at: cell(r, 3)?.as_f64(),
         })
     })
     .optional()
 }
 
 fn cancel_in(tx: &Connection, id: i64) -> rusqlite::Result<CancelOutcome> {
-    let row: Option<(Value, Value, Value, bool)> = tx
+    let row: Option<(Cell, Cell, Cell, bool)> = tx
         .query_row(
             "SELECT task_name, attempt, created_at, leased_at IS NOT NULL FROM foreman_task WHERE id = ?1",
             [id],
@@ -307,7 +217,7 @@ fn cancel_in(tx: &Connection, id: i64) -> rusqlite::Result<CancelOutcome> {
     match row {
         Some((_, _, _, true)) => Ok(CancelOutcome::Running { leased: true }),
         Some((name, attempt_value, created_at, false)) => {
-            let task_name = text_lossy(name);
+            let task_name = name.into_text_lossy();
             tx.execute("DELETE FROM foreman_task WHERE id = ?1", [id])?;
             // OR REPLACE: the queued row is the authority on its attempt, which has not started;
             // a leftover row for that number would only be a stale copy.
@@ -316,7 +226,7 @@ fn cancel_in(tx: &Connection, id: i64) -> rusqlite::Result<CancelOutcome> {
                     "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, enqueued_at, finished_at) \
                      VALUES (?1, ?2, ?3, 'cancelled', ?4, {NOW})"
                 ),
-                params![id, attempt(&attempt_value), task_name, real(&created_at)],
+                params![id, attempt(&attempt_value), task_name, created_at.as_f64()],
             )?;
             Ok(CancelOutcome::Cancelled { task_name })
         }
@@ -362,33 +272,24 @@ fn requeue_one(tx: &Connection, dead_id: i64) -> rusqlite::Result<Requeued> {
     Ok(Requeued::Task { dead_id, task_id })
 }
 
-fn text(value: Value) -> Option<String> {
+fn text(value: Cell) -> Option<String> {
     match value {
-        Value::Null => None,
-        other => Some(text_lossy(other)),
+        Cell::Null => None,
+        other => Some(other.into_text_lossy()),
     }
 }
 
-fn real(value: &Value) -> Option<f64> {
+fn integer(value: &Cell) -> i64 {
     match *value {
-        Value::Real(t) => Some(t),
-        #[allow(clippy::cast_precision_loss)] // Unix seconds fit a double exactly for ages to come.
-        Value::Integer(t) => Some(t as f64),
-        _ => None,
-    }
-}
-
-fn integer(value: &Value) -> i64 {
-    match *value {
-        Value::Integer(i) => i,
+        Cell::Integer(i) => i,
         _ => 0,
     }
 }
 
 /// A row's attempt the way the pop reads it: anything but a positive integer is the first.
-fn attempt(value: &Value) -> i64 {
+fn attempt(value: &Cell) -> i64 {
     match *value {
-        Value::Integer(a) if a >= 1 => a,
+        Cell::Integer(a) if a >= 1 => a,
         _ => 1,
     }
 }

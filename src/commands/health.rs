@@ -5,10 +5,57 @@
 
 use std::collections::HashSet;
 
-use super::{CheckedBy, Observation, Thresholds, age, one_line, open, rounded};
+use std::time::Duration;
+
+use clap::Args;
+
+use super::format::{age, one_line, rounded};
+use super::observe::{CheckedBy, Observation, Thresholds, open};
+use super::{Globals, exit_status, print};
 use crate::config::Config;
-use crate::queue::Queue;
-use crate::queue::report::{DaemonRow, DueRow};
+use crate::duration::parse_duration;
+use crate::store::{DaemonRow, DueRow, Store};
+
+// `health` is a probe: Docker reads any exit but 0 as unhealthy and reserves 2, so every
+// unhealthy verdict is 1 and 2 stays a usage error.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  healthy: the daemon runs, its heartbeat is fresh, and no task waits past --max-queue-age
+     while a worker is free (busy workers or a saturated pool are healthy)
+  1  unhealthy; the line says why: daemon_down, heartbeat_stale, stalled, db_error
+  2  usage or configuration error
+
+Examples:
+  Dockerfile:  HEALTHCHECK --interval=30s CMD foreman health
+  Kubernetes:  livenessProbe: {exec: {command: [foreman, health, --max-age, 30s]}}";
+
+/// Exit 0 if the daemon is healthy, else 1 with one line saying why (for Docker and Kubernetes)
+#[derive(Args, Debug)]
+#[command(after_help = EXIT_CODES)]
+pub struct HealthArgs {
+    /// A heartbeat older than this is stale [default: 6 × the heartbeat setting, 30s]
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub max_age: Option<Duration>,
+    /// A due task waiting longer than this while a worker is free is a stall
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_queue_age: Duration,
+    /// One JSON document instead of the line
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(globals: &Globals, args: &HealthArgs) -> crate::Result<()> {
+    let config = globals.load_config()?;
+    let thresholds = Thresholds {
+        max_age: args
+            .max_age
+            .unwrap_or(Thresholds::defaults(&config).max_age),
+        max_queue_age: args.max_queue_age,
+    };
+    let (text, healthy) = verdict(&config, thresholds, args.json);
+    print(&text)?;
+    if healthy { Ok(()) } else { Err(exit_status(1)) }
+}
 
 /// Due rows looked at per priority when the oldest ones belong to saturated pools: the pop's own
 /// lookahead, so health sees the rows a pop would.
@@ -87,11 +134,11 @@ impl Verdict {
 
 /// Reads what a verdict needs, in one snapshot: the observation, and the row `waiting` finds.
 pub fn observe(
-    queue: &Queue,
+    store: &Store,
     config: &Config,
     thresholds: Thresholds,
 ) -> crate::Result<(Observation, Option<DueRow>)> {
-    Observation::read_with(queue, config, thresholds.max_age, |q, now, row| {
+    Observation::read_with(store, config, thresholds.max_age, |q, now, row| {
         waiting(q, now, row, thresholds)
     })
 }
@@ -100,7 +147,7 @@ pub fn observe(
 /// `--max-queue-age`, and not a task of a pool whose every process is busy (by the pools `row`
 /// lists).
 pub fn waiting(
-    queue: &Queue,
+    store: &Store,
     now: f64,
     row: Option<&DaemonRow>,
     thresholds: Thresholds,
@@ -115,7 +162,7 @@ pub fn waiting(
         })
         .unwrap_or_default();
     let before = now - thresholds.max_queue_age.as_secs_f64();
-    queue.first_waiting(before, STALL_LOOKAHEAD, |due| {
+    store.first_waiting(before, STALL_LOOKAHEAD, |due| {
         !saturated.contains(due.task_name.as_str())
     })
 }
@@ -123,8 +170,8 @@ pub fn waiting(
 /// `foreman health`: the text (one line, or the JSON document) to print, and whether it is
 /// healthy. A database that cannot be read is a verdict too (`db_error`), so a probe always gets
 /// its one line.
-pub fn run(config: &Config, thresholds: Thresholds, json_form: bool) -> (String, bool) {
-    let (obs, verdict) = match open(config).and_then(|queue| observe(&queue, config, thresholds)) {
+fn verdict(config: &Config, thresholds: Thresholds, json_form: bool) -> (String, bool) {
+    let (obs, verdict) = match open(config).and_then(|store| observe(&store, config, thresholds)) {
         Ok((obs, waiting)) => {
             let verdict = judge(&obs, waiting.as_ref(), thresholds);
             (Some(obs), verdict)
@@ -343,8 +390,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::ops::{DaemonView, Lock};
-    use crate::queue::report::{DaemonRow, PoolRow, RunningAttempt};
+    use crate::commands::observe::{DaemonView, Lock};
+    use crate::store::{DaemonRow, PoolRow, RunningAttempt};
 
     const NOW: f64 = 10_000.0;
     const LIMITS: Thresholds = Thresholds {

@@ -8,8 +8,29 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
 
+use clap::Args;
+
+use super::observe::open;
 use super::status::Status;
+use super::{Globals, print};
 use crate::error::{Error, Result};
+
+/// Print status figures in the Prometheus text format (for node_exporter's textfile collector)
+#[derive(Args, Debug)]
+pub struct MetricsArgs {
+    /// Write them to FILE atomically (temporary file and rename) instead of stdout
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+}
+
+pub fn run(globals: &Globals, args: &MetricsArgs) -> Result<()> {
+    let config = globals.load_config()?;
+    let text = render(&Status::read(&open(&config)?, &config)?);
+    match &args.output {
+        Some(path) => write_atomically(path, &text),
+        None => print(&text),
+    }
+}
 
 /// The text a textfile collector reads.
 pub fn render(status: &Status) -> String {

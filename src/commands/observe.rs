@@ -1,22 +1,15 @@
-//! The operator's commands `status`, `stats`, `health` and `metrics`: what they make of the rows
-//! the daemon publishes (read through `queue::report`), the PID file's lock and /proc — up or down,
-//! a stale heartbeat, a stalled queue — and how they print it: aligned text with colour only on a
-//! terminal, one JSON document, or the Prometheus text format. It never writes the database and
-//! never talks to the daemon process, so it works from another container sharing the volume.
+//! What the operator's commands (`status`, `stats`, `health`, `metrics`) make of the rows the
+//! daemon publishes, the PID file's lock and /proc: is the daemon up or down, since when, with which
+//! heartbeat, and the thresholds a verdict is judged by. It never writes the database and never
+//! talks to the daemon process, so it works from another container sharing the volume.
 
 use std::path::Path;
 use std::time::Duration;
 
 use crate::config::Config;
 use crate::pid_guard::DaemonState;
-use crate::queue::report::{DaemonRow, DueRow, RunningAttempt};
-use crate::queue::{Access, Queue};
+use crate::store::{Access, DaemonRow, DueRow, RunningAttempt, Store};
 use crate::sys::{hostname, process_start};
-
-pub mod health;
-pub mod metrics;
-pub mod stats;
-pub mod status;
 
 /// Heartbeats a daemon may miss before `--max-age` (by default) calls it stale: a busy daemon
 /// writes its row at least once a second and an idle one every `heartbeat`, so six missed ones is
@@ -58,7 +51,13 @@ pub enum Lock {
 }
 
 impl Lock {
-    pub fn read(pid_file: &Path) -> Lock {
+    pub fn read(pid_file: Option<&Path>) -> Lock {
+        let Some(pid_file) = pid_file else {
+            // Daemons that share a database server have no lock file: their rows say.
+            return Lock::Unknown {
+                why: "no PID file (the daemons share the database)".to_owned(),
+            };
+        };
         let since = match std::fs::metadata(pid_file) {
             Ok(meta) => meta.modified().ok().map(unix_seconds),
             // No daemon ever ran with this PID file here: if one runs elsewhere, its row says so.
@@ -239,15 +238,15 @@ impl Observation {
     /// Reads the observation and, in the same snapshot, whatever `more` reads (given the time and
     /// the daemon row).
     pub fn read_with<T>(
-        queue: &Queue,
+        store: &Store,
         config: &Config,
         max_age: Duration,
-        more: impl FnOnce(&Queue, f64, Option<&DaemonRow>) -> crate::Result<T>,
+        more: impl FnOnce(&Store, f64, Option<&DaemonRow>) -> crate::Result<T>,
     ) -> crate::Result<(Observation, T)> {
         // The lock first: a daemon that starts after it was read only makes the row look newer.
-        let lock = Lock::read(&config.pid_file);
+        let lock = Lock::read(config.pid_file.as_deref());
         let now = crate::clock::unix_now();
-        let (row, running, oldest_due, more) = queue.snapshot(|q| {
+        let (row, running, oldest_due, more) = store.snapshot(|q| {
             let row = q.daemon_row()?;
             let more = more(q, now, row.as_ref())?;
             Ok((row, q.running_attempts()?, q.oldest_due(now)?, more))
@@ -273,10 +272,8 @@ impl Observation {
 }
 
 /// Opens the database read-only and checks its schema: the operator commands never write.
-pub fn open(config: &Config) -> crate::Result<Queue> {
-    let queue = Queue::open(&config.db, Access::ReadOnly)?;
-    queue.check_schema()?;
-    Ok(queue)
+pub fn open(config: &Config) -> crate::Result<Store> {
+    Store::open_checked(&config.db, Access::ReadOnly)
 }
 
 /// This machine's name, as the daemon records it in its row; empty if it cannot be read.
@@ -285,136 +282,10 @@ fn unix_seconds(time: std::time::SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Whether human output may carry colour: stdout is a terminal and `NO_COLOR` is unset or empty
-/// (no-color.org).
-pub fn colour_wanted() -> bool {
-    use std::io::IsTerminal;
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
-/// ANSI colour for the human forms, or none.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Style {
-    pub colour: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub enum Paint {
-    Bold,
-    Dim,
-    Red,
-    Green,
-    Yellow,
-}
-
-impl Style {
-    /// `text` wrapped in the colour's codes; pad it first, since the codes have no width.
-    pub fn paint(self, paint: Paint, text: &str) -> String {
-        if !self.colour {
-            return text.to_owned();
-        }
-        let code = match paint {
-            Paint::Bold => "1",
-            Paint::Dim => "2",
-            Paint::Red => "31",
-            Paint::Green => "32",
-            Paint::Yellow => "33",
-        };
-        format!("\x1b[{code}m{text}\x1b[0m")
-    }
-}
-
-/// An age for people: `0.8s`, `42s`, `12m 03s`, `2h 03m`, `3d 04h`.
-pub fn age(seconds: f64) -> String {
-    let seconds = seconds.max(0.0);
-    if seconds < 10.0 {
-        return format!("{seconds:.1}s");
-    }
-    #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
-    // Non-negative, and ages fit.
-    let whole = seconds as u64;
-    match whole {
-        0..60 => format!("{whole}s"),
-        60..3600 => format!("{}m {:02}s", whole / 60, whole % 60),
-        3600..86_400 => format!("{}h {:02}m", whole / 3600, whole % 3600 / 60),
-        _ => format!("{}d {:02}h", whole / 86_400, whole % 86_400 / 3600),
-    }
-}
-
-/// A task's wall or wait time for people: `85µs`, `120ms`, `2.30s`, then as an age.
-pub fn span(seconds: f64) -> String {
-    match seconds {
-        s if s < 0.001 => format!("{:.0}µs", s.max(0.0) * 1e6),
-        s if s < 1.0 => format!("{:.0}ms", s * 1e3),
-        s if s < 10.0 => format!("{s:.2}s"),
-        s => age(s),
-    }
-}
-
-/// Seconds with millisecond precision: the JSON forms' unit.
-pub fn rounded(seconds: f64) -> f64 {
-    (seconds * 1000.0).round() / 1000.0
-}
-
-/// `text` on one line of at most `width` characters, cut with an ellipsis.
-pub fn one_line(text: &str, width: usize) -> String {
-    let clean = text.chars().map(|c| if c.is_control() { ' ' } else { c });
-    if text.chars().count() <= width {
-        return clean.collect();
-    }
-    let mut cut: String = clean.take(width.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
-}
-
-/// Aligned columns under a dimmed header, each line indented by `indent`; `right[i]` right-aligns
-/// column i (numbers). The last column is not padded, so lines carry no trailing spaces.
-pub fn columns(
-    indent: &str,
-    header: &[&str],
-    rows: &[Vec<String>],
-    right: &[bool],
-    style: Style,
-) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &mut dyn Iterator<Item = &str>| {
-        let mut text = String::from(indent);
-        for (i, cell) in cells.enumerate() {
-            let pad = widths[i].saturating_sub(cell.chars().count());
-            if i > 0 {
-                text.push_str("  ");
-            }
-            let last = i + 1 == widths.len();
-            if right.get(i).copied().unwrap_or(false) {
-                text.extend(std::iter::repeat_n(' ', pad));
-                text.push_str(cell);
-            } else {
-                text.push_str(cell);
-                if !last {
-                    text.extend(std::iter::repeat_n(' ', pad));
-                }
-            }
-        }
-        text
-    };
-    let mut out = style.paint(Paint::Dim, line(&mut header.iter().copied()).trim_end());
-    out.push('\n');
-    for row in rows {
-        out.push_str(line(&mut row.iter().map(String::as_str)).trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::report::DaemonRow;
+    use crate::store::DaemonRow;
 
     fn row(pid: i64, started_at: f64, heartbeat_at: f64) -> DaemonRow {
         DaemonRow {
@@ -488,19 +359,5 @@ mod tests {
         elsewhere.host = "there".to_owned();
         assert!(!observe(unknown(), Some(elsewhere), None).process_gone);
         assert!(!observe(unknown(), None, None).running);
-    }
-
-    #[test]
-    fn ages_and_spans_read_at_a_glance() {
-        assert_eq!(age(0.84), "0.8s");
-        assert_eq!(age(42.3), "42s");
-        assert_eq!(age(723.0), "12m 03s");
-        assert_eq!(age(7380.0), "2h 03m");
-        assert_eq!(age(3.0 * 86_400.0 + 4.0 * 3600.0), "3d 04h");
-        assert_eq!(age(-5.0), "0.0s");
-        assert_eq!(span(0.000_085), "85µs");
-        assert_eq!(span(0.12), "120ms");
-        assert_eq!(span(2.3), "2.30s");
-        assert_eq!(span(75.0), "1m 15s");
     }
 }

@@ -1,0 +1,67 @@
+//! `foreman enqueue`: inserts one task, as a producer would, wakes the daemon, prints the id.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{Globals, print};
+use crate::duration::parse_duration;
+use crate::error::{Error, Result};
+use crate::store::{Access, NewTask, Store};
+
+/// Enqueue a task and print its id
+#[derive(Args, Debug)]
+pub struct EnqueueArgs {
+    /// Task name, e.g. foreman.echo
+    pub name: String,
+    /// Positional arguments as a JSON array
+    #[arg(default_value = "[]", value_name = "ARGS_JSON")]
+    pub args: String,
+    /// Keyword arguments as a JSON object
+    #[arg(long, default_value = "{}", value_name = "JSON")]
+    pub kwargs: String,
+    /// Start it no sooner than this from now, e.g. 10m
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub delay: Option<Duration>,
+    /// Higher runs first: -100 to 100
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i64).range(-100..=100),
+        value_name = "N"
+    )]
+    pub priority: i64,
+}
+
+pub fn run(globals: &Globals, task: &EnqueueArgs) -> Result<()> {
+    if let Some(problem) = crate::task::name_problem(&task.name) {
+        return Err(Error::Config(format!("task name {problem}")));
+    }
+    let args: serde_json::Value = serde_json::from_str(&task.args)
+        .map_err(|e| Error::Config(format!("ARGS_JSON is not valid JSON: {e}")))?;
+    if !args.is_array() {
+        return Err(Error::Config(
+            "ARGS_JSON must be a JSON array, e.g. '[1, \"two\"]'".to_owned(),
+        ));
+    }
+    let kwargs: serde_json::Value = serde_json::from_str(&task.kwargs)
+        .map_err(|e| Error::Config(format!("--kwargs is not valid JSON: {e}")))?;
+    if !kwargs.is_object() {
+        return Err(Error::Config(
+            "--kwargs must be a JSON object, e.g. '{\"k\": 1}'".to_owned(),
+        ));
+    }
+    let config = globals.load_config()?;
+    let mut store = Store::open_checked(&config.db, Access::ReadWrite)?;
+    let id = store.enqueue_task(&NewTask {
+        name: &task.name,
+        args: &args.to_string(),
+        kwargs: &kwargs.to_string(),
+        delay: task.delay.unwrap_or_default().as_secs_f64(),
+        priority: task.priority,
+        origin: None,
+    })?;
+    crate::wake::poke(&config, &format!("task {id} enqueued"));
+    print(&format!("{id}\n"))
+}

@@ -1,0 +1,318 @@
+//! The foreman loop: one thread, one `match` over `Event`. It alone pops (and so deletes) rows, and
+//! it never has more tasks out than there are workers (plus the prefetch). It blocks only on its
+//! event channels and, bounded by the busy timeout, on the database's write lock.
+//!
+//! `serve` reads as two calls: `next_event` (the `select!` over the channels) and `handle` (the
+//! `match` over what came). The state is grouped by what it is for: the attempts out, the
+//! workers, the stop phase, and the upkeep parts (`QueueLook`, `ClockWatch`, `Pruning`, `Figures`,
+//! `DbTrouble`) in `upkeep.rs`; popping and finishing are in `work.rs`, stopping in `stop.rs`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, select};
+
+use crate::children::Children;
+use crate::clock::unix_now;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::outcome::Finished;
+use crate::pid_guard::PidGuard;
+use crate::process_pool::{PoolEvent, ProcessPool};
+use crate::registry::Registry;
+use crate::schedule::Schedules;
+use crate::signals::Shutdown;
+use crate::store::{Access, DaemonInfo, Ending, Store};
+use crate::sys::{hostname, process_start};
+use crate::thread_pool::ThreadPool;
+use crate::wake::Wakeups;
+
+mod stop;
+mod upkeep;
+mod work;
+
+use stop::{Phase, Stop};
+use upkeep::{ClockWatch, DbTrouble, Figures, Pruning, QueueLook};
+
+/// Everything the daemon reacts to.
+#[derive(Debug)]
+enum Event {
+    /// A producer signalled (a file appeared in the wakeup dir, or its watch overflowed).
+    Wakeup,
+    WorkerFinished(Finished),
+    /// A pool process said hello or failed to start.
+    Pool(PoolEvent),
+    /// The fallback tick: catches missed wakeups and stale wakeup files.
+    Tick,
+    Shutdown(Shutdown),
+    /// The current shutdown phase ran out of time.
+    Deadline,
+    /// A delayed task or a schedule is due.
+    Due,
+    /// Time to ping the watchdog, and maybe to write the heartbeat and figures.
+    Beat,
+}
+
+/// The channels the loop waits on, besides the timers it makes from its own state.
+struct Channels {
+    shutdown: Receiver<Shutdown>,
+    finished: Receiver<Finished>,
+    pool_events: Receiver<PoolEvent>,
+    wakes: Receiver<()>,
+    ticker: Receiver<Instant>,
+    beats: Receiver<Instant>,
+}
+
+/// A task handed to a worker (or waiting for one, prefetched) and not finished yet.
+struct Running {
+    name: String,
+    started: Instant,
+    /// The pool running it, if it is a pool task.
+    pool: Option<usize>,
+    /// Runs under a lease (at-least-once): its row stays queued until the attempt is recorded.
+    leased: bool,
+    /// Seconds from when it was due (enqueued, or its delay or backoff over) to its start.
+    waited: f64,
+}
+
+/// The tasks out of the queue: running (or prefetched), and ended but not recorded yet.
+#[derive(Default)]
+struct Attempts {
+    running: HashMap<i64, Running>,
+    /// Attempts that ended and are not recorded yet: the next cycle transaction writes them, with
+    /// its pop, so recording costs no transaction of its own.
+    ended: Vec<Ending>,
+}
+
+/// What runs the tasks: worker threads (in-process and command tasks), the process pools, and
+/// the record of every child process, so that none outlives the daemon.
+struct Workers {
+    threads: ThreadPool,
+    pools: Vec<ProcessPool>,
+    children: Arc<Children>,
+}
+
+struct Foreman<'c> {
+    config: &'c Config,
+    registry: Registry,
+    store: Store,
+    wake: Wakeups,
+    workers: Workers,
+    attempts: Attempts,
+    schedules: Schedules,
+    stop: Stop,
+    look: QueueLook,
+    clock: ClockWatch,
+    pruning: Pruning,
+    figures: Figures,
+    db_trouble: DbTrouble,
+}
+
+/// Runs the daemon until a shutdown signal arrives on `shutdown` and the running tasks are done
+/// (or the graceful timeout passes). Takes the PID lock, creates the schema and wakeup dir if
+/// absent, and drains the backlog first. At the graceful deadline, command tasks are killed but an
+/// in-process handler cannot be: `run` returns without it, and it ends when the process exits.
+pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
+    Store::preflight(&config.db)?;
+    Wakeups::preflight(config)?;
+    if let Some(pid_file) = &config.pid_file {
+        crate::fs_check::pid_file_writable(pid_file)?;
+    }
+    config.check_commands()?;
+    registry.add_config(config)?;
+    registry.check_schedules(config)?;
+    let _guard = config
+        .pid_file
+        .as_deref()
+        .map(PidGuard::acquire)
+        .transpose()?;
+    let mut store = open_store(config)?;
+    let schedules = Schedules::load(&config.schedules, &mut store, unix_now())?;
+    let (wake_tx, wakes) = crossbeam_channel::bounded(1);
+    let wake = Wakeups::start(config, wake_tx)?;
+    let (finished_tx, finished) = crossbeam_channel::unbounded();
+    let children = Arc::new(Children::default());
+    let threads = ThreadPool::start(config.workers, &finished_tx, &children)?;
+    let (pool_tx, pool_events) = crossbeam_channel::unbounded();
+    let pools = config
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(index, (name, pool))| {
+            ProcessPool::start(index, name, pool, &pool_tx, &finished_tx, &children)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    log_startup(config, &registry, &wake, &pools);
+    let mut foreman = Foreman {
+        config,
+        registry,
+        store,
+        wake,
+        workers: Workers {
+            threads,
+            pools,
+            children,
+        },
+        attempts: Attempts {
+            running: HashMap::with_capacity(config.workers),
+            ended: Vec::new(),
+        },
+        schedules,
+        stop: Stop::default(),
+        look: QueueLook::default(),
+        clock: ClockWatch::default(),
+        pruning: Pruning::default(),
+        figures: Figures::default(),
+        db_trouble: DbTrouble::default(),
+    };
+    foreman.schedules_due();
+    foreman.fill();
+    foreman.write_beat();
+    let status = foreman.status_line();
+    foreman.figures.notifier.ready(status);
+    // Figures are flushed by the tick too (at most once a second), so an idle daemon wakes for its
+    // heartbeat only every `heartbeat`.
+    let beat_every = foreman
+        .figures
+        .notifier
+        .watchdog_every()
+        .map_or(config.heartbeat, |w| w.min(config.heartbeat));
+    let mut channels = Channels {
+        shutdown: shutdown.clone(),
+        finished,
+        pool_events,
+        wakes,
+        ticker: crossbeam_channel::tick(config.tick),
+        beats: crossbeam_channel::tick(beat_every),
+    };
+    foreman.serve(&mut channels)
+}
+
+impl Foreman<'_> {
+    /// The loop: one event at a time until the daemon has stopped.
+    fn serve(&mut self, channels: &mut Channels) -> Result<()> {
+        loop {
+            let event = self.next_event(channels);
+            self.handle(event, channels)?;
+            if self.stopped() {
+                return self.stop.fatal.take().map_or(Ok(()), Err);
+            }
+        }
+    }
+
+    /// Waits for the next event: a channel's message, or one of the loop's own timers (the
+    /// shutdown phase's deadline, the next due task or schedule).
+    fn next_event(&self, channels: &mut Channels) -> Event {
+        loop {
+            let deadline = match self.stop.phase {
+                Phase::Running => crossbeam_channel::never(),
+                Phase::Draining { deadline } | Phase::Terminating { deadline } => {
+                    crossbeam_channel::at(deadline)
+                }
+            };
+            let due = match self.stop.phase {
+                Phase::Running => self
+                    .next_due()
+                    .map_or_else(crossbeam_channel::never, crossbeam_channel::at),
+                _ => crossbeam_channel::never(),
+            };
+            return select! {
+                recv(channels.shutdown) -> signal => if let Ok(signal) = signal {
+                    Event::Shutdown(signal)
+                } else {
+                    // Nobody can ask for a shutdown any more; stop listening instead of spinning.
+                    channels.shutdown = crossbeam_channel::never();
+                    continue;
+                },
+                recv(channels.finished) -> done => done.map_or(Event::Tick, Event::WorkerFinished),
+                recv(channels.pool_events) -> event => event.map_or(Event::Tick, Event::Pool),
+                recv(channels.wakes) -> _ => Event::Wakeup,
+                recv(channels.ticker) -> _ => Event::Tick,
+                recv(deadline) -> _ => Event::Deadline,
+                recv(due) -> _ => Event::Due,
+                recv(channels.beats) -> _ => Event::Beat,
+            };
+        }
+    }
+
+    fn handle(&mut self, event: Event, channels: &Channels) -> Result<()> {
+        match event {
+            Event::Wakeup => {
+                self.wake.woken();
+                self.fill();
+            }
+            Event::WorkerFinished(done) => {
+                self.finish(done);
+                // Coalesce: collect every worker that is done before popping once for all of them.
+                while let Ok(done) = channels.finished.try_recv() {
+                    self.finish(done);
+                }
+                self.fill();
+            }
+            Event::Pool(event) => {
+                self.pool_event(event);
+                self.fill();
+            }
+            Event::Tick => self.tick(),
+            Event::Shutdown(signal) => self.shutdown(signal)?,
+            Event::Deadline => self.deadline(),
+            Event::Due => {
+                self.look.next_task_due = None;
+                self.schedules_due();
+                self.fill();
+            }
+            Event::Beat => self.beat(),
+        }
+        Ok(())
+    }
+}
+
+/// Opens the database, creating or upgrading the schema, and takes back what a crashed predecessor
+/// left running. Called with the PID lock held: this daemon is the only one.
+fn open_store(config: &Config) -> Result<Store> {
+    let mut store = Store::open(&config.db, Access::Create)?;
+    store.ensure_schema()?;
+    let (requeued, lost) = store.recover(unix_now())?;
+    if requeued + lost > 0 {
+        log::warn!(
+            "the previous daemon stopped with tasks running: {lost} recorded lost (at-most-once), {requeued} queued again (at-least-once)"
+        );
+    }
+    store.register_daemon(&DaemonInfo {
+        pid: std::process::id(),
+        pid_start: process_start(std::process::id()),
+        host: hostname(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: unix_now(),
+        workers: config.workers,
+    })?;
+    Ok(store)
+}
+
+fn log_startup(config: &Config, registry: &Registry, wake: &Wakeups, pools: &[ProcessPool]) {
+    let pools = if pools.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = pools.iter().map(|p| &*p.name).collect();
+        format!(", pools starting: {}", names.join(", "))
+    };
+    log::info!(
+        "foreman running: pid {}, db {}, {}, {} workers, tasks: {}{pools}",
+        std::process::id(),
+        config.db,
+        wake.describe(),
+        config.workers,
+        registry.names().join(", "),
+    );
+}
+
+/// Why the daemon exits by itself, and with which error, once its running tasks are done.
+fn lost_database(db: &dyn std::fmt::Display, what: &str) -> Error {
+    Error::Environment(format!(
+        "database {db} {what} while the daemon ran; restart foreman to use the file now at that path"
+    ))
+}
+
+/// The longest sleep before re-checking due times; a far-off due time is re-read after it.
+const MAX_DUE_WAIT: Duration = Duration::from_hours(1);

@@ -1,0 +1,361 @@
+//! The loop's upkeep between tasks: the fallback tick's look at the queue, a database lost under
+//! the daemon, wall-clock steps, history pruning, the heartbeat with its figures, and how a lasting
+//! database error is logged.
+
+use std::time::{Duration, Instant};
+
+use super::stop::Phase;
+use super::{Foreman, lost_database};
+use crate::clock::{StepDetector, unix_now};
+use crate::duration::format_duration;
+use crate::error::Error;
+use crate::notify::Notifier;
+use crate::stats::{Tally, minute_of};
+use crate::store::{Beat, ChangeToken};
+
+/// History rows looked at per pruning transaction, so pruning never holds the write lock for long.
+const PRUNE_BATCH: usize = 1000;
+/// How often the loop prunes history when the last pass found nothing more to prune.
+const PRUNE_EVERY: Duration = Duration::from_mins(1);
+/// The longest a busy daemon keeps its figures in memory before writing them (with a heartbeat).
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// The idle tick skips its look at the queue while the store says nothing was committed; it
+/// looks anyway this often, in case a commit left no trace the store can see (a SQLite commit
+/// that left both files the same size within the file system's timestamp granularity).
+const LOOK_ANYWAY: Duration = Duration::from_secs(30);
+/// A DB error that lasts is logged again this often (the loop retries it at every tick).
+const DB_ERROR_EVERY: Duration = Duration::from_secs(10);
+
+/// What the loop knows of the queue between pops.
+pub(super) struct QueueLook {
+    /// What had been committed at the tick's last look at the queue.
+    pub(super) seen: Option<ChangeToken>,
+    /// When the tick last looked.
+    pub(super) at: Instant,
+    /// When the earliest delayed task is due, as the last short pop saw it.
+    pub(super) next_task_due: Option<f64>,
+}
+
+impl Default for QueueLook {
+    fn default() -> QueueLook {
+        QueueLook {
+            seen: None,
+            at: Instant::now(),
+            next_task_due: None,
+        }
+    }
+}
+
+/// Backward steps of the wall clock, and what is still to be done about one.
+#[derive(Default)]
+pub(super) struct ClockWatch {
+    /// Tells the wall clock's backward steps from the monotonic clock's steady pace.
+    pub(super) detector: StepDetector,
+    /// Seconds the wall clock stepped back that the queue's due times have not been moved by yet
+    /// (the DB refused the update); tried again at the next tick.
+    pub(super) stepped_back: f64,
+}
+
+/// Where history pruning is.
+pub(super) struct Pruning {
+    pub(super) next: Instant,
+    /// Where the next history pruning pass goes on from (a `foreman_run` key).
+    pub(super) from: Option<(i64, i64)>,
+}
+
+impl Default for Pruning {
+    fn default() -> Pruning {
+        Pruning {
+            next: Instant::now(),
+            from: None,
+        }
+    }
+}
+
+/// What the daemon publishes: its figures (to the database, with the heartbeat) and its status
+/// (to systemd).
+pub(super) struct Figures {
+    /// Figures of the ended attempts not written to `foreman_stat` yet.
+    pub(super) tally: Tally,
+    pub(super) notifier: Notifier,
+    /// When the heartbeat row was last written.
+    pub(super) last_beat: Instant,
+}
+
+impl Default for Figures {
+    fn default() -> Figures {
+        Figures {
+            tally: Tally::default(),
+            notifier: Notifier::from_env(),
+            last_beat: Instant::now(),
+        }
+    }
+}
+
+/// The DB's failures since it last took a write, so that a lasting one is logged once per
+/// `DB_ERROR_EVERY`, and its end once.
+#[derive(Default)]
+pub(super) struct DbTrouble {
+    /// When the first failure of the current streak happened.
+    since: Option<Instant>,
+    failures: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Foreman<'_> {
+    pub(super) fn tick(&mut self) {
+        if !matches!(self.stop.phase, Phase::Running) {
+            self.flush();
+            return;
+        }
+        if self.db_lost() {
+            return;
+        }
+        self.watch_clock();
+        if Instant::now() >= self.pruning.next {
+            self.prune();
+        }
+        if !self.figures.tally.is_empty() && self.figures.last_beat.elapsed() >= FLUSH_EVERY {
+            self.write_beat();
+        }
+        if self.attempts.running.len() >= self.capacity() {
+            if !self.attempts.ended.is_empty() {
+                self.fill(); // A DB error kept them from being recorded; try again.
+            }
+            return;
+        }
+        let woken = self.wake.look();
+        // Taken before the look, so a commit during it shows as a change next time.
+        let stamp = self.store.changes();
+        if !woken
+            && stamp.is_some()
+            && stamp == self.look.seen
+            && self.attempts.ended.is_empty()
+            && self.look.at.elapsed() < LOOK_ANYWAY
+        {
+            return; // Nothing was committed since the last look: the queue is as it was.
+        }
+        self.look.seen = stamp;
+        self.look.at = Instant::now();
+        match self.store.next_due() {
+            Ok(Some(due)) if due <= unix_now() => self.fill(),
+            Ok(due) => {
+                self.look.next_task_due = due;
+                if !self.attempts.ended.is_empty() {
+                    self.fill();
+                }
+            }
+            Err(e) => self.db_error("cannot read the queue", &e),
+        }
+    }
+
+    /// Whether the database was lost under the daemon (its file deleted, or replaced by a restored
+    /// backup): producers then write to a database it never reads. It stops popping, lets its
+    /// running tasks end, and `run` returns an error (exit 1), so that the supervisor's restart
+    /// opens the database that is there now.
+    pub(super) fn db_lost(&mut self) -> bool {
+        let Some(what) = self.store.lost() else {
+            return false;
+        };
+        log::error!(
+            "database {} {what} while the daemon ran: it stops popping and exits with status 1 once its {} running task(s) end, so that a restart opens the file now at that path",
+            self.config.db,
+            self.attempts.running.len()
+        );
+        self.stop.fatal = Some(lost_database(&self.config.db, what));
+        self.stop_popping("database gone");
+        true
+    }
+
+    /// Notices a backward step of the wall clock and moves what waits for a wall-clock time back
+    /// by as much, so that a delay or an `every` interval lasts what was asked, not that plus
+    /// the step. (A forward step needs nothing: what became due runs, a missed window once.)
+    pub(super) fn watch_clock(&mut self) {
+        let now = unix_now();
+        if let Some(back) = self.clock.detector.observe(Instant::now(), now) {
+            log::warn!(
+                "the wall clock stepped back {back:.1}s: moving the due times of delayed tasks and of `every` schedules back as much"
+            );
+            self.clock.stepped_back += back;
+            self.look.next_task_due = None;
+            self.schedules.step_back(&mut self.store, back, now);
+        }
+        if self.clock.stepped_back > 0.0 {
+            match self.store.move_due_back(self.clock.stepped_back, now) {
+                Ok(moved) => {
+                    if moved > 0 {
+                        log::info!(
+                            "moved {moved} delayed task(s) {:.1}s earlier after the clock step",
+                            self.clock.stepped_back
+                        );
+                    }
+                    self.clock.stepped_back = 0.0;
+                }
+                Err(e) => self.db_error("cannot move delayed tasks after the clock step", &e),
+            }
+        }
+    }
+
+    /// Prunes history older than the retention, a window of rows at a time: the next window at
+    /// the next tick until the whole history has been looked at, then again after a while.
+    pub(super) fn prune(&mut self) {
+        let now = unix_now();
+        let before = now - self.config.history_retention.as_secs_f64();
+        if self.pruning.from.is_none() {
+            // Once per pass over the history: a minute's figures are few rows.
+            let oldest = minute_of(now - self.config.stats_retention.as_secs_f64());
+            if let Err(e) = self.store.prune_stats(oldest) {
+                self.db_error("cannot prune old figures", &e);
+            }
+        }
+        match self
+            .store
+            .prune_history(before, self.pruning.from, PRUNE_BATCH)
+        {
+            Ok((pruned, next)) => {
+                if pruned > 0 {
+                    log::debug!("pruned {pruned} history row(s)");
+                }
+                self.pruning.from = next;
+                // A short retention (tests, small disks) is honoured to a tenth of itself.
+                let every = PRUNE_EVERY
+                    .min(self.config.history_retention / 10)
+                    .max(self.config.tick);
+                self.pruning.next = if next.is_some() {
+                    Instant::now()
+                } else {
+                    Instant::now() + every
+                };
+            }
+            Err(e) => {
+                self.pruning.next = Instant::now() + PRUNE_EVERY;
+                self.db_error("cannot prune old history", &e);
+            }
+        }
+    }
+
+    /// The heartbeat timer: pings systemd's watchdog (from this loop, so a stuck loop gets the
+    /// daemon restarted), and writes the heartbeat row with the figures when they are due.
+    pub(super) fn beat(&mut self) {
+        // A tenth short of the period: the timer fires every `heartbeat` (or more often, for the
+        // watchdog), and the last write ended a little after its firing.
+        let due = self.config.heartbeat.mul_f64(0.9);
+        if !self.figures.tally.is_empty() || self.figures.last_beat.elapsed() >= due {
+            self.write_beat();
+        }
+        let status = self.status_line();
+        self.figures.notifier.alive(status);
+    }
+
+    /// Writes the heartbeat row and the figures counted since the last one, in one transaction.
+    /// Our own commit must not read as a producer's to the next tick (`own_write`).
+    pub(super) fn write_beat(&mut self) {
+        let stats = self.figures.tally.take();
+        let pools = self.pools_json();
+        let totals = self.figures.tally.totals_json();
+        let beat = Beat {
+            pools_json: &pools,
+            totals_json: &totals,
+        };
+        let now = unix_now();
+        let written = self.store.own_write(&mut self.look.seen, |store| {
+            store.heartbeat(now, &beat, &stats)
+        });
+        match written {
+            Ok(()) => {
+                self.db_works();
+                self.figures.last_beat = Instant::now();
+            }
+            Err(e) => {
+                self.figures.tally.restore(stats);
+                self.db_error("cannot write the heartbeat", &e);
+            }
+        }
+    }
+
+    /// The pools as the heartbeat row shows them: what `foreman status` and `health` need to tell
+    /// a saturated pool from a stalled queue.
+    pub(super) fn pools_json(&self) -> String {
+        let pools: Vec<serde_json::Value> = self
+            .workers
+            .pools
+            .iter()
+            .map(|pool| {
+                let tasks: Vec<&String> = pool.served().into_iter().flatten().collect();
+                serde_json::json!({
+                    "name": &*pool.name,
+                    "processes": pool.processes(),
+                    "up": pool.up(),
+                    "busy": pool.in_flight(),
+                    "tasks": tasks,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(pools).to_string()
+    }
+
+    /// systemd's one-line status (`systemctl status` shows it).
+    pub(super) fn status_line(&self) -> String {
+        let phase = match self.stop.phase {
+            Phase::Running => "",
+            Phase::Draining { .. } | Phase::Terminating { .. } => "stopping; ",
+        };
+        let busy = self.attempts.running.len().min(self.config.workers);
+        let prefetched = match self.attempts.running.len() - busy {
+            0 => String::new(),
+            n => format!(" (+{n} prefetched)"),
+        };
+        format!(
+            "{phase}{busy}/{} busy{prefetched}; {} task(s) ended in the last minute",
+            self.config.workers,
+            self.figures.tally.last_minute(unix_now())
+        )
+    }
+
+    /// A DB operation failed: it is retried at the next event or tick. The first failure is
+    /// logged at once, then the latest one every `DB_ERROR_EVERY` while they last: a full disk
+    /// writes a line every few seconds, not one per tick. Not by the text: one cause reads
+    /// differently from the pop, the heartbeat and a schedule (and with the free space in it).
+    pub(super) fn db_error(&mut self, what: &str, e: &Error) {
+        // Whatever failed, the next tick looks at the queue: a pop that failed left due rows
+        // behind, and the disk coming back commits nothing that would say so.
+        self.look.seen = None;
+        let now = Instant::now();
+        let trouble = &mut self.db_trouble;
+        trouble.failures += 1;
+        let since = *trouble.since.get_or_insert(now);
+        let due = trouble
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= DB_ERROR_EVERY);
+        if !due {
+            return;
+        }
+        let error = e.to_string();
+        if trouble.logged_at.is_none() {
+            log::error!(
+                "{what}: {error} (retrying every {}; logged again every {} while it lasts)",
+                format_duration(self.config.tick),
+                format_duration(DB_ERROR_EVERY)
+            );
+        } else {
+            log::error!(
+                "{what}: {error} (failing for {:.1}s, {} attempts)",
+                now.duration_since(since).as_secs_f64(),
+                trouble.failures
+            );
+        }
+        trouble.logged_at = Some(now);
+    }
+
+    /// A DB write succeeded: ends a streak of failures, saying so.
+    pub(super) fn db_works(&mut self) {
+        let trouble = std::mem::take(&mut self.db_trouble);
+        if let Some(since) = trouble.since {
+            log::info!(
+                "the database takes writes again after {:.1}s ({} failed attempts)",
+                since.elapsed().as_secs_f64(),
+                trouble.failures
+            );
+        }
+    }
+}

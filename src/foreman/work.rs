@@ -1,0 +1,402 @@
+//! The loop's work on tasks: popping what is due into free slots (each row resolved to a handler,
+//! a dead letter, or "not yet"), handing tasks to the workers, and turning what they report into
+//! endings, retries and dead letters for the next cycle to record.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::stop::Phase;
+use super::{Foreman, MAX_DUE_WAIT, Running};
+use crate::clock::unix_now;
+use crate::config::{Config, Delivery, Runner};
+use crate::outcome::{Finished, Outcome, headline};
+use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
+use crate::registry::{Handler, Registry};
+use crate::store::{Ending, Next, Resolved, RunState};
+use crate::task::Task;
+use crate::thread_pool::Job;
+
+/// How long an at-least-once task's lease lasts (longer for a task with a longer timeout). The
+/// running daemon renews a lease that expires under a task still running; a dead daemon's leases
+/// are taken back at the next start, so this only matters if another daemon shares the DB.
+const MIN_LEASE: Duration = Duration::from_mins(10);
+/// Attempts to record the last ended attempts before the daemon exits (each may wait out the busy
+/// timeout).
+const FLUSH_TRIES: usize = 3;
+/// What a failure without any text is said to be.
+const NO_REASON: &str = "(no reason given)";
+
+/// How `task` runs now: on its handler, not at all (dead letter), not yet, or (an expired lease of
+/// a task this daemon still runs) not again.
+fn resolve(
+    config: &Config,
+    registry: &Registry,
+    pools: &[ProcessPool],
+    running: &HashMap<i64, Running>,
+    taken: &mut [usize],
+    task: &Task,
+    now: f64,
+) -> Resolved<Handler> {
+    let name = task.name.as_str();
+    let lease = || {
+        let timeout = config.tasks.get(name).and_then(|t| t.timeout);
+        let lease = timeout.map_or(MIN_LEASE, |t| (t + MIN_LEASE / 10).max(MIN_LEASE));
+        now + lease.as_secs_f64()
+    };
+    if task.was_leased && running.contains_key(&task.id) {
+        return Resolved::Hold(lease());
+    }
+    let lease = match config.policy(name).delivery {
+        Delivery::AtMostOnce => None,
+        Delivery::AtLeastOnce => Some(lease()),
+    };
+    let Some(handler) = registry.get(name) else {
+        // A pool still starting may serve it: its hello has not said yet.
+        if pools.iter().any(|p| !p.settled()) {
+            return Resolved::Defer;
+        }
+        let down: Vec<&str> = pools
+            .iter()
+            .filter(|p| p.is_down())
+            .map(|p| &*p.name)
+            .collect();
+        return Resolved::Dead(if down.is_empty() {
+            format!("unknown task name {name:?}")
+        } else {
+            format!(
+                "unknown task name {name:?} (pools that cannot start, and may serve it: {})",
+                down.join(", ")
+            )
+        });
+    };
+    let Handler::Pool { pool: index, .. } = handler else {
+        return Resolved::Run(handler.clone(), lease);
+    };
+    let (Some(pool), Some(taken)) = (pools.get(*index), taken.get_mut(*index)) else {
+        return Resolved::Dead(format!("task {name:?} is routed to a missing pool"));
+    };
+    if !pool.settled() {
+        return Resolved::Defer;
+    }
+    if let Err(reason) = pool.accepts(name) {
+        return Resolved::Dead(reason);
+    }
+    if pool.in_flight() + *taken >= pool.processes() {
+        return Resolved::Defer;
+    }
+    *taken += 1;
+    Resolved::Run(handler.clone(), lease)
+}
+
+impl Foreman<'_> {
+    /// Records the ended attempts, then pops and starts tasks until the slots are full, the queue
+    /// has nothing due, or the due rows must wait (their pool is busy or still starting; they stay
+    /// queued until a pool event or a finished task calls `fill` again).
+    pub(super) fn fill(&mut self) {
+        if !matches!(self.stop.phase, Phase::Running) {
+            self.flush();
+            return;
+        }
+        loop {
+            let free = self.capacity().saturating_sub(self.attempts.running.len());
+            if free == 0 && self.attempts.ended.is_empty() {
+                return;
+            }
+            let now = unix_now();
+            let (config, registry, pools, running) = (
+                self.config,
+                &self.registry,
+                &self.workers.pools,
+                &self.attempts.running,
+            );
+            // Pool tasks taken in this pop, by pool: with the pool's running ones, never more than
+            // its processes, so no popped task waits for a process.
+            let mut taken = vec![0; pools.len()];
+            let resolve =
+                |task: &Task| resolve(config, registry, pools, running, &mut taken, task, now);
+            let popped = match self.store.cycle(&self.attempts.ended, free, now, resolve) {
+                Ok(popped) => popped,
+                Err(e) => {
+                    self.db_error("cannot pop tasks", &e);
+                    return;
+                }
+            };
+            // Only a cycle that wrote says the database takes writes again: one with nothing to
+            // record or pop commits an empty transaction, which a full disk lets through.
+            if !self.attempts.ended.is_empty()
+                || !popped.tasks.is_empty()
+                || !popped.dead.is_empty()
+            {
+                self.db_works();
+            }
+            self.attempts.ended.clear();
+            for buried in &popped.dead {
+                let name = buried.task_name.as_deref().unwrap_or("(no name)");
+                log::error!(
+                    "task {} {name} moved to foreman_dead: {}",
+                    buried.task_id,
+                    buried.reason
+                );
+                crate::alert::row_buried(buried);
+            }
+            let started = popped.tasks.len();
+            if started < free {
+                self.look.next_task_due = popped.next_due;
+            }
+            for (task, handler) in popped.tasks {
+                let pool = match &handler {
+                    Handler::Pool { pool, .. } => Some(*pool),
+                    _ => None,
+                };
+                let leased = config.policy(&task.name).delivery == Delivery::AtLeastOnce;
+                let due = match (task.run_after, task.created_at) {
+                    (Some(a), Some(b)) => a.max(b),
+                    (a, b) => a.or(b).unwrap_or(now),
+                };
+                self.attempts.running.insert(
+                    task.id,
+                    Running {
+                        name: task.name.clone(),
+                        started: Instant::now(),
+                        pool,
+                        leased,
+                        waited: (now - due).max(0.0),
+                    },
+                );
+                match handler {
+                    Handler::Pool { pool, timeout } => {
+                        self.workers.pools[pool].submit(PoolJob { task, timeout });
+                    }
+                    handler => self.workers.threads.submit(Job { task, handler }),
+                }
+            }
+            // Buried rows were progress: the rows behind them get their turn now, not at a tick.
+            if started < free && popped.dead.is_empty() {
+                return; // Nothing more is due, or what is due must wait.
+            }
+        }
+    }
+
+    /// The most tasks out at once: one per worker, plus the prefetched ones waiting for a worker.
+    pub(super) fn capacity(&self) -> usize {
+        self.config.workers + self.config.prefetch
+    }
+
+    /// The last chance to record the ended attempts (a retry not recorded is a retry lost): tries a
+    /// few times, then logs each one it could not record with what is needed to redo it.
+    pub(super) fn flush_before_exit(&mut self) {
+        for _ in 0..FLUSH_TRIES {
+            self.flush();
+            if self.attempts.ended.is_empty() {
+                return;
+            }
+        }
+        for ending in &self.attempts.ended {
+            log::error!(
+                "task {} {} attempt {} ended {} ({:?}), but the DB refused to record it; args {}, kwargs {}",
+                ending.task.id,
+                ending.task.name,
+                ending.task.attempt,
+                ending.state.as_str(),
+                ending.next,
+                serde_json::Value::from(ending.task.args.clone()),
+                serde_json::Value::from(ending.task.kwargs.clone())
+            );
+        }
+    }
+
+    /// Records the ended attempts without popping (while stopping).
+    pub(super) fn flush(&mut self) {
+        if self.attempts.ended.is_empty() {
+            return;
+        }
+        let resolve = |_: &Task| Resolved::<()>::Defer;
+        match self
+            .store
+            .cycle(&self.attempts.ended, 0, unix_now(), resolve)
+        {
+            Ok(_) => {
+                self.db_works();
+                self.attempts.ended.clear();
+            }
+            Err(e) => self.db_error("cannot record the ended tasks", &e),
+        }
+    }
+
+    /// When the loop must next wake for a delayed task or a schedule.
+    pub(super) fn next_due(&self) -> Option<Instant> {
+        let due = match (self.look.next_task_due, self.schedules.next_due()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Instant::now().checked_add(crate::clock::wait_until(due, unix_now(), MAX_DUE_WAIT))
+    }
+
+    pub(super) fn schedules_due(&mut self) {
+        let running = &self.attempts.running;
+        let refused = self
+            .schedules
+            .fire_due(&mut self.store, unix_now(), |id| running.contains_key(&id));
+        for (name, e) in refused {
+            self.db_error(&format!("schedule {name}"), &e);
+        }
+    }
+
+    /// Turns a finished attempt into its record (and retry or dead letter), written by the next
+    /// cycle, and logs it.
+    pub(super) fn finish(&mut self, done: Finished) {
+        let (leased, waited) = self.forget(done.task.id);
+        let Finished {
+            task,
+            outcome,
+            elapsed,
+        } = done;
+        let now = unix_now();
+        let ok = matches!(outcome, Outcome::Done { .. });
+        self.figures
+            .tally
+            .add(&task.name, ok, now, elapsed.as_secs_f64(), waited);
+        let (state, reason) = match outcome {
+            Outcome::Done { eventful } => {
+                log::debug!("task {} {} done in {elapsed:?}", task.id, task.name);
+                self.schedules
+                    .report(&mut self.store, task.id, eventful, now);
+                self.attempts.ended.push(Ending {
+                    task,
+                    state: RunState::Done,
+                    finished_at: now,
+                    error: None,
+                    next: Next::Finished,
+                    leased,
+                });
+                return;
+            }
+            Outcome::Failed(reason) => (RunState::Failed, reason),
+            Outcome::Timeout(reason) => (RunState::Timeout, reason),
+        };
+        let policy = self.config.policy(&task.name);
+        let retries_made = u32::try_from(task.attempt - 1).unwrap_or(u32::MAX);
+        let next = if retries_made < policy.max_retries {
+            let delay = policy.retry_backoff.delay(retries_made + 1);
+            Next::Retry(now + delay.as_secs_f64())
+        } else {
+            let headline = headline(&reason).unwrap_or(NO_REASON);
+            crate::alert::task_failed(&task, state, headline, &reason);
+            Next::Bury(if task.attempt > 1 {
+                format!("failed {} attempts; the last: {headline}", task.attempt)
+            } else {
+                headline.to_owned()
+            })
+        };
+        log_failure(&task, elapsed, &reason, &next, now);
+        self.attempts.ended.push(Ending {
+            task,
+            state,
+            finished_at: now,
+            error: Some(reason),
+            next,
+            leased,
+        });
+    }
+
+    /// The task is no longer running (finished, or buried before it started); returns whether it
+    /// ran under a lease, and how long it waited to start.
+    pub(super) fn forget(&mut self, task_id: i64) -> (bool, f64) {
+        let Some(running) = self.attempts.running.remove(&task_id) else {
+            return (false, 0.0);
+        };
+        if let Some(pool) = running.pool.and_then(|p| self.workers.pools.get_mut(p)) {
+            pool.done_one();
+        }
+        (running.leased, running.waited)
+    }
+
+    pub(super) fn pool_event(&mut self, event: PoolEvent) {
+        let Some(pool) = self.workers.pools.get_mut(event.pool) else {
+            return;
+        };
+        let applied = pool.apply(event.slot, event.kind);
+        let name = pool.name.clone();
+        if let Some(served) = applied.first_hello {
+            let elsewhere = self
+                .registry
+                .add_pool_tasks(event.pool, &served, self.config);
+            if !elsewhere.is_empty() {
+                log::warn!(
+                    "pool {name}: task(s) {} already run another way (config or in-process); they stay there",
+                    elsewhere.join(", ")
+                );
+            }
+            let missing: Vec<&str> = self
+                .config
+                .tasks
+                .iter()
+                .filter(|(task, c)| {
+                    matches!(&c.runner, Some(Runner::Pool(p)) if **p == *name)
+                        && !served.contains(*task)
+                })
+                .map(|(task, _)| task.as_str())
+                .collect();
+            if !missing.is_empty() {
+                log::error!(
+                    "pool {name}: the config routes task(s) {} to this pool, but its worker does not serve them; they will go to foreman_dead",
+                    missing.join(", ")
+                );
+            }
+        }
+        for job in applied.orphans {
+            let (leased, _) = self.forget(job.task.id);
+            let reason = match self.workers.pools[event.pool].accepts(&job.task.name) {
+                Err(reason) => reason,
+                Ok(()) => format!("pool {name:?} went down before the task started"),
+            };
+            log::error!("task {} moved to foreman_dead: {reason}", job.task.id);
+            crate::alert::task_buried(&job.task, &reason);
+            self.attempts.ended.push(Ending {
+                task: job.task,
+                state: RunState::Dead,
+                finished_at: unix_now(),
+                error: Some(reason.clone()),
+                next: Next::Bury(reason),
+                leased,
+            });
+        }
+    }
+
+    /// Stops every pool's processes (all at once) and waits until they are gone.
+    pub(super) fn stop_pools(&mut self) {
+        let mut pools = std::mem::take(&mut self.workers.pools);
+        for pool in &mut pools {
+            pool.request_stop();
+        }
+        for pool in pools {
+            pool.join();
+        }
+    }
+}
+
+/// Logs a failed attempt: one record per line (the journal splits multi-line messages anyway, and
+/// loses their priority), the first saying what happens next.
+fn log_failure(task: &Task, elapsed: Duration, reason: &str, next: &Next, now: f64) {
+    let then = match next {
+        Next::Retry(at) => format!(
+            "; attempt {} in {:.1}s",
+            task.attempt.saturating_add(1),
+            (at - now).max(0.0)
+        ),
+        Next::Bury(_) => "; moved to foreman_dead".to_owned(),
+        Next::Finished => String::new(),
+    };
+    log::warn!(
+        "task {} {} failed after {elapsed:?} (attempt {}): {}{then}",
+        task.id,
+        task.name,
+        task.attempt,
+        headline(reason).unwrap_or(NO_REASON)
+    );
+    if reason.contains('\n') {
+        for line in reason.lines() {
+            log::warn!("task {} {} | {line}", task.id, task.name);
+        }
+    }
+}
