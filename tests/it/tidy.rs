@@ -1,5 +1,7 @@
 //! Tidy tests: the docs and the public protocol agree with the code.
 
+use std::path::{Path, PathBuf};
+
 use clap::CommandFactory;
 
 use crate::support::Env;
@@ -8,16 +10,36 @@ fn repo_file(name: &str) -> String {
     std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
 }
 
+/// The user guide's pages (docs/guide/*.md) as one text: where a reader learns what a command does.
+/// The generated docs/cli.md is left out, since it names every subcommand whatever the guide says.
+fn user_guide() -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/guide");
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+        .collect();
+    pages.sort();
+    assert!(!pages.is_empty(), "no pages in {}", dir.display());
+    pages
+        .iter()
+        .map(|page| std::fs::read_to_string(page).unwrap())
+        .collect()
+}
+
 #[test]
-fn every_subcommand_is_documented_in_the_readme() {
-    let readme = repo_file("README.md");
-    for sub in foreman::cli::Cli::command().get_subcommands() {
-        let name = sub.get_name();
-        assert!(
-            readme.contains(&format!("foreman {name}")),
-            "README.md does not document `foreman {name}`"
-        );
+fn every_subcommand_is_documented_in_the_user_guide() {
+    fn check(command: &clap::Command, name: &str, guide: &str) {
+        for sub in command.get_subcommands() {
+            let name = format!("{name} {}", sub.get_name());
+            assert!(
+                guide.contains(&name),
+                "the user guide (docs/guide/*.md) does not document `{name}`"
+            );
+            check(sub, &name, guide);
+        }
     }
+    check(&foreman::cli::Cli::command(), "foreman", &user_guide());
 }
 
 #[test]
