@@ -5,6 +5,7 @@ mod admin;
 mod bad_input;
 mod bench;
 mod cli;
+mod cli_reference;
 mod commands;
 mod crash;
 mod drain;
