@@ -5,9 +5,9 @@ use clap::{Parser, Subcommand};
 use crossbeam_channel::Receiver;
 
 use crate::commands::{
-    self, Globals, bench::BenchArgs, cancel::CancelArgs, dead::DeadCommand, enqueue::EnqueueArgs,
-    health::HealthArgs, init::InitArgs, metrics::MetricsArgs, run::DaemonArgs, stats::StatsArgs,
-    status::StatusArgs, wait::WaitArgs,
+    self, DaemonArgs, Globals, bench::BenchArgs, cancel::CancelArgs, dead::DeadCommand,
+    enqueue::EnqueueArgs, health::HealthArgs, init::InitArgs, metrics::MetricsArgs,
+    stats::StatsArgs, status::StatusArgs, wait::WaitArgs,
 };
 use crate::config::Config;
 use crate::error::Result;

@@ -191,7 +191,7 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     pub workers: usize,
     pub graceful_timeout: Duration,
-    /// Tasks popped beyond the free workers, handed over as workers free up (see README).
+    /// Tasks popped beyond the free workers, handed over as workers free up (docs/guide/delivery.md).
     pub prefetch: usize,
     pub tick: Duration,
     pub tasks: BTreeMap<String, TaskConfig>,
@@ -1328,7 +1328,7 @@ max_retries = -1",
 
 /// Property tests ("fuzzing") of config loading: any text, and any value under every known key,
 /// loads or fails with one line naming the file (and the key). Run longer with
-/// `PROPTEST_CASES=200000 cargo test --release --lib fuzz` (see README, *Fuzzing*).
+/// `PROPTEST_CASES=200000 cargo test --release --lib fuzz` (see CONTRIBUTING.md, *Fuzzing*).
 #[cfg(test)]
 mod fuzz {
     use proptest::prelude::*;

@@ -1,37 +1,51 @@
-//! foreman: a background-task runner fed through SQLite. The library holds everything; the binary
-//! only parses arguments, sets up logging and signals, and calls `cli::execute`.
+//! foreman: a background-task runner fed through SQLite (or, later, PostgreSQL). The library holds
+//! everything; the binary only parses arguments, sets up logging and signals, and calls
+//! `cli::execute`.
 //!
 //! To run in-process Rust handlers, build a [`Registry`] and call [`run`] from your own `main`
 //! (see `examples/inproc.rs`).
+//!
+//! # Layout
+//!
+//! Top-down, each layer using only the ones below it (ARCHITECTURE.md has the map):
+//! - the command line: `cli`, `commands` (one file per subcommand), `bench`;
+//! - the daemon: `foreman` (the loop), `schedule`, `stats`, `notify`, `alert`, `wake`;
+//! - the workers: `registry`, `thread_pool`, `command`, `spawn`, `process_pool`, `children`,
+//!   `line_budget`, `outcome`;
+//! - the store: `store` (every line of SQL);
+//! - the leaves: `config`, `database`, `task`, `cron`, `clock`, `duration`, `error`, `fs_check`,
+//!   `sys`, `pid_guard`, `signals`.
+//!
+//! Public are the modules a binary, a test or an embedding program needs; the rest is private.
 
 pub mod alert;
-pub mod bench;
-pub mod children;
+mod bench;
+mod children;
 pub mod cli;
-pub mod clock;
-pub mod command;
-pub mod commands;
+mod clock;
+mod command;
+mod commands;
 pub mod config;
-pub mod cron;
-pub mod database;
-pub mod duration;
-pub mod error;
-pub mod foreman;
-pub mod fs_check;
-pub mod line_budget;
-pub mod notify;
-pub mod outcome;
-pub mod pid_guard;
-pub mod process_pool;
-pub mod registry;
-pub mod schedule;
-pub mod signals;
-pub mod spawn;
-pub mod stats;
+mod cron;
+mod database;
+mod duration;
+mod error;
+mod foreman;
+mod fs_check;
+mod line_budget;
+mod notify;
+mod outcome;
+mod pid_guard;
+mod process_pool;
+mod registry;
+mod schedule;
+mod signals;
+mod spawn;
+mod stats;
 pub mod store;
-pub mod sys;
-pub mod task;
-pub mod thread_pool;
+mod sys;
+mod task;
+mod thread_pool;
 pub mod wake;
 
 pub use config::{Config, Overrides};
@@ -44,7 +58,8 @@ pub use signals::{Shutdown, forward_shutdown_signals};
 pub use task::Task;
 
 /// The settings of the property tests (the `fuzz` modules): `cases` each by default, so that
-/// `cargo test` stays quick; `PROPTEST_CASES` sets the count for a long run (README, *Fuzzing*).
+/// `cargo test` stays quick; `PROPTEST_CASES` sets the count for a long run (CONTRIBUTING.md,
+/// *Fuzzing*).
 #[cfg(test)]
 pub(crate) fn fuzz_config(cases: u32) -> proptest::test_runner::Config {
     let mut config = proptest::test_runner::Config::default();

@@ -1097,7 +1097,7 @@ mod tests {
 
 /// Property tests ("fuzzing") of what the daemon reads from a worker's stdout: any bytes give an
 /// outcome or one bounded line of protocol error, never a panic. Run longer with
-/// `PROPTEST_CASES=200000 cargo test --release --lib fuzz` (see README, *Fuzzing*).
+/// `PROPTEST_CASES=200000 cargo test --release --lib fuzz` (see CONTRIBUTING.md, *Fuzzing*).
 #[cfg(test)]
 mod fuzz {
     use std::io::{Seek, Write as _};

@@ -105,13 +105,7 @@ fn rust_batch(run: &Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
 fn report(bench: &Bench<'_>, scenario: Scenario, rates: &Rates, target: f64) -> ScenarioReport {
     let mut report = ScenarioReport::new(scenario, bench.sizes.reps);
     report
-        .figure(
-            "rust",
-            "Rust (rusqlite)",
-            "rows/s",
-            &rates.rust,
-            at_least(target),
-        )
+        .figure("rust", "Rust", "rows/s", &rates.rust, at_least(target))
         .figure(
             "python",
             "Python (foreman_client)",

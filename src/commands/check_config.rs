@@ -1,8 +1,7 @@
 //! `foreman check-config`: validates the configuration as `run` would and prints the effective
 //! result as TOML.
 
-use super::run::DaemonArgs;
-use super::{Globals, print};
+use super::{DaemonArgs, Globals, print};
 use crate::error::Result;
 use crate::registry::Registry;
 

@@ -4,12 +4,14 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 use clap::builder::{OsStringValueParser, TypedValueParser as _};
 
 use crate::config::{Config, Overrides};
 use crate::database::Database;
+use crate::duration::parse_duration;
 use crate::error::{Error, Result};
 
 pub mod bench;
@@ -49,7 +51,7 @@ pub struct Globals {
 
 impl Globals {
     /// The configuration, with the flags over the config file, and `daemon`'s settings over both.
-    pub fn load_config_with(&self, daemon: &run::DaemonArgs) -> Result<Config> {
+    pub fn load_config_with(&self, daemon: &DaemonArgs) -> Result<Config> {
         let overrides = Overrides {
             db: self.db.clone(),
             wakeup_dir: self.wakeup_dir.clone(),
@@ -64,8 +66,25 @@ impl Globals {
 
     /// The configuration as every command but `run` and `check-config` reads it.
     pub fn load_config(&self) -> Result<Config> {
-        self.load_config_with(&run::DaemonArgs::default())
+        self.load_config_with(&DaemonArgs::default())
     }
+}
+
+/// Daemon settings that can also come from the config file.
+#[derive(Args, Debug, Default, Clone)]
+pub struct DaemonArgs {
+    /// Worker threads, the most tasks running at once [default: 4]
+    #[arg(long, env = "FOREMAN_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+    /// Time running tasks get to finish after SIGTERM [default: 10s]
+    #[arg(long, env = "FOREMAN_GRACEFUL_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub graceful_timeout: Option<Duration>,
+    /// Tasks popped ahead of free workers (faster; a crash loses them) [default: 0]
+    #[arg(long, env = "FOREMAN_PREFETCH", value_name = "N")]
+    pub prefetch: Option<usize>,
+    /// Fallback check of the queue, in case a wakeup is missed [default: 1s]
+    #[arg(long, env = "FOREMAN_TICK", value_parser = parse_duration, value_name = "DURATION")]
+    pub tick: Option<Duration>,
 }
 
 /// Writes a command's answer to stdout.

@@ -297,7 +297,7 @@ impl Stats {
         }
     }
 
-    /// The JSON form: one document, keys documented in README.md.
+    /// The JSON form: one document, keys documented in docs/guide/operations.md.
     pub fn json(&self) -> String {
         let starts: Vec<i64> = (0..self.intervals.count)
             .map(|i| {

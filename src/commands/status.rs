@@ -310,7 +310,7 @@ impl Status {
         );
     }
 
-    /// The JSON form: one document, keys documented in README.md.
+    /// The JSON form: one document, keys documented in docs/guide/operations.md.
     pub fn json(&self) -> String {
         let workers = self.obs.daemon.workers(&self.obs.running);
         let doc = serde_json::json!({

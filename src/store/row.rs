@@ -253,7 +253,7 @@ mod tests {
 }
 
 /// Property tests ("fuzzing") of `decode` over whatever a producer can store. Run longer with
-/// `PROPTEST_CASES=200000 cargo test --release --lib fuzz` (see README, *Fuzzing*).
+/// `PROPTEST_CASES=200000 cargo test --release --lib fuzz` (see CONTRIBUTING.md, *Fuzzing*).
 #[cfg(test)]
 mod fuzz {
     use proptest::prelude::*;

@@ -12,6 +12,7 @@ mod drain;
 mod environment;
 mod faults;
 mod history;
+mod layout;
 mod library;
 mod load;
 mod ops;
