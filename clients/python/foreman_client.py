@@ -27,7 +27,7 @@ import threading
 import urllib.parse
 import weakref
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 __all__ = ["Client", "__version__"]
 

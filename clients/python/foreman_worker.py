@@ -61,7 +61,7 @@ import os
 import sys
 import traceback
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 PROTOCOL = 1
 
 __all__ = ["task", "before_task", "after_task", "main", "PROTOCOL", "__version__"]
