@@ -10,6 +10,7 @@ mod crash;
 mod drain;
 mod environment;
 mod faults;
+mod frameworks;
 mod history;
 mod library;
 mod load;
