@@ -2,7 +2,7 @@
 
     from foreman_client import Client
 
-    foreman = Client("/var/lib/foreman/foreman.sqlite3")
+    foreman = Client()  # FOREMAN_DB, else ./foreman.sqlite3, as for the CLI; opened on first use
     task_id = foreman.enqueue("myapp.tasks.send_email", "a@example.com", retry=True)
     # In 10 minutes, and ahead of priority-0 tasks due then (schema version 2):
     foreman.enqueue_with(
@@ -11,7 +11,8 @@
 
 This is the producer protocol of schema.sql, done carefully: one INSERT per task in its own
 transaction, then a file in the wakeup directory. A Client is safe to share between threads and
-survives a fork (each process gets its own SQLite connection).
+survives a fork (each process gets its own SQLite connection). Creating one touches no file, so a
+module may create it at import time.
 """
 
 import datetime
@@ -26,7 +27,7 @@ import threading
 import urllib.parse
 import weakref
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 __all__ = ["Client", "__version__"]
 
@@ -69,18 +70,30 @@ _clients = weakref.WeakSet()
 class Client:
     """A producer for one foreman database.
 
-    ``db_path``: the daemon's database; it must exist (``foreman init`` or a running daemon).
-    ``wakeup_dir``: defaults to ``db_path + ".wakeup"``, the daemon's default.
+    Each setting is the argument, else the environment variable the ``foreman`` CLI reads, else
+    the CLI's default:
+
+    ``db_path``: ``FOREMAN_DB``, else ``./foreman.sqlite3``. The database must exist
+    (``foreman init`` or a running daemon) by the first enqueue, not before.
+    ``wakeup_dir``: ``FOREMAN_WAKEUP_DIR``, else ``db_path + ".wakeup"``.
     ``timeout``: seconds to wait for SQLite's write lock (the busy timeout).
+
+    Relative paths are made absolute here, against the current directory. Nothing is opened
+    until the first enqueue (or ``check()``), so creating a Client never fails on the database.
     """
 
-    def __init__(self, db_path, wakeup_dir=None, *, timeout=5.0):
+    def __init__(self, db_path=None, wakeup_dir=None, *, timeout=5.0):
+        self.db_path, self._db_source = _setting(db_path, "FOREMAN_DB", "foreman.sqlite3")
+        if self.db_path.startswith(("postgres://", "postgresql://")):
+            # The URL is not repeated: it may hold a password.
+            raise ValueError(
+                f"the database ({self._db_source}) is a PostgreSQL URL; "
+                "this client speaks SQLite only"
+            )
         # Absolute paths, so that a later os.chdir() cannot point the client somewhere else.
-        self.db_path = os.path.abspath(os.fspath(db_path))
-        if wakeup_dir is None:
-            self.wakeup_dir = self.db_path + ".wakeup"
-        else:
-            self.wakeup_dir = os.path.abspath(os.fspath(wakeup_dir))
+        self.db_path = os.path.abspath(self.db_path)
+        wakeup_dir, _ = _setting(wakeup_dir, "FOREMAN_WAKEUP_DIR", self.db_path + ".wakeup")
+        self.wakeup_dir = os.path.abspath(wakeup_dir)
         self.timeout = timeout
         self._lock = threading.Lock()
         self._conn = None
@@ -91,8 +104,6 @@ class Client:
         # Set once PRAGMA user_version has shown run_after and priority exist. Only a good answer
         # is kept: after `foreman init` upgrades a version 1 database, the next check passes.
         self._schema_has_timing = False
-        with self._lock:
-            self._connection()  # fail now, not at the first enqueue, on a wrong path
         _clients.add(self)
 
     def __repr__(self):
@@ -103,6 +114,16 @@ class Client:
 
     def __exit__(self, *exc_info):
         self.close()
+
+    def check(self):
+        """Open the database now and check it has a foreman schema; raises sqlite3.Error if not.
+
+        For a readiness check, or to fail at start-up rather than at the first enqueue.
+        """
+        with self._lock:
+            version = self._connection().execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                raise sqlite3.OperationalError(_no_schema(self.db_path))
 
     def close(self):
         """Close the connection. Enqueueing afterwards raises RuntimeError."""
@@ -211,10 +232,7 @@ class Client:
             return
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
-            raise sqlite3.OperationalError(
-                f"the database {self.db_path} has no foreman schema "
-                "(run `foreman init` or start the daemon)"
-            )
+            raise sqlite3.OperationalError(_no_schema(self.db_path))
         if version < _SCHEMA_VERSION_TIMING:
             raise sqlite3.OperationalError(
                 f"the foreman database {self.db_path} has schema version {version}, which has no "
@@ -234,7 +252,7 @@ class Client:
             # never touch the parent's connection, open our own.
             if self._conn is not None:
                 _inherited_connections.append(self._conn)
-            self._conn = _connect(self.db_path, self.timeout)
+            self._conn = _connect(self.db_path, self._db_source, self.timeout)
             self._pid = pid
             self._wakeup_path = os.path.join(self.wakeup_dir, f"py-{pid}")
         return self._conn
@@ -273,7 +291,23 @@ class Client:
             )
 
 
-def _connect(db_path, timeout):
+def _setting(value, env_name, default):
+    """(value, where it came from): the argument, else the environment variable, else default."""
+    if value is not None:
+        return os.fspath(value), "given to Client()"
+    from_env = os.environ.get(env_name)
+    if from_env is None:
+        return default, f"the default; set {env_name} or pass the path"
+    if not from_env:  # the CLI refuses it too
+        raise ValueError(f"{env_name} is set but empty: unset it or give it a path")
+    return from_env, f"from {env_name}"
+
+
+def _no_schema(db_path):
+    return f"the database {db_path} has no foreman schema (run `foreman init` or start the daemon)"
+
+
+def _connect(db_path, source, timeout):
     # mode=rw: a wrong path raises instead of quietly creating an empty database there.
     uri = "file:" + urllib.parse.quote(db_path) + "?mode=rw"
     try:
@@ -282,7 +316,7 @@ def _connect(db_path, timeout):
         )
     except sqlite3.OperationalError as exc:
         raise sqlite3.OperationalError(
-            f"cannot open the foreman database {db_path}: {exc} "
+            f"cannot open the foreman database {db_path} ({source}): {exc} "
             "(it must exist: run `foreman init` or start the daemon)"
         ) from None
     # The daemon keeps the database in WAL mode (`foreman init` and `foreman run` set it; it

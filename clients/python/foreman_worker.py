@@ -35,8 +35,25 @@ i.e. found something new. ``True`` brings the schedule's next run sooner, ``Fals
 
 Any other value (``None``, a count, a list...) says nothing, which counts as eventful. An
 ``async def`` task is run to completion, and its result read the same way.
+
+Frameworks. With ``DJANGO_SETTINGS_MODULE`` set, the worker calls ``django.setup()`` before it
+imports the task modules, and Django's ``close_old_connections()`` before and after each task, as
+Django does around a request (so a database restart costs no task). ``--flask-app
+MODULE:APP_OR_FACTORY`` runs each task inside that Flask app's app context (a factory is called
+once). Hooks of your own run around every task::
+
+    @before_task
+    def log_start(task_id, task_name):
+        ...
+
+    @after_task
+    def log_end(task_id, task_name, error):   # error: the exception, or None
+        ...
+
+A hook that raises fails the task with the hook's traceback.
 """
 
+import contextlib
 import importlib
 import types
 import json
@@ -44,15 +61,20 @@ import os
 import sys
 import traceback
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 PROTOCOL = 1
 
-__all__ = ["task", "main", "PROTOCOL", "__version__"]
+__all__ = ["task", "before_task", "after_task", "main", "PROTOCOL", "__version__"]
 
 # Every @task function, in decoration order, as (name, function). Names are checked for duplicates
 # only in main(): a web app that imports the task modules to call the functions directly never runs
 # main(), and should not fail on a clash that matters only to the worker.
 _registered = []
+
+# What runs around every task, in registration order: functions of (task_id, task_name) returning
+# a context manager, entered before the task and exited (in reverse order) after it. The framework
+# set-up in main() registers first, so user hooks run inside the Flask app context, say.
+_around = []
 
 # The answers to a task that returned normally: a task returning exactly True or False reports
 # "eventful" (docs/worker-protocol.md); anything else leaves the key out. Each is one small line
@@ -65,7 +87,7 @@ _ANSWER_UNEVENTFUL = b'{"id": %d, "ok": true, "eventful": false}\n'
 # characters; json escapes a character to at most 12 bytes, so the line stays under 1 MiB.
 _MAX_ERROR_CHARS = 64 * 1024
 
-_USAGE = "usage: python3 -m foreman_worker MODULE [MODULE...]"
+_USAGE = "usage: python3 -m foreman_worker [--flask-app MODULE:APP] MODULE [MODULE...]"
 
 
 def task(fn=None, *, name=None):
@@ -89,6 +111,90 @@ def task(fn=None, *, name=None):
     if isinstance(fn, str):
         raise TypeError(f"use @task(name={fn!r}), not @task({fn!r})")
     return mark(fn)
+
+
+def before_task(fn):
+    """Call ``fn(task_id, task_name)`` before each task; usable as a decorator.
+
+    If it raises, the task is not run and fails with the hook's traceback (the after-task hooks
+    registered before it still run).
+    """
+
+    @contextlib.contextmanager
+    def around(task_id, task_name):
+        fn(task_id, task_name)
+        yield
+
+    _around.append(around)
+    return fn
+
+
+def after_task(fn):
+    """Call ``fn(task_id, task_name, error)`` after each task; usable as a decorator.
+
+    ``error`` is the exception the task raised, or None. It runs whether the task succeeded or
+    not; if it raises, the task fails with the hook's traceback.
+    """
+
+    @contextlib.contextmanager
+    def around(task_id, task_name):
+        try:
+            yield
+        except BaseException as exc:
+            fn(task_id, task_name, exc)
+            raise
+        fn(task_id, task_name, None)
+
+    _around.append(around)
+    return fn
+
+
+def _setup_django(settings_module):
+    """django.setup(), and Django's connection clean-up around each task."""
+    try:
+        import django
+
+        django.setup()
+        from django.db import close_old_connections
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        _fail(
+            f"cannot set up Django (DJANGO_SETTINGS_MODULE={settings_module}):\n"
+            f"{traceback.format_exc().rstrip()}"
+        )
+
+    # What Django does on request_started and request_finished: drop connections that broke (a
+    # database restart) or outlived CONN_MAX_AGE, so a long-lived worker does not use them.
+    @contextlib.contextmanager
+    def around(task_id, task_name):
+        close_old_connections()
+        try:
+            yield
+        finally:
+            close_old_connections()
+
+    _around.append(around)
+
+
+def _setup_flask(spec):
+    """Run each task in the app context of the Flask app (or factory) named MODULE:NAME."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        if name:
+            app = getattr(module, name)
+        else:  # Flask's own defaults
+            app = getattr(module, "create_app", None) or getattr(module, "app")
+        if not hasattr(app, "app_context"):
+            app = app()  # a factory
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        _fail(f"cannot load the Flask app {spec!r}:\n{traceback.format_exc().rstrip()}")
+    if not hasattr(app, "app_context"):
+        _fail(f"--flask-app {spec!r} names no Flask app, nor a factory returning one: {app!r:.200}")
+    _around.append(lambda task_id, task_name: app.app_context())
 
 
 def _describe(fn):
@@ -117,6 +223,14 @@ def _collect_tasks(module_names):
     return tasks
 
 
+def _collect_around():
+    """Every hook registered, by this module or by a second copy of it (see _collect_tasks)."""
+    other = sys.modules.get("foreman_worker")
+    if other is not None and other is not sys.modules[__name__]:
+        return _around + getattr(other, "_around", [])
+    return list(_around)
+
+
 def _fail(message):
     sys.stderr.write(f"foreman_worker: {message}\n")
     sys.stderr.flush()
@@ -139,7 +253,7 @@ def _error_line(task_id, error):
     return (json.dumps({"id": task_id, "ok": False, "error": error}) + "\n").encode()
 
 
-def _serve(tasks, proto_in, proto_out):
+def _serve(tasks, around, proto_in, proto_out):
     """Answer task lines until EOF. Hot path: no logging, no allocation beyond what a task needs."""
     readline = proto_in.readline
     loads = json.loads
@@ -172,15 +286,17 @@ def _serve(tasks, proto_in, proto_out):
             error = f"kwargs must be a JSON object, got {type(kwargs).__name__}: {kwargs!r:.200}"
         else:
             try:
-                result = fn(*args, **kwargs)
-                if result is not None and isinstance(result, types.CoroutineType):
-                    # An `async def` task: calling it only made the coroutine, so run it.
-                    result = _run_coroutine(result)
+                if around:
+                    result = _call_within(around, task_id, task_name, fn, args, kwargs)
+                else:
+                    result = fn(*args, **kwargs)
+                    if result is not None and isinstance(result, types.CoroutineType):
+                        # An `async def` task: calling it only made the coroutine, so run it.
+                        result = _run_coroutine(result)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # SystemExit too: a failed task, not a dead worker
-                # The traceback starts in the task: this loop's own frame would only be noise.
-                lines = format_exception(type(exc), exc, exc.__traceback__.tb_next)
+                lines = format_exception(type(exc), exc, _user_frames(exc.__traceback__))
                 error = "".join(lines).rstrip("\n")
             else:
                 # `is`, not ==: 1, 0 or a numpy bool say nothing, only the bools themselves do.
@@ -194,6 +310,26 @@ def _serve(tasks, proto_in, proto_out):
         _write_all(proto_out, _error_line(task_id, error))
 
 
+def _call_within(around, task_id, task_name, fn, args, kwargs):
+    # ExitStack exits exactly what was entered, in reverse, even when a hook raises half way.
+    with contextlib.ExitStack() as stack:
+        for enter in around:
+            stack.enter_context(enter(task_id, task_name))
+        result = fn(*args, **kwargs)
+        if result is not None and isinstance(result, types.CoroutineType):
+            result = _run_coroutine(result)
+        return result
+
+
+def _user_frames(tb):
+    """The traceback from the first frame that is not this module's or contextlib's: the task's
+    or the hook's. The worker's own frames would only be noise."""
+    own = (__file__, contextlib.__file__)
+    while tb.tb_next is not None and tb.tb_frame.f_code.co_filename in own:
+        tb = tb.tb_next
+    return tb
+
+
 def _run_coroutine(coroutine):
     import asyncio  # only async tasks pay for the import
 
@@ -201,13 +337,12 @@ def _run_coroutine(coroutine):
 
 
 def main(argv=None):
-    """Run as ``python3 -m foreman_worker MODULE [MODULE...]``; returns the exit status."""
-    module_names = sys.argv[1:] if argv is None else list(argv)
-    if module_names[:1] in (["-h"], ["--help"]):
-        sys.stderr.write(f"{_USAGE}\n\nServe the @task functions of MODULEs to a foreman pool.\n")
+    """Run as ``python3 -m foreman_worker [--flask-app MODULE:APP] MODULE...``; returns 0 or 1."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] in (["-h"], ["--help"]):
+        sys.stderr.write(f"{_USAGE}\n\n{_HELP}\n")
         return 0
-    if not module_names:
-        _fail(f"no module given\n{_USAGE}")
+    flask_app, module_names = _parse_args(args)
 
     # Keep the protocol streams for ourselves before any user code runs. stdout: a print() in a
     # task, or C code writing to fd 1, would corrupt the protocol, so fd 1 becomes a copy of
@@ -233,6 +368,13 @@ def main(argv=None):
     if not getattr(sys.flags, "safe_path", False) and cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
 
+    # Frameworks first: task modules import models, which need a set-up Django.
+    django_settings = os.environ.get("DJANGO_SETTINGS_MODULE")
+    if django_settings:
+        _setup_django(django_settings)
+    if flask_app is not None:
+        _setup_flask(flask_app)
+
     for module_name in module_names:
         try:
             importlib.import_module(module_name)
@@ -248,7 +390,36 @@ def main(argv=None):
         "worker": f"foreman_worker.py/{__version__}",
     }
     _write_all(proto_out, (json.dumps(hello) + "\n").encode())
-    return _serve(tasks, proto_in, proto_out)
+    return _serve(tasks, _collect_around(), proto_in, proto_out)
+
+
+_HELP = """Serve the @task functions of MODULEs to a foreman pool.
+
+With DJANGO_SETTINGS_MODULE set, Django is set up before the MODULEs are imported, and
+close_old_connections() runs before and after each task.
+
+  --flask-app MODULE:APP  run each task in the app context of this Flask app, or of the app
+                          this factory returns (default name: create_app, else app)"""
+
+
+def _parse_args(args):
+    """(the --flask-app value or None, the module names); exits 1 on a usage error."""
+    flask_app, modules = None, []
+    args = iter(args)
+    for arg in args:
+        if arg == "--flask-app":
+            flask_app = next(args, None)
+            if not flask_app:
+                _fail(f"--flask-app needs a value, e.g. --flask-app myapp:create_app\n{_USAGE}")
+        elif arg.startswith("--flask-app="):
+            flask_app = arg.partition("=")[2]
+        elif arg.startswith("-"):
+            _fail(f"unknown option {arg!r}\n{_USAGE}")
+        else:
+            modules.append(arg)
+    if not modules:
+        _fail(f"no module given\n{_USAGE}")
+    return flask_app, modules
 
 
 if __name__ == "__main__":

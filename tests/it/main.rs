@@ -11,6 +11,7 @@ mod crash;
 mod drain;
 mod environment;
 mod faults;
+mod frameworks;
 mod history;
 mod layout;
 mod library;

@@ -46,8 +46,18 @@ import foreman_client  # noqa: E402
 from foreman_client import Client  # noqa: E402
 
 
+def without_foreman_env(test):
+    """Runs test without the FOREMAN_* variables the client reads (the caller's may be set)."""
+    patch = mock.patch.dict(os.environ)
+    patch.start()
+    test.addCleanup(patch.stop)
+    for name in ("FOREMAN_DB", "FOREMAN_WAKEUP_DIR"):
+        os.environ.pop(name, None)
+
+
 class ClientTestCase(unittest.TestCase):
     def setUp(self):
+        without_foreman_env(self)
         tmp = tempfile.TemporaryDirectory(prefix="foreman-client-test-")
         self.addCleanup(tmp.cleanup)
         self.db_path = os.path.join(tmp.name, "foreman.sqlite3")
@@ -288,11 +298,31 @@ class WakeupTest(ClientTestCase):
 
 
 class ConnectionTest(ClientTestCase):
-    def test_missing_database_raises_and_creates_nothing(self):
+    def test_missing_database_raises_at_first_use_and_creates_nothing(self):
         missing = os.path.join(os.path.dirname(self.db_path), "missing.sqlite3")
-        with self.assertRaisesRegex(sqlite3.OperationalError, "foreman init"):
-            Client(missing)
+        client = Client(missing)  # creating a client opens nothing
+        self.addCleanup(client.close)
+        for use in (client.check, lambda: client.enqueue("myapp.x")):
+            with self.assertRaisesRegex(sqlite3.OperationalError, "foreman init") as caught:
+                use()
+            self.assertIn(f"{missing} (given to Client())", str(caught.exception))
         self.assertFalse(os.path.exists(missing))
+
+    def test_the_database_is_opened_on_first_use(self):
+        client = Client(self.db_path)
+        self.addCleanup(client.close)
+        self.assertIsNone(client._conn)
+        client.enqueue("myapp.x")
+        self.assertIsNotNone(client._conn)
+
+    def test_check_opens_and_checks_the_schema(self):
+        self.client.check()
+        self.assertIsNotNone(self.client._conn)
+        empty = os.path.join(os.path.dirname(self.db_path), "empty.sqlite3")
+        sqlite3.connect(empty).close()
+        with Client(empty) as client:
+            with self.assertRaisesRegex(sqlite3.OperationalError, "no foreman schema"):
+                client.check()
 
     def test_database_without_schema_says_so(self):
         empty = os.path.join(os.path.dirname(self.db_path), "empty.sqlite3")
@@ -302,6 +332,7 @@ class ConnectionTest(ClientTestCase):
                 client.enqueue("myapp.x")
 
     def test_connection_settings(self):
+        self.client.check()
         conn = self.client._conn
         self.assertEqual(conn.execute("PRAGMA synchronous").fetchone()[0], 1)  # NORMAL
         self.assertEqual(conn.execute("PRAGMA busy_timeout").fetchone()[0], 5000)
@@ -360,6 +391,84 @@ class ConnectionTest(ClientTestCase):
             ),
         )
         self.assertTrue(os.path.exists(self.wakeup_file(pid)))
+
+
+class EnvironmentTest(ClientTestCase):
+    """Client() with no path follows the CLI: FOREMAN_DB, FOREMAN_WAKEUP_DIR, ./foreman.sqlite3."""
+
+    def chdir(self, path):
+        old = os.getcwd()
+        self.addCleanup(os.chdir, old)
+        os.chdir(path)
+
+    def test_foreman_db_and_its_default_wakeup_dir(self):
+        os.environ["FOREMAN_DB"] = self.db_path
+        with Client() as client:
+            self.assertEqual((client.db_path, client.wakeup_dir), (self.db_path, self.wakeup_dir))
+            task_id = client.enqueue("myapp.x")
+        self.assertEqual([row[0] for row in self.rows()], [task_id])
+        self.assertTrue(os.path.exists(self.wakeup_file()))
+
+    def test_foreman_wakeup_dir(self):
+        custom = os.path.join(os.path.dirname(self.db_path), "elsewhere")
+        os.mkdir(custom)
+        os.environ["FOREMAN_DB"] = self.db_path
+        os.environ["FOREMAN_WAKEUP_DIR"] = custom
+        # As for the CLI, the variable fills in what the arguments leave out.
+        for client in (Client(), Client(self.db_path)):
+            with client:
+                self.assertEqual(client.wakeup_dir, custom)
+                client.enqueue("myapp.x")
+        self.assertEqual(os.listdir(custom), [f"py-{os.getpid()}"])
+        self.assertEqual(os.listdir(self.wakeup_dir), [])
+
+    def test_default_is_foreman_sqlite3_in_the_current_directory(self):
+        self.chdir(os.path.dirname(self.db_path))
+        os.rename(self.db_path, "foreman.sqlite3")  # the fixture's file under the default name
+        os.rename(self.wakeup_dir, "foreman.sqlite3.wakeup")
+        with Client() as client:
+            expected = os.path.join(os.getcwd(), "foreman.sqlite3")
+            self.assertEqual((client.db_path, client.wakeup_dir), (expected, expected + ".wakeup"))
+            client.enqueue("myapp.x")
+        self.assertEqual(os.listdir("foreman.sqlite3.wakeup"), [f"py-{os.getpid()}"])
+
+    def test_arguments_win_over_the_environment(self):
+        os.environ["FOREMAN_DB"] = "/nonexistent/other.sqlite3"
+        with Client(self.db_path) as client:
+            self.assertEqual(client.wakeup_dir, self.wakeup_dir)
+            client.enqueue("myapp.x")
+        self.assertEqual(len(self.rows()), 1)
+
+    def test_creating_a_client_touches_nothing_and_errors_name_the_source(self):
+        missing = os.path.join(os.path.dirname(self.db_path), "no", "such", "q.sqlite3")
+        os.environ["FOREMAN_DB"] = missing
+        client = Client()
+        self.addCleanup(client.close)
+        with self.assertRaises(sqlite3.OperationalError) as caught:
+            client.enqueue("myapp.x")
+        self.assertIn(f"{missing} (from FOREMAN_DB)", str(caught.exception))
+        self.assertFalse(os.path.exists(os.path.dirname(missing)))
+
+        empty_dir = os.path.join(os.path.dirname(self.db_path), "empty")
+        os.mkdir(empty_dir)
+        self.chdir(empty_dir)
+        del os.environ["FOREMAN_DB"]
+        with Client() as client, self.assertRaises(sqlite3.OperationalError) as caught:
+            client.check()
+        self.assertIn("the default; set FOREMAN_DB", str(caught.exception))
+
+    def test_an_empty_variable_is_refused_as_by_the_cli(self):
+        for name, db_path in (("FOREMAN_DB", None), ("FOREMAN_WAKEUP_DIR", self.db_path)):
+            with self.subTest(name=name), mock.patch.dict(os.environ, {name: ""}):
+                with self.assertRaisesRegex(ValueError, f"{name} is set but empty"):
+                    Client(db_path)
+
+    def test_a_postgresql_url_is_refused_without_repeating_it(self):
+        for url in ("postgresql://app:secret@db/app", "postgres://app:secret@db/app"):
+            os.environ["FOREMAN_DB"] = url
+            with self.assertRaisesRegex(ValueError, "SQLite only") as caught:
+                Client()
+            self.assertNotIn("secret", str(caught.exception))
 
 
 class Priority(enum.IntEnum):
@@ -569,6 +678,7 @@ class SchemaVersionTest(unittest.TestCase):
     """A client against a version 1 database (foreman 1.x, not yet upgraded)."""
 
     def setUp(self):
+        without_foreman_env(self)
         tmp = tempfile.TemporaryDirectory(prefix="foreman-client-test-")
         self.addCleanup(tmp.cleanup)
         self.db_path = os.path.join(tmp.name, "foreman.sqlite3")

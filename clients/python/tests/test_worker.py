@@ -77,6 +77,95 @@ MODULES = {
         async def found_async(new):
             return new
     """,
+    # Hooks around each task, logged to a file of the worker's own (hooks-PID.log beside this
+    # module), written before the answer, so the test reads it as soon as the answer is in.
+    "tasks_hooks": """
+        import os
+        from foreman_worker import task, before_task, after_task
+
+        LOG = os.path.join(os.path.dirname(__file__), "hooks-%d.log" % os.getpid())
+
+        def log(*words):
+            with open(LOG, "a") as f:
+                f.write(" ".join(map(str, words)) + "\\n")
+
+        @before_task
+        def first(task_id, task_name):
+            log("first", task_id, task_name)
+
+        @after_task
+        def done(task_id, task_name, error):
+            log("done", task_id, task_name, repr(error))
+
+        @before_task
+        def guard(task_id, task_name):
+            if task_name == "tasks_hooks.guarded":
+                raise PermissionError("guard says no")
+
+        @after_task
+        def strict(task_id, task_name, error):
+            if task_name == "tasks_hooks.spoiled":
+                raise ValueError("after-task hook failed")
+
+        @task
+        def work(tag):
+            log("task", tag)
+
+        @task
+        def fails():
+            raise RuntimeError("task failed")
+
+        @task
+        def guarded():
+            log("task", "guarded")
+
+        @task
+        def spoiled():
+            log("task", "spoiled")
+    """,
+    # A stand-in for a Flask app and its factory: app_context() is all the worker uses. The real
+    # Flask is exercised by examples/flask_app's end-to-end test.
+    "fake_flask": """
+        import os
+
+        LOG = os.path.join(os.path.dirname(__file__), "flask-%d.log" % os.getpid())
+        CURRENT = []
+
+        class Context:
+            def __enter__(self):
+                CURRENT.append(self)
+                return self
+
+            def __exit__(self, *exc):
+                CURRENT.remove(self)
+
+        class App:
+            def app_context(self):
+                return Context()
+
+        app = App()
+        factory_calls = []
+
+        def create_app():
+            factory_calls.append(1)
+            return App()
+
+        def not_an_app():
+            return 42
+    """,
+    "tasks_flask": """
+        import fake_flask
+        from foreman_worker import task, before_task
+
+        @before_task
+        def inside(task_id, task_name):
+            assert fake_flask.CURRENT, "user hooks run inside the app context"
+
+        @task
+        def in_context():
+            assert len(fake_flask.CURRENT) == 1, fake_flask.CURRENT
+            assert fake_flask.factory_calls == [1], fake_flask.factory_calls
+    """,
     "tasks_broken": """
         import foreman_worker
         import no_such_module_for_foreman_tests
@@ -105,8 +194,10 @@ MODULES = {
 class Worker:
     """A `python3 -m foreman_worker MODULES...` process and the daemon's end of its pipes."""
 
-    def __init__(self, modules_dir, *modules):
-        env = dict(os.environ)
+    def __init__(self, modules_dir, *modules, env=None):
+        env = {**os.environ, **(env or {})}
+        if env.get("DJANGO_SETTINGS_MODULE") == "":  # a test's way to say: not this one
+            del env["DJANGO_SETTINGS_MODULE"]
         env["PYTHONPATH"] = os.pathsep.join([CLIENT_DIR, modules_dir])
         env["FOREMAN_POOL"] = "py"
         env["FOREMAN_PROTOCOL"] = "1"
@@ -206,8 +297,10 @@ class WorkerTestCase(unittest.TestCase):
     def tearDownClass(cls):
         cls._tmp.cleanup()
 
-    def start(self, *modules):
-        worker = Worker(self.modules_dir, *modules)
+    def start(self, *modules, env=None):
+        # Whatever the caller's environment says, no Django unless a test asks for it.
+        env = {"DJANGO_SETTINGS_MODULE": "", **(env or {})}
+        worker = Worker(self.modules_dir, *modules, env=env)
         self.addCleanup(worker.kill)
         return worker
 
@@ -422,6 +515,90 @@ class EventfulTest(WorkerTestCase):
         answer = worker.run(1, "tasks_eventful.found", [], {"unknown": True})
         self.assertEqual((answer["ok"], "eventful" in answer), (False, False))
         self.assertIn("TypeError", answer["error"])
+
+
+class HookTest(WorkerTestCase):
+    def log(self, worker, name="hooks"):
+        path = os.path.join(self.modules_dir, f"{name}-{worker.proc.pid}.log")
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+
+    def test_hooks_run_around_each_task_in_order(self):
+        worker = self.start_serving("tasks_hooks")
+        self.assertEqual(worker.run(1, "tasks_hooks.work", ["a"]), {"id": 1, "ok": True})
+        answer = worker.run(2, "tasks_hooks.fails")
+        self.assertIn("RuntimeError: task failed", answer["error"])
+        self.assertNotIn("foreman_worker.py", answer["error"])
+        self.assertEqual(
+            self.log(worker),
+            [
+                "first 1 tasks_hooks.work",
+                "task a",
+                "done 1 tasks_hooks.work None",
+                "first 2 tasks_hooks.fails",
+                "done 2 tasks_hooks.fails RuntimeError('task failed')",
+            ],
+        )
+
+    def test_a_failing_before_hook_fails_the_task_without_running_it(self):
+        worker = self.start_serving("tasks_hooks")
+        answer = worker.run(1, "tasks_hooks.guarded")
+        self.assertFalse(answer["ok"])
+        self.assertIn("in guard", answer["error"])
+        self.assertIn("PermissionError: guard says no", answer["error"])
+        self.assertNotIn("foreman_worker.py", answer["error"])
+        # The hooks registered before it ran, and the after-task hook saw the error.
+        self.assertEqual(
+            self.log(worker),
+            [
+                "first 1 tasks_hooks.guarded",
+                "done 1 tasks_hooks.guarded PermissionError('guard says no')",
+            ],
+        )
+        self.assertEqual(worker.run(2, "tasks_hooks.work", ["b"]), {"id": 2, "ok": True})
+
+    def test_a_failing_after_hook_fails_the_task(self):
+        worker = self.start_serving("tasks_hooks")
+        answer = worker.run(1, "tasks_hooks.spoiled")
+        self.assertFalse(answer["ok"])
+        self.assertIn("ValueError: after-task hook failed", answer["error"])
+        self.assertIn("task spoiled", self.log(worker))
+        self.assertEqual(worker.run(2, "tasks_hooks.work", ["c"]), {"id": 2, "ok": True})
+
+    def test_flask_app_context_around_each_task(self):
+        for spec in ("fake_flask:create_app", "fake_flask"):  # the factory, by name and default
+            with self.subTest(spec=spec):
+                worker = self.start("--flask-app", spec, "tasks_flask")
+                self.assertEqual(worker.read_json()["tasks"], ["tasks_flask.in_context"])
+                self.assertEqual(worker.run(1, "tasks_flask.in_context"), {"id": 1, "ok": True})
+                self.assertEqual(worker.run(2, "tasks_flask.in_context"), {"id": 2, "ok": True})
+
+    def test_a_bad_flask_app_exits_1_before_hello(self):
+        for spec, message in [
+            ("fake_flask:not_an_app", "names no Flask app, nor a factory returning one: 42"),
+            ("fake_flask:missing", "AttributeError"),
+            ("no_such_module_for_foreman_tests:app", "cannot load the Flask app"),
+        ]:
+            with self.subTest(spec=spec):
+                worker = self.start(f"--flask-app={spec}", "tasks_plain")
+                self.assert_exits_before_hello(worker, message)
+
+    def test_usage_errors_exit_1_before_hello(self):
+        for args, message in [
+            (["--flask-app"], "--flask-app needs a value"),
+            (["--bogus", "tasks_plain"], "unknown option '--bogus'"),
+            (["--flask-app", "fake_flask"], "no module given"),
+        ]:
+            with self.subTest(args=args):
+                self.assert_exits_before_hello(self.start(*args), message)
+
+    def test_django_settings_that_cannot_be_set_up_exit_1_before_hello(self):
+        settings = "no_such_settings_for_foreman_tests"
+        worker = self.start("tasks_plain", env={"DJANGO_SETTINGS_MODULE": settings})
+        self.assert_exits_before_hello(
+            worker, f"cannot set up Django (DJANGO_SETTINGS_MODULE={settings})"
+        )
+        self.assertIn("Traceback", worker.stderr())
 
 
 class DecoratorTest(unittest.TestCase):
