@@ -6,8 +6,59 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fs_check::{
-    parent, probe_create, refusal, refused, remote_fs_at, unreachable, writable,
+    parent, probe_create, refusal, refused, remote_fs_at, suffixed, unreachable, writable,
 };
+
+/// That the database file exists, for a command that must not create it: a missing file is said
+/// with the fix, and a path this user cannot look at (a directory above it that it may not
+/// search) is said as such, not as missing.
+pub fn exists(db: &Path) -> Result<()> {
+    match std::fs::metadata(db) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::db(
+            db,
+            "no such file (run `foreman init` to create it)",
+        )),
+        Err(e) => Err(refused(
+            &format!("cannot read {}: ", db.display()),
+            "the file",
+            &unreachable(db, &e),
+            None,
+        )),
+    }
+}
+
+/// Whether SQLite failed because it could not create or write the WAL index (`-shm`) of a
+/// database opened read-only: what a reader without write access to the directory meets when no
+/// other connection holds the database open.
+pub fn needs_the_index(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen)
+    )
+}
+
+/// Whether the database's `-wal` holds frames: commits not yet copied into the file itself.
+pub fn wal_has_commits(db: &Path) -> bool {
+    std::fs::metadata(suffixed(db, "-wal")).is_ok_and(|meta| meta.len() > 0)
+}
+
+/// An SQLite URI that opens `db` as immutable: no locks, no `-shm`, no `-wal` (every byte of the
+/// path escaped that a URI would read otherwise).
+pub fn immutable_uri(db: &Path) -> String {
+    use std::fmt::Write as _;
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &byte in db.as_os_str().as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            let _ = write!(uri, "%{byte:02X}");
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
+}
 
 /// What `foreman run` checks of the database before it takes the PID lock: that it can be
 /// created or written (with a probe file), and whether it sits on a file system where the WAL's
@@ -111,6 +162,18 @@ fn real_path(db: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_immutable_uri_escapes_what_a_uri_would_read() {
+        assert_eq!(
+            immutable_uri(Path::new("/var/lib/foreman/q.sqlite3")),
+            "file:/var/lib/foreman/q.sqlite3?immutable=1"
+        );
+        assert_eq!(
+            immutable_uri(Path::new("a b/q?#%.db")),
+            "file:a%20b/q%3F%23%25.db?immutable=1"
+        );
+    }
 
     #[test]
     fn the_temp_dir_is_local_and_writable() {

@@ -60,24 +60,16 @@ impl SqliteStore {
             Access::ReadWrite => OpenFlags::SQLITE_OPEN_READ_WRITE,
             Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
         };
-        if access != Access::Create && !path.exists() {
-            return Err(Error::db(
-                path,
-                "no such file (run `foreman init` to create it)",
-            ));
+        if access != Access::Create {
+            files::exists(path)?;
         }
-        if access != Access::ReadOnly {
-            files::db_writable(path, false)?;
+        if access == Access::ReadOnly {
+            return SqliteStore::open_read_only(path, flags);
         }
+        files::db_writable(path, false)?;
         let refused = |e: rusqlite::Error| SqliteStore::refused(path, access, e);
         let conn = Connection::open_with_flags(path, flags).map_err(refused)?;
-        let identity = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-        let queue = SqliteStore {
-            conn,
-            path: path.to_path_buf(),
-            identity,
-            abandoned: false,
-        };
+        let queue = SqliteStore::with_connection(path, conn);
         queue.configure(access).map_err(refused)?;
         // SQLite falls back to read-only, silently, when the file system refuses writes that the
         // checks above could not foresee (a FUSE or NFS server's own rules).
@@ -88,6 +80,49 @@ impl SqliteStore {
             }));
         }
         Ok(queue)
+    }
+
+    /// Opens the database for reading only, as a user who may not write it or its directory (a
+    /// monitoring user). SQLite reads a WAL database through its `-shm` index, which it creates
+    /// when the first connection opens it: a user who cannot create it cannot read the database
+    /// the usual way while no daemon has it open (after a clean stop, when SQLite has removed
+    /// `-wal` and `-shm`). Then the database is read as immutable, without locks or the WAL: an
+    /// empty or missing `-wal` means the file holds every commit. A `-wal` left with commits (the
+    /// last daemon was killed) cannot be read without the index; the rows read are then older than
+    /// those commits, which a warning says.
+    fn open_read_only(path: &Path, flags: OpenFlags) -> Result<SqliteStore> {
+        let refused = |e: rusqlite::Error| SqliteStore::refused(path, Access::ReadOnly, e);
+        let store = SqliteStore::with_connection(
+            path,
+            Connection::open_with_flags(path, flags).map_err(refused)?,
+        );
+        match store.configure(Access::ReadOnly) {
+            Ok(()) => return Ok(store),
+            Err(e) if !files::needs_the_index(&e) => return Err(refused(e)),
+            Err(_) => {}
+        }
+        drop(store);
+        if files::wal_has_commits(path) {
+            log::warn!(
+                "reading {} without its -wal: this user cannot create {}-shm, which SQLite needs to read the commits still in the -wal (the last daemon did not stop cleanly), so the most recent ones do not show; give this user write access to the directory, or read while a daemon runs",
+                path.display(),
+                path.display()
+            );
+        }
+        let conn =
+            Connection::open_with_flags(files::immutable_uri(path), flags).map_err(refused)?;
+        let store = SqliteStore::with_connection(path, conn);
+        store.configure(Access::ReadOnly).map_err(refused)?;
+        Ok(store)
+    }
+
+    fn with_connection(path: &Path, conn: Connection) -> SqliteStore {
+        SqliteStore {
+            conn,
+            path: path.to_path_buf(),
+            identity: std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino())),
+            abandoned: false,
+        }
     }
 
     fn configure(&self, access: Access) -> rusqlite::Result<()> {
