@@ -1,11 +1,14 @@
 //! `foreman metrics`: the figures of `status` in the Prometheus text exposition format (version
 //! 0.0.4), for node_exporter's textfile collector; no HTTP server. `--output FILE` replaces the
 //! file atomically (a temporary file in the same directory, then a rename), so the collector never
-//! reads half a file.
+//! reads half a file, with mode 0644 whatever the caller's umask, so the collector (another user)
+//! can read it. A database that cannot be read still replaces the file, with `foreman_up 0` and
+//! `foreman_metrics_error 1`: an old file would go on saying the daemon is up.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
 use clap::Args;
@@ -24,13 +27,37 @@ pub struct MetricsArgs {
 }
 
 pub fn run(globals: &Globals, args: &MetricsArgs) -> Result<()> {
-    let config = globals.load_config()?;
-    let text = render(&Status::read(&open(&config)?, &config)?);
-    match &args.output {
-        Some(path) => write_atomically(path, &text),
-        None => print(&text),
+    let read = globals.load_config().and_then(|config| {
+        let status = Status::read(&open(&config)?, &config)?;
+        Ok(render(&status))
+    });
+    match (&args.output, read) {
+        (Some(path), Ok(text)) => write_atomically(path, &text),
+        (Some(path), Err(e)) => {
+            write_atomically(path, &unreadable())?;
+            Err(e)
+        }
+        (None, Ok(text)) => print(&text),
+        (None, Err(e)) => Err(e),
     }
 }
+
+/// What the file says when the figures could not be read: down, and why it says so.
+fn unreadable() -> String {
+    let mut out = Exposition::default();
+    out.family("foreman_up", "gauge", UP_HELP, [(vec![], 0.0)]);
+    out.family(
+        "foreman_metrics_error",
+        "gauge",
+        ERROR_HELP,
+        [(vec![], 1.0)],
+    );
+    out.text
+}
+
+const UP_HELP: &str =
+    "Whether a foreman daemon runs on this database (1) or not, or it could not be read (0).";
+const ERROR_HELP: &str = "Whether `foreman metrics` could not read the database (1) or could (0).";
 
 /// The text a textfile collector reads.
 pub fn render(status: &Status) -> String {
@@ -41,15 +68,20 @@ pub fn render(status: &Status) -> String {
     out.text
 }
 
-/// Up, healthy, heartbeat, uptime, workers and pools.
+/// Up, healthy, liveness, workers and pools.
 fn daemon_families(out: &mut Exposition, status: &Status) {
-    let now = status.obs.now;
     let daemon = &status.obs.daemon;
     out.family(
         "foreman_up",
         "gauge",
-        "Whether a foreman daemon runs on this database (1) or not (0).",
+        UP_HELP,
         [(vec![], f64::from(u8::from(daemon.running)))],
+    );
+    out.family(
+        "foreman_metrics_error",
+        "gauge",
+        ERROR_HELP,
+        [(vec![], 0.0)],
     );
     out.family(
         "foreman_healthy",
@@ -60,26 +92,7 @@ fn daemon_families(out: &mut Exposition, status: &Status) {
             f64::from(u8::from(status.verdict.reason.is_healthy())),
         )],
     );
-    let heartbeat_age = if daemon.running {
-        daemon.heartbeat_age(now)
-    } else {
-        daemon
-            .row
-            .as_ref()
-            .map(|row| (now - row.heartbeat_at).max(0.0))
-    };
-    out.family(
-        "foreman_heartbeat_age_seconds",
-        "gauge",
-        "Seconds since the daemon last wrote its heartbeat row.",
-        heartbeat_age.map(|age| (vec![], age)),
-    );
-    out.family(
-        "foreman_uptime_seconds",
-        "gauge",
-        "Seconds since the running daemon started.",
-        daemon.uptime(now).map(|uptime| (vec![], uptime)),
-    );
+    liveness_families(out, status);
     let workers = daemon.workers(&status.obs.running);
     out.family(
         "foreman_workers",
@@ -121,6 +134,56 @@ fn daemon_families(out: &mut Exposition, status: &Status) {
             }),
         );
     }
+}
+
+/// When the daemon was last seen and since when it runs, as ages and as timestamps.
+fn liveness_families(out: &mut Exposition, status: &Status) {
+    let now = status.obs.now;
+    let daemon = &status.obs.daemon;
+    let heartbeat_age = if daemon.running {
+        daemon.heartbeat_age(now)
+    } else {
+        daemon
+            .row
+            .as_ref()
+            .map(|row| (now - row.heartbeat_at).max(0.0))
+    };
+    out.family(
+        "foreman_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since the daemon last wrote its heartbeat row.",
+        heartbeat_age.map(|age| (vec![], age)),
+    );
+    // Timestamps as well as ages: a textfile is read up to a scrape interval (or a cron period)
+    // after it was written, when its ages are already that much too young; `time() - x` is not.
+    let heartbeat_at = if daemon.running {
+        daemon.current_row()
+    } else {
+        daemon.row.as_ref()
+    }
+    .map(|row| row.heartbeat_at);
+    out.family(
+        "foreman_heartbeat_timestamp_seconds",
+        "gauge",
+        "Unix time of the daemon's last heartbeat.",
+        heartbeat_at.map(|at| (vec![], at)),
+    );
+    out.family(
+        "foreman_start_time_seconds",
+        "gauge",
+        "Unix time the running daemon started.",
+        daemon
+            .current_row()
+            .map(|row| row.started_at)
+            .or(daemon.lock_since.filter(|_| daemon.running))
+            .map(|at| (vec![], at)),
+    );
+    out.family(
+        "foreman_uptime_seconds",
+        "gauge",
+        "Seconds since the running daemon started.",
+        daemon.uptime(now).map(|uptime| (vec![], uptime)),
+    );
 }
 
 /// The queue per task name, its oldest due task, and dead letters.
@@ -288,6 +351,8 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let temp = dir.map_or_else(|| temp_name.clone().into(), |d| d.join(&temp_name));
     let io_err = |e| Error::io(format!("writing {}", temp.display()), e);
     let written = std::fs::File::create(&temp).and_then(|mut file| {
+        // Set on the open file, so no umask filters it.
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_all())
     });

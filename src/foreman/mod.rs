@@ -251,7 +251,13 @@ impl Foreman<'_> {
                 self.fill();
             }
             Event::Pool(event) => {
+                // Published at once, not at the next heartbeat: `status` and `health` must not
+                // say a pool is down (or serves nothing) after its workers said hello.
+                let before = self.pools_json();
                 self.pool_event(event);
+                if self.pools_json() != before {
+                    self.write_beat();
+                }
                 self.fill();
             }
             Event::Tick => self.tick(),

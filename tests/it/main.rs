@@ -16,6 +16,7 @@ mod history;
 mod layout;
 mod library;
 mod load;
+mod monitoring;
 mod ops;
 mod pools;
 mod publish;
