@@ -9,7 +9,6 @@
 //! dynamic call per row. A generic `Foreman<S: Store>` would avoid the branch but compile the loop
 //! once per backend, and the binary's code pages are most of the daemon's memory.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::database::Database;
@@ -319,10 +318,5 @@ impl Store {
     /// A watch that tells a reader (`wait`) when another process may have committed.
     pub fn watch(&self) -> DbWatch {
         each!(self, s => DbWatch::new(s.path()))
-    }
-
-    /// Where the database is, for messages.
-    pub fn path(&self) -> &Path {
-        each!(self, s => s.path())
     }
 }
