@@ -57,18 +57,6 @@ impl Machine {
         machine.insert("pop_limit_256_rows_per_s".into(), self.pop_limit_256.into());
         serde_json::json!({ "machine": machine })
     }
-
-    /// The lines under the table's header.
-    pub fn text(&self) -> String {
-        let (t50, t99) = self.thread_wake_us;
-        let (i50, i99) = self.inotify_wake_us;
-        format!(
-            "machine: thread wake-up p50 {t50:.0} µs, p99 {t99:.0} µs; inotify wake-up p50 {i50:.0} µs, \
-             p99 {i99:.0} µs;\n         SQLite pop limit {} rows/s at 4 rows per pop, {} at 256\n\n",
-            super::report::number(self.pop_limit_4),
-            super::report::number(self.pop_limit_256)
-        )
-    }
 }
 
 /// The gap between two hand-offs: long enough that the receiving thread has parked.

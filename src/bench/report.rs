@@ -260,7 +260,16 @@ impl Output {
             env!("CARGO_PKG_VERSION"),
             if reps == 1 { "" } else { "s" }
         );
-        text.push_str(&machine.text());
+        let (t50, t99) = machine.thread_wake_us;
+        let (i50, i99) = machine.inotify_wake_us;
+        let _ = write!(
+            text,
+            "machine: thread wake-up p50 {t50:.0} µs, p99 {t99:.0} µs; inotify wake-up p50 \
+             {i50:.0} µs, p99 {i99:.0} µs;\n         SQLite pop limit {} rows/s at 4 rows per pop, \
+             {} at 256\n\n",
+            number(machine.pop_limit_4),
+            number(machine.pop_limit_256)
+        );
         let heads = ["scenario", "figure", "median", "", "[min–max]", "target"];
         let line = row(&heads.map(str::to_owned), "");
         text.push_str(&self.style.paint(Paint::Bold, line.trim_end()));
