@@ -18,6 +18,6 @@ for rep in $(seq "${REPS:-3}"); do
 done
 # The commit's fsync share: the same cycle without waiting for it (never for real claims).
 for rep in $(seq "${REPS:-3}"); do
-    PGOPTIONS="-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_sort=off -c jit=off -c synchronous_commit=off" \
+    PGOPTIONS="-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_sort=off -c enable_incremental_sort=off -c jit=off -c synchronous_commit=off" \
         python3 run.py "$shapes/cycle-4.sql" 1 4 | sed 's/"script": "cycle-4.sql"/"script": "cycle-4.sql (no commit fsync)"/'
 done

@@ -20,10 +20,13 @@ import os
 import subprocess
 import time
 
-DATA = os.environ.get("PGC_DATA", "/tmp/pgbench-fm/data")
+DATA = os.environ.get("PGC_DATA", "/tmp/pg-claim/data")
 DB = os.environ.get("PGC_DB", "bench")
 TCK = os.sysconf("SC_CLK_TCK")
-DAEMON_SETTINGS = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_sort=off -c jit=off"
+DAEMON_SETTINGS = (
+    "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_sort=off "
+    "-c enable_incremental_sort=off -c jit=off"
+)
 ENV = dict(os.environ)
 ENV.setdefault("PGOPTIONS", DAEMON_SETTINGS)
 
