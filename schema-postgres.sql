@@ -34,8 +34,7 @@
 --      process, after the commit, and never from a trigger on foreman_task: every NOTIFY takes a
 --      lock that serialises the commits of the whole cluster.
 --
--- PYTHON (psycopg 3): clients/python/foreman_client.py does all of this when given a
--- postgresql:// URL. By hand:
+-- PYTHON (psycopg 3):
 --   import json, psycopg
 --   with psycopg.connect("postgresql://app@db/app", autocommit=True) as db:
 --       db.execute("INSERT INTO foreman_task(task_name, args, kwargs) VALUES (%s, %s::jsonb, %s::jsonb)",
