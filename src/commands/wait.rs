@@ -1,5 +1,6 @@
-//! `foreman wait ID`: waits for a task's outcome, across its retries, and prints it. It watches the
-//! database for commits (so an answer comes as soon as the task ends) and looks on a timer too.
+//! `foreman wait ID`: waits for a task's outcome, across its retries, and prints it with the
+//! task's result. It watches the database for commits (so an answer comes as soon as the task
+//! ends) and looks on a timer too.
 
 use std::time::{Duration, Instant};
 
@@ -108,7 +109,15 @@ fn outcome_line(progress: &TaskProgress) -> String {
             }
             _ => String::new(),
         };
-        return format!("task {id} done (attempt {}{ran})\n", progress.attempt);
+        let result = progress
+            .result
+            .as_deref()
+            .map(|result| format!("result: {result}\n"))
+            .unwrap_or_default();
+        return format!(
+            "task {id} done (attempt {}{ran})\n{result}",
+            progress.attempt
+        );
     }
     let attempt = if progress.attempt == 0 {
         "never ran".to_owned()
@@ -135,6 +144,7 @@ fn progress_json(progress: &TaskProgress) -> String {
         "enqueued_at": progress.enqueued_at,
         "started_at": progress.started_at,
         "finished_at": progress.finished_at,
+        "result": super::format::stored_json(progress.result.as_deref()),
     });
     format!("{doc}\n")
 }

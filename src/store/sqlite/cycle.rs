@@ -18,20 +18,22 @@ pub type FileStamp = [(u64, Option<std::time::SystemTime>); 2];
 
 // The pop's statements. Each is a search of the `foreman_task_due` index (priority, run_after,
 // then the rowid): none scans the table or sorts, so a pop costs the same at any queue depth and
-// however many rows wait for a later time. A test checks their query plans.
+// however many rows wait for a later time. The index is partial (rows a pause holds back are not
+// in it), so each says `paused = 0`, which is what lets SQLite use it. A test checks their plans.
 pub(super) const SQL_TOP_PRIORITY: &str =
-    "SELECT max(priority) FROM foreman_task WHERE priority <= ?1";
+    "SELECT max(priority) FROM foreman_task WHERE paused = 0 AND priority <= ?1";
 
 pub(super) const SQL_NEXT_PRIORITY: &str =
-    "SELECT max(priority) FROM foreman_task WHERE priority < ?1";
+    "SELECT max(priority) FROM foreman_task WHERE paused = 0 AND priority < ?1";
 
-const SQL_DUE_ROWS: &str = "SELECT id, task_name, args, kwargs, created_at, run_after, priority, attempt, origin, leased_at \
-     FROM foreman_task WHERE priority = ?1 AND run_after <= ?2 ORDER BY run_after, id LIMIT ?3";
+const SQL_DUE_ROWS: &str = "SELECT id, task_name, args, kwargs, created_at, run_after, priority, attempt, origin, leased_at, unique_key \
+     FROM foreman_task WHERE paused = 0 AND priority = ?1 AND run_after <= ?2 ORDER BY run_after, id LIMIT ?3";
 
 const SQL_NEXT_DUE: &str =
-    "SELECT min(run_after) FROM foreman_task WHERE priority = ?1 AND run_after > ?2";
+    "SELECT min(run_after) FROM foreman_task WHERE paused = 0 AND priority = ?1 AND run_after > ?2";
 
-const SQL_DUE_IN_PRIORITY: &str = "SELECT min(run_after) FROM foreman_task WHERE priority = ?1";
+const SQL_DUE_IN_PRIORITY: &str =
+    "SELECT min(run_after) FROM foreman_task WHERE paused = 0 AND priority = ?1";
 
 const SQL_DELETE: &str = "DELETE FROM foreman_task WHERE id = ?1";
 
@@ -41,6 +43,9 @@ const MAX_ERROR_BYTES: usize = 8 * 1024;
 /// Rows looked at beyond the free slots in one pop, so that a head of rows waiting for a busy pool
 /// does not keep free slots from the rows behind it.
 const LOOKAHEAD: usize = 64;
+/// Rows of paused task names one pop sets aside at most (each an UPDATE): a backlog of a name just
+/// paused leaves the pop's index in bounded steps, while the rows behind it still run.
+const PAUSE_SWEEP: usize = 1000;
 
 fn truncate_error(error: &str) -> std::borrow::Cow<'_, str> {
     if error.len() <= MAX_ERROR_BYTES {
@@ -70,12 +75,15 @@ impl SqliteStore {
             tasks: Vec::with_capacity(limit),
             dead: Vec::new(),
             deferred: 0,
+            paused: 0,
             next_due: None,
         };
         if limit == 0 && ended.is_empty() {
             return Ok(popped);
         }
-        self.write(|tx| {
+        // Lent to the transaction and given back, so that no pop copies it.
+        let daemon = self.daemon.take();
+        let done = self.write(|tx| {
             for ending in ended {
                 // One ending the DB refuses must not block the others, nor the pop, forever.
                 tx.prepare_cached("SAVEPOINT ending")?.execute([])?;
@@ -104,7 +112,8 @@ impl SqliteStore {
                 let Some(priority) = priority else { break };
                 first = false;
                 below = priority;
-                pop_priority(tx, priority, limit, now, &mut popped, &mut resolve)?;
+                let daemon = daemon.as_deref();
+                pop_priority(tx, priority, limit, now, daemon, &mut popped, &mut resolve)?;
                 if popped.tasks.len() < limit {
                     let due: Option<f64> = tx
                         .prepare_cached(SQL_NEXT_DUE)
@@ -119,7 +128,9 @@ impl SqliteStore {
                 }
             }
             Ok(popped)
-        })
+        });
+        self.daemon = daemon;
+        done
     }
 
     /// When the earliest queued row is due (it may be now or past), without writing anything:
@@ -202,8 +213,8 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
     let error = ending.error.as_deref().map(truncate_error);
     let changed = tx
         .prepare_cached(
-            "UPDATE foreman_run SET state = ?3, finished_at = ?4, error = ?5, retry_at = ?6 \
-             WHERE task_id = ?1 AND attempt = ?2",
+            "UPDATE foreman_run SET state = ?3, finished_at = ?4, error = ?5, retry_at = ?6, \
+             result = ?7, exit_code = ?8 WHERE task_id = ?1 AND attempt = ?2",
         )?
         .execute(params![
             task.id,
@@ -211,18 +222,12 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
             ending.state.as_str(),
             ending.finished_at,
             error,
-            retry_at
+            retry_at,
+            ending.result,
+            ending.exit_code
         ])?;
     if changed == 0 {
-        // History was pruned under a very long task, or the row never got one: write it whole.
-        insert_run(
-            tx,
-            task,
-            ending.state,
-            None,
-            Some(ending.finished_at),
-            error.as_deref(),
-        )?;
+        insert_whole_ending(tx, ending, error.as_deref(), retry_at)?;
     }
     match &ending.next {
         Next::Finished => {
@@ -239,8 +244,8 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
             } else {
                 let (args, kwargs) = json_texts(task);
                 tx.prepare_cached(
-                    "INSERT INTO foreman_task(id, task_name, args, kwargs, created_at, run_after, priority, attempt, origin) \
-                     VALUES (?1, ?2, ?3, ?4, coalesce(?5, (julianday('now') - 2440587.5) * 86400.0), ?6, ?7, ?8, ?9)",
+                    "INSERT INTO foreman_task(id, task_name, args, kwargs, created_at, run_after, priority, attempt, origin, unique_key) \
+                     VALUES (?1, ?2, ?3, ?4, coalesce(?5, (julianday('now') - 2440587.5) * 86400.0), ?6, ?7, ?8, ?9, ?10)",
                 )?
                 .execute(params![
                     task.id,
@@ -251,7 +256,8 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
                     at,
                     task.priority,
                     task.attempt + 1,
-                    task.origin
+                    task.origin,
+                    task.unique_key
                 ])?;
             }
         }
@@ -261,8 +267,8 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
             }
             let (args, kwargs) = json_texts(task);
             tx.prepare_cached(
-                "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, created_at, reason, attempts, priority, origin) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, created_at, reason, attempts, priority, origin, unique_key) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 task.id,
@@ -273,11 +279,47 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
                 truncate_error(reason),
                 task.attempt,
                 task.priority,
-                task.origin
+                task.origin,
+                task.unique_key
             ])?;
         }
     }
     Ok(())
+}
+
+/// History was pruned under a very long task, or the row never got one: the attempt's row is
+/// written whole.
+fn insert_whole_ending(
+    tx: &Connection,
+    ending: &Ending,
+    error: Option<&str>,
+    retry_at: Option<f64>,
+) -> rusqlite::Result<()> {
+    let task = &ending.task;
+    insert_run(
+        tx,
+        &Attempt {
+            task,
+            raw: None,
+            state: ending.state,
+            started_at: None,
+            finished_at: Some(ending.finished_at),
+            error,
+            daemon: None,
+        },
+    )?;
+    tx.prepare_cached(
+        "UPDATE foreman_run SET result = ?3, exit_code = ?4, retry_at = ?5 \
+         WHERE task_id = ?1 AND attempt = ?2",
+    )?
+    .execute(params![
+        task.id,
+        task.attempt,
+        ending.result,
+        ending.exit_code,
+        retry_at
+    ])
+    .map(drop)
 }
 
 /// Whether `e` is about the row being written (it would fail again however often it is tried),
@@ -322,29 +364,53 @@ fn delete_task(tx: &Connection, id: i64) -> rusqlite::Result<()> {
     tx.prepare_cached(SQL_DELETE)?.execute([id]).map(drop)
 }
 
-fn insert_run(
-    tx: &Connection,
-    task: &Task,
+/// An attempt's `foreman_run` row as it is first written.
+struct Attempt<'a> {
+    task: &'a Task,
+    /// The row it was popped from: its args and kwargs are copied as stored, with no encoding.
+    raw: Option<&'a RawRow>,
     state: RunState,
     started_at: Option<f64>,
     finished_at: Option<f64>,
-    error: Option<&str>,
-) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, enqueued_at, started_at, finished_at, error) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        task.id,
-        task.attempt,
-        task.name,
-        state.as_str(),
-        task.created_at,
-        started_at,
-        finished_at,
-        error
-    ])
-    .map(drop)
+    error: Option<&'a str>,
+    daemon: Option<&'a str>,
+}
+
+/// Writes an attempt's row, with what `foreman retry` needs to queue the task again. On the hot
+/// path (one per popped task): the args and kwargs come as the pop read them, not re-encoded.
+fn insert_run(tx: &Connection, attempt: &Attempt<'_>) -> rusqlite::Result<()> {
+    let task = attempt.task;
+    let mut statement = tx.prepare_cached(
+        "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, enqueued_at, started_at, \
+         finished_at, error, args, kwargs, priority, origin, unique_key, daemon) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?;
+    let texts;
+    let (args, kwargs): (&dyn rusqlite::ToSql, &dyn rusqlite::ToSql) =
+        if let Some(raw) = attempt.raw {
+            (&raw.args, &raw.kwargs)
+        } else {
+            texts = json_texts(task);
+            (&texts.0, &texts.1)
+        };
+    statement
+        .execute(params![
+            task.id,
+            task.attempt,
+            task.name,
+            attempt.state.as_str(),
+            task.created_at,
+            attempt.started_at,
+            attempt.finished_at,
+            attempt.error,
+            args,
+            kwargs,
+            task.priority,
+            task.origin,
+            task.unique_key,
+            attempt.daemon
+        ])
+        .map(drop)
 }
 
 /// Pops the due rows of one priority into `popped`, until it holds `limit` tasks.
@@ -353,6 +419,7 @@ fn pop_priority<H>(
     priority: i64,
     limit: usize,
     now: f64,
+    daemon: Option<&str>,
     popped: &mut Popped<H>,
     resolve: &mut impl FnMut(&Task) -> Resolved<H>,
 ) -> rusqlite::Result<()> {
@@ -365,10 +432,10 @@ fn pop_priority<H>(
         let mut cursor = select.query(params![
             priority,
             now,
-            i64::try_from(want + LOOKAHEAD).unwrap_or(i64::MAX)
+            i64::try_from(want + LOOKAHEAD + PAUSE_SWEEP).unwrap_or(i64::MAX)
         ])?;
-        let mut runnable = 0;
-        while runnable < want {
+        let (mut runnable, mut others, mut paused) = (0, 0, 0);
+        while runnable < want && others < LOOKAHEAD && paused < PAUSE_SWEEP {
             let Some(r) = cursor.next()? else { break };
             let raw = RawRow {
                 id: r.get(0)?,
@@ -381,65 +448,121 @@ fn pop_priority<H>(
                 attempt: cell(r, 7)?,
                 origin: cell(r, 8)?,
                 leased_at: cell(r, 9)?,
+                unique_key: cell(r, 10)?,
             };
             let resolved = match decode(&raw) {
                 Ok(task) => {
                     let resolved = resolve(&task);
-                    if matches!(resolved, Resolved::Run(..)) {
-                        runnable += 1;
+                    match resolved {
+                        Resolved::Run(..) => runnable += 1,
+                        Resolved::Pause => paused += 1,
+                        _ => others += 1,
                     }
                     Ok((task, resolved))
                 }
-                Err(reason) => Err(reason),
+                Err(reason) => {
+                    others += 1;
+                    Err(reason)
+                }
             };
             raws.push((raw, resolved));
         }
     }
     for (raw, resolved) in raws {
-        match resolved {
-            Ok((mut task, Resolved::Run(handler, lease))) => {
-                if task.was_leased {
-                    lose_expired_lease(tx, &task, now)?;
-                    task.attempt = task.attempt.saturating_add(1);
-                }
-                match lease {
-                    Some(until) => tx
-                        .prepare_cached(
-                            "UPDATE foreman_task SET leased_at = ?2, run_after = ?3, attempt = ?4 WHERE id = ?1",
-                        )?
-                        .execute(params![task.id, now, until, task.attempt])
-                        .map(drop)?,
-                    None => delete_task(tx, task.id)?,
-                }
-                insert_run(tx, &task, RunState::Running, Some(now), None, None)?;
-                popped.tasks.push((task, handler));
+        write_popped(tx, &raw, resolved, now, daemon, popped)?;
+    }
+    Ok(())
+}
+
+/// Writes what the pop decided for one row it read: started (deleted or leased, with its running
+/// attempt), deferred, held, set aside for a pause, or buried.
+fn write_popped<H>(
+    tx: &Connection,
+    raw: &RawRow,
+    resolved: std::result::Result<(Task, Resolved<H>), String>,
+    now: f64,
+    daemon: Option<&str>,
+    popped: &mut Popped<H>,
+) -> rusqlite::Result<()> {
+    match resolved {
+        Ok((mut task, Resolved::Run(handler, lease))) => {
+            if task.was_leased {
+                lose_expired_lease(tx, &task, now)?;
+                task.attempt = task.attempt.saturating_add(1);
             }
-            Ok((_, Resolved::Defer)) => popped.deferred += 1,
-            Ok((task, Resolved::Hold(until))) => {
-                tx.prepare_cached("UPDATE foreman_task SET run_after = ?2 WHERE id = ?1")?
-                    .execute(params![task.id, until])?;
+            match lease {
+                Some(until) => tx
+                    .prepare_cached(
+                        "UPDATE foreman_task SET leased_at = ?2, run_after = ?3, attempt = ?4 WHERE id = ?1",
+                    )?
+                    .execute(params![task.id, now, until, task.attempt])
+                    .map(drop)?,
+                None => delete_task(tx, task.id)?,
             }
-            Ok((mut task, Resolved::Dead(reason))) => {
-                if task.was_leased {
-                    lose_expired_lease(tx, &task, now)?;
-                    task.attempt = task.attempt.saturating_add(1);
-                }
-                bury_raw(tx, &raw, &reason)?;
-                insert_run(tx, &task, RunState::Dead, None, Some(now), Some(&reason))?;
-                popped.dead.push(Buried {
-                    task_id: raw.id,
-                    task_name: Some(task.name),
-                    reason,
-                });
+            insert_run(
+                tx,
+                &Attempt {
+                    task: &task,
+                    raw: Some(raw),
+                    state: RunState::Running,
+                    started_at: Some(now),
+                    finished_at: None,
+                    error: None,
+                    daemon,
+                },
+            )?;
+            popped.tasks.push((task, handler));
+        }
+        Ok((_, Resolved::Defer)) => popped.deferred += 1,
+        Ok((task, Resolved::Pause)) => {
+            if task.was_leased {
+                // Its lease ran out with no daemon to hold it: that attempt was cut short.
+                lose_expired_lease(tx, &task, now)?;
+                tx.prepare_cached(
+                    "UPDATE foreman_task SET paused = 1, leased_at = NULL, attempt = attempt + 1 WHERE id = ?1",
+                )?
+                .execute([task.id])?;
+            } else {
+                tx.prepare_cached("UPDATE foreman_task SET paused = 1 WHERE id = ?1")?
+                    .execute([task.id])?;
             }
-            Err(reason) => {
-                bury_raw(tx, &raw, &reason)?;
-                popped.dead.push(Buried {
-                    task_id: raw.id,
-                    task_name: printable_name(&raw.task_name),
-                    reason,
-                });
+            popped.paused += 1;
+        }
+        Ok((task, Resolved::Hold(until))) => {
+            tx.prepare_cached("UPDATE foreman_task SET run_after = ?2 WHERE id = ?1")?
+                .execute(params![task.id, until])?;
+        }
+        Ok((mut task, Resolved::Dead(reason))) => {
+            if task.was_leased {
+                lose_expired_lease(tx, &task, now)?;
+                task.attempt = task.attempt.saturating_add(1);
             }
+            bury_raw(tx, raw, &reason)?;
+            insert_run(
+                tx,
+                &Attempt {
+                    task: &task,
+                    raw: Some(raw),
+                    state: RunState::Dead,
+                    started_at: None,
+                    finished_at: Some(now),
+                    error: Some(&reason),
+                    daemon,
+                },
+            )?;
+            popped.dead.push(Buried {
+                task_id: raw.id,
+                task_name: Some(task.name),
+                reason,
+            });
+        }
+        Err(reason) => {
+            bury_raw(tx, raw, &reason)?;
+            popped.dead.push(Buried {
+                task_id: raw.id,
+                task_name: printable_name(&raw.task_name),
+                reason,
+            });
         }
     }
     Ok(())
@@ -460,9 +583,9 @@ fn lose_expired_lease(tx: &Connection, task: &Task, now: f64) -> rusqlite::Resul
 /// column keeps its bytes and its type (a TEXT that is not UTF-8 stays TEXT).
 fn bury_raw(tx: &Connection, raw: &RawRow, reason: &str) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, created_at, reason, attempts, priority, origin) \
+        "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, created_at, reason, attempts, priority, origin, unique_key) \
          SELECT id, task_name, args, kwargs, created_at, ?2, 0, \
-                CASE WHEN typeof(priority) = 'integer' THEN priority ELSE 0 END, origin \
+                CASE WHEN typeof(priority) = 'integer' THEN priority ELSE 0 END, origin, unique_key \
          FROM foreman_task WHERE id = ?1",
     )?
     .execute(params![raw.id, reason])?;

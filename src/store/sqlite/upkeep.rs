@@ -18,6 +18,20 @@ impl SqliteStore {
     /// at once with attempt + 1; the others are recorded `lost`. Returns (re-queued, lost).
     pub fn recover(&mut self, now: f64) -> Result<(usize, usize)> {
         self.write(|tx| {
+        // An attempt `foreman cancel` asked to abort ends cancelled, not lost, and is not run again
+        // (an at-least-once task's row goes with it).
+        tx.execute(
+            "DELETE FROM foreman_task WHERE leased_at IS NOT NULL AND id IN \
+             (SELECT task_id FROM foreman_run WHERE state = 'running' AND abort_requested_at IS NOT NULL \
+              AND task_id = foreman_task.id AND attempt = foreman_task.attempt)",
+            [],
+        )?;
+        tx.execute(
+            "UPDATE foreman_run SET state = 'cancelled', finished_at = ?1, \
+             error = 'aborted (foreman cancel): the daemon stopped while it ran' \
+             WHERE state = 'running' AND abort_requested_at IS NOT NULL",
+            [now],
+        )?;
         tx.execute(
             "UPDATE foreman_run SET state = 'lost', finished_at = ?1, retry_at = ?1, \
              error = 'the daemon stopped while it ran (crash or kill -9); it runs again (at-least-once)' \
