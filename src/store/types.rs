@@ -463,6 +463,9 @@ pub struct TaskDepth {
     pub delayed: i64,
     /// Leased: an at-least-once task running now.
     pub leased: i64,
+    /// Waiting for their paused name to be resumed (the store leaves this to whoever knows the
+    /// paused names: it counts them as due or delayed).
+    pub paused: i64,
     /// When the longest-waiting due row became due.
     pub oldest_due_at: Option<f64>,
     /// When the first delayed row becomes due.

@@ -115,6 +115,7 @@ impl SqliteStore {
                         due: r.get(2)?,
                         delayed: r.get(3)?,
                         leased: r.get(4)?,
+                        paused: 0,
                         oldest_due_at: cell(r, 5)?.as_f64(),
                         next_due_at: cell(r, 6)?.as_f64(),
                     })
