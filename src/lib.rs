@@ -2,12 +2,14 @@
 //! only parses arguments, sets up logging and signals, and calls `cli::execute`.
 //!
 //! To run in-process Rust handlers, build a [`Registry`] and call [`run`] from your own `main`
-//! (see `examples/inproc.rs`).
+//! (see `examples/inproc.rs`). To enqueue tasks from a Rust program, open a [`Client`] (see
+//! `examples/producer.rs`).
 
 pub mod alert;
 pub mod bench;
 pub mod children;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod command;
 pub mod commands;
@@ -34,13 +36,15 @@ pub mod task;
 pub mod thread_pool;
 pub mod wake;
 
+pub use client::{Client, TaskError, TaskSpec};
 pub use config::{Config, Overrides};
 pub use database::Database;
 pub use error::{Error, Result};
 pub use foreman::run;
-pub use outcome::Uneventful;
-pub use registry::{Registry, TaskResult};
+pub use outcome::{Cancelled, Uneventful};
+pub use registry::{Registry, TaskResult, ValueResult};
 pub use signals::{Shutdown, forward_shutdown_signals};
+pub use store::Enqueued;
 pub use task::Task;
 
 /// The settings of the property tests (the `fuzz` modules): `cases` each by default, so that

@@ -90,8 +90,17 @@ pub fn poke_control(config: &Config, done: &str) {
     );
 }
 
+/// `poke` for a producer that knows the wakeup dir but has no `Config` (`Client`).
+pub fn poke_dir(dir: Option<&std::path::Path>, done: &str) {
+    touch_dir(dir, done, &format!("cli-{}", std::process::id()));
+}
+
 fn touch(config: &Config, done: &str, name: &str) {
-    let Some(path) = &config.wakeup_dir else {
+    touch_dir(config.wakeup_dir.as_deref(), done, name);
+}
+
+fn touch_dir(dir: Option<&std::path::Path>, done: &str, name: &str) {
+    let Some(path) = dir else {
         return;
     };
     let wakeup = WakeupDir::at(path);
