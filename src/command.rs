@@ -65,8 +65,10 @@ impl ResultFiles {
     }
 }
 
-impl Drop for ResultFiles {
-    fn drop(&mut self) {
+impl ResultFiles {
+    /// Removes the directory, if it was made: at the daemon's exit, when no task runs any more
+    /// (or none will be waited for).
+    pub fn remove(&self) {
         if let Some(Some(dir)) = self.dir.get() {
             let _ = std::fs::remove_dir_all(dir);
         }

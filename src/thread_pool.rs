@@ -27,6 +27,8 @@ pub struct Job {
 
 pub struct ThreadPool {
     jobs: Arc<Inbox>,
+    /// Where command tasks write their results; removed with the pool.
+    results: Arc<ResultFiles>,
     _threads: Vec<JoinHandle<()>>,
 }
 
@@ -68,6 +70,10 @@ impl Drop for ThreadPool {
             .unwrap_or_else(PoisonError::into_inner);
         guard.1 = true;
         self.jobs.ready.notify_all();
+        drop(guard);
+        // The workers are not joined (one may run an in-process handler that never returns), so
+        // the last of them may outlive the process: the directory goes now.
+        self.results.remove();
     }
 }
 
@@ -95,6 +101,7 @@ impl ThreadPool {
             .collect::<Result<Vec<_>>>()?;
         Ok(ThreadPool {
             jobs,
+            results,
             _threads: threads,
         })
     }

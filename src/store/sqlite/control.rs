@@ -13,10 +13,11 @@ const ALL: &str = "";
 
 impl SqliteStore {
     /// The paused names and the abort requests of running attempts: a read of the small pause
-    /// table and a walk of the running attempts' partial index.
+    /// table and a walk of the running attempts' partial index. Two reads, each consistent, not
+    /// one transaction: it is also read within a caller's snapshot (`status`).
     pub fn control(&self) -> Result<Control> {
         let err = |e| self.err(e);
-        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let tx = &self.conn;
         let paused = tx
             .prepare_cached("SELECT task_name, paused_at FROM foreman_pause ORDER BY task_name")
             .and_then(|mut s| {
