@@ -22,7 +22,8 @@
 --   never corrupt the file.
 --
 -- PYTHON: clients/python/foreman_client.py does all of this (Client(db).enqueue(name, *args, **kwargs);
--- enqueue_with(name, args, kwargs, delay=…, priority=…) for delayed or prioritised tasks).
+-- enqueue_with(name, args, kwargs, delay=…, priority=…, unique_key=…) for delayed, prioritised or
+-- unique tasks; wait(id) for a task's result). RUST: foreman::Client (examples/producer.rs).
 -- By hand, with the stdlib sqlite3:
 --   import json, os, sqlite3
 --   db = sqlite3.connect("foreman.sqlite3", timeout=5, isolation_level=None)
@@ -135,14 +136,15 @@ CREATE INDEX IF NOT EXISTS foreman_dead_task ON foreman_dead(task_id);
 -- (the daemon died while it ran), dead (it could not run), cancelled (`foreman cancel`, before it
 -- started or while it ran). retry_at is set on a failed attempt that will be tried again. error is
 -- the failure's text, truncated to 8 KiB. Schema version 4 adds:
---   args, kwargs, priority, origin, unique_key  the task as it was popped, so that `foreman retry`
---                     can queue it again from any attempt (even one lost in a crash);
---   daemon            who ran it: "host:pid";
---   result            the JSON value the task returned (at most 64 KiB), or NULL;
---   exit_code         a command task's exit status (128 + N when killed by signal N);
---   abort_requested_at, abort_grace  set by `foreman cancel` on a running attempt: the daemon
---                     running it stops it (SIGTERM, then SIGKILL after abort_grace seconds, or the
---                     handler's cancellation flag) and records it cancelled.
+--   task        the task as this attempt ran it, so that `foreman retry` can queue it again from
+--               any attempt (even one lost in a crash), as a JSON object: {"args": […], "kwargs":
+--               {…}, "priority": N, "origin": "…", "daemon": "host:pid" (who ran it)}; priority
+--               is left out when it is 0, origin when there is none
+--   unique_key  the task's unique key: a running attempt holds it (UNIQUE TASKS above)
+--   result      the JSON value the task returned (at most 64 KiB), or NULL
+--   exit_code   a command task's exit status (128 + N when killed by signal N)
+-- (Few columns on purpose: the daemon writes a row per task, and SQLite compares the keys of a
+-- WITHOUT ROWID table of more than 13 columns the slow way.)
 CREATE TABLE IF NOT EXISTS foreman_run (
     task_id     INTEGER NOT NULL,
     attempt     INTEGER NOT NULL,
@@ -153,36 +155,35 @@ CREATE TABLE IF NOT EXISTS foreman_run (
     finished_at REAL,
     error       TEXT,
     retry_at    REAL,
-    args        TEXT,
-    kwargs      TEXT,
-    priority    INTEGER,
-    origin      TEXT,
+    task        TEXT,
     unique_key  TEXT,
-    daemon      TEXT,
     result      TEXT,
     exit_code   INTEGER,
-    abort_requested_at REAL,
-    abort_grace REAL,
     PRIMARY KEY (task_id, attempt)
 ) WITHOUT ROWID;
 
 -- What a restart must find: the attempts that were running when the daemon died.
 CREATE INDEX IF NOT EXISTS foreman_run_running ON foreman_run(task_id) WHERE state = 'running';
--- The running attempts that hold a unique_key (UNIQUE TASKS above).
-CREATE INDEX IF NOT EXISTS foreman_run_unique ON foreman_run(unique_key)
-    WHERE state = 'running' AND unique_key IS NOT NULL;
--- The attempts that did not end well, for `foreman list --state failed` and the like.
-CREATE INDEX IF NOT EXISTS foreman_run_unsuccessful ON foreman_run(task_id)
-    WHERE state NOT IN ('running', 'done');
-
 -- A task whose unique_key a running attempt holds is not inserted: skipped without an error, as
--- ON CONFLICT DO NOTHING skips one whose key is queued.
+-- ON CONFLICT DO NOTHING skips one whose key is queued. (The running attempts are few: a walk of
+-- foreman_run_running.)
 CREATE TRIGGER IF NOT EXISTS foreman_task_unique_running BEFORE INSERT ON foreman_task
     WHEN NEW.unique_key IS NOT NULL AND EXISTS (SELECT 1 FROM foreman_run
-        WHERE unique_key = NEW.unique_key AND state = 'running')
+        WHERE state = 'running' AND unique_key = NEW.unique_key)
 BEGIN
     SELECT RAISE(IGNORE);
 END;
+
+-- Running attempts `foreman cancel` asked to abort: the daemon running one stops it (SIGTERM,
+-- then SIGKILL after grace seconds; an in-process handler sees its cancellation flag) and records
+-- it cancelled. A row outlives its attempt only until the daemon's next clean-up.
+CREATE TABLE IF NOT EXISTS foreman_abort (
+    task_id      INTEGER NOT NULL,
+    attempt      INTEGER NOT NULL,
+    grace        REAL NOT NULL,
+    requested_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+    PRIMARY KEY (task_id, attempt)
+) WITHOUT ROWID;
 
 -- Paused task names (`foreman pause NAME…`, `foreman resume NAME…`): the daemon starts none of their
 -- tasks, and their schedules skip their windows, until they are resumed. task_name '' (which no

@@ -452,7 +452,7 @@ fn cancel_reports_each_id_and_marks_running_attempts_for_abort() {
     let (grace, asked): (f64, f64) = env
         .sql()
         .query_row(
-            "SELECT abort_grace, abort_requested_at FROM foreman_run WHERE task_id = 9001",
+            "SELECT grace, requested_at FROM foreman_abort WHERE task_id = 9001 AND attempt = 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )

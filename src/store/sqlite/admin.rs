@@ -16,6 +16,13 @@ use crate::store::types::{
 
 const NOW: &str = "(julianday('now') - 2440587.5) * 86400.0";
 
+/// A `foreman_task` row as `foreman_run.task` keeps it (what the pop writes, in SQL): args and
+/// kwargs that are not JSON are kept as strings.
+const TASK_DOCUMENT: &str = "json_object(\
+     'args', CASE WHEN json_valid(args) THEN json(args) ELSE args END, \
+     'kwargs', CASE WHEN json_valid(kwargs) THEN json(kwargs) ELSE kwargs END, \
+     'priority', priority, 'origin', origin, 'daemon', NULL)";
+
 impl SqliteStore {
     /// Where task `id` stands, read in one snapshot; `None` when no table knows the id.
     pub fn task_progress(&self, id: i64) -> Result<Option<TaskProgress>> {
@@ -242,10 +249,8 @@ fn cancel_in(tx: &Connection, id: i64, grace: f64) -> rusqlite::Result<CancelOut
         // Running (an at-least-once task keeps its leased row meanwhile): marked for abort. A
         // second cancel keeps the first request's time and takes the new grace.
         tx.execute(
-            &format!(
-                "UPDATE foreman_run SET abort_requested_at = coalesce(abort_requested_at, {NOW}), \
-                 abort_grace = ?3 WHERE task_id = ?1 AND attempt = ?2 AND state = 'running'"
-            ),
+            "INSERT INTO foreman_abort(task_id, attempt, grace) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (task_id, attempt) DO UPDATE SET grace = excluded.grace",
             params![id, run.attempt, grace],
         )?;
         return Ok(CancelOutcome::Aborting {
@@ -265,9 +270,9 @@ fn cancel_in(tx: &Connection, id: i64, grace: f64) -> rusqlite::Result<CancelOut
             tx.execute(
                 &format!(
                     "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, enqueued_at, \
-                     finished_at, args, kwargs, priority, origin, unique_key) \
-                     SELECT id, ?2, task_name, 'cancelled', created_at, {NOW}, args, kwargs, \
-                     priority, origin, unique_key FROM foreman_task WHERE id = ?1"
+                     finished_at, task, unique_key) \
+                     SELECT id, ?2, task_name, 'cancelled', created_at, {NOW}, {TASK_DOCUMENT}, unique_key \
+                     FROM foreman_task WHERE id = ?1"
                 ),
                 params![id, attempt],
             )?;
@@ -333,7 +338,7 @@ fn retry_one(tx: &Connection, task_id: i64) -> rusqlite::Result<Retried> {
     let origin = format!("retry of {task_id}");
     let has_args: bool = tx
         .prepare_cached(
-            "SELECT args IS NOT NULL FROM foreman_run WHERE task_id = ?1 ORDER BY attempt DESC LIMIT 1",
+            "SELECT task IS NOT NULL FROM foreman_run WHERE task_id = ?1 ORDER BY attempt DESC LIMIT 1",
         )?
         .query_row([task_id], |r| r.get(0))
         .optional()?
@@ -344,10 +349,13 @@ fn retry_one(tx: &Connection, task_id: i64) -> rusqlite::Result<Retried> {
         )?
         .query_row([task_id], |r| r.get(0))
         .optional()?;
-    // Copied in SQL, so that args and kwargs keep their bytes: from the last attempt, which has
-    // the task as it was popped, else from its dead letter (a row that could not even be read).
+    // Copied in SQL: from the last attempt, which has the task as it was popped (its JSON values;
+    // the text is the document's, spaces aside), else from its dead letter (a row that could not
+    // even be read: its bytes).
     let select = if has_args {
-        "SELECT task_name, args, coalesce(kwargs, '{}'), coalesce(priority, 0), ?2, unique_key \
+        "SELECT task_name, coalesce(json_extract(task, '$.args'), '[]'), \
+         coalesce(json_extract(task, '$.kwargs'), '{}'), coalesce(json_extract(task, '$.priority'), 0), \
+         ?2, unique_key \
          FROM (SELECT * FROM foreman_run WHERE task_id = ?1 ORDER BY attempt DESC LIMIT 1) WHERE true"
     } else if dead == Some(true) {
         "SELECT task_name, coalesce(args, '[]'), coalesce(kwargs, '{}'), priority, ?2, unique_key \

@@ -1,6 +1,6 @@
 //! What the operator asks of the daemons through the database, and what the loop reads of it:
-//! paused task names (`foreman_pause`), aborts of running attempts (`foreman_run.abort_*`), and the
-//! rows a pause set aside, put back after a resume.
+//! paused task names (`foreman_pause`), aborts of running attempts (`foreman_abort`), and the rows
+//! a pause set aside, put back after a resume.
 
 use rusqlite::{OptionalExtension, params};
 
@@ -12,9 +12,9 @@ use crate::store::types::{AbortRequest, Control, PausedName};
 const ALL: &str = "";
 
 impl SqliteStore {
-    /// The paused names and the abort requests of running attempts: a read of the small pause
-    /// table and a walk of the running attempts' partial index. Two reads, each consistent, not
-    /// one transaction: it is also read within a caller's snapshot (`status`).
+    /// The paused names and the abort requests of running attempts: reads of two small tables.
+    /// Two reads, each consistent, not one transaction: it is also read within a caller's
+    /// snapshot (`status`).
     pub fn control(&self) -> Result<Control> {
         let err = |e| self.err(e);
         let tx = &self.conn;
@@ -33,8 +33,9 @@ impl SqliteStore {
             .map_err(err)?;
         let aborts = tx
             .prepare_cached(
-                "SELECT task_id, attempt, coalesce(abort_grace, 0), abort_requested_at \
-                 FROM foreman_run WHERE state = 'running' AND abort_requested_at IS NOT NULL",
+                "SELECT a.task_id, a.attempt, a.grace, a.requested_at FROM foreman_abort a \
+                 JOIN foreman_run r ON r.task_id = a.task_id AND r.attempt = a.attempt \
+                 WHERE r.state = 'running'",
             )
             .and_then(|mut s| {
                 s.query_map([], |r| {

@@ -13,7 +13,8 @@ use crate::store::types::{Beat, DaemonInfo};
 impl SqliteStore {
     /// Makes `info` the daemon of this DB: replaces the row a predecessor left.
     pub fn register_daemon(&mut self, info: &DaemonInfo) -> Result<()> {
-        self.daemon = Some(format!("{}:{}", info.host, info.pid));
+        // Quoted once here: each attempt's `task` document carries it as a JSON string.
+        self.daemon = serde_json::to_string(&format!("{}:{}", info.host, info.pid)).ok();
         self.write(|tx| {
             tx.execute(
                 "INSERT OR REPLACE INTO foreman_daemon(id, pid, pid_start, host, version, started_at, heartbeat_at, stopped_at, workers) \

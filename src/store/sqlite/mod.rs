@@ -49,8 +49,8 @@ pub struct SqliteStore {
     identity: Option<(u64, u64)>,
     /// Set by `abandon`: nothing more is written.
     abandoned: bool,
-    /// `host:pid` of the daemon using this connection (`register_daemon`), written with each
-    /// attempt it starts.
+    /// `"host:pid"` (a JSON string) of the daemon using this connection (`register_daemon`),
+    /// written with each attempt it starts.
     daemon: Option<String>,
 }
 

@@ -32,16 +32,10 @@ const V4_COLUMNS: &[(&str, &str, &str)] = &[
     ("foreman_task", "unique_key", "TEXT"),
     ("foreman_task", "paused", "INTEGER NOT NULL DEFAULT 0"),
     ("foreman_dead", "unique_key", "TEXT"),
-    ("foreman_run", "args", "TEXT"),
-    ("foreman_run", "kwargs", "TEXT"),
-    ("foreman_run", "priority", "INTEGER"),
-    ("foreman_run", "origin", "TEXT"),
+    ("foreman_run", "task", "TEXT"),
     ("foreman_run", "unique_key", "TEXT"),
-    ("foreman_run", "daemon", "TEXT"),
     ("foreman_run", "result", "TEXT"),
     ("foreman_run", "exit_code", "INTEGER"),
-    ("foreman_run", "abort_requested_at", "REAL"),
-    ("foreman_run", "abort_grace", "REAL"),
 ];
 
 /// Before `SCHEMA_SQL` runs on a version 1 to 3 database: the pop's index becomes partial (rows a
@@ -265,6 +259,7 @@ mod tests {
             "foreman_daemon",
             "foreman_stat",
             "foreman_pause",
+            "foreman_abort",
         ] {
             assert!(tables.contains(&table), "{tables:?}");
         }
