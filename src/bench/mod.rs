@@ -18,6 +18,7 @@ use crate::signals::Shutdown;
 
 mod daemon;
 mod drain;
+mod list;
 mod producer;
 mod python;
 mod records;
@@ -54,10 +55,12 @@ pub enum Scenario {
     Depth,
     /// Lateness of delayed tasks after their due time, p50 / p99
     Delay,
+    /// `foreman list` queries over 1,000,000 queued rows
+    List,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::DrainInproc,
         Scenario::DrainPool,
         Scenario::DrainCommand,
@@ -70,6 +73,7 @@ impl Scenario {
         Scenario::Startup,
         Scenario::Depth,
         Scenario::Delay,
+        Scenario::List,
     ];
 
     /// The name on the command line, in the table and in the JSON.
@@ -87,6 +91,7 @@ impl Scenario {
             Scenario::Startup => "startup",
             Scenario::Depth => "depth",
             Scenario::Delay => "delay",
+            Scenario::List => "list",
         }
     }
 }
@@ -128,6 +133,8 @@ pub(crate) struct Sizes {
     pub delay_tasks: usize,
     /// Delayed tasks are due over this span.
     pub delay_spread: std::time::Duration,
+    /// Rows queued for the list scenario.
+    pub list_rows: usize,
 }
 
 impl Sizes {
@@ -145,6 +152,7 @@ impl Sizes {
                 depth_rows: (10_000, 100_000),
                 delay_tasks: 20,
                 delay_spread: Duration::from_millis(500),
+                list_rows: 10_000,
             }
         } else {
             Sizes {
@@ -158,6 +166,7 @@ impl Sizes {
                 depth_rows: (10_000, 1_000_000),
                 delay_tasks: 200,
                 delay_spread: Duration::from_secs(2),
+                list_rows: 1_000_000,
             }
         }
     }
@@ -295,6 +304,7 @@ fn run_scenario(bench: &mut Bench<'_>, scenario: Scenario) -> Outcome<ScenarioRe
         Scenario::Idle => timing::idle(bench),
         Scenario::Startup => timing::startup(bench),
         Scenario::Delay => timing::delay(bench),
+        Scenario::List => list::list(bench),
     }
 }
 
