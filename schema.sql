@@ -138,8 +138,8 @@ CREATE INDEX IF NOT EXISTS foreman_dead_task ON foreman_dead(task_id);
 -- the failure's text, truncated to 8 KiB. Schema version 4 adds:
 --   task        the task as this attempt ran it, so that `foreman retry` can queue it again from
 --               any attempt (even one lost in a crash), as a JSON object: {"args": […], "kwargs":
---               {…}, "priority": N, "origin": "…", "daemon": "host:pid" (who ran it)}; priority
---               is left out when it is 0, origin when there is none
+--               {…}, "priority": N, "origin": "…"}, each key left out when it is usual (no args,
+--               no kwargs, priority 0, no origin): {} for a plain task
 --   unique_key  the task's unique key: a running attempt holds it (UNIQUE TASKS above)
 --   result      the JSON value the task returned (at most 64 KiB), or NULL
 --   exit_code   a command task's exit status (128 + N when killed by signal N)
@@ -204,6 +204,15 @@ CREATE TABLE IF NOT EXISTS foreman_schedule (
     last_task_id INTEGER,
     interval     REAL
 );
+
+-- Every daemon that started on this database (schema version 4), kept as long as the figures: the
+-- daemon that ran an attempt is the last one to start before the attempt did.
+CREATE TABLE IF NOT EXISTS foreman_daemon_log (
+    started_at REAL NOT NULL,
+    pid        INTEGER NOT NULL,
+    host       TEXT NOT NULL,
+    PRIMARY KEY (started_at, pid)
+) WITHOUT ROWID;
 
 -- The daemon's heartbeat: one row (id 1), replaced when a daemon starts, rewritten from its loop
 -- every `heartbeat` (5 s by default) and at least once a second while it works, stamped

@@ -21,7 +21,7 @@ const NOW: &str = "(julianday('now') - 2440587.5) * 86400.0";
 const TASK_DOCUMENT: &str = "json_object(\
      'args', CASE WHEN json_valid(args) THEN json(args) ELSE args END, \
      'kwargs', CASE WHEN json_valid(kwargs) THEN json(kwargs) ELSE kwargs END, \
-     'priority', priority, 'origin', origin, 'daemon', NULL)";
+     'priority', priority, 'origin', origin)";
 
 impl SqliteStore {
     /// Where task `id` stands, read in one snapshot; `None` when no table knows the id.

@@ -87,12 +87,13 @@ const TASK: Columns = Columns {
     args: "t.args",
     kwargs: "t.kwargs",
 };
+// An attempt's `task` document leaves out what is usual; an attempt of schema version 3 has none.
 const RUN: Columns = Columns {
     id: "r.task_id",
     task_name: "r.task_name",
-    priority: "json_extract(r.task, '$.priority')",
-    args: "json_extract(r.task, '$.args')",
-    kwargs: "json_extract(r.task, '$.kwargs')",
+    priority: "coalesce(json_extract(r.task, '$.priority'), 0)",
+    args: "CASE WHEN r.task IS NOT NULL THEN coalesce(json_extract(r.task, '$.args'), '[]') END",
+    kwargs: "CASE WHEN r.task IS NOT NULL THEN coalesce(json_extract(r.task, '$.kwargs'), '{}') END",
 };
 const DEAD: Columns = Columns {
     id: "d.task_id",
@@ -199,8 +200,10 @@ struct Source {
 
 const TASK_COLUMNS: &str = "t.id, t.task_name, {state}, t.args, t.kwargs, t.priority, t.run_after, \
      t.attempt, t.created_at, t.origin, t.unique_key, NULL, NULL, NULL";
-const RUN_COLUMNS: &str = "r.task_id, r.task_name, r.state, json_extract(r.task, '$.args'), \
-     json_extract(r.task, '$.kwargs'), json_extract(r.task, '$.priority'), NULL, r.attempt, \
+const RUN_COLUMNS: &str = "r.task_id, r.task_name, r.state, \
+     CASE WHEN r.task IS NOT NULL THEN coalesce(json_extract(r.task, '$.args'), '[]') END, \
+     CASE WHEN r.task IS NOT NULL THEN coalesce(json_extract(r.task, '$.kwargs'), '{}') END, \
+     coalesce(json_extract(r.task, '$.priority'), 0), NULL, r.attempt, \
      r.enqueued_at, json_extract(r.task, '$.origin'), r.unique_key, r.started_at, r.finished_at, r.error";
 const DEAD_LIST_COLUMNS: &str = "d.task_id, d.task_name, 'dead', d.args, d.kwargs, d.priority, \
      NULL, d.attempts, d.created_at, d.origin, d.unique_key, NULL, d.died_at, d.reason";
@@ -410,6 +413,21 @@ fn attempts(tx: &Connection, id: i64) -> rusqlite::Result<Vec<AttemptRecord>> {
         Cell::Integer(i) => Some(i),
         _ => None,
     };
+    // Who ran each attempt: the last daemon to start before it did.
+    let daemons: Vec<(f64, String)> = tx
+        .prepare_cached(
+            "SELECT started_at, host || ':' || pid FROM foreman_daemon_log ORDER BY started_at",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let daemon_at = |started: Option<f64>| {
+        let started = started?;
+        daemons
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= started)
+            .map(|(_, who)| who.clone())
+    };
     tx.prepare_cached(
         "SELECT r.attempt, r.task_name, r.state, r.enqueued_at, r.started_at, r.finished_at, r.error, \
          r.retry_at, r.exit_code, r.result, r.task, r.unique_key, a.requested_at \
@@ -417,27 +435,31 @@ fn attempts(tx: &Connection, id: i64) -> rusqlite::Result<Vec<AttemptRecord>> {
          WHERE r.task_id = ?1 ORDER BY r.attempt",
     )?
     .query_map(params![id], |r| {
-        // The task as the attempt ran it: a JSON object; what cannot be read is left out.
-        let task: serde_json::Value = text(cell(r, 10)?)
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        let field = |key: &str| task.get(key).filter(|v| !v.is_null());
+        // The task as the attempt ran it, its usual values left out; none before schema 4.
+        let task: Option<serde_json::Value> =
+            text(cell(r, 10)?).and_then(|t| serde_json::from_str(&t).ok());
+        let field = |key: &str, usual: serde_json::Value| {
+            task.as_ref()
+                .map(|task| task.get(key).cloned().unwrap_or(usual))
+        };
+        let started_at = cell(r, 4)?.as_f64();
         Ok(AttemptRecord {
             attempt: r.get(0)?,
             task_name: cell(r, 1)?.into_text_lossy(),
             state: cell(r, 2)?.into_text_lossy(),
             enqueued_at: cell(r, 3)?.as_f64(),
-            started_at: cell(r, 4)?.as_f64(),
+            started_at,
             finished_at: cell(r, 5)?.as_f64(),
             error: text(cell(r, 6)?),
             retry_at: cell(r, 7)?.as_f64(),
             exit_code: integer(cell(r, 8)?),
             result: text(cell(r, 9)?),
-            daemon: field("daemon").and_then(|v| v.as_str()).map(str::to_owned),
-            args: field("args").map(ToString::to_string),
-            kwargs: field("kwargs").map(ToString::to_string),
-            priority: field("priority").and_then(serde_json::Value::as_i64),
-            origin: field("origin").and_then(|v| v.as_str()).map(str::to_owned),
+            daemon: daemon_at(started_at),
+            args: field("args", serde_json::json!([])).map(|v| v.to_string()),
+            kwargs: field("kwargs", serde_json::json!({})).map(|v| v.to_string()),
+            priority: field("priority", serde_json::json!(0)).and_then(|v| v.as_i64()),
+            origin: field("origin", serde_json::Value::Null)
+                .and_then(|v| v.as_str().map(str::to_owned)),
             unique_key: text(cell(r, 11)?),
             abort_requested_at: cell(r, 12)?.as_f64(),
         })

@@ -81,9 +81,7 @@ impl SqliteStore {
         if limit == 0 && ended.is_empty() {
             return Ok(popped);
         }
-        // Lent to the transaction and given back, so that no pop copies it.
-        let daemon = self.daemon.take();
-        let done = self.write(|tx| {
+        self.write(|tx| {
             for ending in ended {
                 // One ending the DB refuses must not block the others, nor the pop, forever.
                 tx.prepare_cached("SAVEPOINT ending")?.execute([])?;
@@ -112,8 +110,7 @@ impl SqliteStore {
                 let Some(priority) = priority else { break };
                 first = false;
                 below = priority;
-                let daemon = daemon.as_deref();
-                pop_priority(tx, priority, limit, now, daemon, &mut popped, &mut resolve)?;
+                pop_priority(tx, priority, limit, now, &mut popped, &mut resolve)?;
                 if popped.tasks.len() < limit {
                     let due: Option<f64> = tx
                         .prepare_cached(SQL_NEXT_DUE)
@@ -128,9 +125,7 @@ impl SqliteStore {
                 }
             }
             Ok(popped)
-        });
-        self.daemon = daemon;
-        done
+        })
     }
 
     /// When the earliest queued row is due (it may be now or past), without writing anything:
@@ -211,8 +206,22 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
         _ => None,
     };
     let error = ending.error.as_deref().map(truncate_error);
-    let changed = tx
-        .prepare_cached(
+    // Most endings have neither a result nor an exit status: their statement binds two less.
+    let changed = if ending.result.is_none() && ending.exit_code.is_none() {
+        tx.prepare_cached(
+            "UPDATE foreman_run SET state = ?3, finished_at = ?4, error = ?5, retry_at = ?6 \
+             WHERE task_id = ?1 AND attempt = ?2",
+        )?
+        .execute(params![
+            task.id,
+            task.attempt,
+            ending.state.as_str(),
+            ending.finished_at,
+            error,
+            retry_at
+        ])?
+    } else {
+        tx.prepare_cached(
             "UPDATE foreman_run SET state = ?3, finished_at = ?4, error = ?5, retry_at = ?6, \
              result = ?7, exit_code = ?8 WHERE task_id = ?1 AND attempt = ?2",
         )?
@@ -225,7 +234,8 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
             retry_at,
             ending.result,
             ending.exit_code
-        ])?;
+        ])?
+    };
     if changed == 0 {
         insert_whole_ending(tx, ending, error.as_deref(), retry_at)?;
     }
@@ -309,7 +319,6 @@ fn insert_whole_ending(
             started_at: None,
             finished_at: Some(ending.finished_at),
             error,
-            daemon: None,
         },
     )?;
     tx.prepare_cached(
@@ -377,7 +386,6 @@ struct Attempt<'a> {
     started_at: Option<f64>,
     finished_at: Option<f64>,
     error: Option<&'a str>,
-    daemon: Option<&'a str>,
 }
 
 /// Writes an attempt's row, with what `foreman retry` needs to queue the task again. On the hot
@@ -385,7 +393,7 @@ struct Attempt<'a> {
 /// them, not re-encoded.
 fn insert_run(tx: &Connection, attempt: &Attempt<'_>) -> rusqlite::Result<()> {
     let task = attempt.task;
-    let document = task_document(task, attempt.raw, attempt.daemon);
+    let document = task_document(task, attempt.raw);
     tx.prepare_cached(
         "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, enqueued_at, started_at, \
          finished_at, error, task, unique_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -405,11 +413,11 @@ fn insert_run(tx: &Connection, attempt: &Attempt<'_>) -> rusqlite::Result<()> {
     .map(drop)
 }
 
-/// `foreman_run.task`: `{"args":…,"kwargs":…,"priority":N,"origin":…,"daemon":…}`, without
-/// `priority` when it is 0 nor `origin` when there is none. Built by hand from the texts the pop
-/// read (valid JSON: the row decoded), which costs a copy, not an encoding; `daemon` comes quoted
-/// already (`register_daemon`).
-fn task_document(task: &Task, raw: Option<&RawRow>, daemon: Option<&str>) -> String {
+/// `foreman_run.task`: `{"args":…,"kwargs":…,"priority":N,"origin":…}`, leaving out what is
+/// usual (empty args or kwargs, priority 0, no origin): `{}` for a plain task, with no allocation.
+/// Built by hand from the texts the pop read (valid JSON: the row decoded), which costs a copy,
+/// not an encoding: the row is written for every task.
+fn task_document(task: &Task, raw: Option<&RawRow>) -> std::borrow::Cow<'static, str> {
     let texts;
     let (args, kwargs) = if let Some((Some(args), Some(kwargs))) =
         raw.map(|raw| (json_text(&raw.args), json_text(&raw.kwargs)))
@@ -419,31 +427,44 @@ fn task_document(task: &Task, raw: Option<&RawRow>, daemon: Option<&str>) -> Str
         texts = json_texts(task);
         (texts.0.as_str(), texts.1.as_str())
     };
-    // What is usual is left out (priority 0, no origin): the row is written for every task.
+    let empty = |text: &str, pair: &str| text.len() == 2 && text == pair;
+    let (plain_args, plain_kwargs) = (empty(args, "[]"), empty(kwargs, "{}"));
+    if plain_args && plain_kwargs && task.priority == 0 && task.origin.is_none() {
+        return "{}".into();
+    }
     let origin = task
         .origin
         .as_deref()
         .and_then(|origin| serde_json::to_string(origin).ok());
     let mut digits = [0u8; 20];
     let priority = small_int(task.priority, &mut digits);
-    let mut parts: [&str; 11] = [""; 11];
-    parts[..4].copy_from_slice(&["{\"args\":", args, ",\"kwargs\":", kwargs]);
+    let mut parts: [&str; 9] = [""; 9];
+    if !plain_args {
+        parts[..2].copy_from_slice(&[",\"args\":", args]);
+    }
+    if !plain_kwargs {
+        parts[2..4].copy_from_slice(&[",\"kwargs\":", kwargs]);
+    }
     if task.priority != 0 {
         parts[4..6].copy_from_slice(&[",\"priority\":", priority]);
     }
     if let Some(origin) = &origin {
         parts[6..8].copy_from_slice(&[",\"origin\":", origin]);
     }
-    if let Some(daemon) = daemon {
-        parts[8..10].copy_from_slice(&[",\"daemon\":", daemon]);
-    }
-    parts[10] = "}";
-    // Pushed piece by piece: `format!` showed in the pop's profile.
-    let mut document = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    parts[8] = "}";
+    let mut document = String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 1);
+    document.push('{');
+    // The first part's comma is the opening's.
+    let mut first = true;
     for part in parts {
-        document.push_str(part);
+        if first && part.starts_with(',') {
+            document.push_str(&part[1..]);
+            first = false;
+        } else {
+            document.push_str(part);
+        }
     }
-    document
+    document.into()
 }
 
 /// An integer's decimal digits, written into `buf` (a priority: -100 to 100, but any i64 fits).
@@ -480,7 +501,6 @@ fn pop_priority<H>(
     priority: i64,
     limit: usize,
     now: f64,
-    daemon: Option<&str>,
     popped: &mut Popped<H>,
     resolve: &mut impl FnMut(&Task) -> Resolved<H>,
 ) -> rusqlite::Result<()> {
@@ -530,7 +550,7 @@ fn pop_priority<H>(
         }
     }
     for (raw, resolved) in raws {
-        write_popped(tx, &raw, resolved, now, daemon, popped)?;
+        write_popped(tx, &raw, resolved, now, popped)?;
     }
     Ok(())
 }
@@ -542,7 +562,6 @@ fn write_popped<H>(
     raw: &RawRow,
     resolved: std::result::Result<(Task, Resolved<H>), String>,
     now: f64,
-    daemon: Option<&str>,
     popped: &mut Popped<H>,
 ) -> rusqlite::Result<()> {
     match resolved {
@@ -569,7 +588,6 @@ fn write_popped<H>(
                     started_at: Some(now),
                     finished_at: None,
                     error: None,
-                    daemon,
                 },
             )?;
             popped.tasks.push((task, handler));
@@ -608,7 +626,6 @@ fn write_popped<H>(
                     started_at: None,
                     finished_at: Some(now),
                     error: Some(&reason),
-                    daemon,
                 },
             )?;
             popped.dead.push(Buried {
@@ -675,22 +692,38 @@ mod tests {
             unique_key: Cell::Null,
         };
         let task = decode(&raw).unwrap();
-        let document = task_document(&task, Some(&raw), Some("\"web1:42\""));
+        let document = task_document(&task, Some(&raw));
         let parsed: serde_json::Value = serde_json::from_str(&document).unwrap();
         assert_eq!(
             parsed,
             serde_json::json!({"args": [1, "two"], "kwargs": {"k": null}, "priority": -100,
-                "origin": "schedule \"s\"", "daemon": "web1:42"})
+                "origin": "schedule \"s\""})
         );
-        let plain = Task {
+        let usual = Task {
             priority: 0,
             origin: None,
-            ..task
+            ..task.clone()
         };
         assert_eq!(
-            task_document(&plain, None, None),
+            task_document(&usual, None),
             "{\"args\":[1,\"two\"],\"kwargs\":{\"k\":null}}"
         );
+        let only_kwargs = Task {
+            args: Vec::new(),
+            ..usual.clone()
+        };
+        assert_eq!(
+            task_document(&only_kwargs, None),
+            "{\"kwargs\":{\"k\":null}}"
+        );
+        let plain = Task {
+            kwargs: serde_json::Map::new(),
+            ..only_kwargs
+        };
+        assert!(matches!(
+            task_document(&plain, None),
+            std::borrow::Cow::Borrowed("{}")
+        ));
         for n in [0, 5, -7, 100, i64::MIN, i64::MAX] {
             let mut buf = [0u8; 20];
             assert_eq!(small_int(n, &mut buf), n.to_string());

@@ -49,9 +49,6 @@ pub struct SqliteStore {
     identity: Option<(u64, u64)>,
     /// Set by `abandon`: nothing more is written.
     abandoned: bool,
-    /// `"host:pid"` (a JSON string) of the daemon using this connection (`register_daemon`),
-    /// written with each attempt it starts.
-    daemon: Option<String>,
 }
 
 impl SqliteStore {
@@ -83,7 +80,6 @@ impl SqliteStore {
             path: path.to_path_buf(),
             identity,
             abandoned: false,
-            daemon: None,
         };
         queue.configure(access).map_err(refused)?;
         // SQLite falls back to read-only, silently, when the file system refuses writes that the

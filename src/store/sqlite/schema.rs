@@ -260,6 +260,7 @@ mod tests {
             "foreman_stat",
             "foreman_pause",
             "foreman_abort",
+            "foreman_daemon_log",
         ] {
             assert!(tables.contains(&table), "{tables:?}");
         }
