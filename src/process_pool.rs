@@ -4,6 +4,7 @@
 //! the foreman loop decides which tasks reach it, from the hellos the drivers report.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -23,7 +24,7 @@ use crate::command::{
     describe, has_exited, pidfd_open, piped_command, poll, pollfd, set_nonblocking, spawn,
     wait_exited_no_reap,
 };
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, find_executable};
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
 use crate::line_budget::LineBudget;
@@ -113,6 +114,8 @@ struct Driver {
     slot: usize,
     name: Arc<str>,
     config: PoolConfig,
+    /// What its processes add to the daemon's environment (`Config::launch_env`).
+    env: Arc<[(String, OsString)]>,
     jobs: Receiver<PoolJob>,
     requeue: Sender<PoolJob>,
     stop: Receiver<()>,
@@ -127,11 +130,13 @@ impl ProcessPool {
         index: usize,
         name: &str,
         config: &PoolConfig,
+        env: Vec<(String, OsString)>,
         events: &Sender<PoolEvent>,
         finished: &Sender<Finished>,
         children: &Arc<Children>,
     ) -> Result<ProcessPool> {
         let name: Arc<str> = name.into();
+        let env: Arc<[(String, OsString)]> = env.into();
         let (jobs, backlog) = crossbeam_channel::unbounded();
         let (stop, stopped) = crossbeam_channel::bounded(0);
         let threads = (0..config.processes)
@@ -141,6 +146,7 @@ impl ProcessPool {
                     slot,
                     name: Arc::clone(&name),
                     config: config.clone(),
+                    env: Arc::clone(&env),
                     jobs: backlog.clone(),
                     requeue: jobs.clone(),
                     stop: stopped.clone(),
@@ -623,12 +629,32 @@ impl Worker {
     /// Spawns the process and waits for its hello. `Ok(None)` when the pool stopped meanwhile;
     /// `Err` says why the process could not start (it is dead and reaped then).
     fn start(driver: &Driver) -> std::result::Result<Option<Worker>, String> {
-        let argv = &driver.config.command;
-        let mut command = piped_command(argv)?;
+        let launch = &driver.config.command;
+        let mut argv = launch.argv.clone();
+        // A bare program name is found in the daemon's PATH, as for command tasks, even when
+        // `env` gives the worker another PATH (std's spawn would search that one).
+        if launch.env.contains_key("PATH")
+            && let Some(program) = argv.first_mut()
+            && !program.contains('/')
+            && let Ok(found) = find_executable(program)
+        {
+            *program = found.display().to_string();
+        }
+        let mut command = piped_command(&argv)?;
+        if let Some(cwd) = &launch.cwd {
+            command.current_dir(cwd);
+        }
         command
+            .envs(driver.env.iter().map(|(key, value)| (key, value)))
             .env("FOREMAN_POOL", &*driver.name)
             .env("FOREMAN_PROTOCOL", PROTOCOL_VERSION.to_string());
-        let (mut child, pid) = spawn(&mut command, argv)?;
+        let (mut child, pid) = spawn(&mut command, &argv).map_err(|e| {
+            // std says only "No such file or directory" when the `chdir` failed.
+            match launch.cwd.as_deref().filter(|cwd| !cwd.is_dir()) {
+                Some(cwd) => format!("{e} (its cwd {} is not a directory)", cwd.display()),
+                None => e,
+            }
+        })?;
         driver.children.insert_worker(driver.pool, driver.slot, pid);
         let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
         if let Some(stdin) = &stdin {

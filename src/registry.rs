@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,9 +32,9 @@ type HandlerFn = dyn Fn(&Task) -> HandlerOutput + Send + Sync;
 #[derive(Clone)]
 pub enum Handler {
     InProcess(Arc<HandlerFn>),
-    /// A process spawned per task from this argv.
+    /// A process spawned per task.
     Command {
-        argv: Arc<[String]>,
+        command: Arc<CommandSpec>,
         timeout: Option<Duration>,
     },
     /// A persistent process of the pool at this index (in `Config::pools` order).
@@ -40,6 +42,14 @@ pub enum Handler {
         pool: usize,
         timeout: Option<Duration>,
     },
+}
+
+/// A command task's process, ready to start: its argv, the directory it runs in, and what it
+/// adds to the daemon's environment (`FOREMAN_DB` and the rest of `Config::launch_env`).
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: Vec<(String, OsString)>,
 }
 
 #[derive(Clone)]
@@ -134,8 +144,12 @@ impl Registry {
                 Entry::Vacant(slot) => {
                     let timeout = task.timeout;
                     slot.insert(match &task.runner {
-                        Some(Runner::Command(argv)) => Handler::Command {
-                            argv: argv.clone().into(),
+                        Some(Runner::Command(launch)) => Handler::Command {
+                            command: Arc::new(CommandSpec {
+                                argv: launch.argv.clone(),
+                                cwd: launch.cwd.clone(),
+                                env: config.launch_env(launch),
+                            }),
                             timeout,
                         },
                         Some(Runner::Pool(pool)) => Handler::Pool {

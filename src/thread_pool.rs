@@ -163,7 +163,9 @@ fn run(task: &Task, handler: &Handler, children: &Children, results: &ResultFile
             Err(e) if e.is::<Uneventful>() => Outcome::Done { eventful: false }.into(),
             Err(e) => Outcome::Failed(e.to_string()).into(),
         },
-        Handler::Command { argv, timeout } => command::run(task, argv, *timeout, children, results),
+        Handler::Command { command, timeout } => {
+            command::run(task, command, *timeout, children, results)
+        }
         Handler::Pool { .. } => {
             Outcome::Failed("a pool task reached a worker thread".to_owned()).into()
         }

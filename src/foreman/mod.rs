@@ -152,7 +152,8 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         .iter()
         .enumerate()
         .map(|(index, (name, pool))| {
-            ProcessPool::start(index, name, pool, &pool_tx, &finished_tx, &children)
+            let env = config.launch_env(&pool.command);
+            ProcessPool::start(index, name, pool, env, &pool_tx, &finished_tx, &children)
         })
         .collect::<Result<Vec<_>>>()?;
     log_startup(config, &registry, &wake, &pools);
