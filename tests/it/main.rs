@@ -15,6 +15,7 @@ mod environment;
 mod faults;
 mod frameworks;
 mod history;
+mod launch;
 mod layout;
 mod library;
 mod load;
