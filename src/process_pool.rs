@@ -525,6 +525,10 @@ struct Worker {
     /// Disconnected when the stderr reader reaches EOF.
     stderr_done: Receiver<()>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// Where each task's stderr begins and ends, for the reader to tag its lines.
+    stderr_tags: Arc<StderrTags>,
+    /// `pool py pid 1234`: how its stderr lines are tagged outside a task.
+    who: Arc<str>,
     tasks: BTreeSet<String>,
     children: Arc<Children>,
     /// (pool, slot), its key in `children`.
@@ -667,10 +671,12 @@ impl Worker {
                 return Err("the worker's pipes were not set up".to_owned());
             };
             let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-            let stderr_done = log_stderr(stderr, &driver.name, pid, &stderr_tail)?;
-            Ok((stdout, stderr_tail, stderr_done))
+            let tags = Arc::new(StderrTags::new(stderr));
+            let who: Arc<str> = format!("pool {} pid {pid}", driver.name).into();
+            let stderr_done = log_stderr(&tags, &who, &stderr_tail)?;
+            Ok((stdout, stderr_tail, stderr_done, tags, who))
         })();
-        let (stdout, stderr_tail, stderr_done) = match started {
+        let (stdout, stderr_tail, stderr_done, stderr_tags, who) = match started {
             Ok(started) => started,
             Err(e) => {
                 // Nothing to talk to it with: stop it and reap it, leaving no zombie.
@@ -688,6 +694,8 @@ impl Worker {
             pidfd: pidfd_open(pid),
             stderr_done,
             stderr_tail,
+            stderr_tags,
+            who,
             tasks: BTreeSet::new(),
             children: Arc::clone(&driver.children),
             key: (driver.pool, driver.slot),
@@ -753,8 +761,17 @@ impl Worker {
         Ok(Some(line))
     }
 
-    /// Writes the task, waits for the answer (up to the timeout) and judges it.
+    /// Writes the task, waits for the answer (up to the timeout) and judges it. What the worker
+    /// writes to stderr meanwhile is logged tagged with the task.
     fn run(&mut self, job: PoolJob) -> Ran {
+        let tag: Arc<str> = format!("task {} {} ({})", job.task.id, job.task.name, self.who).into();
+        self.stderr_tags.mark(Some(tag));
+        let ran = self.run_tagged(job);
+        self.stderr_tags.mark(None);
+        ran
+    }
+
+    fn run_tagged(&mut self, job: PoolJob) -> Ran {
         if job.task.cancelled() {
             // Aborted while it waited for a process: it never starts.
             return Ran::Answered(Finished {
@@ -1079,30 +1096,102 @@ impl LineReader {
     }
 }
 
-/// Logs a worker's stderr line by line from its own thread, keeping the last lines for error
-/// messages. The returned channel disconnects at EOF.
+/// Which task a worker's stderr belongs to, by position in the stream: the driver marks where
+/// each task's bytes begin and end, and the reader tags each line by the mark in force at its
+/// first byte. Both count bytes under one lock (the reader what it took from the pipe, the driver
+/// that plus what is still in it), so a line the worker wrote just before its answer is its
+/// task's, even when the reader gets to it after the answer, or during the next task.
+struct StderrTags {
+    /// The daemon's end of the pipe; the reader's, and the driver's to ask how much is unread.
+    pipe: File,
+    state: Mutex<TagState>,
+}
+
+struct TagState {
+    /// Bytes the reader has taken out of the pipe.
+    read: u64,
+    /// From which byte each tag applies (`None`: no task), in stream order. The first one
+    /// applies at the reader's position.
+    marks: VecDeque<(u64, Option<Arc<str>>)>,
+}
+
+impl StderrTags {
+    fn new(pipe: File) -> Self {
+        StderrTags {
+            pipe,
+            state: Mutex::new(TagState {
+                read: 0,
+                marks: VecDeque::from([(0, None)]),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TagState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// From the next byte the worker writes, its stderr is `tag`'s.
+    fn mark(&self, tag: Option<Arc<str>>) {
+        let mut state = self.lock();
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes the count of unread bytes to the int it is given.
+        if unsafe { libc::ioctl(self.pipe.as_raw_fd(), libc::FIONREAD, &raw mut unread) } != 0 {
+            unread = 0;
+        }
+        let at = state.read + u64::try_from(unread).unwrap_or(0);
+        state.marks.push_back((at, tag));
+    }
+
+    /// Reads what the pipe holds (after `poll` said it holds something), counting it; `Ok(0)` at
+    /// EOF. Returns with the lock held, so that the lines are tagged before the next mark.
+    fn read<'s>(
+        &'s self,
+        chunk: &mut [u8],
+    ) -> io::Result<(usize, std::sync::MutexGuard<'s, TagState>)> {
+        let mut state = self.lock();
+        let n = (&self.pipe).read(chunk)?;
+        state.read += n as u64;
+        Ok((n, state))
+    }
+}
+
+impl TagState {
+    /// The tag of the byte at `offset`, which is at or after every earlier one asked about.
+    fn tag_at(&mut self, offset: u64) -> Option<Arc<str>> {
+        while self.marks.len() > 1 && self.marks[1].0 <= offset {
+            self.marks.pop_front();
+        }
+        self.marks.front().and_then(|(_, tag)| tag.clone())
+    }
+}
+
+/// Logs a worker's stderr line by line from its own thread, tagged with the task running when the
+/// line began (`task 42 app.x (pool py pid 1234) stderr: …`) or with the process (`pool py pid
+/// 1234 stderr: …`), keeping the last lines for error messages. The returned channel disconnects
+/// at EOF.
 fn log_stderr(
-    stderr: File,
-    pool: &Arc<str>,
-    pid: libc::pid_t,
+    tags: &Arc<StderrTags>,
+    who: &Arc<str>,
     tail: &Arc<Mutex<VecDeque<String>>>,
 ) -> std::result::Result<Receiver<()>, String> {
     let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
-    let pool = Arc::clone(pool);
+    let tags = Arc::clone(tags);
+    let who = Arc::clone(who);
     let tail = Arc::clone(tail);
     std::thread::Builder::new()
-        .name(format!("foreman-pool-{pool}-stderr"))
+        .name(format!("foreman-{who}-stderr"))
         .spawn(move || {
             let _done = done_tx;
-            let mut stderr = stderr;
+            // The current line, the offset of its first byte and its tag.
             let mut partial = Vec::new();
+            let mut partial_tag: Option<Arc<str>> = None;
             let mut chunk = [0u8; 8192];
-            let who = format!("pool {pool} pid {pid}");
+            let mut lines: Vec<(Option<Arc<str>>, Vec<u8>)> = Vec::new();
             let mut budget = LineBudget::new();
-            let mut emit = |line: &[u8]| {
+            let mut emit = |tag: Option<&Arc<str>>, line: &[u8]| {
                 let text = String::from_utf8_lossy(line);
                 let text = text.trim_end_matches('\r');
-                budget.log(&who, "stderr", text);
+                budget.log(tag.map_or(&*who, |t| t), "stderr", text);
                 if text.trim().is_empty() {
                     return;
                 }
@@ -1113,27 +1202,44 @@ fn log_stderr(
                 tail.push_back(text.chars().take(500).collect());
             };
             loop {
-                let n = match stderr.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => n,
+                // Waits outside the lock, so a driver's mark never waits for the worker's output.
+                let mut fds = [pollfd(tags.pipe.as_raw_fd(), libc::POLLIN)];
+                match poll(&mut fds, None) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+                let (n, mut state) = match tags.read(&mut chunk) {
+                    Ok((0, _)) => break,
+                    Ok(read) => read,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => break,
                 };
+                let mut offset = state.read - n as u64;
                 let mut data = &chunk[..n];
-                while let Some(pos) = data.iter().position(|&b| b == b'\n') {
-                    partial.extend_from_slice(&data[..pos]);
-                    emit(&partial);
-                    partial.clear();
-                    data = &data[pos + 1..];
+                while !data.is_empty() {
+                    if partial.is_empty() {
+                        partial_tag = state.tag_at(offset);
+                    }
+                    let (piece, ended) = match data.iter().position(|&b| b == b'\n') {
+                        Some(pos) => (&data[..pos], pos + 1),
+                        None => (data, data.len()),
+                    };
+                    partial.extend_from_slice(piece);
+                    let complete = ended > piece.len();
+                    if complete || partial.len() >= MAX_STDERR_LINE_BYTES {
+                        lines.push((partial_tag.take(), std::mem::take(&mut partial)));
+                    }
+                    offset += ended as u64;
+                    data = &data[ended..];
                 }
-                partial.extend_from_slice(data);
-                if partial.len() >= MAX_STDERR_LINE_BYTES {
-                    emit(&partial);
-                    partial.clear();
+                drop(state);
+                for (tag, line) in lines.drain(..) {
+                    emit(tag.as_ref(), &line);
                 }
             }
             if !partial.is_empty() {
-                emit(&partial);
+                emit(partial_tag.as_ref(), &partial);
             }
             budget.finish(&who);
         })
