@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, params};
+use rusqlite::{CachedStatement, Connection, params};
 
 use super::{SqliteStore, cell};
 use crate::error::Result;
@@ -36,6 +36,12 @@ const SQL_DUE_IN_PRIORITY: &str =
     "SELECT min(run_after) FROM foreman_task WHERE paused = 0 AND priority = ?1";
 
 const SQL_DELETE: &str = "DELETE FROM foreman_task WHERE id = ?1";
+const SQL_INSERT_RUN: &str = "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, \
+     enqueued_at, started_at, finished_at, error, task, unique_key) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+// An ending without a result or an exit status, as most are: a statement that binds two less.
+const SQL_END_ATTEMPT: &str = "UPDATE foreman_run SET state = ?3, finished_at = ?4, error = ?5, \
+     retry_at = ?6 WHERE task_id = ?1 AND attempt = ?2";
 
 /// Error text kept per attempt: a traceback's end says what went wrong, so the end is kept.
 const MAX_ERROR_BYTES: usize = 8 * 1024;
@@ -82,21 +88,8 @@ impl SqliteStore {
             return Ok(popped);
         }
         self.write(|tx| {
-            for ending in ended {
-                // One ending the DB refuses must not block the others, nor the pop, forever.
-                tx.prepare_cached("SAVEPOINT ending")?.execute([])?;
-                if let Err(e) = record_ending(tx, ending) {
-                    // A full disk or an I/O error refuses every write: the whole cycle fails, and
-                    // the loop keeps the endings to record them once the DB takes writes again.
-                    if !is_about_the_row(&e) {
-                        return Err(e);
-                    }
-                    // Undoes this ending alone.
-                    tx.prepare_cached("ROLLBACK TO ending")?.execute([])?;
-                    log_unrecorded(ending, &e);
-                }
-                tx.prepare_cached("RELEASE ending")?.execute([])?;
-            }
+            let mut rows = RowStatements::new(tx);
+            record_endings(tx, &mut rows, ended)?;
             let mut below = i64::MAX;
             let mut first = true;
             while popped.tasks.len() < limit {
@@ -110,7 +103,15 @@ impl SqliteStore {
                 let Some(priority) = priority else { break };
                 first = false;
                 below = priority;
-                pop_priority(tx, priority, limit, now, &mut popped, &mut resolve)?;
+                pop_priority(
+                    tx,
+                    &mut rows,
+                    priority,
+                    limit,
+                    now,
+                    &mut popped,
+                    &mut resolve,
+                )?;
                 if popped.tasks.len() < limit {
                     let due: Option<f64> = tx
                         .prepare_cached(SQL_NEXT_DUE)
@@ -198,8 +199,98 @@ impl SqliteStore {
     }
 }
 
+/// Records the attempts that ended, each with its retry or dead letter. All at once under one
+/// savepoint, which is what almost every cycle needs; when one ending fails for a reason of its
+/// own row (it would fail again however often it is tried), they are recorded again one by one,
+/// each under a savepoint of its own, so that that one is skipped (and logged) and the others
+/// are not. A failure of the whole database (full, read-only, I/O) fails the cycle, and the loop
+/// keeps the endings for the next one.
+fn record_endings(
+    tx: &Connection,
+    rows: &mut RowStatements<'_>,
+    ended: &[Ending],
+) -> rusqlite::Result<()> {
+    if ended.is_empty() {
+        return Ok(());
+    }
+    tx.prepare_cached("SAVEPOINT endings")?.execute([])?;
+    let all = ended
+        .iter()
+        .try_for_each(|ending| record_ending(tx, rows, ending));
+    match all {
+        Ok(()) => {}
+        Err(e) if !is_about_the_row(&e) => return Err(e),
+        Err(_) => {
+            tx.prepare_cached("ROLLBACK TO endings")?.execute([])?;
+            for ending in ended {
+                tx.prepare_cached("SAVEPOINT ending")?.execute([])?;
+                if let Err(e) = record_ending(tx, rows, ending) {
+                    if !is_about_the_row(&e) {
+                        return Err(e);
+                    }
+                    // Undoes this ending alone.
+                    tx.prepare_cached("ROLLBACK TO ending")?.execute([])?;
+                    log_unrecorded(ending, &e);
+                }
+                tx.prepare_cached("RELEASE ending")?.execute([])?;
+            }
+        }
+    }
+    tx.prepare_cached("RELEASE endings")?.execute([]).map(drop)
+}
+
+/// The statements a cycle runs once per row (per popped task, per ended attempt), each taken
+/// from the connection's statement cache once per cycle instead of once per row: a cache lookup
+/// hashes and compares the statement's text, which cost more than some of these statements' own
+/// work.
+struct RowStatements<'c> {
+    conn: &'c Connection,
+    delete: Option<CachedStatement<'c>>,
+    insert_run: Option<CachedStatement<'c>>,
+    end_attempt: Option<CachedStatement<'c>>,
+}
+
+impl<'c> RowStatements<'c> {
+    fn new(conn: &'c Connection) -> RowStatements<'c> {
+        RowStatements {
+            conn,
+            delete: None,
+            insert_run: None,
+            end_attempt: None,
+        }
+    }
+
+    fn delete(&mut self) -> rusqlite::Result<&mut CachedStatement<'c>> {
+        cached(&mut self.delete, self.conn, SQL_DELETE)
+    }
+
+    fn insert_run(&mut self) -> rusqlite::Result<&mut CachedStatement<'c>> {
+        cached(&mut self.insert_run, self.conn, SQL_INSERT_RUN)
+    }
+
+    fn end_attempt(&mut self) -> rusqlite::Result<&mut CachedStatement<'c>> {
+        cached(&mut self.end_attempt, self.conn, SQL_END_ATTEMPT)
+    }
+}
+
+/// The statement in `slot`, taken from the cache the first time.
+fn cached<'s, 'c>(
+    slot: &'s mut Option<CachedStatement<'c>>,
+    conn: &'c Connection,
+    sql: &str,
+) -> rusqlite::Result<&'s mut CachedStatement<'c>> {
+    match slot {
+        Some(statement) => Ok(statement),
+        None => Ok(slot.insert(conn.prepare_cached(sql)?)),
+    }
+}
+
 /// Writes what became of an attempt: its `foreman_run` row, and its retry or dead letter.
-fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
+fn record_ending(
+    tx: &Connection,
+    rows: &mut RowStatements<'_>,
+    ending: &Ending,
+) -> rusqlite::Result<()> {
     let task = &ending.task;
     let retry_at = match ending.next {
         Next::Retry(at) => Some(at),
@@ -208,11 +299,7 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
     let error = ending.error.as_deref().map(truncate_error);
     // Most endings have neither a result nor an exit status: their statement binds two less.
     let changed = if ending.result.is_none() && ending.exit_code.is_none() {
-        tx.prepare_cached(
-            "UPDATE foreman_run SET state = ?3, finished_at = ?4, error = ?5, retry_at = ?6 \
-             WHERE task_id = ?1 AND attempt = ?2",
-        )?
-        .execute(params![
+        rows.end_attempt()?.execute(params![
             task.id,
             task.attempt,
             ending.state.as_str(),
@@ -237,7 +324,7 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
         ])?
     };
     if changed == 0 {
-        insert_whole_ending(tx, ending, error.as_deref(), retry_at)?;
+        insert_whole_ending(tx, rows, ending, error.as_deref(), retry_at)?;
     }
     if ending.state == RunState::Cancelled {
         tx.prepare_cached("DELETE FROM foreman_abort WHERE task_id = ?1 AND attempt = ?2")?
@@ -246,7 +333,7 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
     match &ending.next {
         Next::Finished => {
             if ending.leased {
-                delete_task(tx, task.id)?;
+                rows.delete()?.execute([task.id])?;
             }
         }
         Next::Retry(at) => {
@@ -277,7 +364,7 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
         }
         Next::Bury(reason) => {
             if ending.leased {
-                delete_task(tx, task.id)?;
+                rows.delete()?.execute([task.id])?;
             }
             let (args, kwargs) = json_texts(task);
             tx.prepare_cached(
@@ -305,13 +392,14 @@ fn record_ending(tx: &Connection, ending: &Ending) -> rusqlite::Result<()> {
 /// written whole.
 fn insert_whole_ending(
     tx: &Connection,
+    rows: &mut RowStatements<'_>,
     ending: &Ending,
     error: Option<&str>,
     retry_at: Option<f64>,
 ) -> rusqlite::Result<()> {
     let task = &ending.task;
     insert_run(
-        tx,
+        rows,
         &Attempt {
             task,
             raw: None,
@@ -373,10 +461,6 @@ fn json_texts(task: &Task) -> (String, String) {
     )
 }
 
-fn delete_task(tx: &Connection, id: i64) -> rusqlite::Result<()> {
-    tx.prepare_cached(SQL_DELETE)?.execute([id]).map(drop)
-}
-
 /// An attempt's `foreman_run` row as it is first written.
 struct Attempt<'a> {
     task: &'a Task,
@@ -391,26 +475,23 @@ struct Attempt<'a> {
 /// Writes an attempt's row, with what `foreman retry` needs to queue the task again. On the hot
 /// path (one per popped task): the args and kwargs go into its `task` document as the pop read
 /// them, not re-encoded.
-fn insert_run(tx: &Connection, attempt: &Attempt<'_>) -> rusqlite::Result<()> {
+fn insert_run(rows: &mut RowStatements<'_>, attempt: &Attempt<'_>) -> rusqlite::Result<()> {
     let task = attempt.task;
     let document = task_document(task, attempt.raw);
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, enqueued_at, started_at, \
-         finished_at, error, task, unique_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(params![
-        task.id,
-        task.attempt,
-        task.name,
-        attempt.state.as_str(),
-        task.created_at,
-        attempt.started_at,
-        attempt.finished_at,
-        attempt.error,
-        document,
-        task.unique_key,
-    ])
-    .map(drop)
+    rows.insert_run()?
+        .execute(params![
+            task.id,
+            task.attempt,
+            task.name,
+            attempt.state.as_str(),
+            task.created_at,
+            attempt.started_at,
+            attempt.finished_at,
+            attempt.error,
+            document,
+            task.unique_key,
+        ])
+        .map(drop)
 }
 
 /// `foreman_run.task`: `{"args":…,"kwargs":…,"priority":N,"origin":…}`, leaving out what is
@@ -498,6 +579,7 @@ fn json_text(cell: &Cell) -> Option<&str> {
 /// Pops the due rows of one priority into `popped`, until it holds `limit` tasks.
 fn pop_priority<H>(
     tx: &Connection,
+    rows: &mut RowStatements<'_>,
     priority: i64,
     limit: usize,
     now: f64,
@@ -507,7 +589,7 @@ fn pop_priority<H>(
     let want = limit - popped.tasks.len();
     // Read first, write after: a deferred row is then never touched, and its lock-free read is
     // all it costs.
-    let mut raws = Vec::with_capacity(want);
+    let mut read = Vec::with_capacity(want);
     {
         let mut select = tx.prepare_cached(SQL_DUE_ROWS)?;
         let mut cursor = select.query(params![
@@ -546,11 +628,11 @@ fn pop_priority<H>(
                     Err(reason)
                 }
             };
-            raws.push((raw, resolved));
+            read.push((raw, resolved));
         }
     }
-    for (raw, resolved) in raws {
-        write_popped(tx, &raw, resolved, now, popped)?;
+    for (raw, resolved) in read {
+        write_popped(tx, rows, &raw, resolved, now, popped)?;
     }
     Ok(())
 }
@@ -559,6 +641,7 @@ fn pop_priority<H>(
 /// attempt), deferred, held, set aside for a pause, or buried.
 fn write_popped<H>(
     tx: &Connection,
+    rows: &mut RowStatements<'_>,
     raw: &RawRow,
     resolved: std::result::Result<(Task, Resolved<H>), String>,
     now: f64,
@@ -577,10 +660,10 @@ fn write_popped<H>(
                     )?
                     .execute(params![task.id, now, until, task.attempt])
                     .map(drop)?,
-                None => delete_task(tx, task.id)?,
+                None => rows.delete()?.execute([task.id]).map(drop)?,
             }
             insert_run(
-                tx,
+                rows,
                 &Attempt {
                     task: &task,
                     raw: Some(raw),
@@ -616,9 +699,9 @@ fn write_popped<H>(
                 lose_expired_lease(tx, &task, now)?;
                 task.attempt = task.attempt.saturating_add(1);
             }
-            bury_raw(tx, raw, &reason)?;
+            bury_raw(tx, rows, raw, &reason)?;
             insert_run(
-                tx,
+                rows,
                 &Attempt {
                     task: &task,
                     raw: Some(raw),
@@ -635,7 +718,7 @@ fn write_popped<H>(
             });
         }
         Err(reason) => {
-            bury_raw(tx, raw, &reason)?;
+            bury_raw(tx, rows, raw, &reason)?;
             popped.dead.push(Buried {
                 task_id: raw.id,
                 task_name: printable_name(&raw.task_name),
@@ -659,7 +742,12 @@ fn lose_expired_lease(tx: &Connection, task: &Task, now: f64) -> rusqlite::Resul
 
 /// Moves a row to `foreman_dead` exactly as the producer wrote it: copied in SQL, so every
 /// column keeps its bytes and its type (a TEXT that is not UTF-8 stays TEXT).
-fn bury_raw(tx: &Connection, raw: &RawRow, reason: &str) -> rusqlite::Result<()> {
+fn bury_raw(
+    tx: &Connection,
+    rows: &mut RowStatements<'_>,
+    raw: &RawRow,
+    reason: &str,
+) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, created_at, reason, attempts, priority, origin, unique_key) \
          SELECT id, task_name, args, kwargs, created_at, ?2, 0, \
@@ -667,7 +755,7 @@ fn bury_raw(tx: &Connection, raw: &RawRow, reason: &str) -> rusqlite::Result<()>
          FROM foreman_task WHERE id = ?1",
     )?
     .execute(params![raw.id, reason])?;
-    delete_task(tx, raw.id)
+    rows.delete()?.execute([raw.id]).map(drop)
 }
 
 #[cfg(test)]
@@ -768,6 +856,68 @@ mod tests {
         );
         drop((queue, other));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_ending_its_row_refuses_is_skipped_and_the_others_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = queue_with(
+            &dir,
+            "INSERT INTO foreman_task(task_name) VALUES ('a'), ('b'), ('c')",
+        );
+        let now = crate::clock::unix_now();
+        let popped = queue
+            .cycle(&[], 3, now, |_| Resolved::Run((), None))
+            .unwrap();
+        let ending = |task: &Task, next: Next| Ending {
+            task: task.clone(),
+            state: RunState::Failed,
+            finished_at: now,
+            error: Some("boom".to_owned()),
+            next,
+            leased: false,
+            result: None,
+            exit_code: None,
+        };
+        let tasks: Vec<&Task> = popped.tasks.iter().map(|(t, ())| t).collect();
+        // A producer took the first task's id meanwhile: its retry cannot go back under it.
+        queue
+            .conn
+            .execute(
+                "INSERT INTO foreman_task(id, task_name) VALUES (?1, 'squatter')",
+                [tasks[0].id],
+            )
+            .unwrap();
+        let ended = [
+            ending(tasks[0], Next::Retry(now + 60.0)),
+            ending(tasks[1], Next::Retry(now + 60.0)),
+            ending(tasks[2], Next::Finished),
+        ];
+        queue
+            .cycle(&ended, 0, now, |_| Resolved::Run((), None))
+            .unwrap();
+        let state = |id: i64| -> String {
+            queue
+                .conn
+                .query_row(
+                    "SELECT state FROM foreman_run WHERE task_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(state(tasks[0].id), "running", "the refused ending is undone whole");
+        assert_eq!(state(tasks[1].id), "failed");
+        assert_eq!(state(tasks[2].id), "failed");
+        let retried: i64 = queue
+            .conn
+            .query_row(
+                "SELECT attempt FROM foreman_task WHERE id = ?1",
+                [tasks[1].id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(retried, 2);
     }
 
     #[test]
