@@ -221,7 +221,8 @@ CREATE TABLE IF NOT EXISTS foreman_daemon_log (
 -- loop. pid_start is the process's start time in clock ticks since boot (field 22 of
 -- /proc/PID/stat), so a reused pid is not taken for the daemon. pools is a JSON array of
 -- {"name", "processes", "up"}; totals a JSON object {task name: {"done": n, "failed": n}} counted
--- since started_at. The running set is foreman_run's rows in state 'running'.
+-- since started_at; workers is rewritten with them (a reload may change it). The running set is
+-- foreman_run's rows in state 'running'.
 CREATE TABLE IF NOT EXISTS foreman_daemon (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     pid          INTEGER NOT NULL,

@@ -16,7 +16,7 @@
 //!   `line_budget`, `outcome`;
 //! - the store: `store` (every line of SQL);
 //! - the leaves: `config`, `database`, `task`, `cron`, `clock`, `duration`, `error`, `fs_check`,
-//!   `sys`, `pid_guard`, `signals`.
+//!   `sys`, `pid_guard`, `reload_report`, `signals`.
 //!
 //! Public are the modules a binary, a test or an embedding program needs; the rest is private.
 
@@ -41,6 +41,7 @@ mod outcome;
 mod pid_guard;
 mod process_pool;
 mod registry;
+mod reload_report;
 mod schedule;
 mod signals;
 mod spawn;

@@ -67,6 +67,7 @@ pub struct PoolJob {
 /// What a driver tells the foreman loop about its process.
 #[derive(Debug)]
 pub struct PoolEvent {
+    /// The pool's `id`.
     pub pool: usize,
     pub slot: usize,
     pub kind: PoolEventKind,
@@ -81,6 +82,19 @@ pub enum PoolEventKind {
     },
     /// The process could not start or died before it was healthy; retried after a backoff.
     StartFailed { reason: String, failures: u32 },
+    /// The process took a `retire_one` and is gone; its driver has ended.
+    Retired { pid: libc::pid_t },
+}
+
+/// What the drivers take from the pool's queue.
+// A job is moved once, by value, as before there were `Retire`s: boxing it would cost an
+// allocation per task.
+#[allow(clippy::large_enum_variant)]
+enum PoolMsg {
+    Job(PoolJob),
+    /// The first driver to take it stops its process, which is idle then, and ends: how a reload
+    /// replaces a pool's processes one at a time, each after its current task.
+    Retire,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,20 +102,35 @@ enum SlotState {
     Starting,
     Ready,
     Failed,
+    /// Retired: its driver has ended.
+    Gone,
 }
 
-/// The loop's side of one pool: the channel its drivers take jobs from, and what their events
-/// said about the processes.
+/// The loop's side of one pool (of one generation of it, during a reload): the channel its
+/// drivers take jobs from, and what their events said about the processes.
 pub struct ProcessPool {
+    /// Unique over the daemon's life: its events and its processes' `Children` entries carry it.
+    pub id: usize,
     pub name: Arc<str>,
-    jobs: Sender<PoolJob>,
+    config: PoolConfig,
+    /// What its processes add to the daemon's environment (`Config::launch_env`).
+    env: Arc<[(String, OsString)]>,
+    jobs: Sender<PoolMsg>,
     /// The same queue as the drivers read, so the loop can take back jobs no process will run.
-    backlog: Receiver<PoolJob>,
+    backlog: Receiver<PoolMsg>,
     /// Dropped to stop the drivers.
     stop: Option<Sender<()>>,
+    /// Given to the drivers started later.
+    stopped: Receiver<()>,
+    events: Sender<PoolEvent>,
+    finished: Sender<Finished>,
+    children: Arc<Children>,
     threads: Vec<JoinHandle<()>>,
+    /// One per driver started, in start order.
     slots: Vec<SlotState>,
-    /// Tasks handed to the pool and not finished yet; the loop keeps it at most `slots.len()`.
+    /// `Retire` messages sent and not taken yet: as many processes are on their way out.
+    retiring: usize,
+    /// Tasks handed to the pool and not finished yet; the loop keeps it at most `processes()`.
     in_flight: usize,
     /// The task names of the first hello; every later process runs the same command.
     served: Option<BTreeSet<String>>,
@@ -116,8 +145,8 @@ struct Driver {
     config: PoolConfig,
     /// What its processes add to the daemon's environment (`Config::launch_env`).
     env: Arc<[(String, OsString)]>,
-    jobs: Receiver<PoolJob>,
-    requeue: Sender<PoolJob>,
+    jobs: Receiver<PoolMsg>,
+    requeue: Sender<PoolMsg>,
     stop: Receiver<()>,
     events: Sender<PoolEvent>,
     finished: Sender<Finished>,
@@ -125,54 +154,109 @@ struct Driver {
 }
 
 impl ProcessPool {
-    /// Starts one driver thread per process; each starts its process at once.
+    /// Starts `processes` of the pool's drivers (at most its configured number; `start_process`
+    /// starts the others); each starts its process at once.
+    #[allow(clippy::too_many_arguments)] // What every driver gets, handed over once.
     pub fn start(
-        index: usize,
+        id: usize,
         name: &str,
         config: &PoolConfig,
         env: Vec<(String, OsString)>,
+        processes: usize,
         events: &Sender<PoolEvent>,
         finished: &Sender<Finished>,
         children: &Arc<Children>,
     ) -> Result<ProcessPool> {
-        let name: Arc<str> = name.into();
-        let env: Arc<[(String, OsString)]> = env.into();
         let (jobs, backlog) = crossbeam_channel::unbounded();
         let (stop, stopped) = crossbeam_channel::bounded(0);
-        let threads = (0..config.processes)
-            .map(|slot| {
-                let driver = Driver {
-                    pool: index,
-                    slot,
-                    name: Arc::clone(&name),
-                    config: config.clone(),
-                    env: Arc::clone(&env),
-                    jobs: backlog.clone(),
-                    requeue: jobs.clone(),
-                    stop: stopped.clone(),
-                    events: events.clone(),
-                    finished: finished.clone(),
-                    children: Arc::clone(children),
-                };
-                // PR_SET_PDEATHSIG fires when the thread that forked exits, so the process is
-                // always started by this long-lived thread, which outlives it.
-                std::thread::Builder::new()
-                    .name(format!("foreman-pool-{name}-{slot}"))
-                    .spawn(move || driver.drive())
-                    .map_err(|e| Error::io("starting a pool driver thread", e))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ProcessPool {
-            name,
+        let mut pool = ProcessPool {
+            id,
+            name: name.into(),
+            config: config.clone(),
+            env: env.into(),
             jobs,
             backlog,
             stop: Some(stop),
-            threads,
-            slots: vec![SlotState::Starting; config.processes],
+            stopped,
+            events: events.clone(),
+            finished: finished.clone(),
+            children: Arc::clone(children),
+            threads: Vec::with_capacity(config.processes),
+            slots: Vec::with_capacity(config.processes),
+            retiring: 0,
             in_flight: 0,
             served: None,
             last_error: String::new(),
-        })
+        };
+        for _ in 0..processes.min(config.processes) {
+            pool.start_process()?;
+        }
+        Ok(pool)
+    }
+
+    /// Starts one more driver, which starts its process.
+    pub fn start_process(&mut self) -> Result<()> {
+        let slot = self.slots.len();
+        let driver = Driver {
+            pool: self.id,
+            slot,
+            name: Arc::clone(&self.name),
+            config: self.config.clone(),
+            env: Arc::clone(&self.env),
+            jobs: self.backlog.clone(),
+            requeue: self.jobs.clone(),
+            stop: self.stopped.clone(),
+            events: self.events.clone(),
+            finished: self.finished.clone(),
+            children: Arc::clone(&self.children),
+        };
+        // PR_SET_PDEATHSIG fires when the thread that forked exits, so the process is always
+        // started by this long-lived thread, which outlives it.
+        let thread = std::thread::Builder::new()
+            .name(format!("foreman-pool-{}-{slot}", self.name))
+            .spawn(move || driver.drive())
+            .map_err(|e| Error::io("starting a pool driver thread", e))?;
+        self.threads.push(thread);
+        self.slots.push(SlotState::Starting);
+        Ok(())
+    }
+
+    /// The processes it is configured to have.
+    pub fn target(&self) -> usize {
+        self.config.processes
+    }
+
+    /// Drivers started, retired ones included.
+    pub fn started(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether a process is starting (or failing to) and has not said hello yet.
+    pub fn starting(&self) -> bool {
+        self.slots.contains(&SlotState::Starting)
+    }
+
+    /// Processes not retired yet (those on their way out included).
+    pub fn alive(&self) -> usize {
+        self.slots.iter().filter(|s| **s != SlotState::Gone).count()
+    }
+
+    /// Asks one process to leave: the first idle one, or the first to finish its task. `false`
+    /// when none is left to ask.
+    pub fn retire_one(&mut self) -> bool {
+        if self.processes() == 0 {
+            return false;
+        }
+        self.retiring += 1;
+        // The drivers hold a sender too, so the channel is never disconnected while we hold it.
+        let _ = self.jobs.send(PoolMsg::Retire);
+        true
+    }
+
+    /// Whether every driver has ended (after `request_stop`, or retired), so `join` waits for
+    /// nothing.
+    pub fn ended(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
     }
 
     /// Whether the loop may pop: some process is up, or none can start.
@@ -182,7 +266,10 @@ impl ProcessPool {
 
     /// No process is up and every one has failed to start several times in a row.
     pub fn is_down(&self) -> bool {
-        self.slots.iter().all(|s| *s == SlotState::Failed)
+        self.slots
+            .iter()
+            .filter(|s| **s != SlotState::Gone)
+            .all(|s| *s == SlotState::Failed)
     }
 
     /// Whether a task of this name can be handed to the pool; `Err` is the dead-letter reason.
@@ -203,8 +290,9 @@ impl ProcessPool {
         }
     }
 
+    /// The processes that take tasks: started and not asked to leave.
     pub fn processes(&self) -> usize {
-        self.slots.len()
+        self.alive().saturating_sub(self.retiring)
     }
 
     /// Processes that said hello and have not died since.
@@ -213,6 +301,11 @@ impl ProcessPool {
             .iter()
             .filter(|s| **s == SlotState::Ready)
             .count()
+    }
+
+    /// Why its last process failed to start.
+    pub fn last_error(&self) -> &str {
+        &self.last_error
     }
 
     /// The task names its hello announced, once one came.
@@ -227,7 +320,7 @@ impl ProcessPool {
     pub fn submit(&mut self, job: PoolJob) {
         self.in_flight += 1;
         // The drivers hold a sender too, so the channel is never disconnected while we hold it.
-        let _ = self.jobs.send(job);
+        let _ = self.jobs.send(PoolMsg::Job(job));
     }
 
     /// One of the pool's tasks finished (or was taken back).
@@ -272,6 +365,16 @@ impl ProcessPool {
                     Some(_) => {}
                 }
             }
+            PoolEventKind::Retired { pid } => {
+                if let Some(state) = self.slots.get_mut(slot) {
+                    *state = SlotState::Gone;
+                }
+                self.retiring = self.retiring.saturating_sub(1);
+                log::info!(
+                    "pool {}: worker pid {pid} stopped: replaced by the reload",
+                    self.name
+                );
+            }
             PoolEventKind::StartFailed { reason, failures } => {
                 let was_failing = self.slots.contains(&SlotState::Failed);
                 if failures >= DOWN_AFTER_FAILURES
@@ -289,7 +392,13 @@ impl ProcessPool {
                         );
                         alert::pool_failing(&self.name, true, failures, &self.last_error);
                     }
-                    applied.orphans = self.backlog.try_iter().collect();
+                    for message in self.backlog.try_iter() {
+                        match message {
+                            PoolMsg::Job(job) => applied.orphans.push(job),
+                            // No process of a pool that is down can take it: none is left to go.
+                            PoolMsg::Retire => self.retiring = self.retiring.saturating_sub(1),
+                        }
+                    }
                 } else if !was_failing && self.slots.contains(&SlotState::Failed) {
                     // Reported once per streak, when the first worker gives up; the pool going
                     // down (every worker) is worse and reported again.
@@ -448,8 +557,22 @@ impl Driver {
                     }
                     stderr_open = crossbeam_channel::never();
                 }
-                recv(self.jobs) -> job => {
-                    let Ok(job) = job else { continue };
+                recv(self.jobs) -> message => {
+                    let job = match message {
+                        Ok(PoolMsg::Job(job)) => job,
+                        Ok(PoolMsg::Retire) => {
+                            // Idle, since it takes messages: nothing of a task is cut short.
+                            let pid = worker.pid;
+                            worker.stop(&self.name);
+                            let _ = self.events.send(PoolEvent {
+                                pool: self.pool,
+                                slot: self.slot,
+                                kind: PoolEventKind::Retired { pid },
+                            });
+                            return Ended::Stopping;
+                        }
+                        Err(_) => continue,
+                    };
                     match worker.run(job) {
                         Ran::Answered(finished) => {
                             served_any = true;
@@ -457,7 +580,7 @@ impl Driver {
                         }
                         Ran::NotSent(job, what) => {
                             // The job never reached the process: another one may run it.
-                            let _ = self.requeue.send(job);
+                            let _ = self.requeue.send(PoolMsg::Job(job));
                             let status = worker.kill();
                             let why = format!(
                                 "worker pid {} {what} ({}){}",

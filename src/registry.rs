@@ -37,7 +37,7 @@ pub enum Handler {
         command: Arc<CommandSpec>,
         timeout: Option<Duration>,
     },
-    /// A persistent process of the pool at this index (in `Config::pools` order).
+    /// A persistent process of the pool (the `ProcessPool`) with this id.
     Pool {
         pool: usize,
         timeout: Option<Duration>,
@@ -125,8 +125,9 @@ impl Registry {
     }
 
     /// Adds the tasks of the config (command and pool tasks); a name already served in-process is
-    /// a config error.
-    pub fn add_config(&mut self, config: &Config) -> Result<()> {
+    /// a config error. Its pools are the `ProcessPool`s with ids `first_pool_id`.. in the
+    /// config's order.
+    pub fn add_config(&mut self, config: &Config, first_pool_id: usize) -> Result<()> {
         for (name, task) in &config.tasks {
             if name.starts_with(RESERVED_PREFIX) {
                 return Err(Error::Config(format!(
@@ -153,9 +154,10 @@ impl Registry {
                             timeout,
                         },
                         Some(Runner::Pool(pool)) => Handler::Pool {
-                            pool: config.pools.keys().position(|p| p == pool).ok_or_else(|| {
-                                Error::Config(format!("task {name:?}: no pool {pool:?}"))
-                            })?,
+                            pool: first_pool_id
+                                + config.pools.keys().position(|p| p == pool).ok_or_else(|| {
+                                    Error::Config(format!("task {name:?}: no pool {pool:?}"))
+                                })?,
                             timeout,
                         },
                         // Settings only: a pool's hello may announce it.
@@ -217,6 +219,18 @@ impl Registry {
             }
         }
         elsewhere
+    }
+
+    /// Routes what went to pool `from` to pool `to` instead (a replacement that could not start
+    /// gives its tasks back to the generation it was to replace).
+    pub fn repoint_pool(&mut self, from: usize, to: usize) {
+        for handler in self.handlers.values_mut() {
+            if let Handler::Pool { pool, .. } = handler
+                && *pool == from
+            {
+                *pool = to;
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Handler> {

@@ -56,13 +56,38 @@ impl Schedules {
         store: &mut Store,
         now: f64,
     ) -> Result<Schedules> {
+        Schedules::load_after(None, configs, store, now)
+    }
+
+    /// The schedules of a reloaded configuration: as `load`, except that one whose definition
+    /// did not change keeps the state this daemon has for it (which a refused write may have left
+    /// newer than the stored one), and its new args, kwargs, priority and jitter apply from its
+    /// next firing.
+    pub fn reconfigure(
+        &self,
+        configs: &std::collections::BTreeMap<String, ScheduleConfig>,
+        store: &mut Store,
+        now: f64,
+    ) -> Result<Schedules> {
+        Schedules::load_after(Some(self), configs, store, now)
+    }
+
+    fn load_after(
+        previous: Option<&Schedules>,
+        configs: &std::collections::BTreeMap<String, ScheduleConfig>,
+        store: &mut Store,
+        now: f64,
+    ) -> Result<Schedules> {
         if configs.is_empty() {
             return Ok(Schedules {
                 entries: Vec::new(),
             });
         }
-        let stored: std::collections::HashMap<String, ScheduleState> =
+        let mut stored: std::collections::HashMap<String, ScheduleState> =
             store.schedules()?.into_iter().collect();
+        for entry in previous.map_or(&[][..], |p| &p.entries) {
+            stored.insert(entry.name.clone(), entry.state.clone());
+        }
         let mut entries = Vec::with_capacity(configs.len());
         for (name, config) in configs {
             let cron = match &config.when {

@@ -5,11 +5,12 @@
 use std::time::{Duration, Instant};
 
 use super::stop::Phase;
-use super::{Foreman, lost_database};
+use super::{Foreman, Role, lost_database};
 use crate::clock::{StepDetector, unix_now};
 use crate::duration::format_duration;
 use crate::error::Error;
 use crate::notify::Notifier;
+use crate::process_pool::ProcessPool;
 use crate::stats::{Tally, minute_of};
 use crate::store::{Beat, ChangeToken};
 
@@ -102,7 +103,7 @@ pub(super) struct DbTrouble {
     logged_at: Option<Instant>,
 }
 
-impl Foreman<'_> {
+impl Foreman {
     pub(super) fn tick(&mut self) {
         if !matches!(self.stop.phase, Phase::Running) {
             self.flush();
@@ -237,6 +238,17 @@ impl Foreman<'_> {
         }
     }
 
+    /// How often the beat timer fires: every `heartbeat`, or more often for systemd's watchdog.
+    /// Figures are flushed by the tick too (at most once a second), so an idle daemon wakes for
+    /// its heartbeat only every `heartbeat`.
+    pub(super) fn beat_every(&self) -> Duration {
+        let heartbeat = self.config.heartbeat;
+        self.figures
+            .notifier
+            .watchdog_every()
+            .map_or(heartbeat, |w| w.min(heartbeat))
+    }
+
     /// The heartbeat timer: pings systemd's watchdog (from this loop, so a stuck loop gets the
     /// daemon restarted), and writes the heartbeat row with the figures when they are due.
     pub(super) fn beat(&mut self) {
@@ -257,6 +269,7 @@ impl Foreman<'_> {
         let pools = self.pools_json();
         let totals = self.figures.tally.totals_json();
         let beat = Beat {
+            workers: self.config.workers,
             pools_json: &pools,
             totals_json: &totals,
         };
@@ -278,18 +291,29 @@ impl Foreman<'_> {
 
     /// The pools as the heartbeat row shows them: what `foreman status` and `health` need to tell
     /// a saturated pool from a stalled queue.
+    /// During and after a reload a pool is its current generation and the ones it replaces,
+    /// counted together: they all run its tasks until they are gone.
     pub(super) fn pools_json(&self) -> String {
-        let pools: Vec<serde_json::Value> = self
-            .workers
-            .pools
+        let pools = &self.workers.pools;
+        let pools: Vec<serde_json::Value> = pools
             .iter()
-            .map(|pool| {
-                let tasks: Vec<&String> = pool.served().into_iter().flatten().collect();
+            .filter(|g| matches!(g.role, Role::Current { .. }))
+            .map(|current| {
+                let pool = &current.pool;
+                let same: Vec<&ProcessPool> = pools
+                    .iter()
+                    .filter(|g| g.role != Role::Stopping && g.pool.name == pool.name)
+                    .map(|g| &g.pool)
+                    .collect();
+                let served = pool
+                    .served()
+                    .or_else(|| same.iter().find_map(|p| p.served()));
+                let tasks: Vec<&String> = served.into_iter().flatten().collect();
                 serde_json::json!({
                     "name": &*pool.name,
-                    "processes": pool.processes(),
-                    "up": pool.up(),
-                    "busy": pool.in_flight(),
+                    "processes": pool.target(),
+                    "up": same.iter().map(|p| p.up()).sum::<usize>(),
+                    "busy": same.iter().map(|p| p.in_flight()).sum::<usize>(),
                     "tasks": tasks,
                 })
             })

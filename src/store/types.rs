@@ -159,6 +159,8 @@ pub struct DaemonInfo {
 /// What a heartbeat writes besides its time.
 #[derive(Debug, Default)]
 pub struct Beat<'a> {
+    /// Worker threads now: a reload may have changed them since the daemon registered.
+    pub workers: usize,
     pub pools_json: &'a str,
     pub totals_json: &'a str,
 }
