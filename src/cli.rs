@@ -7,8 +7,8 @@ use crossbeam_channel::Receiver;
 use crate::commands::{
     self, DaemonArgs, Globals, bench::BenchArgs, cancel::CancelArgs, dead::DeadCommand,
     enqueue::EnqueueArgs, health::HealthArgs, init::InitArgs, list::ListArgs, metrics::MetricsArgs,
-    pause::PauseArgs, resume::ResumeArgs, retry::RetryArgs, show::ShowArgs, stats::StatsArgs,
-    status::StatusArgs, wait::WaitArgs,
+    pause::PauseArgs, reload::ReloadArgs, resume::ResumeArgs, retry::RetryArgs, show::ShowArgs,
+    stats::StatsArgs, status::StatusArgs, wait::WaitArgs,
 };
 use crate::config::Config;
 use crate::error::Result;
@@ -19,8 +19,8 @@ Exit codes:
   0  success
   1  runtime failure (database error, daemon already running, a second signal during shutdown…)
   2  usage or configuration error (bad flag, bad config file, bad JSON argument)
-`wait`, `show`, `cancel` and `health` have exit codes of their own, and `retry` and `dead requeue`
-exit 1 when they could not do it for every id: see their --help.";
+`wait`, `show`, `cancel`, `health` and `reload` have exit codes of their own, and `retry` and
+`dead requeue` exit 1 when they could not do it for every id: see their --help.";
 
 /// A background-task runner: web apps enqueue by inserting a row into SQLite and touching a file;
 /// `foreman run` wakes through inotify and runs the task.
@@ -38,8 +38,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Init(InitArgs),
-    /// Run the daemon until SIGTERM or SIGINT
+    /// Run the daemon until SIGTERM or SIGINT (SIGHUP reloads its configuration)
     Run(DaemonArgs),
+    Reload(ReloadArgs),
     Enqueue(EnqueueArgs),
     List(ListArgs),
     Show(ShowArgs),
@@ -80,6 +81,7 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
     match &cli.command {
         Command::Init(args) => commands::init::run(globals, args),
         Command::Run(daemon) => commands::run::run(globals, daemon, signals),
+        Command::Reload(args) => commands::reload::run(globals, args),
         Command::Enqueue(args) => commands::enqueue::run(globals, args),
         Command::List(args) => commands::list::run(globals, args),
         Command::Show(args) => commands::show::run(globals, args),

@@ -26,6 +26,7 @@ pub mod list;
 pub mod metrics;
 pub mod observe;
 pub mod pause;
+pub mod reload;
 pub mod resume;
 pub mod retry;
 pub mod run;
