@@ -24,6 +24,7 @@ mod ops;
 mod pg;
 mod pools;
 mod publish;
+mod reload;
 mod schedules;
 mod sentry;
 mod shutdown;
