@@ -236,6 +236,14 @@ impl ProcessPool {
         self.slots.contains(&SlotState::Starting)
     }
 
+    /// Processes that run or start (a failing one waits out its backoff without a process).
+    pub fn running(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, SlotState::Ready | SlotState::Starting))
+            .count()
+    }
+
     /// Processes not retired yet (those on their way out included).
     pub fn alive(&self) -> usize {
         self.slots.iter().filter(|s| **s != SlotState::Gone).count()

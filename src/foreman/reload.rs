@@ -322,10 +322,11 @@ impl Foreman {
         let wanted = old_target.min(new_target).saturating_sub(new.pool.up());
         while old.pool.processes() > wanted && old.pool.retire_one() {}
         // The next new one starts once the last said hello, and never makes the pool more than
-        // one process over what it had.
+        // one process over what it had. (Old ones failing to start have no process to count: a
+        // reload that fixes a pool that is down starts all its new ones, one after the other.)
         if new.pool.started() < new_target
             && !new.pool.starting()
-            && old.pool.alive() + new.pool.alive() <= old_target.max(new_target)
+            && old.pool.running() + new.pool.running() <= old_target.max(new_target)
             && let Err(e) = new.pool.start_process()
         {
             log::error!("pool {name}: cannot start a worker's driver: {e}");

@@ -417,3 +417,32 @@ fn a_second_reload_during_a_replacement_still_ends_with_one_generation() {
     assert_eq!(dead_count(&env), 0);
     daemon.stop();
 }
+
+#[test]
+fn a_reload_with_fixed_code_brings_a_pool_that_is_down_back_with_all_its_processes() {
+    let env = Env::new();
+    // The old command names a module that stays broken: only the new one can start.
+    std::fs::write(
+        env.path("brokentasks.py"),
+        "raise RuntimeError('not yet')\n",
+    )
+    .unwrap();
+    std::fs::write(env.path("deploytasks.py"), TASKS_V1).unwrap();
+    env.config(&pool_config(2, "").replace("deploytasks", "brokentasks"));
+    env.init();
+    let daemon = env.daemon(&[]);
+    daemon.expect_log("pool py: no worker can start");
+    env.config(&pool_config(2, ""));
+    let (code, out, err) = reload(&env);
+    assert_eq!(code, Some(0), "{out}{err}");
+    daemon.expect_log("serves deploytasks.hold, deploytasks.record");
+    assert!(
+        wait_until(PATIENCE, || pool_processes(&env, "py").len() == 2),
+        "{}",
+        daemon.log()
+    );
+    daemon.expect_log("are started; the previous ones leave");
+    enqueue(&env, "deploytasks.record", r#"["back"]"#);
+    wait_record(&env, "back");
+    daemon.stop();
+}
