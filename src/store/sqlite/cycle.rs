@@ -906,7 +906,11 @@ mod tests {
                 )
                 .unwrap()
         };
-        assert_eq!(state(tasks[0].id), "running", "the refused ending is undone whole");
+        assert_eq!(
+            state(tasks[0].id),
+            "running",
+            "the refused ending is undone whole"
+        );
         assert_eq!(state(tasks[1].id), "failed");
         assert_eq!(state(tasks[2].id), "failed");
         let retried: i64 = queue
