@@ -31,23 +31,26 @@ pub fn run(globals: &Globals, args: &CancelArgs) -> Result<()> {
         // and reported even if a later id fails.
         let outcome = store.cancel(id)?;
         every_one &= matches!(outcome, CancelOutcome::Cancelled { .. });
-        print(&match outcome {
-            CancelOutcome::Cancelled { task_name } => {
-                format!("cancelled task {id} ({task_name})\n")
-            }
-            CancelOutcome::Running { leased: false } => format!(
-                "task {id} is running and cannot be cancelled: under at-most-once delivery a started task runs to its end\n"
-            ),
-            CancelOutcome::Running { leased: true } => format!(
-                "task {id} is running and cannot be cancelled: a started task runs to its end (at-least-once: its row goes when it finishes)\n"
-            ),
-            CancelOutcome::Finished { state } => format!("task {id} already finished ({state})\n"),
-            CancelOutcome::Unknown => format!("no task {id}\n"),
-        })?;
+        print(&format!("{}\n", describe(id, &outcome)))?;
     }
     if every_one {
         Ok(())
     } else {
         Err(exit_status(1))
+    }
+}
+
+/// What became of cancelling task `id`, in one line: what `cancel` prints and the dashboard shows.
+pub fn describe(id: i64, outcome: &CancelOutcome) -> String {
+    match outcome {
+        CancelOutcome::Cancelled { task_name } => format!("cancelled task {id} ({task_name})"),
+        CancelOutcome::Running { leased: false } => format!(
+            "task {id} is running and cannot be cancelled: under at-most-once delivery a started task runs to its end"
+        ),
+        CancelOutcome::Running { leased: true } => format!(
+            "task {id} is running and cannot be cancelled: a started task runs to its end (at-least-once: its row goes when it finishes)"
+        ),
+        CancelOutcome::Finished { state } => format!("task {id} already finished ({state})"),
+        CancelOutcome::Unknown => format!("no task {id}"),
     }
 }

@@ -302,9 +302,13 @@ impl Store {
         each!(self, s => s.dead_letters(task, limit))
     }
 
-    /// Queues dead letters again as new tasks.
-    pub fn requeue_dead(&mut self, which: DeadSelection<'_>) -> Result<Vec<Requeued>> {
-        each!(self, s => s.requeue_dead(which))
+    /// Queues dead letters again as new tasks; `by` (who asked) goes into their origin.
+    pub fn requeue_dead(
+        &mut self,
+        which: DeadSelection<'_>,
+        by: Option<&str>,
+    ) -> Result<Vec<Requeued>> {
+        each!(self, s => s.requeue_dead(which, by))
     }
 
     /// Deletes dead letters; returns how many.
@@ -314,6 +318,54 @@ impl Store {
         task: Option<&str>,
     ) -> Result<usize> {
         each!(self, s => s.purge_dead(older_than, task))
+    }
+
+    // ---- The dashboard's reads (`foreman ui`) ----
+
+    /// A page of tasks, newest first, each in its current state (queued, or its latest attempt).
+    pub fn task_page(&self, filter: &TaskFilter<'_>) -> Result<Page<TaskRow>> {
+        each!(self, s => s.task_page(filter))
+    }
+
+    /// How many tasks `filter` matches, up to `cap`.
+    pub fn count_tasks(&self, filter: &TaskFilter<'_>, cap: usize) -> Result<CappedCount> {
+        each!(self, s => s.count_tasks(filter, cap))
+    }
+
+    /// Everything the database holds about one task id.
+    pub fn task_record(&self, id: i64) -> Result<Option<TaskRecord>> {
+        each!(self, s => s.task_record(id))
+    }
+
+    /// A page of dead letters, newest first, below `before`, looking at at most `window` rows.
+    pub fn dead_page(
+        &self,
+        filter: DeadFilter<'_>,
+        before: Option<i64>,
+        limit: usize,
+        window: usize,
+    ) -> Result<Page<DeadLetter>> {
+        each!(self, s => s.dead_page(filter, before, limit, window))
+    }
+
+    /// The ids of the dead letters `filter` matches, oldest first, at most `cap` + 1.
+    pub fn dead_ids(&self, filter: DeadFilter<'_>, cap: usize) -> Result<Vec<i64>> {
+        each!(self, s => s.dead_ids(filter, cap))
+    }
+
+    /// How many dead letters `filter` matches, up to `cap`.
+    pub fn count_dead(&self, filter: DeadFilter<'_>, cap: usize) -> Result<CappedCount> {
+        each!(self, s => s.count_dead(filter, cap))
+    }
+
+    /// Deletes the dead letters with these ids; returns how many there were.
+    pub fn purge_dead_ids(&mut self, ids: &[i64]) -> Result<usize> {
+        each!(self, s => s.purge_dead_ids(ids))
+    }
+
+    /// The newest failures' texts (attempt errors and dead-letter reasons), for grouping.
+    pub fn failure_texts(&self, window: usize) -> Result<Vec<FailureText>> {
+        each!(self, s => s.failure_texts(window))
     }
 
     /// A watch that tells a reader (`wait`) when another process may have committed.

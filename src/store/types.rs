@@ -318,3 +318,120 @@ pub struct DueRow {
     /// set `run_after` in the past).
     pub due_since: f64,
 }
+
+// ---- The dashboard's reads (`foreman ui`) ----
+
+/// Which tasks `Store::task_page` lists: a page of at most `limit` tasks below the id `before`,
+/// newest first, each task once in its current state. A filter that matches few rows must not
+/// walk a big table to its end: each source is searched at most `window` rows down per request,
+/// and the page says how far down the search got (`TaskPage::searched_to`).
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter<'a> {
+    /// Wanted states (`due`, `later`, `leased`, `running`, `done`, `failed`, `timeout`, `lost`,
+    /// `cancelled`, `dead`); empty: every state.
+    pub states: Vec<&'a str>,
+    pub task: Option<&'a str>,
+    /// Text that the args, the kwargs or the error must contain (as stored: JSON text).
+    pub search: Option<&'a str>,
+    /// Keyset paging: only ids below this one.
+    pub before: Option<i64>,
+    pub limit: usize,
+    /// Rows looked at per source, at most, for one page.
+    pub window: usize,
+    /// What `due` and `later` are judged by.
+    pub now: f64,
+}
+
+/// One task in a listing: its row in `foreman_task` while it is queued, else its latest attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    pub id: i64,
+    pub task_name: String,
+    /// `due`, `later`, `leased` (queued), or the latest attempt's state.
+    pub state: String,
+    pub attempt: i64,
+    pub priority: Option<i64>,
+    pub created_at: Option<f64>,
+    pub run_after: Option<f64>,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    pub error: Option<String>,
+    pub origin: Option<String>,
+}
+
+/// A page of tasks (or dead letters) and where the next one starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub rows: Vec<T>,
+    /// The `before` of the next page; `None` when the search reached the table's start.
+    pub next_before: Option<i64>,
+    /// Every matching row above this id is on this page or an earlier one; set when the page is
+    /// short because the search window ran out, not the rows.
+    pub searched_to: Option<i64>,
+}
+
+/// A count that stops at a cap, so that counting never walks a big table: `more` means "at
+/// least `count`".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CappedCount {
+    pub count: i64,
+    pub more: bool,
+}
+
+/// A task's row in `foreman_task`, every column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedRow {
+    pub id: i64,
+    pub task_name: String,
+    pub args: Option<String>,
+    pub kwargs: Option<String>,
+    pub created_at: Option<f64>,
+    pub run_after: Option<f64>,
+    pub priority: i64,
+    pub attempt: i64,
+    pub origin: Option<String>,
+    pub leased_at: Option<f64>,
+}
+
+/// A row of `foreman_run`: one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub attempt: i64,
+    pub task_name: String,
+    pub state: String,
+    pub enqueued_at: Option<f64>,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    pub error: Option<String>,
+    pub retry_at: Option<f64>,
+}
+
+/// Everything the database holds about one task id, read in one snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub id: i64,
+    pub queued: Option<QueuedRow>,
+    /// First to last.
+    pub attempts: Vec<AttemptRow>,
+    /// Its dead letters (usually none or one), oldest first.
+    pub dead: Vec<DeadLetter>,
+}
+
+/// Which dead letters `Store::dead_page` and `Store::dead_ids` take.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadFilter<'a> {
+    pub task: Option<&'a str>,
+    /// Text that the args, the kwargs or the reason must contain.
+    pub search: Option<&'a str>,
+}
+
+/// One failure's text, for grouping: a failed attempt's error or a dead letter's reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureText {
+    pub task_name: Option<String>,
+    pub text: String,
+    /// When it ended or died.
+    pub at: Option<f64>,
+    /// From `foreman_dead` (else `foreman_run`).
+    pub dead: bool,
+}

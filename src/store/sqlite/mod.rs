@@ -3,7 +3,7 @@
 //! transaction). The work is split by job: `schema` (creation and migration), `cycle` (the loop's
 //! transaction), `enqueue` (new tasks and schedule firings), `upkeep` (recovery, pruning, a file
 //! lost under the daemon), `daemon` (its heartbeat row and figures), `report` and `admin` (the
-//! operator's queries), `bench` (the benchmark's bulk rows), `files` (the file system's view of
+//! operator's queries), `ui` (the dashboard's), `bench` (the benchmark's bulk rows), `files` (the file system's view of
 //! the database) and `watch` (commits seen from another process).
 
 use std::os::unix::fs::MetadataExt;
@@ -26,6 +26,7 @@ pub mod files;
 pub mod producer;
 pub mod report;
 pub mod schema;
+pub mod ui;
 pub mod upkeep;
 pub mod watch;
 
