@@ -327,7 +327,7 @@ impl Store {
         each!(self, s => s.task_page(filter))
     }
 
-    /// How many tasks `filter` matches, up to `cap`.
+    /// How many tasks `filter` matches, up to `cap` or the end of its search window.
     pub fn count_tasks(&self, filter: &TaskFilter<'_>, cap: usize) -> Result<CappedCount> {
         each!(self, s => s.count_tasks(filter, cap))
     }
@@ -353,9 +353,14 @@ impl Store {
         each!(self, s => s.dead_ids(filter, cap))
     }
 
-    /// How many dead letters `filter` matches, up to `cap`.
-    pub fn count_dead(&self, filter: DeadFilter<'_>, cap: usize) -> Result<CappedCount> {
-        each!(self, s => s.count_dead(filter, cap))
+    /// How many dead letters `filter` matches, up to `cap`, looking at at most `window` rows.
+    pub fn count_dead(
+        &self,
+        filter: DeadFilter<'_>,
+        cap: usize,
+        window: usize,
+    ) -> Result<CappedCount> {
+        each!(self, s => s.count_dead(filter, cap, window))
     }
 
     /// Deletes the dead letters with these ids; returns how many there were.

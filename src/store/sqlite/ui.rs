@@ -144,19 +144,16 @@ impl SqliteStore {
         Ok(page(rows, filter.limit, searched_to))
     }
 
-    /// How many tasks `filter` matches, stopping at `cap` (its `before`, `limit` and `window` are
-    /// ignored: the count looks at every row, up to `cap` matches, which an index-less filter may
-    /// have to walk the whole table for; the dashboard asks only when the filter is narrow).
+    /// How many tasks `filter` matches, stopping at `cap` matches or at the end of its search
+    /// window (`more`: at least that many). Its `before` and `limit` are ignored.
     pub fn count_tasks(&self, filter: &TaskFilter<'_>, cap: usize) -> Result<CappedCount> {
-        let mut wide = filter.clone();
-        wide.before = None;
-        wide.limit = cap + 1;
-        wide.window = usize::MAX >> 1;
-        let page = self.task_page(&wide)?;
-        let count = page.rows.len().min(cap);
+        let mut counting = filter.clone();
+        counting.before = None;
+        counting.limit = cap + 1;
+        let page = self.task_page(&counting)?;
         Ok(CappedCount {
-            count: to_i64(count),
-            more: page.rows.len() > cap,
+            count: to_i64(page.rows.len().min(cap)),
+            more: page.rows.len() > cap || page.searched_to.is_some(),
         })
     }
 
@@ -282,12 +279,18 @@ impl SqliteStore {
             .map_err(|e| self.err(e))
     }
 
-    /// How many dead letters `filter` matches, stopping at `cap`.
-    pub fn count_dead(&self, filter: DeadFilter<'_>, cap: usize) -> Result<CappedCount> {
-        let ids = self.dead_ids(filter, cap)?;
+    /// How many dead letters `filter` matches, stopping at `cap` matches or after `window` rows
+    /// (`more`: at least that many).
+    pub fn count_dead(
+        &self,
+        filter: DeadFilter<'_>,
+        cap: usize,
+        window: usize,
+    ) -> Result<CappedCount> {
+        let page = self.dead_page(filter, None, cap + 1, window)?;
         Ok(CappedCount {
-            count: to_i64(ids.len().min(cap)),
-            more: ids.len() > cap,
+            count: to_i64(page.rows.len().min(cap)),
+            more: page.rows.len() > cap || page.searched_to.is_some(),
         })
     }
 
