@@ -273,10 +273,12 @@ fn count_json(count: CappedCount) -> Value {
 /// One task's page: its state as `wait` sees it, its queued row, args and kwargs, every attempt,
 /// its dead letters and where it came from.
 fn task(store: &Store, id: i64) -> Result<Option<Value>> {
-    let found = store.snapshot(|q| Ok((q.task_record(id)?, q.task_progress(id)?)))?;
-    let (Some(record), progress) = found else {
+    // Each in a read transaction of its own (`wait`'s reading is one already): the state may
+    // be a moment newer than the rows, never older.
+    let Some(record) = store.task_record(id)? else {
         return Ok(None);
     };
+    let progress = store.task_progress(id)?;
     let TaskRecord {
         queued,
         attempts,
@@ -450,17 +452,15 @@ fn errors(store: &Store, request: &Request) -> Result<Value> {
 /// Every schedule: configured ones with their stored state, and stored ones no longer
 /// configured; with the last task's state as `wait` reads it.
 fn schedules(config: &Config, store: &Store) -> Result<Value> {
-    let (stored, progress) = store.snapshot(|q| {
-        let stored: BTreeMap<String, crate::store::ScheduleState> =
-            q.schedules()?.into_iter().collect();
-        let mut progress = BTreeMap::new();
-        for state in stored.values() {
-            if let Some(id) = state.last_task_id {
-                progress.insert(id, q.task_progress(id)?);
-            }
+    let stored: BTreeMap<String, crate::store::ScheduleState> =
+        store.schedules()?.into_iter().collect();
+    // Each last task as `wait` reads it, in a read transaction of its own.
+    let mut progress = BTreeMap::new();
+    for state in stored.values() {
+        if let Some(id) = state.last_task_id {
+            progress.insert(id, store.task_progress(id)?);
         }
-        Ok((stored, progress))
-    })?;
+    }
     let names: BTreeSet<&String> = config.schedules.keys().chain(stored.keys()).collect();
     let rows: Vec<Value> = names
         .into_iter()
