@@ -25,3 +25,4 @@ mod sentry;
 mod shutdown;
 mod support;
 mod tidy;
+mod ui;

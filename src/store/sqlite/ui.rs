@@ -62,79 +62,87 @@ impl SqliteStore {
         let mut rows = Vec::new();
         let mut searched_to = None;
         if queued_states.as_deref() != Some("") {
-            rows.extend(
-                self.conn
-                    .prepare_cached(SQL_QUEUED_PAGE)
-                    .and_then(|mut s| {
-                        s.query_map(
-                            params![
-                                before,
-                                window,
-                                filter.task,
-                                filter.search,
-                                queued_states,
-                                filter.now,
-                                limit
-                            ],
-                            |r| {
-                                Ok(TaskRow {
-                                    id: r.get(0)?,
-                                    task_name: cell(r, 1)?.into_text_lossy(),
-                                    attempt: attempt(&cell(r, 2)?),
-                                    priority: Some(integer(&cell(r, 3)?)),
-                                    created_at: cell(r, 4)?.as_f64(),
-                                    run_after: cell(r, 5)?.as_f64(),
-                                    origin: text(cell(r, 6)?),
-                                    state: r.get(7)?,
-                                    started_at: None,
-                                    finished_at: None,
-                                    error: None,
-                                })
-                            },
-                        )?
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                    })
-                    .map_err(err)?,
-            );
-            searched_to = searched_to
-                .max(window_end(&self.conn, SQL_QUEUED_WINDOW, before, window).map_err(err)?);
+            let found: Vec<TaskRow> = self
+                .conn
+                .prepare_cached(SQL_QUEUED_PAGE)
+                .and_then(|mut s| {
+                    s.query_map(
+                        params![
+                            before,
+                            window,
+                            filter.task,
+                            filter.search,
+                            queued_states,
+                            filter.now,
+                            limit
+                        ],
+                        |r| {
+                            Ok(TaskRow {
+                                id: r.get(0)?,
+                                task_name: cell(r, 1)?.into_text_lossy(),
+                                attempt: attempt(&cell(r, 2)?),
+                                priority: Some(integer(&cell(r, 3)?)),
+                                created_at: cell(r, 4)?.as_f64(),
+                                run_after: cell(r, 5)?.as_f64(),
+                                origin: text(cell(r, 6)?),
+                                state: r.get(7)?,
+                                started_at: None,
+                                finished_at: None,
+                                error: None,
+                            })
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(err)?;
+            // A source that filled the page covers everything down to its last row; only a
+            // short one may have stopped at the end of its window.
+            if found.len() < filter.limit {
+                searched_to = searched_to
+                    .max(window_end(&self.conn, SQL_QUEUED_WINDOW, before, window).map_err(err)?);
+            }
+            rows.extend(found);
         }
         if run_states.as_deref() != Some("") {
-            rows.extend(
-                self.conn
-                    .prepare_cached(SQL_RUN_PAGE)
-                    .and_then(|mut s| {
-                        s.query_map(
-                            params![
-                                before,
-                                window,
-                                filter.task,
-                                filter.search,
-                                run_states,
-                                limit
-                            ],
-                            |r| {
-                                Ok(TaskRow {
-                                    id: r.get(0)?,
-                                    attempt: r.get(1)?,
-                                    task_name: cell(r, 2)?.into_text_lossy(),
-                                    state: text(cell(r, 3)?).unwrap_or_default(),
-                                    created_at: cell(r, 4)?.as_f64(),
-                                    started_at: cell(r, 5)?.as_f64(),
-                                    finished_at: cell(r, 6)?.as_f64(),
-                                    error: text(cell(r, 7)?),
-                                    priority: None,
-                                    run_after: None,
-                                    origin: None,
-                                })
-                            },
-                        )?
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                    })
-                    .map_err(err)?,
-            );
-            searched_to = searched_to
-                .max(window_end(&self.conn, SQL_RUN_WINDOW, before, window).map_err(err)?);
+            let found: Vec<TaskRow> = self
+                .conn
+                .prepare_cached(SQL_RUN_PAGE)
+                .and_then(|mut s| {
+                    s.query_map(
+                        params![
+                            before,
+                            window,
+                            filter.task,
+                            filter.search,
+                            run_states,
+                            limit
+                        ],
+                        |r| {
+                            Ok(TaskRow {
+                                id: r.get(0)?,
+                                attempt: r.get(1)?,
+                                task_name: cell(r, 2)?.into_text_lossy(),
+                                state: text(cell(r, 3)?).unwrap_or_default(),
+                                created_at: cell(r, 4)?.as_f64(),
+                                started_at: cell(r, 5)?.as_f64(),
+                                finished_at: cell(r, 6)?.as_f64(),
+                                error: text(cell(r, 7)?),
+                                priority: None,
+                                run_after: None,
+                                origin: None,
+                            })
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(err)?;
+            // A source that filled the page covers everything down to its last row; only a
+            // short one may have stopped at the end of its window.
+            if found.len() < filter.limit {
+                searched_to = searched_to
+                    .max(window_end(&self.conn, SQL_RUN_WINDOW, before, window).map_err(err)?);
+            }
+            rows.extend(found);
         }
         rows.sort_by(|a, b| b.id.cmp(&a.id));
         rows.dedup_by_key(|row| row.id);
@@ -255,8 +263,11 @@ impl SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(err)?;
-        let searched_to =
-            window_end(&self.conn, SQL_DEAD_WINDOW, before, to_i64(window)).map_err(err)?;
+        let searched_to = if rows.len() < limit {
+            window_end(&self.conn, SQL_DEAD_WINDOW, before, to_i64(window)).map_err(err)?
+        } else {
+            None
+        };
         Ok(page(rows, limit, searched_to))
     }
 
