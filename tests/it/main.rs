@@ -4,6 +4,7 @@
 mod admin;
 mod bad_input;
 mod bench;
+mod browser;
 mod cli;
 mod cli_reference;
 mod commands;

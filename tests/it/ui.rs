@@ -136,8 +136,31 @@ pub fn request(
     head.push_str("Connection: close\r\n\r\n");
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(body.as_bytes()).unwrap();
+    // Read by the reply's own framing: a server may keep the connection open (chromedriver does).
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    let complete = |raw: &[u8]| -> bool {
+        let text = String::from_utf8_lossy(raw);
+        let Some((head, rest)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let head = head.to_ascii_lowercase();
+        if let Some(length) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            return rest.len() >= length;
+        }
+        head.contains("transfer-encoding: chunked") && rest.ends_with("0\r\n\r\n")
+    };
+    while !complete(&raw) {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{method} {path}: reading the reply: {e}"),
+        }
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
@@ -257,8 +280,7 @@ fn the_api_gives_the_clis_answers_while_the_daemon_is_down() {
     assert_eq!(overview["queue"]["total"], 2);
     for key in ["queued", "due", "delayed", "leased"] {
         assert_eq!(
-            overview["queue"]["by_task"]["a"][key],
-            status["queue"]["by_task"]["a"][key],
+            overview["queue"]["by_task"]["a"][key], status["queue"]["by_task"]["a"][key],
             "{key}"
         );
     }

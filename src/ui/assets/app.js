@@ -94,6 +94,17 @@
     return doc;
   }
 
+  // Renders `doc` unless it says what the page already shows (times aside): a live update that
+  // changes nothing leaves the page, and whatever the user is about to click, alone.
+  let shown = null;
+  function changed(doc) {
+    const { now: _now, ui: _ui, ...rest } = doc;
+    const text = JSON.stringify(rest);
+    if (text === shown) return false;
+    shown = text;
+    return true;
+  }
+
   async function post(url, body) {
     const response = await fetch(url, {
       method: 'POST',
@@ -256,14 +267,14 @@
     const running = (doc.running || []).slice(0, 10);
     const enqueue = readOnly ? null : h('button', { class: 'primary', id: 'enqueue', onclick: enqueueDialog }, 'Enqueue a task…');
     const charts = document.getElementById('charts') || chartsPanel();
-    setPage(verdict, cards,
+    // The charts first: an operator looks at a chart before reading a table.
+    setPage(verdict, cards, charts,
       h('div', { class: 'bar' }, h('h2', { class: 'grow' }, 'Queue by task name'), enqueue),
       queue,
       running.length ? [h('h2', {}, `Running (${doc.running.length})`),
         table(['TASK', 'NAME', 'ATTEMPT', 'RUNNING FOR'], running.map((r) => h('tr', {},
           h('td', {}, taskLink(r.task_id)), h('td', { class: 'name' }, r.task_name), h('td', { class: 'num' }, r.attempt),
-          h('td', {}, r.started_at ? ago(r.started_at) : '–'))))] : null,
-      charts);
+          h('td', {}, r.started_at ? ago(r.started_at) : '–'))))] : null);
     if (Date.now() - chartsAt > 30000) loadCharts();
   }
 
@@ -321,8 +332,9 @@
       }, [xs, nulls(c.wait_p50_seconds), nulls(c.wait_p95_seconds), nulls(c.wall_p50_seconds), nulls(c.wall_p95_seconds)], time),
     ];
     const step = doc.interval_seconds;
+    const stepText = step < 3600 ? `${step / 60} min` : step < 86400 ? `${step / 3600} h` : `${step / 86400} d`;
     document.getElementById('chart-note').textContent =
-      `Last ${win} in intervals of ${age(step).replace(/\.0s$/, 's')}, from the daemon's per-minute figures (foreman stats --window ${win}): ` +
+      `Last ${win} in intervals of ${stepText}, from the daemon's per-minute figures (foreman stats --window ${win}): ` +
       `${number(doc.total.count)} attempts ended, ${number(doc.total.failed)} failed. Percentiles are within 9 %.`;
   }
 
@@ -408,7 +420,7 @@
   async function loadTasks() {
     const query = new URLSearchParams(params);
     const doc = await getJson('/api/tasks?' + query);
-    renderTasks(doc);
+    if (changed(doc)) renderTasks(doc);
   }
 
   function renderTasks(doc) {
@@ -486,7 +498,7 @@
   async function loadTask() {
     const id = Number(path.split('/')[2]);
     const doc = await getJson('/api/tasks/' + id);
-    renderTask(doc);
+    if (changed(doc)) renderTask(doc);
   }
 
   function renderTask(doc) {
@@ -526,7 +538,7 @@
 
   async function loadDead() {
     const doc = await getJson('/api/dead?' + new URLSearchParams(params));
-    renderDead(doc);
+    if (changed(doc)) renderDead(doc);
   }
 
   function deadTable(rows, onchange) {
@@ -627,6 +639,7 @@
 
   async function loadSchedules() {
     const doc = await getJson('/api/schedules');
+    if (!changed(doc)) return;
     const rows = doc.schedules.map((s) => h('tr', {},
       h('td', { class: 'name' }, s.name), h('td', { class: 'name' }, s.task ?? h('span', { class: 'muted' }, 'not configured any more')),
       h('td', {}, s.when ?? s.spec ?? ''),
@@ -652,6 +665,7 @@
 
   async function loadDaemons() {
     const doc = await getJson('/api/daemons');
+    if (!changed(doc)) return;
     header({ health: doc.health, dead: null });
     const d = doc.daemon;
     const facts = h('dl', { class: 'facts' },
