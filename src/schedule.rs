@@ -228,6 +228,7 @@ impl Schedules {
 /// asked; its stored state records the firing and keeps its next due time. Unlike a timed firing
 /// it does not skip when the previous task is still queued: someone asked for it. The caller
 /// wakes the daemon.
+#[cfg(feature = "ui")]
 pub fn run_now(
     configs: &std::collections::BTreeMap<String, ScheduleConfig>,
     store: &mut Store,

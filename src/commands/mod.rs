@@ -97,6 +97,7 @@ fn print(text: &str) -> Result<()> {
 }
 
 /// Writes one line to stdout (`foreman ui`'s URL, which a script may wait for).
+#[cfg(feature = "ui")]
 pub fn print_line(text: &str) -> Result<()> {
     print(&format!("{text}\n"))
 }

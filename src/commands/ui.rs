@@ -76,9 +76,19 @@ pub fn run(globals: &Globals, args: &UiArgs) -> Result<()> {
         )));
     }
     let config = globals.load_config()?;
-    serve(
+    serve(config, args, token, proxy_user_header)
+}
+
+#[cfg(feature = "ui")]
+fn serve(
+    config: crate::config::Config,
+    args: &UiArgs,
+    token: Option<String>,
+    proxy_user_header: Option<String>,
+) -> Result<()> {
+    crate::ui::serve(
         config,
-        Options {
+        crate::ui::Options {
             bind: args.bind,
             token,
             proxy_user_header,
@@ -88,23 +98,13 @@ pub fn run(globals: &Globals, args: &UiArgs) -> Result<()> {
     )
 }
 
-/// What `ui::serve` is told.
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub bind: SocketAddr,
-    pub token: Option<String>,
-    pub proxy_user_header: Option<String>,
-    pub allow_hosts: Vec<String>,
-    pub read_only: bool,
-}
-
-#[cfg(feature = "ui")]
-fn serve(config: crate::config::Config, options: Options) -> Result<()> {
-    crate::ui::serve(config, options)
-}
-
 #[cfg(not(feature = "ui"))]
-fn serve(_config: crate::config::Config, _options: Options) -> Result<()> {
+fn serve(
+    _config: crate::config::Config,
+    _args: &UiArgs,
+    _token: Option<String>,
+    _proxy_user_header: Option<String>,
+) -> Result<()> {
     Err(Error::Config(
         "this foreman was built without the `ui` cargo feature (it is on by default); rebuild it with `--features ui`".to_owned(),
     ))

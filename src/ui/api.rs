@@ -108,7 +108,7 @@ fn stats(config: &Config, store: &Store, request: &Request) -> Result<Value> {
     let task = request.param("name");
     let stats = store.snapshot(|q| Stats::read(q, config, window, task.as_deref()))?;
     let all = &stats.all;
-    let starts: Vec<i64> = (0..stats.intervals.count)
+    let interval_starts: Vec<i64> = (0..stats.intervals.count)
         .map(|i| {
             (stats.intervals.first + i64::try_from(i).unwrap_or(0) * stats.intervals.step) * 60
         })
@@ -124,7 +124,7 @@ fn stats(config: &Config, store: &Store, request: &Request) -> Result<Value> {
     };
     let mut doc = stats.document();
     doc["chart"] = json!({
-        "starts": starts,
+        "starts": interval_starts,
         "done": done,
         "failed": all.failures,
         "wall_p50_seconds": quantiles(&all.walls, 0.5),
@@ -392,15 +392,6 @@ fn errors(store: &Store, request: &Request) -> Result<Value> {
     let since = now - window.as_secs_f64();
     let texts = store.snapshot(|q| q.failure_texts(FAILURE_WINDOW))?;
     let read = texts.len();
-    #[derive(Default)]
-    struct Group {
-        count: u64,
-        dead: u64,
-        first: Option<f64>,
-        last: Option<f64>,
-        names: BTreeSet<String>,
-        example: String,
-    }
     let mut groups: BTreeMap<String, Group> = BTreeMap::new();
     for failure in texts {
         if failure.at.is_some_and(|at| at < since) {
@@ -447,6 +438,17 @@ fn errors(store: &Store, request: &Request) -> Result<Value> {
             "example": g.example,
         })).collect::<Vec<_>>(),
     }))
+}
+
+/// One group of failures on the Errors page.
+#[derive(Default)]
+struct Group {
+    count: u64,
+    dead: u64,
+    first: Option<f64>,
+    last: Option<f64>,
+    names: BTreeSet<String>,
+    example: String,
 }
 
 /// Every schedule: configured ones with their stored state, and stored ones no longer

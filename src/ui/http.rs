@@ -303,10 +303,14 @@ impl Reply {
 
 /// The security headers, as raw lines, for a reply written by hand (the event stream).
 pub fn security_header_lines() -> String {
-    SECURITY_HEADERS
-        .iter()
-        .map(|(name, value)| format!("{name}: {value}\r\n"))
-        .collect()
+    let mut lines = String::new();
+    for (name, value) in SECURITY_HEADERS {
+        lines.push_str(name);
+        lines.push_str(": ");
+        lines.push_str(value);
+        lines.push_str("\r\n");
+    }
+    lines
 }
 
 fn header(name: &str, value: &str) -> tiny_http::Header {

@@ -149,7 +149,7 @@ pub fn watch(shared: &Shared) {
         if let Some(sent) = last_sent
             && sent.elapsed() < MIN_GAP
         {
-            std::thread::sleep(MIN_GAP - sent.elapsed());
+            std::thread::sleep(MIN_GAP.saturating_sub(sent.elapsed()));
         }
         let stamp = store.changes();
         match super::api::overview(&shared.config, store) {
@@ -181,16 +181,16 @@ fn next_moment(status: &Status, thresholds: Thresholds) -> Option<f64> {
     if !daemon.running {
         return None;
     }
-    let stale = daemon
+    let goes_stale = daemon
         .current_row()
         .map(|row| row.heartbeat_at + thresholds.max_age.as_secs_f64());
-    let stall = status
+    let waits_too_long = status
         .obs
         .oldest_due
         .as_ref()
         .map(|due| due.due_since + thresholds.max_queue_age.as_secs_f64());
     // Just after the moment, so that the look judges past it.
-    [stale, stall]
+    [goes_stale, waits_too_long]
         .into_iter()
         .flatten()
         .filter(|at| *at > status.obs.now)

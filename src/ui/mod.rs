@@ -11,7 +11,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::commands::ui::Options;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::store::{Access, Store};
@@ -27,6 +26,19 @@ use http::{Reply, Request};
 /// Threads answering requests. A dashboard has a handful of operators; the event streams have
 /// threads of their own (`live::MAX_STREAMS`), so a slow client holds up nobody.
 const WORKERS: usize = 4;
+
+/// What `foreman ui`'s flags asked for, checked (`commands/ui.rs`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub bind: SocketAddr,
+    /// Every request must carry it.
+    pub token: Option<String>,
+    /// The header a trusted proxy names the user in; every request must carry it.
+    pub proxy_user_header: Option<String>,
+    /// Host names answered besides IP addresses and localhost.
+    pub allow_hosts: Vec<String>,
+    pub read_only: bool,
+}
 
 /// What every request handler shares.
 pub struct Shared {

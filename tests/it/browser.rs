@@ -101,10 +101,10 @@ impl Browser {
             _profile: profile,
         };
         let created = browser.call("POST", "/session", &capabilities);
-        browser.session = created["sessionId"]
+        created["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no session: {created}"))
-            .to_owned();
+            .clone_into(&mut browser.session);
         Some(browser)
     }
 
@@ -223,7 +223,7 @@ fn base64_decode(text: &str) -> Vec<u8> {
     let clean: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
     let mut out = Vec::with_capacity(clean.len() / 4 * 3);
     for chunk in clean.chunks(4) {
-        let pad = chunk.iter().filter(|c| **c == b'=').count();
+        let pad = chunk.iter().rev().take_while(|c| **c == b'=').count();
         let n = chunk.iter().fold(0u32, |n, c| (n << 6) | value(*c)) << (6 * (4 - chunk.len()));
         let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
         out.extend_from_slice(&bytes[..3 - pad.min(2)]);
@@ -239,41 +239,34 @@ fn seed_figures(env: &Env) {
         .unwrap()
         .as_secs()
         / 60;
+    let minute_now = i64::try_from(minute_now).unwrap();
     let conn = env.sql();
-    for back in 1..60u64 {
-        let minute = minute_now - back;
-        let wave = (back as f64 / 6.0).sin();
-        let done = (40.0 + 25.0 * wave) as i64;
+    for back in 1..60i32 {
+        let wave = (f64::from(back) / 6.0).sin();
+        #[allow(clippy::cast_possible_truncation)] // Between 15 and 65.
+        let done = (40.0 + 25.0 * wave) as i32;
         let failed = if back % 9 == 0 {
             3
         } else {
-            i64::from(back % 4 == 0)
+            i32::from(back % 4 == 0)
         };
         // Log-histogram buckets (4 a doubling from 100 µs): ~50 ms wall, ~3 ms wait.
-        let wall = format!(
-            "{{\"36\": {}, \"37\": {}, \"40\": {}}}",
-            done / 2,
-            done / 3,
-            done - done / 2 - done / 3 + failed
-        );
-        let wait = format!(
-            "{{\"17\": {}, \"20\": {}, \"{}\": 2}}",
-            done / 2,
-            done - done / 2 + failed - 2,
-            24 + back % 5
-        );
+        let wall =
+            json!({"36": done / 2, "37": done / 3, "40": done - done / 2 - done / 3 + failed});
+        let wait = json!({"17": done / 2, "20": done - done / 2 + failed - 2, (24 + back % 5).to_string(): 2});
+        let ended = f64::from(done + failed);
         conn.execute(
             "INSERT INTO foreman_stat(minute, task_name, count, done, failed, wall_total, wall_max, \
              wait_total, wait_max, wall_hist, wait_hist) VALUES (?1, 'app.send_email', ?2, ?3, ?4, ?5, 0.3, ?6, 0.05, ?7, ?8)",
             rusqlite::params![
-                minute as i64,
+                minute_now - i64::from(back),
                 done + failed,
                 done,
                 failed,
-                0.05 * (done + failed) as f64,
-                0.003 * (done + failed) as f64,
-                wall,
-                wait
+                0.05 * ended,
+                0.003 * ended,
+                wall.to_string(),
+                wait.to_string()
             ],
         )
         .unwrap();
@@ -298,12 +291,19 @@ fn save_screenshot(png: &[u8], name: &str, scratch: &Path) {
 const XSS_NAME: &str = "<script>window.foremanXss = 1</script>";
 const XSS_IMG: &str = "<img src=x onerror=\"window.foremanXss = 2\">";
 
-#[test]
-fn the_dashboard_works_in_a_real_browser() {
-    let Some(browser) = Browser::start() else {
-        return;
-    };
-    let env = Env::new();
+/// A page has rendered its data (and no error notice).
+const RENDERED: &str =
+    "document.querySelector('main h1, #verdict') && !document.querySelector('main .notice.bad')";
+
+fn dead_count(env: &Env) -> i64 {
+    env.sql()
+        .query_row("SELECT count(*) FROM foreman_dead", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// A daemon that ran emails, failed resizes and buried two names made of markup; returns it
+/// still running, with the id of a failed resize.
+fn busy_database(env: &Env) -> (crate::support::Daemon, i64) {
     env.config(
         r#"
 [tasks."app.send_email"]
@@ -319,7 +319,7 @@ cron = "0 3 * * *"
 "#,
     );
     env.init();
-    seed_figures(&env);
+    seed_figures(env);
     let daemon = env.daemon(&[]);
     for i in 0..20 {
         env.ok(&[
@@ -329,10 +329,11 @@ cron = "0 3 * * *"
         ]);
     }
     for i in 0..3 {
+        let args = format!("[\"photo{i}.jpg\"]");
         env.ok(&[
             "enqueue",
             "app.resize",
-            &format!("[\"photo{i}.jpg\"]"),
+            &args,
             "--kwargs",
             "{\"width\": 4096}",
         ]);
@@ -341,17 +342,11 @@ cron = "0 3 * * *"
         env.insert(name, "[\"<b>not bold</b>\"]");
     }
     env.touch_wakeup("browser-test");
-    let dead = || -> i64 {
-        env.sql()
-            .query_row("SELECT count(*) FROM foreman_dead", [], |r| r.get(0))
-            .unwrap()
-    };
     assert!(
-        wait_until(PATIENCE, || dead() == 5 && env.queued() == 0),
+        wait_until(PATIENCE, || dead_count(env) == 5 && env.queued() == 0),
         "tasks did not run"
     );
-    let ui = Ui::start(&env, &[]);
-    let failed_task: i64 = env
+    let failed_task = env
         .sql()
         .query_row(
             "SELECT task_id FROM foreman_dead WHERE task_name = 'app.resize' ORDER BY id LIMIT 1",
@@ -359,9 +354,11 @@ cron = "0 3 * * *"
             |r| r.get(0),
         )
         .unwrap();
+    (daemon, failed_task)
+}
 
-    // Every page loads and renders with no console error.
-    let rendered = "document.querySelector('main h1, #verdict') && !document.querySelector('main .notice.bad')";
+/// Every page loads and renders with no console error.
+fn every_page_loads_cleanly(browser: &Browser, ui: &Ui, failed_task: i64) {
     for page in [
         "/".to_owned(),
         "/tasks".to_owned(),
@@ -373,12 +370,14 @@ cron = "0 3 * * *"
         "/daemons".to_owned(),
     ] {
         browser.goto(&ui.url(&page));
-        browser.wait_for(rendered, &page);
+        browser.wait_for(RENDERED, &page);
         let errors = browser.console_errors();
         assert!(errors.is_empty(), "{page}: console errors: {errors:?}");
     }
+}
 
-    // Screenshots of the overview (charts drawn) and of a task's page.
+/// The overview (charts drawn, live) and a task's page.
+fn take_screenshots(browser: &Browser, ui: &Ui, failed_task: i64) {
     let scratch = tempfile::tempdir().unwrap();
     browser.goto(&ui.url("/"));
     browser.wait_for("document.querySelectorAll('.uplot').length === 2", "charts");
@@ -388,11 +387,12 @@ cron = "0 3 * * *"
     );
     save_screenshot(&browser.screenshot(), "overview.png", scratch.path());
     browser.goto(&ui.url(&format!("/tasks/{failed_task}")));
-    browser.wait_for(rendered, "task page");
+    browser.wait_for(RENDERED, "task page");
     save_screenshot(&browser.screenshot(), "task.png", scratch.path());
-    daemon.stop();
+}
 
-    // A count changes live after an enqueue, without a reload (the daemon is down now).
+/// A count changes live after an enqueue, without a reload.
+fn a_count_changes_live(browser: &Browser, ui: &Ui, env: &Env) {
     browser.goto(&ui.url("/"));
     browser.wait_for(
         "document.getElementById('live').textContent === 'live'",
@@ -418,22 +418,22 @@ cron = "0 3 * * *"
         loaded,
         "the page reloaded"
     );
+}
 
-    // Requeue a dead letter with a click, then find its row back in foreman_task.
+/// A click on Requeue puts the dead letter back in foreman_task, with its origin.
+fn requeue_by_click(browser: &Browser, ui: &Ui, env: &Env, failed_task: i64) {
     let dead_id: i64 = env
         .sql()
         .query_row(
-            "SELECT id FROM foreman_dead WHERE task_name = 'app.resize' ORDER BY id LIMIT 1",
-            [],
+            "SELECT id FROM foreman_dead WHERE task_id = ?1",
+            [failed_task],
             |r| r.get(0),
         )
         .unwrap();
+    let button = format!("tr[data-dead=\"{dead_id}\"] button.requeue");
     browser.goto(&ui.url("/dead"));
-    browser.wait_for(
-        &format!("document.querySelector('tr[data-dead=\"{dead_id}\"] button.requeue')"),
-        "dead row",
-    );
-    browser.click(&format!("tr[data-dead=\"{dead_id}\"] button.requeue"));
+    browser.wait_for(&format!("document.querySelector('{button}')"), "dead row");
+    browser.click(&button);
     browser.wait_for(
         "document.getElementById('dialog').open",
         "confirmation dialog",
@@ -453,20 +453,22 @@ cron = "0 3 * * *"
         )
         .unwrap();
     assert_eq!(back, 1, "no task with origin {origin:?}");
-    assert_eq!(dead(), 4);
+    assert_eq!(dead_count(env), 4);
     assert_eq!(
         browser.eval("return document.querySelector('dialog .result p').textContent;"),
         "Done: 1 of 1."
     );
+}
 
-    // Names holding markup are text: shown as those characters, and nothing runs.
+/// Names holding markup are text: shown as those characters, and nothing runs.
+fn markup_is_inert(browser: &Browser, ui: &Ui) {
     for page in ["/tasks?state=dead", "/dead", "/errors"] {
         browser.goto(&ui.url(page));
-        browser.wait_for(rendered, page);
-        let names = browser.eval(
+        browser.wait_for(RENDERED, page);
+        let cells = browser.eval(
             "return [...document.querySelectorAll('td.name, td.err')].map((td) => td.textContent);",
         );
-        let texts: Vec<&str> = names
+        let texts: Vec<&str> = cells
             .as_array()
             .unwrap()
             .iter()
@@ -478,18 +480,32 @@ cron = "0 3 * * *"
                 "{page}: {name} not shown in {texts:?}"
             );
         }
-        assert_eq!(
-            browser
-                .eval("return document.querySelectorAll('main script, main img, main b').length;"),
-            0,
-            "{page}"
-        );
+        let elements = browser
+            .eval("return document.querySelectorAll('main script, main img, main b').length;");
+        assert_eq!(elements, 0, "{page}");
         assert_eq!(
             browser.eval("return window.foremanXss === undefined;"),
             true,
             "{page}: markup ran"
         );
     }
+}
+
+#[test]
+fn the_dashboard_works_in_a_real_browser() {
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let env = Env::new();
+    let (daemon, failed_task) = busy_database(&env);
+    let ui = Ui::start(&env, &[]);
+    every_page_loads_cleanly(&browser, &ui, failed_task);
+    take_screenshots(&browser, &ui, failed_task);
+    // The rest with the daemon down: the dashboard works without it, and rows stay put.
+    daemon.stop();
+    a_count_changes_live(&browser, &ui, &env);
+    requeue_by_click(&browser, &ui, &env, failed_task);
+    markup_is_inert(&browser, &ui);
     let errors = browser.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
 }

@@ -4,6 +4,7 @@
 mod admin;
 mod bad_input;
 mod bench;
+#[cfg(feature = "ui")]
 mod browser;
 mod cli;
 mod cli_reference;
@@ -26,4 +27,5 @@ mod sentry;
 mod shutdown;
 mod support;
 mod tidy;
+#[cfg(feature = "ui")]
 mod ui;

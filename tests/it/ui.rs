@@ -4,7 +4,8 @@
 //! bulk actions that apply to the frozen set of ids they were shown. `Ui` and `request` serve the
 //! browser tests too.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write as _};
 use std::net::TcpStream;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -124,14 +125,14 @@ pub fn request(
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\n");
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        head.push_str(&format!("Host: {addr}\r\n"));
+        let _ = write!(head, "Host: {addr}\r\n");
     }
     for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
+        let _ = write!(head, "{name}: {value}\r\n");
     }
     let body = body.unwrap_or("");
     if method != "GET" {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        let _ = write!(head, "Content-Length: {}\r\n", body.len());
     }
     head.push_str("Connection: close\r\n\r\n");
     stream.write_all(head.as_bytes()).unwrap();
@@ -244,7 +245,7 @@ impl Events {
             }
             let line = line.trim_end_matches('\n');
             if let Some(name) = line.strip_prefix("event: ") {
-                event = name.to_owned();
+                name.clone_into(&mut event);
             } else if let Some(text) = line.strip_prefix("data: ") {
                 data.push_str(text);
             } else if line.is_empty() {

@@ -144,7 +144,7 @@ impl SqliteStore {
             }
             rows.extend(found);
         }
-        rows.sort_by(|a, b| b.id.cmp(&a.id));
+        rows.sort_by_key(|row| std::cmp::Reverse(row.id));
         rows.dedup_by_key(|row| row.id);
         // Below where one source's window ended, the other's rows cannot be shown yet: rows of
         // the first may lie between them. The next page finds them again.
