@@ -66,6 +66,16 @@ pub fn run(globals: &Globals, args: &UiArgs) -> Result<()> {
             args.bind
         )));
     }
+    // It travels in a cookie and a header: printable ASCII without separators.
+    if let Some(token) = &token
+        && !token
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b',' | b'"' | b'\\'))
+    {
+        return Err(Error::Config(
+            "--token: use printable ASCII without spaces, quotes, commas, semicolons or backslashes (e.g. openssl rand -hex 32)".to_owned(),
+        ));
+    }
     if let Some(header) = &proxy_user_header
         && !header
             .bytes()

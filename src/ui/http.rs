@@ -86,6 +86,8 @@ impl Reply {
 pub struct Request<'a> {
     raw: Option<tiny_http::Request>,
     shared: &'a Shared,
+    /// The path as it came, still percent-encoded (for a redirect back to it).
+    raw_path: String,
     path: String,
     query: String,
     /// Who asked, for logs and origins: the proxy's user, else "ui".
@@ -97,6 +99,7 @@ impl<'a> Request<'a> {
         let url = raw.url().to_owned();
         let (path, query) = url.split_once('?').unwrap_or((&url, ""));
         Request {
+            raw_path: path.to_owned(),
             path: percent_decode(path),
             query: query.to_owned(),
             raw: Some(raw),
@@ -198,10 +201,11 @@ impl<'a> Request<'a> {
                 .split('&')
                 .filter(|p| !p.starts_with("token=") && !p.is_empty())
                 .collect();
+            // Built from the request line as it came (percent-encoded), never from decoded text.
             let location = if rest.is_empty() {
-                self.path.clone()
+                self.raw_path.clone()
             } else {
-                format!("{}?{}", self.path, rest.join("&"))
+                format!("{}?{}", self.raw_path, rest.join("&"))
             };
             return Err(Reply::bytes("text/plain", b"signed in\n".to_vec())
                 .with_header(
@@ -314,10 +318,16 @@ pub fn security_header_lines() -> String {
 }
 
 fn header(name: &str, value: &str) -> tiny_http::Header {
-    // Names and values here are ASCII without line breaks (ours, or a one-line cookie).
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|()| {
-        tiny_http::Header::from_bytes(&b"X-Dropped"[..], &b"1"[..]).expect("a valid header")
-    })
+    // Every value is ours or checked (the token's characters, an encoded path); a control
+    // character would still split the reply, so none gets through.
+    let value = if value.bytes().any(|b| b.is_ascii_control()) {
+        ""
+    } else {
+        value
+    };
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .or_else(|()| tiny_http::Header::from_bytes(name.as_bytes(), &b""[..]))
+        .unwrap_or_else(|()| unreachable!("header names here are constants"))
 }
 
 /// `addr` as a URL's host and port (`[::1]:8075`).

@@ -1,5 +1,5 @@
-//! Live updates: one watcher turns database changes into at most `MAX_RATE` overview snapshots a
-//! second, shared by every open page through server-sent events (`GET /api/events`).
+//! Live updates: one watcher turns database changes into overview snapshots, at least `MIN_GAP`
+//! apart (two a second at most), shared by every open page through server-sent events (`GET /api/events`).
 //!
 //! A change is seen without asking the database: the database directory is watched (inotify, the
 //! same `DbWatch` that `wait` uses) and the files' sizes and times compared (`Store::changes`, what
@@ -17,7 +17,7 @@ use super::http::{Reply, Request, security_header_lines};
 use crate::commands::observe::{Lock, Thresholds};
 use crate::commands::status::Status;
 
-/// Snapshots per second, at most.
+/// The shortest time between two snapshots: two a second at most.
 const MIN_GAP: Duration = Duration::from_millis(500);
 /// How often the watcher looks at the files and the lock when inotify says nothing (a missed
 /// event, a watch the kernel refused): two `stat`s and a lock probe, no query.
@@ -145,7 +145,7 @@ pub fn watch(shared: &Shared) {
         if !changed {
             continue;
         }
-        // At most MAX_RATE a second: changes that come meanwhile are in the next snapshot.
+        // At most one per MIN_GAP: changes that come meanwhile are in the next snapshot.
         if let Some(sent) = last_sent
             && sent.elapsed() < MIN_GAP
         {

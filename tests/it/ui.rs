@@ -447,6 +447,8 @@ fn a_non_loopback_address_needs_a_token_and_the_token_is_checked() {
     let out = env.run(&["ui", "--bind", "0.0.0.0:0"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("needs --token"), "{}", stderr(&out));
+    let spaced = env.run(&["ui", "--bind", "0.0.0.0:0", "--token", "two words"]);
+    assert_eq!(spaced.status.code(), Some(2), "{}", stderr(&spaced));
     let ui = Ui::start_bound(&env, "0.0.0.0:0", &["--token", "s3cret"]);
     assert_eq!(ui.get("/api/overview").status, 401);
     assert_eq!(ui.get("/").status, 401);
@@ -475,6 +477,21 @@ fn a_non_loopback_address_needs_a_token_and_the_token_is_checked() {
         "{cookie}"
     );
     let cookie = cookie.split(';').next().unwrap();
+    // The redirect is built from the path as it came: an encoded line break stays encoded.
+    let split = ui.get("/tasks%0d%0aSet-Cookie:%20x=1?token=s3cret");
+    assert_eq!(split.status, 303);
+    assert_eq!(
+        split.header("Location"),
+        Some("/tasks%0d%0aSet-Cookie:%20x=1")
+    );
+    assert!(
+        split
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("set-cookie"))
+            .count()
+            == 1
+    );
     let with_cookie = request(
         &ui.addr,
         "GET",
