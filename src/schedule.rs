@@ -114,7 +114,8 @@ impl Schedules {
     }
 
     /// Fires every schedule that is due. One whose previous task is still queued or running
-    /// (`busy` says) skips this firing instead of piling a second one up. A missed window fires
+    /// (`busy` says), or whose task is paused (`paused` says), skips this firing instead of
+    /// piling a second one up. A missed window fires
     /// once, however many were missed: the next due time is computed from now. Returns the
     /// schedules whose firing (or skip) the DB refused to record, with the error, for the caller
     /// to log (a full disk refuses them all, every time); one not fired is tried again a second
@@ -124,6 +125,7 @@ impl Schedules {
         store: &mut Store,
         now: f64,
         busy: impl Fn(i64) -> bool,
+        paused: impl Fn(&str) -> bool,
     ) -> Vec<(String, Error)> {
         let mut refused = Vec::new();
         for entry in &mut self.entries {
@@ -132,6 +134,20 @@ impl Schedules {
             }
             let mut state = entry.state.clone();
             state.next_due = following(entry, now);
+            // A paused task's window passes without a firing, as if the daemon had been down:
+            // a resume does not bring a pile of catch-up runs.
+            if paused(&entry.config.task) {
+                log::info!(
+                    "schedule {}: task {} is paused; skipping this window",
+                    entry.name,
+                    entry.config.task
+                );
+                if let Err(e) = store.save_schedule(&entry.name, &state) {
+                    refused.push((entry.name.clone(), e));
+                }
+                entry.state = state;
+                continue;
+            }
             // When the DB cannot say, the firing is skipped: a late firing beats a doubled one.
             let previous = state
                 .last_task_id
@@ -161,9 +177,10 @@ impl Schedules {
                 delay: 0.0,
                 priority: entry.config.priority,
                 origin: Some(&origin),
+                unique_key: None,
             };
             match store.fire_schedule(&entry.name, &task, &mut state) {
-                Ok(id) => {
+                Ok(crate::store::Enqueued { id, .. }) => {
                     log::info!(
                         "schedule {}: enqueued task {id} {}",
                         entry.name,
@@ -257,8 +274,9 @@ pub fn run_now(
         delay: 0.0,
         priority: config.priority,
         origin: Some(origin),
+        unique_key: None,
     };
-    let id = store.fire_schedule(name, &task, &mut state)?;
+    let id = store.fire_schedule(name, &task, &mut state)?.id;
     log::info!(
         "schedule {name}: enqueued task {id} {} ({origin})",
         config.task
@@ -362,7 +380,7 @@ mod tests {
         let before = 1_800_000_000.0;
         let mut schedules = Schedules::load(&configs, &mut queue, before).unwrap();
         let fired = |s: &mut Schedules, q: &mut Store, now| {
-            s.fire_due(q, now, |_| false);
+            s.fire_due(q, now, |_| false, |_| false);
             s.entries
                 .iter()
                 .map(|e| e.state.next_due)

@@ -131,9 +131,30 @@ pub(crate) fn drain_inproc(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
             &rates(&prefetch),
             at_least(150_000.0),
         )
+        // The same rates against what the machine's pop transaction allows (measured at the
+        // start of this run): how far foreman is from its database, whatever the machine.
+        .figure(
+            "default_share_of_pop_limit",
+            "default, % of the 4-row pop limit",
+            "%",
+            &share(&rates(&default), bench.machine.pop_limit_4),
+            at_least(80.0),
+        )
+        .figure(
+            "prefetch_256_share_of_pop_limit",
+            format!("prefetch {PREFETCH}, % of the {PREFETCH}-row limit"),
+            "%",
+            &share(&rates(&prefetch), bench.machine.pop_limit_256),
+            None,
+        )
         .extra("tasks", bench.sizes.drain_tasks)
         .extra("workers", WORKERS);
     Ok(report)
+}
+
+/// Each rate as a percentage of `limit`.
+fn share(rates: &[f64], limit: f64) -> Vec<f64> {
+    rates.iter().map(|rate| 100.0 * rate / limit).collect()
 }
 
 pub(crate) fn cpu_per_task(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {

@@ -18,6 +18,8 @@ use crate::signals::Shutdown;
 
 mod daemon;
 mod drain;
+mod list;
+mod machine;
 mod producer;
 mod python;
 mod records;
@@ -54,10 +56,12 @@ pub enum Scenario {
     Depth,
     /// Lateness of delayed tasks after their due time, p50 / p99
     Delay,
+    /// `foreman list` queries over 1,000,000 queued rows
+    List,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::DrainInproc,
         Scenario::DrainPool,
         Scenario::DrainCommand,
@@ -70,6 +74,7 @@ impl Scenario {
         Scenario::Startup,
         Scenario::Depth,
         Scenario::Delay,
+        Scenario::List,
     ];
 
     /// The name on the command line, in the table and in the JSON.
@@ -87,6 +92,7 @@ impl Scenario {
             Scenario::Startup => "startup",
             Scenario::Depth => "depth",
             Scenario::Delay => "delay",
+            Scenario::List => "list",
         }
     }
 }
@@ -128,6 +134,10 @@ pub(crate) struct Sizes {
     pub delay_tasks: usize,
     /// Delayed tasks are due over this span.
     pub delay_spread: std::time::Duration,
+    /// What the machine measurements do before the scenarios.
+    pub machine: machine::MachineSizes,
+    /// Rows queued for the list scenario.
+    pub list_rows: usize,
 }
 
 impl Sizes {
@@ -145,6 +155,11 @@ impl Sizes {
                 depth_rows: (10_000, 100_000),
                 delay_tasks: 20,
                 delay_spread: Duration::from_millis(500),
+                machine: machine::MachineSizes {
+                    wakes: 50,
+                    pop_rows: 2_000,
+                },
+                list_rows: 10_000,
             }
         } else {
             Sizes {
@@ -158,6 +173,11 @@ impl Sizes {
                 depth_rows: (10_000, 1_000_000),
                 delay_tasks: 200,
                 delay_spread: Duration::from_secs(2),
+                machine: machine::MachineSizes {
+                    wakes: 300,
+                    pop_rows: 20_000,
+                },
+                list_rows: 1_000_000,
             }
         }
     }
@@ -197,6 +217,8 @@ pub(crate) struct Bench<'a> {
     pub shutdown: &'a Receiver<Shutdown>,
     /// The in-process drains, by prefetch: drain-inproc, cpu-per-task and rss read the same runs.
     inproc: HashMap<usize, Vec<drain::DrainRun>>,
+    /// What the machine allows, measured before the scenarios.
+    pub machine: machine::Machine,
 }
 
 impl Bench<'_> {
@@ -237,16 +259,44 @@ pub fn run(options: &Options, shutdown: &Receiver<Shutdown>) -> Result<()> {
         return Err(Error::Config("--reps must be at least 1".to_owned()));
     }
     let work = Workspace::create(options.db.clone(), options.wakeup_dir.clone())?;
+    let mut progress = Progress::on_stderr();
+    progress.begin("machine".to_owned());
+    // On the disk the runs' databases go to: the temporary directory, or --db's.
+    let machine_dir = match &options.db {
+        Some(db) => crate::fs_check::suffixed(db, ".machine"),
+        None => work.root().join("machine"),
+    };
+    let measured = std::fs::create_dir(&machine_dir)
+        .map_err(|e| Failure::new(format!("cannot create {}: {e}", machine_dir.display())))
+        .and_then(|()| machine::measure(&machine_dir, sizes.machine));
+    let _ = std::fs::remove_dir_all(&machine_dir);
+    let machine = match measured {
+        Ok(machine) => machine,
+        Err(Failure::Failed(message)) => {
+            return Err(Error::Exit {
+                code: 1,
+                message: Some(format!("foreman bench: measuring the machine: {message}")),
+            });
+        }
+        Err(Failure::Interrupted(Shutdown(signal))) => {
+            return Err(Error::Exit {
+                code: 1,
+                message: Some(format!("foreman bench: interrupted by signal {signal}")),
+            });
+        }
+    };
+    progress.clear();
     let mut bench = Bench {
         sizes,
         work: &work,
         no_python: python::missing(),
-        progress: Progress::on_stderr(),
+        progress,
         shutdown,
         inproc: HashMap::new(),
+        machine,
     };
     let out = report::Output::new(options.json, &sizes);
-    out.header();
+    out.header(&machine);
     let mut reports = Vec::new();
     for scenario in chosen {
         bench.progress.begin(scenario.name().to_owned());
@@ -295,6 +345,7 @@ fn run_scenario(bench: &mut Bench<'_>, scenario: Scenario) -> Outcome<ScenarioRe
         Scenario::Idle => timing::idle(bench),
         Scenario::Startup => timing::startup(bench),
         Scenario::Delay => timing::delay(bench),
+        Scenario::List => list::list(bench),
     }
 }
 

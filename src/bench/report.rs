@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+use super::machine::Machine;
 use super::{Scenario, Sizes, Spread};
 use crate::commands::format::{self, Paint, Style};
 
@@ -235,9 +236,11 @@ impl Output {
         let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     }
 
-    /// The table's context line and column heads.
-    pub fn header(&self) {
+    /// The table's context line, what the machine allows, and the column heads; in JSON, the
+    /// machine's line.
+    pub fn header(&self, machine: &Machine) {
         if self.json {
+            Output::print(&format!("{}\n", machine.json()));
             return;
         }
         let build = if cfg!(debug_assertions) {
@@ -253,9 +256,19 @@ impl Output {
         let reps = self.reps;
         let mut text = format!(
             "foreman bench {}: {build}, {cpus} CPUs, load average {load} at start; median of {reps} \
-             run{} [min–max]\n\n",
+             run{} [min–max]\n",
             env!("CARGO_PKG_VERSION"),
             if reps == 1 { "" } else { "s" }
+        );
+        let (t50, t99) = machine.thread_wake_us;
+        let (i50, i99) = machine.inotify_wake_us;
+        let _ = write!(
+            text,
+            "machine: thread wake-up p50 {t50:.0} µs, p99 {t99:.0} µs; inotify wake-up p50 \
+             {i50:.0} µs, p99 {i99:.0} µs;\n         SQLite pop limit {} rows/s at 4 rows per pop, \
+             {} at 256\n\n",
+            number(machine.pop_limit_4),
+            number(machine.pop_limit_256)
         );
         let heads = ["scenario", "figure", "median", "", "[min–max]", "target"];
         let line = row(&heads.map(str::to_owned), "");

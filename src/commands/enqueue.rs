@@ -1,4 +1,5 @@
-//! `foreman enqueue`: inserts one task, as a producer would, wakes the daemon, prints the id.
+//! `foreman enqueue`: inserts one task, as a producer would, wakes the daemon, prints the id (of
+//! the task holding its unique key, when one does).
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use super::{Globals, print};
 use crate::config::Config;
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
-use crate::store::{Access, NewTask, Store};
+use crate::store::{Access, Enqueued, NewTask, Store};
 
 /// Enqueue a task and print its id
 #[derive(Args, Debug)]
@@ -33,13 +34,20 @@ pub struct EnqueueArgs {
         value_name = "N"
     )]
     pub priority: i64,
+    /// Enqueue only if no task with this key is queued or running; either way, print the id of
+    /// the task that has it
+    #[arg(long, value_name = "KEY")]
+    pub unique: Option<String>,
+    /// Print {"id": N, "created": true|false} instead of the id
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(globals: &Globals, task: &EnqueueArgs) -> Result<()> {
     let (args, kwargs) = checked(&task.name, &task.args, &task.kwargs)?;
     let config = globals.load_config()?;
     let mut store = Store::open_checked(&config.db, Access::ReadWrite)?;
-    let id = enqueue(
+    let enqueued = enqueue(
         &config,
         &mut store,
         &NewTask {
@@ -49,8 +57,14 @@ pub fn run(globals: &Globals, task: &EnqueueArgs) -> Result<()> {
             delay: task.delay.unwrap_or_default().as_secs_f64(),
             priority: task.priority,
             origin: None,
+            unique_key: task.unique.as_deref(),
         },
     )?;
+    let id = enqueued.id;
+    if task.json {
+        let doc = serde_json::json!({"id": id, "created": enqueued.created});
+        return print(&format!("{doc}\n"));
+    }
     print(&format!("{id}\n"))
 }
 
@@ -77,9 +91,15 @@ pub fn checked(name: &str, args: &str, kwargs: &str) -> Result<(String, String)>
     Ok((args.to_string(), kwargs.to_string()))
 }
 
-/// Inserts a checked task and wakes the daemon; returns its id.
-pub fn enqueue(config: &Config, store: &mut Store, task: &NewTask<'_>) -> Result<i64> {
-    let id = store.enqueue_task(task)?;
-    crate::wake::poke(config, &format!("task {id} enqueued"));
-    Ok(id)
+/// Inserts a checked task and wakes the daemon when a row was inserted (a task holding its
+/// unique key is logged instead): `enqueue` and the dashboard.
+pub fn enqueue(config: &Config, store: &mut Store, task: &NewTask<'_>) -> Result<Enqueued> {
+    let enqueued = store.enqueue_task(task)?;
+    let id = enqueued.id;
+    if enqueued.created {
+        crate::wake::poke(config, &format!("task {id} enqueued"));
+    } else if let Some(key) = task.unique_key {
+        log::info!("not enqueued: task {id} holds the unique key {key:?}");
+    }
+    Ok(enqueued)
 }

@@ -4,8 +4,9 @@
 //!
 //! `serve` reads as two calls: `next_event` (the `select!` over the channels) and `handle` (the
 //! `match` over what came). The state is grouped by what it is for: the attempts out, the
-//! workers, the stop phase, and the upkeep parts (`QueueLook`, `ClockWatch`, `Pruning`, `Figures`,
-//! `DbTrouble`) in `upkeep.rs`; popping and finishing are in `work.rs`, stopping in `stop.rs`.
+//! workers, the stop phase, the operator's pauses and aborts (`Control`, in `control.rs`), and
+//! the upkeep parts (`QueueLook`, `ClockWatch`, `Pruning`, `Figures`, `DbTrouble`) in `upkeep.rs`;
+//! popping and finishing are in `work.rs`, stopping in `stop.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,17 +26,22 @@ use crate::schedule::Schedules;
 use crate::signals::Shutdown;
 use crate::store::{Access, DaemonInfo, Ending, Store};
 use crate::sys::{hostname, process_start};
+use crate::task::CancelFlag;
 use crate::thread_pool::ThreadPool;
 use crate::wake::Wakeups;
 
+mod control;
 mod stop;
 mod upkeep;
 mod work;
 
+use control::Control;
 use stop::{Phase, Stop};
 use upkeep::{ClockWatch, DbTrouble, Figures, Pruning, QueueLook};
 
 /// Everything the daemon reacts to.
+// A finished task is moved once, by value: boxing it would cost an allocation per task.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Event {
     /// A producer signalled (a file appeared in the wakeup dir, or its watch overflowed).
@@ -52,6 +58,8 @@ enum Event {
     Due,
     /// Time to ping the watchdog, and maybe to write the heartbeat and figures.
     Beat,
+    /// An aborted attempt's grace is over: SIGKILL if it still runs.
+    Kill,
 }
 
 /// The channels the loop waits on, besides the timers it makes from its own state.
@@ -67,6 +75,9 @@ struct Channels {
 /// A task handed to a worker (or waiting for one, prefetched) and not finished yet.
 struct Running {
     name: String,
+    attempt: i64,
+    /// The flag its worker sees; raised by an abort (`foreman cancel`).
+    cancel: CancelFlag,
     started: Instant,
     /// The pool running it, if it is a pool task.
     pool: Option<usize>,
@@ -102,6 +113,7 @@ struct Foreman<'c> {
     attempts: Attempts,
     schedules: Schedules,
     stop: Stop,
+    control: Control,
     look: QueueLook,
     clock: ClockWatch,
     pruning: Pruning,
@@ -160,12 +172,15 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         },
         schedules,
         stop: Stop::default(),
+        control: Control::default(),
         look: QueueLook::default(),
         clock: ClockWatch::default(),
         pruning: Pruning::default(),
         figures: Figures::default(),
         db_trouble: DbTrouble::default(),
     };
+    let stamp = foreman.store.changes();
+    foreman.read_control(stamp);
     foreman.schedules_due();
     foreman.fill();
     foreman.write_beat();
@@ -217,6 +232,10 @@ impl Foreman<'_> {
                     .map_or_else(crossbeam_channel::never, crossbeam_channel::at),
                 _ => crossbeam_channel::never(),
             };
+            let kill = self
+                .control
+                .next_kill()
+                .map_or_else(crossbeam_channel::never, crossbeam_channel::at);
             return select! {
                 recv(channels.shutdown) -> signal => if let Ok(signal) = signal {
                     Event::Shutdown(signal)
@@ -232,6 +251,7 @@ impl Foreman<'_> {
                 recv(deadline) -> _ => Event::Deadline,
                 recv(due) -> _ => Event::Due,
                 recv(channels.beats) -> _ => Event::Beat,
+                recv(kill) -> _ => Event::Kill,
             };
         }
     }
@@ -240,6 +260,9 @@ impl Foreman<'_> {
         match event {
             Event::Wakeup => {
                 self.wake.woken();
+                if self.wake.take_control() {
+                    self.watch_control(true);
+                }
                 self.fill();
             }
             Event::WorkerFinished(done) => {
@@ -269,6 +292,7 @@ impl Foreman<'_> {
                 self.fill();
             }
             Event::Beat => self.beat(),
+            Event::Kill => self.kill_due(),
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::control::Control;
 use super::stop::Phase;
 use super::{Foreman, MAX_DUE_WAIT, Running};
 use crate::clock::unix_now;
@@ -26,13 +27,15 @@ const FLUSH_TRIES: usize = 3;
 /// What a failure without any text is said to be.
 const NO_REASON: &str = "(no reason given)";
 
-/// How `task` runs now: on its handler, not at all (dead letter), not yet, or (an expired lease of
-/// a task this daemon still runs) not again.
+/// How `task` runs now: on its handler, not at all (dead letter), not yet, not while its name is
+/// paused, or (an expired lease of a task this daemon still runs) not again.
+#[allow(clippy::too_many_arguments)] // The loop's parts it reads, borrowed one by one.
 fn resolve(
     config: &Config,
     registry: &Registry,
     pools: &[ProcessPool],
     running: &HashMap<i64, Running>,
+    control: &Control,
     taken: &mut [usize],
     task: &Task,
     now: f64,
@@ -45,6 +48,9 @@ fn resolve(
     };
     if task.was_leased && running.contains_key(&task.id) {
         return Resolved::Hold(lease());
+    }
+    if control.is_paused(name) {
+        return Resolved::Pause;
     }
     let lease = match config.policy(name).delivery {
         Delivery::AtMostOnce => None,
@@ -97,23 +103,34 @@ impl Foreman<'_> {
             self.flush();
             return;
         }
+        if self.unpausing() {
+            self.unpause();
+        }
         loop {
-            let free = self.capacity().saturating_sub(self.attempts.running.len());
+            let free = if self.control.all_paused {
+                0
+            } else {
+                self.capacity().saturating_sub(self.attempts.running.len())
+            };
             if free == 0 && self.attempts.ended.is_empty() {
                 return;
             }
             let now = unix_now();
-            let (config, registry, pools, running) = (
+            let (config, registry, pools, running, control) = (
                 self.config,
                 &self.registry,
                 &self.workers.pools,
                 &self.attempts.running,
+                &self.control,
             );
             // Pool tasks taken in this pop, by pool: with the pool's running ones, never more than
             // its processes, so no popped task waits for a process.
             let mut taken = vec![0; pools.len()];
-            let resolve =
-                |task: &Task| resolve(config, registry, pools, running, &mut taken, task, now);
+            let resolve = |task: &Task| {
+                resolve(
+                    config, registry, pools, running, control, &mut taken, task, now,
+                )
+            };
             let popped = match self.store.cycle(&self.attempts.ended, free, now, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
@@ -126,6 +143,7 @@ impl Foreman<'_> {
             if !self.attempts.ended.is_empty()
                 || !popped.tasks.is_empty()
                 || !popped.dead.is_empty()
+                || popped.paused > 0
             {
                 self.db_works();
             }
@@ -157,6 +175,8 @@ impl Foreman<'_> {
                     task.id,
                     Running {
                         name: task.name.clone(),
+                        attempt: task.attempt,
+                        cancel: task.cancel.clone(),
                         started: Instant::now(),
                         pool,
                         leased,
@@ -170,8 +190,9 @@ impl Foreman<'_> {
                     handler => self.workers.threads.submit(Job { task, handler }),
                 }
             }
-            // Buried rows were progress: the rows behind them get their turn now, not at a tick.
-            if started < free && popped.dead.is_empty() {
+            // Buried or paused rows were progress: the rows behind them get their turn now, not
+            // at a tick.
+            if started < free && popped.dead.is_empty() && popped.paused == 0 {
                 return; // Nothing more is due, or what is due must wait.
             }
         }
@@ -233,10 +254,13 @@ impl Foreman<'_> {
     }
 
     pub(super) fn schedules_due(&mut self) {
-        let running = &self.attempts.running;
-        let refused = self
-            .schedules
-            .fire_due(&mut self.store, unix_now(), |id| running.contains_key(&id));
+        let (running, control) = (&self.attempts.running, &self.control);
+        let refused = self.schedules.fire_due(
+            &mut self.store,
+            unix_now(),
+            |id| running.contains_key(&id),
+            |name| control.is_paused(name),
+        );
         for (name, e) in refused {
             self.db_error(&format!("schedule {name}"), &e);
         }
@@ -250,12 +274,18 @@ impl Foreman<'_> {
             task,
             outcome,
             elapsed,
+            result,
+            exit_code,
         } = done;
         let now = unix_now();
         let ok = matches!(outcome, Outcome::Done { .. });
-        self.figures
-            .tally
-            .add(&task.name, ok, now, elapsed.as_secs_f64(), waited);
+        let aborted = !ok && task.cancelled();
+        // An aborted attempt is the operator's doing, not the task's: it is no failure to count.
+        if !aborted {
+            self.figures
+                .tally
+                .add(&task.name, ok, now, elapsed.as_secs_f64(), waited);
+        }
         let (state, reason) = match outcome {
             Outcome::Done { eventful } => {
                 log::debug!("task {} {} done in {elapsed:?}", task.id, task.name);
@@ -268,6 +298,29 @@ impl Foreman<'_> {
                     error: None,
                     next: Next::Finished,
                     leased,
+                    result,
+                    exit_code,
+                });
+                return;
+            }
+            // Stopped by `foreman cancel` (or it gave up when it saw the flag): never retried.
+            Outcome::Failed(reason) | Outcome::Timeout(reason) if aborted => {
+                log::info!(
+                    "task {} {} cancelled after {elapsed:?} (attempt {}): {}",
+                    task.id,
+                    task.name,
+                    task.attempt,
+                    headline(&reason).unwrap_or(NO_REASON)
+                );
+                self.attempts.ended.push(Ending {
+                    task,
+                    state: RunState::Cancelled,
+                    finished_at: now,
+                    error: Some(format!("aborted (foreman cancel): {reason}")),
+                    next: Next::Finished,
+                    leased,
+                    result: None,
+                    exit_code,
                 });
                 return;
             }
@@ -296,12 +349,15 @@ impl Foreman<'_> {
             error: Some(reason),
             next,
             leased,
+            result: None,
+            exit_code,
         });
     }
 
     /// The task is no longer running (finished, or buried before it started); returns whether it
     /// ran under a lease, and how long it waited to start.
     pub(super) fn forget(&mut self, task_id: i64) -> (bool, f64) {
+        self.forget_kill(task_id);
         let Some(running) = self.attempts.running.remove(&task_id) else {
             return (false, 0.0);
         };
@@ -359,6 +415,8 @@ impl Foreman<'_> {
                 error: Some(reason.clone()),
                 next: Next::Bury(reason),
                 leased,
+                result: None,
+                exit_code: None,
             });
         }
     }

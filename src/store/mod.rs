@@ -9,7 +9,6 @@
 //! dynamic call per row. A generic `Foreman<S: Store>` would avoid the branch but compile the loop
 //! once per backend, and the binary's code pages are most of the daemon's memory.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::database::Database;
@@ -202,10 +201,16 @@ impl Store {
 
     // ---- New tasks and schedules ----
 
-    /// Inserts one task; the caller has checked that `args` is a JSON array and `kwargs` an
-    /// object.
-    pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<i64> {
+    /// Inserts one task, unless its unique key is held by a queued or running task (then that
+    /// task's id is returned, not created); the caller has checked that `args` is a JSON array
+    /// and `kwargs` an object.
+    pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<Enqueued> {
         each!(self, s => s.enqueue_task(task))
+    }
+
+    /// `enqueue_task` for each task, in one transaction: all of them or none.
+    pub fn enqueue_many(&mut self, tasks: &[NewTask<'_>]) -> Result<Vec<Enqueued>> {
+        each!(self, s => s.enqueue_many(tasks))
     }
 
     /// Whether the task is still queued (not popped yet, or waiting for a retry).
@@ -229,7 +234,7 @@ impl Store {
         name: &str,
         task: &NewTask<'_>,
         state: &mut ScheduleState,
-    ) -> Result<i64> {
+    ) -> Result<Enqueued> {
         each!(self, s => s.fire_schedule(name, task, state))
     }
 
@@ -292,9 +297,52 @@ impl Store {
         each!(self, s => s.task_progress(id))
     }
 
-    /// Cancels a queued task that has not started.
-    pub fn cancel(&mut self, id: i64) -> Result<CancelOutcome> {
-        each!(self, s => s.cancel(id))
+    /// Cancels a queued task that has not started, or marks a running one's attempt for abort,
+    /// with `grace` seconds between SIGTERM and SIGKILL.
+    pub fn cancel(&mut self, id: i64, grace: f64) -> Result<CancelOutcome> {
+        each!(self, s => s.cancel(id, grace))
+    }
+
+    /// Queues finished tasks again as new tasks (origin `retry of ID`).
+    pub fn retry(&mut self, ids: &[i64]) -> Result<Vec<Retried>> {
+        each!(self, s => s.retry(ids))
+    }
+
+    /// Tasks as `foreman list` shows them: a page in id order, after `q.after`.
+    pub fn list(&self, q: &ListQuery<'_>) -> Result<Vec<ListedTask>> {
+        each!(self, s => s.list(q))
+    }
+
+    /// How many tasks `q` matches (it walks them all: only when asked).
+    pub fn count(&self, q: &ListQuery<'_>) -> Result<i64> {
+        each!(self, s => s.count(q))
+    }
+
+    /// One task's row, attempts and dead letter, for `foreman show`.
+    pub fn task_story(&self, id: i64, now: f64) -> Result<Option<TaskStory>> {
+        each!(self, s => s.task_story(id, now))
+    }
+
+    // ---- Control: pauses and aborts ----
+
+    /// The paused names and the aborts asked of running attempts.
+    pub fn control(&self) -> Result<Control> {
+        each!(self, s => s.control())
+    }
+
+    /// Pauses a task name (every task: `None`); false when it already was.
+    pub fn pause(&mut self, name: Option<&str>, now: f64) -> Result<bool> {
+        each!(self, s => s.pause(name, now))
+    }
+
+    /// Resumes a task name (`None`: every pause); returns how many pauses it lifted.
+    pub fn resume(&mut self, name: Option<&str>) -> Result<usize> {
+        each!(self, s => s.resume(name))
+    }
+
+    /// Puts back up to `batch` rows a pause set aside whose name is no longer paused.
+    pub fn unpause_rows(&mut self, batch: usize) -> Result<usize> {
+        each!(self, s => s.unpause_rows(batch))
     }
 
     /// Dead letters, newest first, with how many there are in all.
@@ -322,19 +370,10 @@ impl Store {
 
     // ---- The dashboard's reads (`foreman ui`) ----
 
-    /// A page of tasks, newest first, each in its current state (queued, or its latest attempt).
-    pub fn task_page(&self, filter: &TaskFilter<'_>) -> Result<Page<TaskRow>> {
-        each!(self, s => s.task_page(filter))
-    }
-
-    /// How many tasks `filter` matches, up to `cap` or the end of its search window.
-    pub fn count_tasks(&self, filter: &TaskFilter<'_>, cap: usize) -> Result<CappedCount> {
-        each!(self, s => s.count_tasks(filter, cap))
-    }
-
-    /// Everything the database holds about one task id.
-    pub fn task_record(&self, id: i64) -> Result<Option<TaskRecord>> {
-        each!(self, s => s.task_record(id))
+    /// How many tasks `q` matches, counting no further than `cap` in each of its sources
+    /// (`more`: at least that many); its `after` and `limit` are ignored.
+    pub fn count_up_to(&self, q: &ListQuery<'_>, cap: usize) -> Result<CappedCount> {
+        each!(self, s => s.count_up_to(q, cap))
     }
 
     /// A page of dead letters, newest first, below `before`, looking at at most `window` rows.
@@ -376,10 +415,5 @@ impl Store {
     /// A watch that tells a reader (`wait`) when another process may have committed.
     pub fn watch(&self) -> DbWatch {
         each!(self, s => DbWatch::new(s.path()))
-    }
-
-    /// Where the database is, for messages.
-    pub fn path(&self) -> &Path {
-        each!(self, s => s.path())
     }
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::Shared;
 use super::http::{Reply, Request};
-use crate::commands::cancel::describe;
+use crate::commands::cancel::{DEFAULT_GRACE, describe};
 use crate::commands::dead::{describe_requeued, requeue};
 use crate::commands::enqueue::{checked, enqueue};
 use crate::error::{Error, Result};
@@ -35,7 +35,7 @@ pub fn handle(
         format!("{who} (ui)")
     };
     let doc = match path {
-        "/api/tasks/cancel" => cancel(store, &ids(&body)?, &by)?,
+        "/api/tasks/cancel" => cancel(shared, store, &ids(&body)?, &by)?,
         "/api/dead/requeue" => {
             let ids = ids(&body)?;
             let outcomes = requeue(&shared.config, store, DeadSelection::Ids(&ids), Some(&by))?;
@@ -90,7 +90,11 @@ pub fn handle(
             if !(-100..=100).contains(&priority) {
                 return Err(Error::Config("priority: from -100 to 100".to_owned()));
             }
-            let id = enqueue(
+            let unique_key = body
+                .get("unique_key")
+                .and_then(Value::as_str)
+                .filter(|k| !k.is_empty());
+            let enqueued = enqueue(
                 &shared.config,
                 store,
                 &NewTask {
@@ -100,25 +104,46 @@ pub fn handle(
                     delay,
                     priority,
                     origin: Some(&by),
+                    unique_key,
                 },
             )?;
-            let line = format!("enqueued task {id} ({name})");
+            let id = enqueued.id;
+            let line = if enqueued.created {
+                format!("enqueued task {id} ({name})")
+            } else {
+                format!("not enqueued: task {id} holds its unique key")
+            };
             log::info!("dashboard: {by}: {line}");
-            json!({"done": 1, "asked": 1, "lines": [line], "task_id": id})
+            json!({"done": usize::from(enqueued.created), "asked": 1, "lines": [line], "task_id": id})
         }
         _ => return Ok(Reply::error(404, &format!("no action {path}"))),
     };
     Ok(Reply::ok(&doc))
 }
 
-/// Cancels each id in its own transaction, as `foreman cancel` does.
-fn cancel(store: &mut Store, ids: &[i64], by: &str) -> Result<Value> {
+/// Cancels each id in its own transaction, as `foreman cancel` does: a queued task is deleted
+/// before it starts, a running one's attempt is marked for abort and the daemons are woken to
+/// stop it (the page does not wait for it; its state shows when it ends).
+fn cancel(shared: &Shared, store: &mut Store, ids: &[i64], by: &str) -> Result<Value> {
+    let grace =
+        crate::duration::parse_duration(DEFAULT_GRACE).map_or(5.0, |grace| grace.as_secs_f64());
     let mut lines = Vec::new();
     let mut done = 0;
+    let mut aborts = 0;
     for &id in ids {
-        let outcome = store.cancel(id)?;
-        done += usize::from(matches!(outcome, CancelOutcome::Cancelled { .. }));
+        let outcome = store.cancel(id, grace)?;
+        done += usize::from(matches!(
+            outcome,
+            CancelOutcome::Cancelled { .. } | CancelOutcome::Aborting { .. }
+        ));
+        aborts += usize::from(matches!(outcome, CancelOutcome::Aborting { .. }));
         lines.push(describe(id, &outcome));
+    }
+    if aborts > 0 {
+        crate::wake::poke_control(
+            &shared.config,
+            &format!("abort of {aborts} running task(s) requested"),
+        );
     }
     Ok(summary(by, "cancel", ids.len(), done, lines.into_iter()))
 }

@@ -9,15 +9,17 @@ use serde_json::{Value, json};
 
 use super::Shared;
 use super::http::{Reply, Request};
-use crate::commands::dead::{dead_json, stored_json};
+use crate::commands::dead::dead_json;
 use crate::commands::format::{one_line, rounded};
+use crate::commands::list::task_json;
+use crate::commands::show::story_json;
 use crate::commands::stats::Stats;
 use crate::commands::status::Status;
 use crate::config::Config;
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
 use crate::outcome::headline;
-use crate::store::{CappedCount, DeadFilter, Store, TaskFilter, TaskRecord, TaskRow};
+use crate::store::{CappedCount, DeadFilter, ListQuery, Store};
 
 /// Rows per page, unless `limit` asks for another number (at most `MAX_LIMIT`).
 const PAGE_ROWS: usize = 50;
@@ -34,10 +36,12 @@ const GROUP_NAMES: usize = 10;
 /// A failure's text is cut to this many characters in listings (the detail page has it whole).
 const LINE_CHARS: usize = 300;
 
-/// The states the Tasks page filters by, and the groups that stand for several.
-const STATES: [&str; 10] = [
+/// The states `foreman list --state` takes, for the page's menu.
+const LIST_STATES: [&str; 12] = [
+    "queued",
     "due",
     "later",
+    "paused",
     "leased",
     "running",
     "done",
@@ -47,11 +51,27 @@ const STATES: [&str; 10] = [
     "cancelled",
     "dead",
 ];
+
+/// What the Tasks page's `state` groups stand for; any other value is passed to `list` as it is
+/// (a state, or a comma-separated list). Without `state`, `list`'s default: the live tasks.
 const GROUPS: [(&str, &[&str]); 2] = [
-    ("queued", &["due", "later", "leased"]),
     (
         "history",
         &["done", "failed", "timeout", "lost", "cancelled", "dead"],
+    ),
+    (
+        "all",
+        &[
+            "queued",
+            "leased",
+            "running",
+            "done",
+            "failed",
+            "timeout",
+            "lost",
+            "cancelled",
+            "dead",
+        ],
     ),
 ];
 
@@ -135,34 +155,8 @@ fn stats(config: &Config, store: &Store, request: &Request) -> Result<Value> {
     Ok(doc)
 }
 
-/// The Tasks page's filter, from the query string: `state` (a state, `queued`, `history`, or a
-/// comma-separated list), `name`, `q` (text in args, kwargs or error), `before` and `limit`.
-fn task_filter(owned: &TaskParams) -> Result<TaskFilter<'_>> {
-    let mut states = Vec::new();
-    for wanted in owned.states.split(',').filter(|s| !s.is_empty()) {
-        if let Some((_, members)) = GROUPS.iter().find(|(group, _)| *group == wanted) {
-            states.extend_from_slice(members);
-        } else if let Some(state) = STATES.iter().find(|s| **s == wanted) {
-            states.push(*state);
-        } else {
-            return Err(Error::Config(format!(
-                "state {wanted:?}: one of queued, history, {}",
-                STATES.join(", ")
-            )));
-        }
-    }
-    Ok(TaskFilter {
-        states,
-        task: owned.name.as_deref(),
-        search: owned.search.as_deref(),
-        before: owned.before,
-        limit: owned.limit,
-        window: SEARCH_WINDOW,
-        now: crate::clock::unix_now(),
-    })
-}
-
-/// The query string's values a filter borrows from.
+/// The query string's values a filter borrows from: `state`, `name`, `q` (text in the args,
+/// kwargs or error), `before` (keyset: ids below it) and `limit`.
 struct TaskParams {
     states: String,
     name: Option<String>,
@@ -193,142 +187,113 @@ impl TaskParams {
             limit,
         })
     }
+
+    /// `foreman list`'s query for these values, newest first.
+    fn query(&self) -> ListQuery<'_> {
+        let mut states = Vec::new();
+        for wanted in self.states.split(',').filter(|s| !s.is_empty()) {
+            match GROUPS.iter().find(|(group, _)| *group == wanted) {
+                Some((_, members)) => states.extend_from_slice(members),
+                None => states.push(wanted),
+            }
+        }
+        ListQuery {
+            states,
+            task: self.name.as_deref(),
+            priority: None,
+            search: self.search.as_deref(),
+            newest_first: true,
+            after: self.before,
+            limit: self.limit,
+            now: crate::clock::unix_now(),
+        }
+    }
 }
 
+/// The Tasks page: `foreman list`'s tasks (its `--json` elements, with the error's line), the next
+/// page's cursor, and on the first page a count that stops at `COUNT_CAP`.
 fn tasks(store: &Store, request: &Request) -> Result<Value> {
     let params = TaskParams::read(request)?;
-    let filter = task_filter(&params)?;
-    let (page, count) = store.snapshot(|q| {
-        let page = q.task_page(&filter)?;
-        // Counted on the first page only: further pages keep the count the first one showed.
-        let count = if filter.before.is_none() {
-            Some(q.count_tasks(&filter, COUNT_CAP)?)
-        } else {
-            None
-        };
-        Ok((page, count))
-    })?;
+    let query = params.query();
+    let rows = store.list(&query)?;
+    // Counted on the first page only: further pages keep the count the first one showed.
+    let count = if query.after.is_none() {
+        Some(store.count_up_to(&query, COUNT_CAP)?)
+    } else {
+        None
+    };
+    let next_before = (rows.len() >= params.limit)
+        .then(|| rows.last().map(|t| t.id))
+        .flatten();
     Ok(json!({
         "filter": {"state": params.states, "name": params.name, "q": params.search,
                    "before": params.before, "limit": params.limit},
-        "states": STATES,
-        "tasks": page.rows.iter().map(task_row).collect::<Vec<_>>(),
-        "next_before": page.next_before,
-        "searched_to": page.searched_to,
+        "states": LIST_STATES,
+        "tasks": rows.iter().map(|t| {
+            let mut doc = task_json(t);
+            doc["error_line"] = t.error.as_deref().and_then(headline).map(|h| one_line(h, LINE_CHARS)).into();
+            doc
+        }).collect::<Vec<_>>(),
+        "next_before": next_before,
         "count": count.map(count_json),
     }))
 }
 
-/// The ids of the queued tasks (due or later: those `cancel` can take) the filter matches,
-/// oldest first, at most `COUNT_CAP`: the frozen set a bulk cancel applies to.
+/// The ids of the queued tasks (due, later or paused: those `cancel` deletes before they start)
+/// the filter matches, oldest first, at most `COUNT_CAP`: the frozen set a bulk cancel applies to.
 fn task_ids(store: &Store, request: &Request) -> Result<Value> {
     let mut params = TaskParams::read(request)?;
-    let mut filter_states: Vec<String> = Vec::new();
-    let wanted: Vec<String> = task_filter(&params)?
-        .states
-        .iter()
-        .map(|s| (*s).to_owned())
+    let asked = params.query().states.join(",");
+    let queued: Vec<&str> = ["due", "later", "paused"]
+        .into_iter()
+        .filter(|s| {
+            asked.is_empty()
+                || asked
+                    .split(',')
+                    .any(|a| a == *s || a == "queued" || a == "all")
+        })
         .collect();
-    for state in ["due", "later"] {
-        if wanted.is_empty() || wanted.iter().any(|w| w == state) {
-            filter_states.push(state.to_owned());
-        }
-    }
-    params.states = filter_states.join(",");
-    if params.states.is_empty() {
+    if queued.is_empty() {
         return Ok(json!({"ids": [], "more": false}));
     }
+    params.states = queued.join(",");
     params.before = None;
     params.limit = COUNT_CAP + 1;
-    let mut filter = task_filter(&params)?;
-    filter.window = usize::MAX >> 1;
-    let page = store.snapshot(|q| q.task_page(&filter))?;
-    let mut ids: Vec<i64> = page.rows.iter().map(|r| r.id).collect();
+    let mut query = params.query();
+    query.newest_first = false;
+    let mut ids: Vec<i64> = store.list(&query)?.iter().map(|t| t.id).collect();
     let more = ids.len() > COUNT_CAP;
     ids.truncate(COUNT_CAP);
-    ids.sort_unstable();
     Ok(json!({"ids": ids, "more": more}))
-}
-
-fn task_row(row: &TaskRow) -> Value {
-    json!({
-        "id": row.id,
-        "task_name": row.task_name,
-        "state": row.state,
-        "attempt": row.attempt,
-        "priority": row.priority,
-        "created_at": row.created_at,
-        "run_after": row.run_after,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-        "error": row.error.as_deref().and_then(headline).map(|h| one_line(h, LINE_CHARS)),
-        "origin": row.origin,
-    })
 }
 
 fn count_json(count: CappedCount) -> Value {
     json!({"count": count.count, "more": count.more})
 }
 
-/// One task's page: its state as `wait` sees it, its queued row, args and kwargs, every attempt,
-/// its dead letters and where it came from.
+/// One task's page: `foreman show --json`'s document (its state, args and kwargs, origin, every
+/// attempt with its daemon, exit code, error and result, its dead letter), with what the page
+/// may do with it.
 fn task(store: &Store, id: i64) -> Result<Option<Value>> {
-    // Each in a read transaction of its own (`wait`'s reading is one already): the state may
-    // be a moment newer than the rows, never older.
-    let Some(record) = store.task_record(id)? else {
+    let Some(told) = store.task_story(id, crate::clock::unix_now())? else {
         return Ok(None);
     };
-    let progress = store.task_progress(id)?;
-    let TaskRecord {
-        queued,
-        attempts,
-        dead,
-        ..
-    } = &record;
-    let name = queued
-        .as_ref()
-        .map(|q| q.task_name.clone())
-        .or_else(|| attempts.last().map(|a| a.task_name.clone()))
-        .or_else(|| dead.last().and_then(|d| d.task_name.clone()));
-    let origin = queued
-        .as_ref()
-        .and_then(|q| q.origin.clone())
-        .or_else(|| dead.last().and_then(|d| d.origin.clone()));
-    let (args, kwargs) = match (queued, dead.last()) {
-        (Some(q), _) => (q.args.clone(), q.kwargs.clone()),
-        (None, Some(d)) => (d.args.clone(), d.kwargs.clone()),
-        (None, None) => (None, None),
-    };
-    let cancellable = queued.as_ref().is_some_and(|q| q.leased_at.is_none());
-    Ok(Some(json!({
-        "id": id,
-        "task_name": name,
-        "state": progress.as_ref().map(|p| p.state.clone()),
-        "is_final": progress.as_ref().map(|p| p.is_final),
-        "origin": origin,
-        "args": stored_json(args.as_deref()),
-        "kwargs": stored_json(kwargs.as_deref()),
-        "queued": queued.as_ref().map(|q| json!({
-            "created_at": q.created_at,
-            "run_after": q.run_after,
-            "priority": q.priority,
-            "attempt": q.attempt,
-            "leased_at": q.leased_at,
-        })),
-        "attempts": attempts.iter().map(|a| json!({
-            "attempt": a.attempt,
-            "state": a.state,
-            "enqueued_at": a.enqueued_at,
-            "started_at": a.started_at,
-            "finished_at": a.finished_at,
-            "wait_seconds": a.enqueued_at.zip(a.started_at).map(|(e, s)| rounded((s - e).max(0.0))),
-            "wall_seconds": a.started_at.zip(a.finished_at).map(|(s, f)| rounded((f - s).max(0.0))),
-            "error": a.error,
-            "retry_at": a.retry_at,
-        })).collect::<Vec<_>>(),
-        "dead": dead.iter().map(dead_json).collect::<Vec<_>>(),
-        "cancellable": cancellable,
-    })))
+    let mut doc = story_json(&told);
+    let queued_state = told.queued.as_ref().map(|q| q.state.as_str());
+    doc["cancellable"] = matches!(queued_state, Some("due" | "later" | "paused")).into();
+    doc["abortable"] = told
+        .attempts
+        .last()
+        .is_some_and(|a| a.state == "running" && a.abort_requested_at.is_none())
+        .into();
+    if let Some(dead) = &told.dead {
+        let mut letter = dead_json(dead);
+        letter["headline"] = headline(&dead.reason)
+            .map(|h| one_line(h, LINE_CHARS))
+            .into();
+        doc["dead_letter"] = letter;
+    }
+    Ok(Some(doc))
 }
 
 /// The dead letters' filter and page from the query string: `name`, `q`, `before`, `limit`.

@@ -47,6 +47,14 @@ impl Wakeups {
         }
     }
 
+    /// Whether a producer said, since the last call, that the operator changed what the daemons
+    /// must do (a pause, a resume, an abort): the loop then reads its control state again.
+    pub fn take_control(&mut self) -> bool {
+        match self {
+            Wakeups::Dir(dir) => dir.take_control(),
+        }
+    }
+
     /// The fallback tick's look at the source, which also repairs it (a wakeup dir that was
     /// removed is made and watched again). Returns whether a producer may have signalled without
     /// a wake reaching the loop.
@@ -68,11 +76,35 @@ impl Wakeups {
 /// daemon. The rows are committed already: a failed wake only delays them until the daemon's next
 /// tick, so it is a warning. `done` says what was committed.
 pub fn poke(config: &Config, done: &str) {
-    let Some(path) = &config.wakeup_dir else {
+    touch(config, done, &format!("cli-{}", std::process::id()));
+}
+
+/// What `foreman pause`, `resume` and `cancel` do after their commit: wake the daemons and tell
+/// them to read their control state (paused names, aborts) again. Without it they see the change
+/// at their next tick.
+pub fn poke_control(config: &Config, done: &str) {
+    touch(
+        config,
+        done,
+        &format!("{}{}", dir::CONTROL_PREFIX, std::process::id()),
+    );
+}
+
+/// `poke` for a producer that knows the wakeup dir but has no `Config` (`Client`).
+pub fn poke_dir(dir: Option<&std::path::Path>, done: &str) {
+    touch_dir(dir, done, &format!("cli-{}", std::process::id()));
+}
+
+fn touch(config: &Config, done: &str, name: &str) {
+    touch_dir(config.wakeup_dir.as_deref(), done, name);
+}
+
+fn touch_dir(dir: Option<&std::path::Path>, done: &str, name: &str) {
+    let Some(path) = dir else {
         return;
     };
     let wakeup = WakeupDir::at(path);
-    if let Err(e) = wakeup.touch(&format!("cli-{}", std::process::id())) {
+    if let Err(e) = wakeup.touch(name) {
         log::warn!(
             "{done}, but touching {} failed ({e}); the daemon sees it at its next tick",
             wakeup.path().display()

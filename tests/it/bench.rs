@@ -20,7 +20,8 @@ fn bench(tmp: &Path, path: &str, args: &[&str]) -> Output {
         .expect("run foreman bench")
 }
 
-/// The JSON lines of a `--json` run, after checking that it exited 0.
+/// The scenarios' JSON lines of a `--json` run, after checking that it exited 0 and that its
+/// first line says what the machine allows.
 fn json_lines(out: &Output) -> Vec<serde_json::Value> {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -29,9 +30,26 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
         out.status,
         stderr(out)
     );
-    text.lines()
+    let mut lines: Vec<serde_json::Value> = text
+        .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect()
+        .collect();
+    assert!(!lines.is_empty(), "no output");
+    let machine = lines.remove(0);
+    let machine = &machine["machine"];
+    for key in ["thread_wake_us", "inotify_wake_us"] {
+        for quantile in ["p50", "p99"] {
+            let value = machine[key][quantile].as_f64();
+            assert!(
+                value.is_some_and(|v| v.is_finite() && v >= 0.0),
+                "{machine}"
+            );
+        }
+    }
+    for key in ["pop_limit_4_rows_per_s", "pop_limit_256_rows_per_s"] {
+        assert!(machine[key].as_f64().is_some_and(|v| v > 0.0), "{machine}");
+    }
+    lines
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {
@@ -66,7 +84,8 @@ fn quick_bench_runs_every_scenario_correctly_and_cleans_up() {
             "rss",
             "startup",
             "depth",
-            "delay"
+            "delay",
+            "list"
         ]
     );
     for line in &lines {

@@ -1,5 +1,6 @@
 //! One integration-test crate (it builds once). Every test runs the real `foreman` binary on a temp
-//! dir with a real SQLite file, inotify, signals and child processes.
+//! dir with a real SQLite file, inotify, signals and child processes; the PostgreSQL tests on a
+//! throwaway cluster of their own (`pg`).
 
 mod admin;
 mod bad_input;
@@ -9,6 +10,7 @@ mod browser;
 mod cli;
 mod cli_reference;
 mod commands;
+mod control;
 mod crash;
 mod drain;
 mod environment;
@@ -20,6 +22,7 @@ mod library;
 mod load;
 mod monitoring;
 mod ops;
+mod pg;
 mod pools;
 mod publish;
 mod schedules;

@@ -312,7 +312,8 @@ fn the_api_gives_the_clis_answers_while_the_daemon_is_down() {
         ui.get_json(api);
     }
     let task = ui.get_json("/api/tasks/2");
-    assert_eq!(task["state"], "delayed");
+    let show: Value = serde_json::from_str(&env.ok(&["show", "2", "--json"])).unwrap();
+    assert_eq!(task["state"], show["state"], "foreman show's answer");
     assert_eq!(task["args"], json!([2]));
     assert_eq!(task["cancellable"], true);
     assert_eq!(ui.get("/api/tasks/99").status, 404);
@@ -608,33 +609,9 @@ fn tasks_page_by_keyset_over_100_000_rows_and_counts_stop_at_a_cap() {
         "every id once, newest first ({} seen)",
         seen.len()
     );
-    // A narrow filter searches a bounded window per request and says how far it got.
-    let mut path = "/api/tasks?name=rare".to_owned();
-    let mut found = Vec::new();
-    let mut requests = 0;
-    loop {
-        requests += 1;
-        let page = ui.get_json(&path);
-        found.extend(
-            page["tasks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t["id"].as_i64().unwrap()),
-        );
-        if requests == 1 {
-            assert_eq!(
-                page["count"]["more"], true,
-                "counted within its window only"
-            );
-        }
-        match page["next_before"].as_i64() {
-            Some(before) => path = format!("/api/tasks?name=rare&before={before}"),
-            None => break,
-        }
-    }
-    assert_eq!(found, [7]);
-    assert!(requests > 1, "the search went on in windows");
+    let rare = ui.get_json("/api/tasks?name=rare");
+    assert_eq!(rare["tasks"][0]["id"], 7);
+    assert_eq!(rare["count"], json!({"count": 1, "more": false}));
     let search = ui.get_json("/api/tasks?q=%5B99999%5D");
     assert_eq!(search["tasks"][0]["id"], 99_999);
 }

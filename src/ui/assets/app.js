@@ -426,7 +426,7 @@
   function renderTasks(doc) {
     const f = doc.filter;
     const stateSelect = h('select', { name: 'state' },
-      [['', 'every state'], ['queued', 'queued (due, later, leased)'], ['history', 'history (ended)']]
+      [['', 'live (queued, leased, running)'], ['all', 'every state'], ['history', 'history (ended)']]
         .concat(doc.states.map((s) => [s, s]))
         .map(([value, label]) => h('option', { value, selected: value === (f.state || '') }, label)));
     const form = filterForm('/tasks', [
@@ -434,10 +434,10 @@
       ['State', stateSelect],
       ['Text in args, kwargs or error', h('input', { name: 'q', value: f.q || '', placeholder: 'e.g. "a@example.com"', size: 28 })],
     ]);
-    const cancellable = (t) => t.state === 'due' || t.state === 'later';
+    const cancellable = (t) => ['due', 'later', 'paused', 'running'].includes(t.state);
     const bulk = h('div', { class: 'bar' });
     const updateBulk = () => {
-      fill(bulk, 
+      fill(bulk,
         readOnly ? null : h('button', { id: 'cancel-selected', disabled: selected.size === 0, onclick: () => cancelTasks([...selected]) }, `Cancel selected (${selected.size})`),
         readOnly ? null : h('button', { id: 'cancel-matching', onclick: cancelMatching }, 'Cancel every queued task matching the filter…'),
         selected.size ? h('span', { class: 'muted small' }, 'Live updates are paused while rows are selected.') : null);
@@ -450,17 +450,18 @@
       h('td', { class: 'name' }, t.task_name),
       h('td', {}, state(t.state)),
       h('td', { class: 'num' }, t.attempt),
-      h('td', {}, t.finished_at ? ago(t.finished_at) : t.started_at ? ['started ', ago(t.started_at)] : t.run_after && t.state === 'later' ? until(t.run_after) : ago(t.created_at)),
-      h('td', { class: 'err' }, t.error || '')));
+      h('td', {}, t.finished_at ? ago(t.finished_at) : t.started_at ? ['started ', ago(t.started_at)] : t.run_after && t.state === 'later' ? until(t.run_after) : ago(t.enqueued_at)),
+      h('td', { class: 'name small' }, t.origin || ''),
+      h('td', { class: 'err' }, t.error_line || '')));
     setPage(h('h1', {}, 'Tasks'), form, countLine(doc.count, 'tasks match'), bulk,
-      table(['', '#', 'NAME', 'STATE', 'ATTEMPT', 'WHEN', 'ERROR'], rows, 'No task matches.'),
+      table(['', '#', 'NAME', 'STATE', 'ATTEMPT', 'WHEN', 'ORIGIN', 'ERROR'], rows, 'No task matches.'),
       pager('/tasks', doc, 'task'));
   }
 
   function cancelTasks(ids) {
     confirmAction({
       title: `Cancel ${number(ids.length)} queued task${ids.length === 1 ? '' : 's'}?`,
-      lines: [`Exactly these: ${idsText(ids)}. A task that started meanwhile runs to its end and is reported.`],
+      lines: [`Exactly these: ${idsText(ids)}. A queued one is deleted before it starts; a running one is aborted (SIGTERM, then SIGKILL after 5s) by the daemon running it.`],
       button: `Cancel ${number(ids.length)}`,
       danger: true,
       cli: 'foreman cancel ' + idsText(ids),
@@ -505,33 +506,36 @@
     const q = doc.queued;
     const facts = h('dl', { class: 'facts' },
       h('dt', {}, 'Task name'), h('dd', { id: 'task-name' }, doc.task_name ?? '(none)'),
-      h('dt', {}, 'State'), h('dd', {}, state(doc.state), doc.is_final ? ' (final)' : doc.state ? ' (not final yet)' : ''),
-      h('dt', {}, 'Came from'), h('dd', { id: 'origin' }, doc.origin ?? (q || doc.dead.length ? 'a producer (no origin recorded)' : 'not recorded once a task has left the queue')),
-      q ? [h('dt', {}, 'Enqueued'), h('dd', {}, ago(q.created_at)),
-        h('dt', {}, 'Due'), h('dd', {}, until(q.run_after)),
-        h('dt', {}, 'Priority'), h('dd', {}, q.priority),
-        h('dt', {}, 'Attempt'), h('dd', {}, q.attempt),
-        q.leased_at ? [h('dt', {}, 'Leased'), h('dd', {}, ago(q.leased_at))] : null] : null);
+      h('dt', {}, 'State'), h('dd', {}, state(doc.state), doc.paused_since ? [' since ', ago(doc.paused_since)] : ''),
+      h('dt', {}, 'Came from'), h('dd', { id: 'origin' }, doc.origin ?? 'a producer (no origin recorded)'),
+      h('dt', {}, 'Enqueued'), h('dd', {}, ago(doc.enqueued_at)),
+      h('dt', {}, 'Priority'), h('dd', {}, doc.priority ?? 0),
+      doc.unique_key ? [h('dt', {}, 'Unique key'), h('dd', {}, doc.unique_key)] : null,
+      q ? [h('dt', {}, 'Due'), h('dd', {}, until(q.run_after)), h('dt', {}, 'Next attempt'), h('dd', {}, q.attempt)] : null);
     const actions = h('div', { class: 'bar' },
-      doc.cancellable && !readOnly ? h('button', { class: 'danger', id: 'cancel', onclick: () => cancelTasks([doc.id]) }, 'Cancel this task…') : null,
-      h('span', { class: 'muted small' }, 'CLI: ', h('code', { class: 'cli' }, `foreman wait ${doc.id}`)));
-    const attempts = table(['ATTEMPT', 'STATE', 'ENQUEUED', 'STARTED', 'FINISHED', 'WAITED', 'RAN', 'RETRY AT', 'ERROR'],
+      doc.cancellable && !readOnly ? h('button', { class: 'danger', id: 'cancel', onclick: () => cancelTasks([doc.task_id]) }, 'Cancel this task…') : null,
+      doc.abortable && !readOnly ? h('button', { class: 'danger', id: 'abort', onclick: () => cancelTasks([doc.task_id]) }, 'Abort this task…') : null,
+      h('span', { class: 'muted small' }, 'CLI: ', h('code', { class: 'cli' }, `foreman show ${doc.task_id}`)));
+    const diff = (a, b) => (a != null && b != null ? Math.max(0, b - a) : null);
+    const attempts = table(['ATTEMPT', 'STATE', 'DAEMON', 'ENQUEUED', 'STARTED', 'FINISHED', 'WAITED', 'RAN', 'EXIT', 'RETRY AT', 'ERROR'],
       doc.attempts.map((a) => h('tr', {},
-        h('td', { class: 'num' }, a.attempt), h('td', {}, state(a.state)),
+        h('td', { class: 'num' }, a.attempt), h('td', {}, state(a.state), a.abort_requested_at ? h('div', { class: 'small muted' }, 'abort asked ', ago(a.abort_requested_at)) : null),
+        h('td', { class: 'small' }, a.daemon ?? '–'),
         h('td', {}, a.enqueued_at ? ago(a.enqueued_at) : '–'), h('td', {}, a.started_at ? ago(a.started_at) : '–'),
         h('td', {}, a.finished_at ? ago(a.finished_at) : '–'),
-        h('td', {}, span(a.wait_seconds)), h('td', {}, span(a.wall_seconds)),
+        h('td', {}, span(diff(a.enqueued_at, a.started_at))), h('td', {}, span(diff(a.started_at, a.finished_at))),
+        h('td', { class: 'num' }, a.exit_code ?? ''),
         h('td', {}, a.retry_at ? until(a.retry_at) : ''),
         h('td', { class: 'err' }, a.error ? h('pre', {}, a.error) : ''))),
       'No attempt recorded (the history keeps 7 days by default).');
     setPage(
-      h('h1', {}, `Task #${doc.id} `, state(doc.state)),
+      h('h1', {}, `Task #${doc.task_id} `, state(doc.state)),
       h('div', { class: 'panel' }, facts), actions,
       h('h2', {}, 'Args'), h('pre', { id: 'args' }, JSON.stringify(doc.args, null, 2) ?? 'null'),
       h('h2', {}, 'Kwargs'), h('pre', { id: 'kwargs' }, JSON.stringify(doc.kwargs, null, 2) ?? 'null'),
-      doc.queued === null && doc.dead.length === 0 ? h('p', { class: 'muted small' }, 'Args and kwargs leave the database with the row when the task is popped.') : null,
+      doc.result !== null && doc.result !== undefined ? [h('h2', {}, 'Result'), h('pre', { id: 'result' }, JSON.stringify(doc.result, null, 2))] : null,
       h('h2', {}, 'Attempts'), attempts,
-      doc.dead.length ? [h('h2', {}, 'Dead letters'), deadTable(doc.dead, () => {})] : null);
+      doc.dead_letter ? [h('h2', {}, 'Dead letter'), deadTable([doc.dead_letter], () => {})] : null);
   }
 
   // ---- dead letters ----
