@@ -45,7 +45,8 @@ struct Browser {
     driver: Child,
     addr: String,
     session: String,
-    _profile: tempfile::TempDir,
+    /// The browser's own profile, removed when the test ends.
+    profile: tempfile::TempDir,
 }
 
 impl Browser {
@@ -76,15 +77,24 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .expect("start chromedriver");
-        let addr = format!("127.0.0.1:{port}");
+        // Owned at once, so that a failure from here on still ends the driver (and its browser).
+        let mut browser = Browser {
+            driver: child,
+            addr: format!("127.0.0.1:{port}"),
+            session: String::new(),
+            profile: tempfile::tempdir().unwrap(),
+        };
         let ready = wait_until(PATIENCE, || {
-            std::net::TcpStream::connect(&addr).is_ok()
-                && request(&addr, "GET", "/status", &[], None).json()["value"]["ready"] == true
+            std::net::TcpStream::connect(&browser.addr).is_ok()
+                && request(&browser.addr, "GET", "/status", &[], None).json()["value"]["ready"]
+                    == true
         });
         assert!(ready, "chromedriver did not get ready");
-        let profile = tempfile::tempdir().unwrap();
         let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| (*f).to_owned()).collect();
-        args.push(format!("--user-data-dir={}", profile.path().display()));
+        args.push(format!(
+            "--user-data-dir={}",
+            browser.profile.path().display()
+        ));
         // Debian's Chromium opens a start page on the network otherwise, and the first
         // navigation waits for it.
         args.push("--no-default-browser-check".to_owned());
@@ -94,12 +104,6 @@ impl Browser {
             "goog:chromeOptions": {"binary": chromium, "args": args},
             "goog:loggingPrefs": {"browser": "ALL"},
         }}});
-        let mut browser = Browser {
-            driver: child,
-            addr,
-            session: String::new(),
-            _profile: profile,
-        };
         let created = browser.call("POST", "/session", &capabilities);
         created["sessionId"]
             .as_str()
