@@ -113,7 +113,9 @@ fn an_idle_daemons_tick_stretches_no_further_than_the_heartbeat() {
     // Quiet for long enough that the tick has stretched as far as it goes (100 ms doubling to
     // the 1 s heartbeat takes under 2 s); its daemon log says when it wakes, never why.
     let quiet = std::time::Instant::now();
-    assert!(!wait_until(std::time::Duration::from_secs(3), || env.queued() > 0));
+    assert!(!wait_until(std::time::Duration::from_secs(3), || env
+        .queued()
+        > 0));
     let id = env.insert("record", "[]");
     let inserted = std::time::Instant::now();
     assert_eq!(env.wait_ran(1), vec![id]);
