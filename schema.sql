@@ -15,7 +15,8 @@
 --   2. After the transaction commits, create any file in the wakeup directory (default: the DB path
 --      plus ".wakeup"). The daemon wakes through inotify, deletes the file and pops the queue. Creating
 --      the file only when it is absent is enough; the daemon also checks the queue on a fallback tick
---      (1 s by default), so a lost or stale wakeup file delays a task, it never stalls the queue.
+--      (1 s by default; up to the heartbeat, 5 s, while it is idle), so a lost or stale wakeup
+--      file delays a task, it never stalls the queue.
 --   Use a busy timeout of a few seconds on the producer's connection: the daemon holds the write lock
 --   only for the few microseconds a pop takes. PRAGMA synchronous=NORMAL on that connection makes a
 --   commit skip its fsync (the database is in WAL mode): a power loss may then lose the last commits,

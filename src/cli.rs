@@ -8,7 +8,7 @@ use crate::commands::{
     self, DaemonArgs, Globals, bench::BenchArgs, cancel::CancelArgs, dead::DeadCommand,
     enqueue::EnqueueArgs, health::HealthArgs, init::InitArgs, list::ListArgs, metrics::MetricsArgs,
     pause::PauseArgs, reload::ReloadArgs, resume::ResumeArgs, retry::RetryArgs, show::ShowArgs,
-    stats::StatsArgs, status::StatusArgs, wait::WaitArgs,
+    stats::StatsArgs, status::StatusArgs, ui::UiArgs, wait::WaitArgs,
 };
 use crate::config::Config;
 use crate::error::Result;
@@ -58,6 +58,7 @@ pub enum Command {
     Stats(StatsArgs),
     Health(HealthArgs),
     Metrics(MetricsArgs),
+    Ui(UiArgs),
     /// Validate the configuration and print the effective result
     CheckConfig(DaemonArgs),
     Bench(BenchArgs),
@@ -95,6 +96,7 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
         Command::Stats(args) => commands::stats::run(globals, args),
         Command::Health(args) => commands::health::run(globals, args),
         Command::Metrics(args) => commands::metrics::run(globals, args),
+        Command::Ui(args) => commands::ui::run(globals, args),
         Command::CheckConfig(daemon) => commands::check_config::run(globals, daemon),
         Command::Bench(args) => commands::bench::run(globals, args, signals),
     }

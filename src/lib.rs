@@ -9,8 +9,8 @@
 //! # Layout
 //!
 //! Top-down, each layer using only the ones below it (ARCHITECTURE.md has the map):
-//! - the command line: `cli`, `commands` (one file per subcommand), `bench`; `client` (the Rust
-//!   producer API);
+//! - the command line: `cli`, `commands` (one file per subcommand), `bench`, `ui` (the web
+//!   dashboard `foreman ui` serves); `client` (the Rust producer API);
 //! - the daemon: `foreman` (the loop), `schedule`, `stats`, `notify`, `alert`, `wake`;
 //! - the workers: `registry`, `thread_pool`, `command`, `spawn`, `process_pool`, `children`,
 //!   `line_budget`, `outcome`;
@@ -50,6 +50,8 @@ pub mod store;
 mod sys;
 mod task;
 mod thread_pool;
+#[cfg(feature = "ui")]
+mod ui;
 pub mod wake;
 
 pub use client::{Client, TaskError, TaskSpec};

@@ -265,6 +265,50 @@ impl Schedules {
     }
 }
 
+/// Fires schedule `name` now, outside its timetable (the dashboard's "run now"): its task is
+/// enqueued the way a firing enqueues it, through `Store::fire_schedule`, with `origin` saying who
+/// asked; its stored state records the firing and keeps its next due time. Unlike a timed firing
+/// it does not skip when the previous task is still queued: someone asked for it. The caller
+/// wakes the daemon.
+#[cfg(feature = "ui")]
+pub fn run_now(
+    configs: &std::collections::BTreeMap<String, ScheduleConfig>,
+    store: &mut Store,
+    name: &str,
+    origin: &str,
+    now: f64,
+) -> Result<i64> {
+    let Some((name, config)) = configs.get_key_value(name) else {
+        return Err(Error::Config(format!(
+            "no schedule {name:?} in the configuration"
+        )));
+    };
+    // Loading one schedule stores its state first if it has none yet (the daemon never ran it).
+    let one = std::collections::BTreeMap::from([(name.clone(), config.clone())]);
+    let mut schedules = Schedules::load(&one, store, now)?;
+    let Some(entry) = schedules.entries.pop() else {
+        return Err(Error::Config(format!("no schedule {name:?}")));
+    };
+    let mut state = entry.state;
+    state.last_fired = Some(now);
+    let (args, kwargs) = (config.args.to_string(), config.kwargs.to_string());
+    let task = NewTask {
+        name: &config.task,
+        args: &args,
+        kwargs: &kwargs,
+        delay: 0.0,
+        priority: config.priority,
+        origin: Some(origin),
+        unique_key: None,
+    };
+    let id = store.fire_schedule(name, &task, &mut state)?.id;
+    log::info!(
+        "schedule {name}: enqueued task {id} {} ({origin})",
+        config.task
+    );
+    Ok(id)
+}
+
 impl Schedules {
     /// After the wall clock stepped back by `seconds`: an `every` or adaptive schedule's next due
     /// time was computed on the clock before the step, so it moves back as much (not before

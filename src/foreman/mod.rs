@@ -72,8 +72,6 @@ struct Channels {
     finished: Receiver<Finished>,
     pool_events: Receiver<PoolEvent>,
     wakes: Receiver<()>,
-    ticker: Receiver<Instant>,
-    beats: Receiver<Instant>,
 }
 
 /// A task handed to a worker (or waiting for one, prefetched) and not finished yet.
@@ -245,10 +243,10 @@ pub fn run(config: &Config, registry: Registry, shutdown: &Receiver<Shutdown>) -
         schedules,
         stop: Stop::default(),
         control: Control::default(),
-        look: QueueLook::default(),
+        look: QueueLook::new(config.tick),
         clock: ClockWatch::default(),
         pruning: Pruning::default(),
-        figures: Figures::default(),
+        figures: Figures::new(config.heartbeat),
         db_trouble: DbTrouble::default(),
     };
     let stamp = foreman.store.changes();
@@ -258,15 +256,11 @@ pub fn run(config: &Config, registry: Registry, shutdown: &Receiver<Shutdown>) -
     foreman.write_beat();
     let status = foreman.status_line();
     foreman.figures.notifier.ready(status);
-    // Figures are flushed by the tick too (at most once a second), so an idle daemon wakes for its
-    // heartbeat only every `heartbeat`.
     let mut channels = Channels {
         shutdown: shutdown.clone(),
         finished,
         pool_events,
         wakes,
-        ticker: crossbeam_channel::tick(config.tick),
-        beats: crossbeam_channel::tick(foreman.beat_every()),
     };
     foreman.serve(&mut channels)
 }
@@ -303,6 +297,10 @@ impl Foreman {
                 .control
                 .next_kill()
                 .map_or_else(crossbeam_channel::never, crossbeam_channel::at);
+            // Figures are flushed by the tick too (at most once a second while busy), and an idle
+            // daemon's tick comes with its heartbeat: it wakes once per heartbeat.
+            let tick = crossbeam_channel::at(self.look.next_tick);
+            let beat = crossbeam_channel::at(self.figures.next_beat);
             return select! {
                 recv(channels.shutdown) -> signal => if let Ok(signal) = signal {
                     if signal.0 == libc::SIGHUP {
@@ -318,16 +316,19 @@ impl Foreman {
                 recv(channels.finished) -> done => done.map_or(Event::Tick, Event::WorkerFinished),
                 recv(channels.pool_events) -> event => event.map_or(Event::Tick, Event::Pool),
                 recv(channels.wakes) -> _ => Event::Wakeup,
-                recv(channels.ticker) -> _ => Event::Tick,
+                recv(tick) -> _ => Event::Tick,
                 recv(deadline) -> _ => Event::Deadline,
                 recv(due) -> _ => Event::Due,
-                recv(channels.beats) -> _ => Event::Beat,
+                recv(beat) -> _ => Event::Beat,
                 recv(kill) -> _ => Event::Kill,
             };
         }
     }
 
-    fn handle(&mut self, event: Event, channels: &mut Channels) -> Result<()> {
+    fn handle(&mut self, event: Event, channels: &Channels) -> Result<()> {
+        if !matches!(event, Event::Tick | Event::Beat) {
+            self.active();
+        }
         match event {
             Event::Wakeup => {
                 self.wake.woken();
@@ -365,7 +366,7 @@ impl Foreman {
                 self.tick();
             }
             Event::Shutdown(signal) => self.shutdown(signal)?,
-            Event::Reload => self.reload(channels),
+            Event::Reload => self.reload(),
             Event::Deadline => self.deadline(),
             Event::Due => {
                 self.look.next_task_due = None;

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use super::stop::Phase;
-use super::{Channels, Foreman, PoolGen, Role};
+use super::{Foreman, PoolGen, Role};
 use crate::clock::unix_now;
 use crate::config::Config;
 use crate::duration::format_duration;
@@ -29,14 +29,14 @@ struct Applied {
 impl Foreman {
     /// Reads the configuration again and applies it, or refuses it; answers in the log and, when
     /// the daemon has a PID file, beside it for `foreman reload`.
-    pub(super) fn reload(&mut self, channels: &mut Channels) {
+    pub(super) fn reload(&mut self) {
         let requested_at = unix_now();
         // Not while stopping: READY=1 would take back the STOPPING=1 systemd was told.
         let running = matches!(self.stop.phase, Phase::Running);
         if running {
             self.figures.notifier.reloading();
         }
-        let outcome = self.apply_reload(channels);
+        let outcome = self.apply_reload();
         if running {
             let status = self.status_line();
             self.figures.notifier.ready(status);
@@ -71,7 +71,7 @@ impl Foreman {
 
     /// The reload itself: every check first, then what may fail to start, and only then the
     /// switch, which cannot fail. `Err` is why it was refused, with nothing changed.
-    fn apply_reload(&mut self, channels: &mut Channels) -> Result<Applied, String> {
+    fn apply_reload(&mut self) -> Result<Applied, String> {
         if !matches!(self.stop.phase, Phase::Running) {
             return Err("the daemon is stopping".to_owned());
         }
@@ -107,11 +107,12 @@ impl Foreman {
         self.registry = registry;
         self.schedules = schedules;
         self.config = new;
-        if tick_changed {
-            channels.ticker = crossbeam_channel::tick(self.config.tick);
-        }
         if beat_changed {
-            channels.beats = crossbeam_channel::tick(self.beat_every());
+            self.figures.set_heartbeat(self.config.heartbeat);
+        }
+        if tick_changed || beat_changed {
+            self.look.quiet_ticks = 0;
+            self.schedule_tick();
         }
         self.advance_pools();
         self.write_beat();

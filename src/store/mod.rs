@@ -350,9 +350,13 @@ impl Store {
         each!(self, s => s.dead_letters(task, limit))
     }
 
-    /// Queues dead letters again as new tasks.
-    pub fn requeue_dead(&mut self, which: DeadSelection<'_>) -> Result<Vec<Requeued>> {
-        each!(self, s => s.requeue_dead(which))
+    /// Queues dead letters again as new tasks; `by` (who asked) goes into their origin.
+    pub fn requeue_dead(
+        &mut self,
+        which: DeadSelection<'_>,
+        by: Option<&str>,
+    ) -> Result<Vec<Requeued>> {
+        each!(self, s => s.requeue_dead(which, by))
     }
 
     /// Deletes dead letters; returns how many.
@@ -362,6 +366,50 @@ impl Store {
         task: Option<&str>,
     ) -> Result<usize> {
         each!(self, s => s.purge_dead(older_than, task))
+    }
+
+    // ---- The dashboard's reads (`foreman ui`) ----
+
+    /// How many tasks `q` matches, counting no further than `cap` in each of its sources
+    /// (`more`: at least that many); its `after` and `limit` are ignored.
+    pub fn count_up_to(&self, q: &ListQuery<'_>, cap: usize) -> Result<CappedCount> {
+        each!(self, s => s.count_up_to(q, cap))
+    }
+
+    /// A page of dead letters, newest first, below `before`, looking at at most `window` rows.
+    pub fn dead_page(
+        &self,
+        filter: DeadFilter<'_>,
+        before: Option<i64>,
+        limit: usize,
+        window: usize,
+    ) -> Result<Page<DeadLetter>> {
+        each!(self, s => s.dead_page(filter, before, limit, window))
+    }
+
+    /// The ids of the dead letters `filter` matches, oldest first, at most `cap` + 1.
+    pub fn dead_ids(&self, filter: DeadFilter<'_>, cap: usize) -> Result<Vec<i64>> {
+        each!(self, s => s.dead_ids(filter, cap))
+    }
+
+    /// How many dead letters `filter` matches, up to `cap`, looking at at most `window` rows.
+    pub fn count_dead(
+        &self,
+        filter: DeadFilter<'_>,
+        cap: usize,
+        window: usize,
+    ) -> Result<CappedCount> {
+        each!(self, s => s.count_dead(filter, cap, window))
+    }
+
+    /// Deletes the dead letters with these ids; returns how many there were.
+    pub fn purge_dead_ids(&mut self, ids: &[i64]) -> Result<usize> {
+        each!(self, s => s.purge_dead_ids(ids))
+    }
+
+    /// The newest failures' texts (attempt errors and dead-letter reasons), for grouping.
+    pub fn failure_texts(&self, window: usize) -> Result<Vec<FailureText>> {
+        each!(self, s => s.failure_texts(window))
     }
 
     /// A watch that tells a reader (`wait`) when another process may have committed.

@@ -484,3 +484,43 @@ pub struct DueRow {
     /// set `run_after` in the past).
     pub due_since: f64,
 }
+
+// ---- The dashboard's reads (`foreman ui`) ----
+
+/// A page of dead letters and where the next one starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub rows: Vec<T>,
+    /// The `before` of the next page; `None` when the search reached the table's start.
+    pub next_before: Option<i64>,
+    /// Every matching row above this id is on this page or an earlier one; set when the page is
+    /// short because the search window ran out, not the rows.
+    pub searched_to: Option<i64>,
+}
+
+/// A count that stops at a cap, so that counting never walks a big table: `more` means "at
+/// least `count`".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CappedCount {
+    pub count: i64,
+    pub more: bool,
+}
+
+/// Which dead letters `Store::dead_page` and `Store::dead_ids` take.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadFilter<'a> {
+    pub task: Option<&'a str>,
+    /// Text that the args, the kwargs or the reason must contain.
+    pub search: Option<&'a str>,
+}
+
+/// One failure's text, for grouping: a failed attempt's error or a dead letter's reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureText {
+    pub task_name: Option<String>,
+    pub text: String,
+    /// When it ended or died.
+    pub at: Option<f64>,
+    /// From `foreman_dead` (else `foreman_run`).
+    pub dead: bool,
+}

@@ -5,6 +5,8 @@
 mod admin;
 mod bad_input;
 mod bench;
+#[cfg(feature = "ui")]
+mod browser;
 mod cli;
 mod cli_reference;
 mod commands;
@@ -30,3 +32,5 @@ mod sentry;
 mod shutdown;
 mod support;
 mod tidy;
+#[cfg(feature = "ui")]
+mod ui;
