@@ -160,3 +160,62 @@ fn a_cwd_the_daemon_cannot_enter_is_a_config_error_naming_the_key() {
         }
     }
 }
+
+#[test]
+fn a_task_that_enqueues_reaches_the_daemons_queue_whoever_named_the_database() {
+    // A command task (no cwd: it runs where the daemon does) that enqueues with the CLI, which
+    // finds no foreman.toml there: only FOREMAN_DB can lead it to the daemon's queue.
+    let chain = format!(
+        "[tasks.chain]\ncommand = [\"{BIN}\", \"enqueue\", \"record\"]\n{}",
+        crate::support::RECORD_TASK
+    );
+    for (how, config_dir, args) in [
+        // The database named relative to the config file, which is in a directory of its own.
+        (
+            "by the config file",
+            "conf",
+            vec!["--config", "conf/foreman.toml"],
+        ),
+        // The database named by a relative flag.
+        (
+            "by a relative --db",
+            "conf",
+            vec!["--config", "conf/foreman.toml", "--db", "q2.sqlite3"],
+        ),
+    ] {
+        let env = Env::new();
+        let conf = env.path(config_dir);
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("foreman.toml"),
+            format!("db = \"q.sqlite3\"\n{chain}"),
+        )
+        .unwrap();
+        let mut full = vec!["run"];
+        full.extend(args.iter().copied());
+        let daemon = Daemon::spawn(env.command_without_db(&full));
+        let db = if args.contains(&"--db") {
+            env.path("q2.sqlite3")
+        } else {
+            conf.join("q.sqlite3")
+        };
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute("INSERT INTO foreman_task(task_name) VALUES ('chain')", [])
+            .unwrap();
+        let mut wakeup = db.clone().into_os_string();
+        wakeup.push(".wakeup");
+        std::fs::write(PathBuf::from(wakeup).join("w"), "").unwrap();
+        assert!(
+            wait_until(PATIENCE, || std::fs::read_to_string(env.path("ran.txt"))
+                .is_ok_and(|s| s.lines().count() == 1)),
+            "{how}: the chained task never ran; log:\n{}",
+            daemon.log()
+        );
+        assert!(
+            !env.path("foreman.sqlite3").exists(),
+            "{how}: a second queue was made"
+        );
+        daemon.stop();
+    }
+}
