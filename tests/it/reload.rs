@@ -446,3 +446,38 @@ fn a_reload_with_fixed_code_brings_a_pool_that_is_down_back_with_all_its_process
     wait_record(&env, "back");
     daemon.stop();
 }
+
+#[test]
+fn retries_and_timeouts_change_on_reload() {
+    let env = Env::new();
+    let v1 = "[tasks.flaky]\ncommand = [\"false\"]\n[tasks.slow]\ncommand = [\"sleep\", \"30\"]\n";
+    env.config(v1);
+    env.init();
+    let daemon = env.daemon(&[]);
+    env.config(
+        "[tasks.flaky]\ncommand = [\"false\"]\nmax_retries = 2\nretry_backoff = { base = \"10ms\", jitter = false }\n[tasks.slow]\ncommand = [\"sleep\", \"30\"]\ntimeout = \"200ms\"\n",
+    );
+    let (code, out, err) = reload(&env);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("tasks changed: flaky, slow"), "{out}");
+    let flaky = enqueue(&env, "flaky", "[]");
+    let slow = enqueue(&env, "slow", "[]");
+    // Three attempts of flaky (two retries), and slow stopped at its new timeout.
+    assert!(
+        wait_until(PATIENCE, || env.dead_reason(flaky).is_some()
+            && env.dead_reason(slow).is_some()),
+        "{}",
+        daemon.log()
+    );
+    let states = run_states(&env);
+    let of = |name: &str| -> Vec<&str> {
+        states
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, s)| s.as_str())
+            .collect()
+    };
+    assert_eq!(of("flaky"), ["failed", "failed", "failed"], "{states:?}");
+    assert_eq!(of("slow"), ["timeout"], "{states:?}");
+    daemon.stop();
+}
