@@ -405,10 +405,13 @@ impl Config {
         Ok(config)
     }
 
-    /// The configuration as `load` reads it now, from the same file (or, when none was named,
-    /// the same search) with the same flags and environment: what a reload applies.
+    /// The configuration as `load` reads it now, from the same file with the same flags and
+    /// environment: what a reload applies. A file found by the search (`./foreman.toml`) must
+    /// still be there: its absence is an error, not the built-in defaults, which would drop every
+    /// task and pool. When none was found, the search runs again.
     pub fn reload(&self) -> Result<Config> {
-        Config::load(self.source.config_file.as_deref(), &self.source.overrides)
+        let file = self.source.config_file.as_deref().or(self.file.as_deref());
+        Config::load(file, &self.source.overrides)
     }
 
     /// The configuration from a parsed file (or none) and the overrides, validated.
@@ -1443,6 +1446,25 @@ env = { FOREMAN_DB = "/elsewhere.sqlite3" }
         // A directory that is not there is the daemon's problem (and check-config's), by key.
         let err = config.check_commands().unwrap_err().to_string();
         assert!(err.contains("`pools.\"py\".command`"), "{err}");
+    }
+
+    #[test]
+    fn a_reload_reads_the_same_file_with_the_same_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "workers = 2\ntick = \"5s\"").unwrap();
+        let overrides = Overrides {
+            tick: Some(Duration::from_secs(2)),
+            ..Overrides::default()
+        };
+        let config = Config::load(Some(&path), &overrides).unwrap();
+        std::fs::write(&path, "workers = 3\ntick = \"7s\"").unwrap();
+        let again = config.reload().unwrap();
+        assert_eq!(again.workers, 3);
+        assert_eq!(again.tick, Duration::from_secs(2), "the flag still wins");
+        std::fs::remove_file(&path).unwrap();
+        let err = config.reload().unwrap_err().to_string();
+        assert!(err.contains("cannot read config file"), "{err}");
     }
 
     #[test]
