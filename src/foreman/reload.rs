@@ -77,11 +77,11 @@ impl Foreman {
         }
         let mut new = self.config.reload().map_err(|e| e.to_string())?;
         let restart_needed = keep_restart_only(&self.config, &mut new);
-        for what in &restart_needed {
-            log::warn!("reload: {what}");
-        }
         new.check_commands().map_err(|e| e.to_string())?;
+        // Taken even if the reload is refused later: a generation started and stopped again
+        // keeps its id until its drivers have ended.
         let first_pool_id = self.workers.next_pool_id;
+        self.workers.next_pool_id += new.pools.len();
         let mut registry = self.base_registry.clone();
         registry
             .add_config(&new, first_pool_id)
@@ -100,8 +100,10 @@ impl Foreman {
             }
         };
         let message = describe(&self.config, &new);
+        for what in &restart_needed {
+            log::warn!("reload: {what}");
+        }
         self.replace_pools(started, &new, &mut registry);
-        self.workers.next_pool_id = first_pool_id + new.pools.len();
         let tick_changed = new.tick != self.config.tick;
         let beat_changed = new.heartbeat != self.config.heartbeat;
         self.registry = registry;
