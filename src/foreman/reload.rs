@@ -336,7 +336,7 @@ impl Foreman {
         }
         if new.pool.started() >= new_target && old.pool.processes() == 0 {
             log::info!(
-                "pool {name}: reloaded: its {new_target} new process(es) are started; the previous ones leave as they finish their tasks"
+                "pool {name}: replaced: its {new_target} new process(es) are started; the previous ones leave as they finish their tasks"
             );
             new.role = Role::Current { previous: None };
             old.role = Role::Draining;
