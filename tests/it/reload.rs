@@ -394,22 +394,48 @@ fn a_second_reload_during_a_replacement_still_ends_with_one_generation() {
     env.init();
     let daemon: Daemon = env.daemon(&[]);
     daemon.expect_log("serves deploytasks.hold, deploytasks.record");
+    let first = pool_processes(&env, "py");
+    // A long task keeps one of the first processes, so the first replacement cannot be over
+    // when the second reload comes.
+    enqueue(&env, "deploytasks.hold", r#"["long"]"#);
+    let long_pid = wait_record(&env, "start-long");
     daemon.signal(libc::SIGHUP);
+    daemon.expect_log("reloaded: ");
+    daemon.expect_log("are started; the previous ones leave");
+    let second: Vec<i32> = pool_processes(&env, "py")
+        .into_iter()
+        .filter(|p| !first.contains(p))
+        .collect();
+    assert_eq!(second.len(), 2, "{}", daemon.log());
     daemon.signal(libc::SIGHUP);
+    assert!(
+        wait_until(PATIENCE, || daemon.log_lines("INFO ] reloaded: ").len()
+            == 2),
+        "{}",
+        daemon.log()
+    );
     let ids: Vec<i64> = (0..10)
         .map(|n| enqueue(&env, "deploytasks.record", &format!("[\"r{n}\"]")))
         .collect();
     for n in 0..ids.len() {
         wait_record(&env, &format!("r{n}"));
     }
-    assert!(wait_until(PATIENCE, || daemon
-        .log_lines("reloaded: ")
-        .len()
-        == 2));
+    // The second generation is replaced too, while the first one's last process still runs.
+    for pid in &second {
+        daemon.expect_log(&format!("worker pid {pid} stopped: replaced by the reload"));
+    }
+    assert!(!is_dead(long_pid));
+    std::fs::write(env.path("ran.txt.go"), "").unwrap();
+    assert_eq!(wait_record(&env, "long"), long_pid);
     // In the end, two processes: the newest generation's.
     assert!(
-        wait_until(PATIENCE, || pool_processes(&env, "py").len() == 2
-            && daemon.has_log("are started; the previous ones leave")),
+        wait_until(PATIENCE, || {
+            let now = pool_processes(&env, "py");
+            now.len() == 2
+                && now
+                    .iter()
+                    .all(|p| !first.contains(p) && !second.contains(p))
+        }),
         "{}",
         daemon.log()
     );
