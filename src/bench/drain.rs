@@ -209,7 +209,7 @@ pub(crate) fn drain_pool(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
         ));
     }
     let n = bench.sizes.drain_tasks;
-    let mut rates = Vec::new();
+    let (mut rates, mut cpu) = (Vec::new(), Vec::new());
     for rep in 1..=reps {
         bench.rep(Scenario::DrainPool, rep, "run");
         let pool = python::pool_config(POOL_PROCESSES);
@@ -221,9 +221,13 @@ pub(crate) fn drain_pool(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
         // moment, time to say theirs, so that the drain runs on all four.
         bench.pause(Duration::from_millis(300))?;
         let keys = 1..=i64::try_from(n).map_err(|_| Failure::new("too many tasks"))?;
+        let cpu_before = daemon.cpu_ns()?;
         run.insert_many(POOL_TASK, n, Some(1))?;
         run.wake()?;
         bench.wait_records(&mut daemon, &mut records, "started", n + 1)?;
+        // The daemon's own threads (loop, drivers, readers), not the Python processes'.
+        let cpu_after = daemon.cpu_ns()?;
+        cpu.push(cpu_after.saturating_sub(cpu_before) as f64 / 1e3 / n as f64);
         daemon.stop()?;
         records.poll()?;
         let starts = records.exactly_once(keys, &[0])?;
@@ -237,6 +241,13 @@ pub(crate) fn drain_pool(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
             "tasks/s",
             &rates,
             at_least(15_000.0),
+        )
+        .figure(
+            "daemon_cpu_per_task",
+            "daemon CPU per pool task",
+            "µs",
+            &cpu,
+            at_most(15.0),
         )
         .extra("tasks", n)
         .extra("processes", POOL_PROCESSES);
