@@ -200,6 +200,9 @@ pub struct PoolConfig {
     pub processes: usize,
     /// How long a new process may take to write its hello line.
     pub start_timeout: Duration,
+    /// Whether a busy process is written its next task before it answers (docs/guide/delivery.md,
+    /// *Pipelined pools*): one task ahead per process, popped before a process is free.
+    pub pipeline: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -356,6 +359,7 @@ struct FilePool {
     env: Option<BTreeMap<String, String>>,
     processes: Option<usize>,
     start_timeout: Option<DurationValue>,
+    pipeline: Option<bool>,
 }
 
 /// A duration in a config file: a string with a unit or a number of seconds.
@@ -474,6 +478,7 @@ impl Config {
                     command: resolve(pool.command, pool.cwd, pool.env),
                     processes: pool.processes.unwrap_or(workers),
                     start_timeout: pool.start_timeout.map_or(DEFAULT_START_TIMEOUT, |d| d.0),
+                    pipeline: pool.pipeline.unwrap_or(false),
                 };
                 (name, config)
             })
@@ -807,9 +812,10 @@ impl Config {
             write_launch(&mut out, &pool.command);
             let _ = writeln!(
                 out,
-                "processes = {}\nstart_timeout = \"{}\"",
+                "processes = {}\nstart_timeout = \"{}\"\npipeline = {}",
                 pool.processes,
-                format_duration(pool.start_timeout)
+                format_duration(pool.start_timeout),
+                pool.pipeline
             );
         }
         for (name, task) in &self.tasks {
@@ -1744,7 +1750,7 @@ mod fuzz {
             "retry_backoff",
             "delivery",
         ];
-        const POOL: &[&str] = &["processes", "start_timeout", "cwd", "env"];
+        const POOL: &[&str] = &["processes", "start_timeout", "cwd", "env", "pipeline"];
         const SCHEDULE: &[&str] = &[
             "cron", "jitter", "args", "kwargs", "priority", "adaptive", "task",
         ];
