@@ -7,11 +7,12 @@ use std::collections::{BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ExitStatus};
 use std::result::Result as StdResult;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,93 @@ enum PoolMsg {
     Retire,
 }
 
+/// How a pipelined pool's jobs reach its drivers (`pipeline = true`). A driver whose process is
+/// idle waits on the pool's channel, which wakes it; one whose process runs a task with none written
+/// behind it waits in `poll` on the process's stdout and on its own bell, which `submit` rings when
+/// no driver waits on the channel. So a job goes to an idle process first, and else is written
+/// behind a running task at once.
+struct Pipeline {
+    /// Drivers waiting on the channel with an idle process.
+    idle: AtomicUsize,
+    /// The bells of drivers whose process runs a task with room for one behind it.
+    listening: Mutex<Vec<Arc<Bell>>>,
+}
+
+impl Pipeline {
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<Bell>>> {
+        self.listening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A job was queued: wakes one driver of a busy process to write it ahead, unless an idle
+    /// process's driver is there to take it.
+    fn ring(&self) {
+        if self.idle.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let bell = self.lock().pop();
+        if let Some(bell) = bell {
+            bell.ring();
+        }
+    }
+
+    /// Whether a driver waits on the channel with an idle process: a job is its, not written behind a
+    /// running task.
+    fn has_idle(&self) -> bool {
+        self.idle.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Counts a driver among those waiting with an idle process while it lives.
+struct IdleMark<'a>(&'a AtomicUsize);
+
+impl<'a> IdleMark<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        IdleMark(count)
+    }
+}
+
+impl Drop for IdleMark<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An eventfd: how the loop wakes a driver that waits in `poll` on its process.
+struct Bell(OwnedFd);
+
+impl Bell {
+    fn new() -> io::Result<Bell> {
+        // SAFETY: eventfd takes integer arguments and returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(Bell(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one` to the eventfd. It cannot fail short of the counter
+        // overflowing, and a bell rung that often is rung anyway.
+        unsafe {
+            libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8);
+        }
+    }
+
+    /// Silences it after it rang (nonblocking: nothing to read is fine).
+    fn clear(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads at most 8 bytes into `count`.
+        unsafe {
+            libc::read(self.0.as_raw_fd(), (&raw mut count).cast(), 8);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
     Starting,
@@ -130,8 +218,11 @@ pub struct ProcessPool {
     slots: Vec<SlotState>,
     /// `Retire` messages sent and not taken yet: as many processes are on their way out.
     retiring: usize,
-    /// Tasks handed to the pool and not finished yet; the loop keeps it at most `processes()`.
+    /// Tasks handed to the pool and not finished yet; the loop keeps it at most `processes()`, or
+    /// twice that in a pipelined pool.
     in_flight: usize,
+    /// Where a pipelined pool's drivers wait for jobs behind their running tasks.
+    pipeline: Option<Arc<Pipeline>>,
     /// The task names of the first hello; every later process runs the same command.
     served: Option<BTreeSet<String>>,
     last_error: String,
@@ -151,6 +242,8 @@ struct Driver {
     events: Sender<PoolEvent>,
     finished: Sender<Finished>,
     children: Arc<Children>,
+    /// In a pipelined pool: where the drivers meet the loop, and this one's bell.
+    pipeline: Option<(Arc<Pipeline>, Option<Arc<Bell>>)>,
 }
 
 impl ProcessPool {
@@ -185,6 +278,12 @@ impl ProcessPool {
             slots: Vec::with_capacity(config.processes),
             retiring: 0,
             in_flight: 0,
+            pipeline: config.pipeline.then(|| {
+                Arc::new(Pipeline {
+                    idle: AtomicUsize::new(0),
+                    listening: Mutex::new(Vec::with_capacity(config.processes)),
+                })
+            }),
             served: None,
             last_error: String::new(),
         };
@@ -209,6 +308,20 @@ impl ProcessPool {
             events: self.events.clone(),
             finished: self.finished.clone(),
             children: Arc::clone(&self.children),
+            pipeline: self.pipeline.as_ref().map(|pipeline| {
+                // Without a bell (no fd left), the driver still writes a job ahead when it finds
+                // one queued as its process starts a task; it is only never woken for one.
+                let bell = Bell::new()
+                    .map_err(|e| {
+                        log::warn!(
+                            "pool {}: cannot make an eventfd for a driver ({e}); its process gets tasks written ahead less often",
+                            self.name
+                        );
+                    })
+                    .ok()
+                    .map(Arc::new);
+                (Arc::clone(pipeline), bell)
+            }),
         };
         // PR_SET_PDEATHSIG fires when the thread that forked exits, so the process is always
         // started by this long-lived thread, which outlives it.
@@ -325,10 +438,44 @@ impl ProcessPool {
         self.in_flight
     }
 
+    /// Of its tasks out, those that run (at most one per process).
+    pub fn busy(&self) -> usize {
+        self.in_flight.min(self.alive())
+    }
+
+    /// Whether a process may have a task written behind the one it runs (`pipeline = true`).
+    pub fn pipelined(&self) -> bool {
+        self.pipeline.is_some()
+    }
+
+    /// Of its tasks out, those beyond its processes: in a pipelined pool, waiting behind a running
+    /// task, so not running.
+    pub fn ahead(&self) -> usize {
+        if self.pipelined() {
+            self.in_flight.saturating_sub(self.alive())
+        } else {
+            0
+        }
+    }
+
+    /// How many more of its tasks may be written behind running ones: a pipelined pool has room
+    /// for one per process.
+    pub fn ahead_room(&self) -> usize {
+        if self.pipelined() {
+            let processes = self.processes();
+            (2 * processes).saturating_sub(self.in_flight.max(processes))
+        } else {
+            0
+        }
+    }
+
     pub fn submit(&mut self, job: PoolJob) {
         self.in_flight += 1;
         // The drivers hold a sender too, so the channel is never disconnected while we hold it.
         let _ = self.jobs.send(PoolMsg::Job(job));
+        if let Some(pipeline) = &self.pipeline {
+            pipeline.ring();
+        }
     }
 
     /// One of the pool's tasks finished (or was taken back).
@@ -457,6 +604,23 @@ fn join(names: &BTreeSet<String>) -> String {
         .join(", ")
 }
 
+/// What a driver keeps about the process it serves.
+struct Life {
+    ready_at: Instant,
+    served_any: bool,
+    /// Disconnected once its stderr closed (`never` after that is looked into).
+    stderr_open: Receiver<()>,
+    /// Took a `Retire` while its process was busy: it leaves once the process is idle.
+    leaving: bool,
+}
+
+impl Life {
+    /// Whether it served a task or lived long enough to reset the backoff.
+    fn healthy(&self) -> bool {
+        self.served_any || self.ready_at.elapsed() >= MIN_HEALTHY_LIFE
+    }
+}
+
 /// How a driver's service of one process ended.
 enum Ended {
     Stopping,
@@ -536,23 +700,43 @@ impl Driver {
         )
     }
 
-    /// Hands jobs to `worker` until it dies or the pool stops.
+    /// Hands jobs to `worker` until it dies or the pool stops: one at a time, and in a pipelined
+    /// pool one more written behind the running one.
     fn serve(&self, mut worker: Worker) -> Ended {
-        let ready_at = Instant::now();
-        let mut served_any = false;
-        let healthy = |served_any: bool| served_any || ready_at.elapsed() >= MIN_HEALTHY_LIFE;
-        let mut stderr_open = worker.stderr_done.clone();
+        let mut life = Life {
+            ready_at: Instant::now(),
+            served_any: false,
+            stderr_open: worker.stderr_done.clone(),
+            leaving: false,
+        };
         loop {
+            let job = match self.idle(&mut worker, &mut life) {
+                Ok(job) => job,
+                Err(ended) => return ended,
+            };
+            if let Some(ended) = self.busy(&mut worker, job, &mut life) {
+                return ended;
+            }
+        }
+    }
+
+    /// Waits with an idle process for its next job. `Err` when the driver is done with it: the
+    /// pool stops, the process exited, or it is retired.
+    fn idle(&self, worker: &mut Worker, life: &mut Life) -> StdResult<PoolJob, Ended> {
+        if life.leaving {
+            return Err(self.retire(worker));
+        }
+        // Counted idle while it waits, not while it stops its process.
+        let idle = self.pipeline.as_ref().map(|(p, _)| IdleMark::new(&p.idle));
+        let message = loop {
             // Biased: once the pool stops, no job is taken, however many wait.
             select_biased! {
-                recv(self.stop) -> _ => {
-                    worker.stop(&self.name);
-                    return Ended::Stopping;
-                }
-                recv(stderr_open) -> _ => {
+                recv(self.stop) -> _ => break None,
+                recv(life.stderr_open) -> _ => {
                     // stderr closed: most likely the process exited while idle (it closes its
                     // fds a moment before it can be waited for).
                     if worker.wait_exit(Duration::from_millis(100)) {
+                        drop(idle);
                         let status = worker.reap();
                         let why = format!(
                             "worker pid {} exited while idle ({}){}",
@@ -561,67 +745,226 @@ impl Driver {
                             worker.stderr_tail_suffix()
                         );
                         log::warn!("pool {}: {why}", self.name);
-                        return Ended::Gone { healthy: healthy(served_any), why };
+                        return Err(Ended::Gone { healthy: life.healthy(), why });
                     }
-                    stderr_open = crossbeam_channel::never();
+                    life.stderr_open = crossbeam_channel::never();
                 }
-                recv(self.jobs) -> message => {
-                    let job = match message {
-                        Ok(PoolMsg::Job(job)) => job,
-                        Ok(PoolMsg::Retire) => {
-                            // Idle, since it takes messages: nothing of a task is cut short.
-                            let pid = worker.pid;
-                            worker.stop(&self.name);
-                            let _ = self.events.send(PoolEvent {
-                                pool: self.pool,
-                                slot: self.slot,
-                                kind: PoolEventKind::Retired { pid },
-                            });
-                            return Ended::Stopping;
-                        }
-                        Err(_) => continue,
-                    };
-                    match worker.run(job) {
-                        Ran::Answered(finished) => {
-                            served_any = true;
-                            let _ = self.finished.send(finished);
-                        }
-                        Ran::NotSent(job, what) => {
-                            // The job never reached the process: another one may run it.
-                            let _ = self.requeue.send(PoolMsg::Job(job));
-                            let status = worker.kill();
-                            let why = format!(
-                                "worker pid {} {what} ({}){}",
-                                worker.pid,
-                                describe(status),
-                                worker.stderr_tail_suffix()
-                            );
-                            log::warn!("pool {}: {why}", self.name);
-                            return Ended::Gone { healthy: healthy(served_any), why };
-                        }
-                        Ran::Broken(finished) => {
-                            let why = match &finished.outcome {
-                                Outcome::Failed(reason) | Outcome::Timeout(reason) => reason.clone(),
-                                Outcome::Done { .. } => String::new(),
-                            };
-                            // Killed by `foreman cancel`: a worker stopped on purpose, not one
-                            // that fails, so it is started again at once, with no backoff.
-                            let aborted = finished.task.cancelled();
-                            if aborted {
-                                log::info!(
-                                    "pool {}: worker pid {} stopped by the abort of task {}; starting another",
-                                    self.name, worker.pid, finished.task.id
-                                );
-                            } else {
-                                log::warn!("pool {}: restarting worker pid {}: {why}", self.name, worker.pid);
-                            }
-                            let _ = self.finished.send(finished);
-                            return Ended::Gone { healthy: aborted || healthy(served_any), why };
-                        }
+                recv(self.jobs) -> message => if let Ok(message) = message {
+                    break Some(message);
+                },
+            }
+        };
+        drop(idle);
+        match message {
+            Some(PoolMsg::Job(job)) => Ok(job),
+            // Idle, since it takes messages: nothing of a task is cut short.
+            Some(PoolMsg::Retire) => Err(self.retire(worker)),
+            None => {
+                worker.stop(&self.name);
+                Err(Ended::Stopping)
+            }
+        }
+    }
+
+    /// Runs `job` on the idle process and, in a pipelined pool, the jobs written behind it, until
+    /// the process is idle again (`None`) or gone.
+    fn busy(&self, worker: &mut Worker, job: PoolJob, life: &mut Life) -> Option<Ended> {
+        let mut current = match worker.begin(Next::held(job), Instant::now()) {
+            Ok(current) => current,
+            Err(ran) => return self.not_begun(worker, *ran, life),
+        };
+        let mut next: Option<Next> = None;
+        loop {
+            let room = self.pipeline.is_some() && next.is_none() && !life.leaving;
+            let bell = if room { self.listen() } else { None };
+            // After listening: a job queued since is either found now or rings the bell.
+            if room && let Some(message) = self.take_ahead() {
+                self.unlisten(bell);
+                match message {
+                    PoolMsg::Job(job) => next = Some(worker.write_ahead(job, &current)),
+                    PoolMsg::Retire => life.leaving = true,
+                }
+                continue;
+            }
+            let waited = worker.wait(&mut current, bell.map(|b| &**b));
+            self.unlisten(bell);
+            let answer = match waited {
+                Waited::Bell => {
+                    if let Some(bell) = bell {
+                        bell.clear();
                     }
+                    continue;
+                }
+                Waited::Line(answer) => answer,
+            };
+            // The next task starts now, whether it was written ahead or is written now.
+            let answered_at = Instant::now();
+            let behind = next.as_ref().map_or(0, |next| next.written);
+            match worker.judge(current, answer, behind) {
+                Ran::Answered(finished) => {
+                    life.served_any = true;
+                    let _ = self.finished.send(finished);
+                    let Some(ahead) = next.take() else {
+                        return None; // Idle again.
+                    };
+                    current = match worker.begin(ahead, answered_at) {
+                        Ok(current) => current,
+                        Err(ran) => return self.not_begun(worker, *ran, life),
+                    };
+                }
+                Ran::Broken { finished, violated } => {
+                    let behind = next.map(|next| (next, violated));
+                    return Some(self.broken(worker, finished, behind, life.healthy()));
+                }
+                Ran::NotSent(job, what) => {
+                    // Nothing of either task was read: both go to another process, in order.
+                    let ended = self.not_sent(worker, job, &what, life.healthy());
+                    if let Some(next) = next {
+                        let _ = self.requeue.send(PoolMsg::Job(next.job));
+                    }
+                    return Some(ended);
                 }
             }
         }
+    }
+
+    /// A job `begin` did not start: aborted before it started (the process stays idle), never
+    /// sent, or aborted as its process took it.
+    fn not_begun(&self, worker: &mut Worker, ran: Ran, life: &Life) -> Option<Ended> {
+        match ran {
+            Ran::Answered(finished) => {
+                let _ = self.finished.send(finished);
+                None
+            }
+            Ran::NotSent(job, what) => Some(self.not_sent(worker, job, &what, life.healthy())),
+            Ran::Broken { finished, .. } => {
+                Some(self.broken(worker, finished, None, life.healthy()))
+            }
+        }
+    }
+
+    /// Starts listening for the loop's bell: a pipelined pool's driver whose process has room
+    /// behind its running task.
+    fn listen(&self) -> Option<&Arc<Bell>> {
+        let (pipeline, Some(bell)) = self.pipeline.as_ref()? else {
+            return None;
+        };
+        pipeline.lock().push(Arc::clone(bell));
+        Some(bell)
+    }
+
+    fn unlisten(&self, bell: Option<&Arc<Bell>>) {
+        if let (Some((pipeline, _)), Some(bell)) = (&self.pipeline, bell) {
+            pipeline.lock().retain(|b| !Arc::ptr_eq(b, bell));
+        }
+    }
+
+    /// In a pipelined pool, while its process runs a task with none behind it: a message from
+    /// the channel, unless a driver with an idle process waits for it, or the pool stops.
+    fn take_ahead(&self) -> Option<PoolMsg> {
+        let (pipeline, _) = self.pipeline.as_ref()?;
+        if pipeline.has_idle() || self.stopping() {
+            return None;
+        }
+        self.jobs.try_recv().ok()
+    }
+
+    /// Stops the idle process for a reload, and ends.
+    fn retire(&self, worker: &mut Worker) -> Ended {
+        let pid = worker.pid;
+        worker.stop(&self.name);
+        let _ = self.events.send(PoolEvent {
+            pool: self.pool,
+            slot: self.slot,
+            kind: PoolEventKind::Retired { pid },
+        });
+        Ended::Stopping
+    }
+
+    /// The job never reached the process, which is broken: another one may run it.
+    fn not_sent(&self, worker: &mut Worker, job: PoolJob, what: &str, healthy: bool) -> Ended {
+        let _ = self.requeue.send(PoolMsg::Job(job));
+        let status = worker.kill();
+        let why = format!(
+            "worker pid {} {what} ({}){}",
+            worker.pid,
+            describe(status),
+            worker.stderr_tail_suffix()
+        );
+        log::warn!("pool {}: {why}", self.name);
+        Ended::Gone { healthy, why }
+    }
+
+    /// The task failed with its process (death, timeout, garbage, an abort), which is dead and
+    /// reaped; `behind` is the task written (or held) behind it, if any, and whether the process
+    /// broke the protocol, after which it may have started that one.
+    fn broken(
+        &self,
+        worker: &Worker,
+        finished: Finished,
+        behind: Option<(Next, bool)>,
+        healthy: bool,
+    ) -> Ended {
+        let why = match &finished.outcome {
+            Outcome::Failed(reason) | Outcome::Timeout(reason) => reason.clone(),
+            Outcome::Done { .. } => String::new(),
+        };
+        // Killed by `foreman cancel`: a worker stopped on purpose, not one that fails, so it is
+        // started again at once, with no backoff.
+        let aborted = finished.task.cancelled();
+        if aborted {
+            log::info!(
+                "pool {}: worker pid {} stopped by the abort of task {}; starting another",
+                self.name,
+                worker.pid,
+                finished.task.id
+            );
+        } else {
+            log::warn!(
+                "pool {}: restarting worker pid {}: {why}",
+                self.name,
+                worker.pid
+            );
+        }
+        if let Some((next, violated)) = behind {
+            self.behind_broken(next, violated, &finished, worker);
+        }
+        let _ = self.finished.send(finished);
+        Ended::Gone {
+            healthy: aborted || healthy,
+            why,
+        }
+    }
+
+    /// The task behind one its process failed. A worker starts the next task only once it has
+    /// answered, so a task held back, or written behind a task during which the process died or
+    /// was stopped (timeout, abort), or whose line it never read, never started: it goes back to
+    /// the pool's channel, for another process. After a protocol error (an answer that is not one,
+    /// or not the task's), a process that read its line may have started it: it fails, and is not
+    /// run again (at most once).
+    fn behind_broken(&self, next: Next, violated: bool, before: &Finished, worker: &Worker) {
+        let pid = worker.pid;
+        if next.written == 0 || !violated || worker.left_unread >= next.written {
+            log::debug!(
+                "task {} {} goes back to pool {}: its worker pid {pid} never started it",
+                next.job.task.id,
+                next.job.task.name,
+                self.name
+            );
+            let _ = self.requeue.send(PoolMsg::Job(next.job));
+            return;
+        }
+        let reason = format!(
+            "worker protocol error: worker pid {pid} broke the protocol on task {}, with this task written behind it; it may have started it, so it is not run again",
+            before.task.id
+        );
+        let _ = self.finished.send(Finished {
+            task: next.job.task,
+            outcome: Outcome::Failed(reason),
+            elapsed: Duration::ZERO,
+            result: None,
+            exit_code: None,
+        });
     }
 }
 
@@ -642,8 +985,51 @@ enum Ran {
     /// The worker was gone before it could read the task, or could not have answered it; says
     /// which.
     NotSent(PoolJob, String),
-    /// The task failed with the worker (death, timeout, garbage); the worker is dead and reaped.
-    Broken(Finished),
+    /// The task failed with the worker (death, timeout, garbage, an abort); the worker is dead and
+    /// reaped. `violated`: it broke the protocol, so it may have started a task written behind.
+    Broken { finished: Finished, violated: bool },
+}
+
+/// The task a driver has for its process after the running one: written behind it (it starts the
+/// moment the process answers), or held back until the process is idle.
+struct Next {
+    job: PoolJob,
+    /// Its line, once made.
+    line: Option<String>,
+    /// Bytes of the line in the pipe already.
+    written: usize,
+}
+
+impl Next {
+    /// A job not written yet.
+    fn held(job: PoolJob) -> Next {
+        Next {
+            job,
+            line: None,
+            written: 0,
+        }
+    }
+}
+
+/// The task a process runs: since when, until when, and what writing it ran into.
+struct Current {
+    job: PoolJob,
+    started: Instant,
+    deadline: Option<Instant>,
+    /// Why no answer can come, found while writing the task (its timeout, a broken pipe).
+    unanswerable: Option<LineError>,
+    /// The pipe to its stdin broke part way through the line.
+    stdin_broke: bool,
+    /// Its line's length: that many bytes left unread in the pipe, and it never started.
+    line_len: usize,
+}
+
+/// What a driver waiting on its process saw.
+enum Waited {
+    /// The answer line, or why there is none.
+    Line(StdResult<Vec<u8>, LineError>),
+    /// The loop rang: a job may wait in the channel.
+    Bell,
 }
 
 /// One running worker process.
@@ -664,6 +1050,11 @@ struct Worker {
     children: Arc<Children>,
     /// (pool, slot), its key in `children`.
     key: (usize, usize),
+    /// Bytes written to its stdin that it had not read when it was killed: a task whose line is
+    /// all still there never started.
+    left_unread: usize,
+    /// Its exit status, once reaped: nothing is signalled or waited for after that.
+    reaped: Option<ExitStatus>,
 }
 
 #[derive(Deserialize)]
@@ -758,6 +1149,8 @@ enum LineError {
     Timeout,
     TooLong,
     Io(io::Error),
+    /// The bell `read_line` was given rang before a line came.
+    Bell,
 }
 
 impl Worker {
@@ -830,6 +1223,8 @@ impl Worker {
             tasks: BTreeSet::new(),
             children: Arc::clone(&driver.children),
             key: (driver.pool, driver.slot),
+            left_unread: 0,
+            reaped: None,
         };
         let Some(line) = worker.read_hello(driver)? else {
             return Ok(None);
@@ -857,7 +1252,10 @@ impl Worker {
             let slice = deadline.map_or(Instant::now() + STOP_CHECK, |d| {
                 (Instant::now() + STOP_CHECK).min(d)
             });
-            match self.stdout.read_line(Some(slice), self.pidfd.as_ref()) {
+            match self
+                .stdout
+                .read_line(Some(slice), self.pidfd.as_ref(), None)
+            {
                 Ok(line) => break line,
                 Err(LineError::Timeout) if deadline.is_none_or(|d| Instant::now() < d) => {
                     if driver.stopping() {
@@ -873,7 +1271,8 @@ impl Worker {
                         ),
                         LineError::TooLong => "its hello line is longer than 1 MiB".to_owned(),
                         LineError::Io(e) => format!("reading its stdout: {e}"),
-                        LineError::Eof => String::new(),
+                        // No bell is given here, so none rings.
+                        LineError::Eof | LineError::Bell => String::new(),
                     };
                     let status = self.kill();
                     let why = if why.is_empty() {
@@ -892,55 +1291,151 @@ impl Worker {
         Ok(Some(line))
     }
 
-    /// Writes the task, waits for the answer (up to the timeout) and judges it. What the worker
-    /// writes to stderr meanwhile is logged tagged with the task.
-    fn run(&mut self, job: PoolJob) -> Ran {
+    /// Starts `next` on the process, idle since `at`, from when the task's timeout runs. A task
+    /// written ahead is in the process's stdin already, and started the moment the process
+    /// answered the one before; the rest of one held back is written now. What the worker writes to
+    /// stderr from now is logged tagged with the task.
+    fn begin(&mut self, next: Next, at: Instant) -> StdResult<Current, Box<Ran>> {
+        let Next { job, line, written } = next;
+        if written == 0 {
+            if job.task.cancelled() {
+                // Aborted while it waited for a process: it never starts.
+                return Err(Box::new(Ran::Answered(Finished {
+                    task: job.task,
+                    outcome: Outcome::Failed(CANCELLED_BEFORE_START.to_owned()),
+                    elapsed: Duration::ZERO,
+                    result: None,
+                    exit_code: None,
+                })));
+            }
+            if let Some(what) = self.broken_while_idle() {
+                return Err(Box::new(Ran::NotSent(job, what)));
+            }
+        }
         let tag: Arc<str> = format!("task {} {} ({})", job.task.id, job.task.name, self.who).into();
         self.stderr_tags.mark(Some(tag));
-        let ran = self.run_tagged(job);
-        self.stderr_tags.mark(None);
-        ran
-    }
-
-    fn run_tagged(&mut self, job: PoolJob) -> Ran {
-        if job.task.cancelled() {
-            // Aborted while it waited for a process: it never starts.
-            return Ran::Answered(Finished {
-                task: job.task,
-                outcome: Outcome::Failed(CANCELLED_BEFORE_START.to_owned()),
-                elapsed: Duration::ZERO,
-                result: None,
-                exit_code: None,
-            });
-        }
-        if let Some(what) = self.broken_while_idle() {
-            return Ran::NotSent(job, what);
-        }
-        let children = Arc::clone(&self.children);
-        let started = Instant::now();
-        let deadline = job.timeout.and_then(deadline_after);
-        children.insert(job.task.id, self.pid);
+        self.children.insert(job.task.id, self.pid);
         log::debug!(
             "task {} {} started on worker pid {}",
             job.task.id,
             job.task.name,
             self.pid
         );
-        let line = job.task.to_json_line();
-        let mut stdin_broke = false;
-        let result = match self.write_all(line.as_bytes(), deadline) {
-            Ok(()) => self.stdout.read_line(deadline, self.pidfd.as_ref()),
-            Err(WriteError::NothingWritten) => {
-                children.remove(job.task.id);
-                return Ran::NotSent(job, "was gone when a task came".to_owned());
-            }
-            Err(WriteError::Timeout) => Err(LineError::Timeout),
-            // EOF as far as the answer goes, but the message must say which pipe broke.
-            Err(WriteError::Broken) => {
-                stdin_broke = true;
-                Err(LineError::Eof)
-            }
+        let line = line.unwrap_or_else(|| job.task.to_json_line());
+        let mut current = Current {
+            deadline: job.timeout.and_then(|t| at.checked_add(t)),
+            started: at,
+            job,
+            unanswerable: None,
+            stdin_broke: false,
+            line_len: line.len(),
         };
+        // Checked after the insert: an abort that came before it raised the flag seen here, one
+        // after it finds the process group to signal.
+        if written > 0 && current.job.task.cancelled() {
+            return Err(Box::new(self.abort_written(current)));
+        }
+        if written == line.len() {
+            return Ok(current);
+        }
+        match self.write_all(&line.as_bytes()[written..], current.deadline) {
+            Ok(()) => {}
+            Err(WriteError::NothingWritten) if written == 0 => {
+                self.children.remove(current.job.task.id);
+                self.stderr_tags.mark(None);
+                return Err(Box::new(Ran::NotSent(
+                    current.job,
+                    "was gone when a task came".to_owned(),
+                )));
+            }
+            Err(WriteError::Timeout) => current.unanswerable = Some(LineError::Timeout),
+            // EOF as far as the answer goes, but the message must say which pipe broke.
+            Err(WriteError::Broken | WriteError::NothingWritten) => {
+                current.stdin_broke = true;
+                current.unanswerable = Some(LineError::Eof);
+            }
+        }
+        Ok(current)
+    }
+
+    /// Writes `job` behind the running task if its line fits in the pipe at once, so that the
+    /// process starts it the moment it answers; else holds it back until the process is idle.
+    /// A job aborted already is held back too: it never starts.
+    fn write_ahead(&mut self, job: PoolJob, current: &Current) -> Next {
+        let line = job.task.to_json_line();
+        let mut written = 0;
+        // Up to PIPE_BUF bytes, a pipe takes a write whole or not at all (then the worker has not
+        // read the running task's line yet, or has closed its stdin).
+        if !job.task.cancelled()
+            && line.len() <= libc::PIPE_BUF
+            && let Some(stdin) = self.stdin.as_mut()
+        {
+            loop {
+                match stdin.write(line.as_bytes()) {
+                    Ok(n) => written = n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {}
+                }
+                break;
+            }
+        }
+        log::debug!(
+            "task {} {} {} behind task {} on worker pid {}",
+            job.task.id,
+            job.task.name,
+            if written > 0 { "written" } else { "held" },
+            current.job.task.id,
+            self.pid
+        );
+        Next {
+            job,
+            line: Some(line),
+            written,
+        }
+    }
+
+    /// Waits for the answer to the running task, or (with `bell`) until the loop rings.
+    fn wait(&mut self, current: &mut Current, bell: Option<&Bell>) -> Waited {
+        if let Some(error) = current.unanswerable.take() {
+            return Waited::Line(Err(error));
+        }
+        match self
+            .stdout
+            .read_line(current.deadline, self.pidfd.as_ref(), bell)
+        {
+            Err(LineError::Bell) => Waited::Bell,
+            answer => Waited::Line(answer),
+        }
+    }
+
+    /// Judges the answer to the running task (or why none came): an outcome, or a failure that
+    /// costs the worker. `behind`: the bytes of the next task written after its line. Its stderr
+    /// is no longer the task's after this.
+    fn judge(
+        &mut self,
+        current: Current,
+        answer: StdResult<Vec<u8>, LineError>,
+        behind: usize,
+    ) -> Ran {
+        let ran = self.judge_tagged(current, answer, behind);
+        self.stderr_tags.mark(None);
+        ran
+    }
+
+    fn judge_tagged(
+        &mut self,
+        current: Current,
+        answer: StdResult<Vec<u8>, LineError>,
+        behind: usize,
+    ) -> Ran {
+        let children = Arc::clone(&self.children);
+        let Current {
+            job,
+            started,
+            stdin_broke,
+            line_len,
+            ..
+        } = current;
         let task = job.task;
         let finished = |task, outcome| Finished {
             task,
@@ -949,7 +1444,7 @@ impl Worker {
             result: None,
             exit_code: None,
         };
-        let failure = match result {
+        let failure = match answer {
             Ok(answer) => match parse_answer(&answer, task.id) {
                 Ok((outcome, result)) => {
                     children.remove(task.id);
@@ -966,16 +1461,22 @@ impl Worker {
                     None => "timeout".to_owned(),
                 };
                 self.kill_keeping_group(&children, task.id);
-                return Ran::Broken(finished(task, Outcome::Timeout(reason)));
+                return Ran::Broken {
+                    finished: finished(task, Outcome::Timeout(reason)),
+                    violated: false,
+                };
             }
             Err(LineError::TooLong) => {
                 "worker protocol error: an answer line longer than 1 MiB".to_owned()
             }
             Err(LineError::Io(e)) => format!("reading the worker's answer: {e}"),
+            // `wait` turns a bell into `Waited::Bell`: it never comes here.
+            Err(LineError::Bell) => "reading the worker's answer: interrupted".to_owned(),
             Err(LineError::Eof) => {
                 // End of file on stdout: the process is exiting, or it closed its stdout and so
                 // can never answer (it is killed then, like a dead one, and restarted).
-                let (broke, what) = if self.wait_exit(CLOSED_OR_DYING) {
+                let died = self.wait_exit(CLOSED_OR_DYING);
+                let (broke, what) = if died {
                     ("", "died during the task")
                 } else if stdin_broke {
                     (
@@ -989,17 +1490,66 @@ impl Worker {
                     )
                 };
                 let status = self.kill_keeping_group(&children, task.id);
+                if died && self.left_unread >= line_len + behind {
+                    // It exited before it read a byte of the task (one that leaves after a
+                    // number of tasks, with the next written ahead): it never started it.
+                    return Ran::NotSent(
+                        PoolJob { task, ..job },
+                        format!("exited before it read its next task ({})", describe(status)),
+                    );
+                }
                 let reason = format!(
                     "{broke}worker pid {} {what} ({}){}",
                     self.pid,
                     describe(status),
                     self.stderr_tail_suffix()
                 );
-                return Ran::Broken(finished(task, Outcome::Failed(reason)));
+                return Ran::Broken {
+                    finished: finished(task, Outcome::Failed(reason)),
+                    violated: !died,
+                };
             }
         };
         self.kill_keeping_group(&children, task.id);
-        Ran::Broken(finished(task, Outcome::Failed(failure)))
+        Ran::Broken {
+            finished: finished(task, Outcome::Failed(failure)),
+            violated: true,
+        }
+    }
+
+    /// A task written ahead was aborted before the task before it ended: the process has just
+    /// taken it, so it is stopped as a running task would be (SIGTERM, SIGKILL after the grace).
+    /// An answer it wrote meanwhile stands: the task ran to its end after all.
+    fn abort_written(&mut self, current: Current) -> Ran {
+        let children = Arc::clone(&self.children);
+        let task = current.job.task;
+        let status = self.kill_keeping_group(&children, task.id);
+        let answer = self.stdout.read_line(Some(Instant::now()), None, None);
+        let (outcome, result) = match answer.map(|line| parse_answer(&line, task.id)) {
+            Ok(Ok((outcome, result))) => (outcome, result),
+            _ if self.left_unread >= current.line_len => {
+                (Outcome::Failed(CANCELLED_BEFORE_START.to_owned()), None)
+            }
+            _ => (
+                Outcome::Failed(format!(
+                    "aborted while written behind the task before; worker pid {} stopped as it took it ({})",
+                    self.pid,
+                    describe(status)
+                )),
+                None,
+            ),
+        };
+        self.stderr_tags.mark(None);
+        Ran::Broken {
+            finished: Finished {
+                task,
+                outcome,
+                elapsed: current.started.elapsed(),
+                result,
+                exit_code: None,
+            },
+            violated: false,
+        }
     }
 
     /// Whether the worker broke the protocol between two tasks, so that it could not answer the
@@ -1067,14 +1617,32 @@ impl Worker {
     }
 
     /// Waits (bounded) for the process to exit after SIGTERM, then SIGKILLs its group. Leaves the
-    /// process unreaped.
+    /// process unreaped, and notes what it left unread of its stdin.
     fn terminate(&mut self) {
-        self.stdin = None;
+        if self.reaped.is_some() {
+            return;
+        }
         kill_group(self.pid, libc::SIGTERM);
         if !self.wait_exit(KILL_GRACE) {
             kill_group(self.pid, libc::SIGKILL);
             wait_exited_no_reap(self.pid);
         }
+        self.left_unread = self.unread_input();
+        self.stdin = None;
+    }
+
+    /// Bytes written to its stdin and not read yet (FIONREAD works on a pipe's write end too,
+    /// even once the reader is gone).
+    fn unread_input(&self) -> usize {
+        let Some(stdin) = &self.stdin else {
+            return 0;
+        };
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes the count of unread bytes to the int it is given.
+        if unsafe { libc::ioctl(stdin.as_raw_fd(), libc::FIONREAD, &raw mut unread) } != 0 {
+            return 0;
+        }
+        usize::try_from(unread).unwrap_or(0)
     }
 
     /// Terminates and reaps the worker; returns its exit status.
@@ -1086,12 +1654,16 @@ impl Worker {
     /// Kills what is left of the exited worker's process group (its own children), then reaps it.
     /// In that order: until the leader is reaped, its pid cannot be reused for another group.
     fn reap(&mut self) -> ExitStatus {
+        if let Some(status) = self.reaped {
+            return status;
+        }
         kill_group(self.pid, libc::SIGKILL);
         self.children.remove_worker(self.key.0, self.key.1);
         let status = self
             .child
             .wait()
             .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
+        self.reaped = Some(status);
         // Let the stderr reader log the last lines before they are quoted.
         let _ = self.stderr_done.recv_timeout(Duration::from_millis(200));
         status
@@ -1184,11 +1756,13 @@ impl LineReader {
     }
 
     /// The next line without its newline. A process that exited (its pidfd is readable) with
-    /// nothing more to read gives `Eof`, even if a grandchild still holds the pipe open.
+    /// nothing more to read gives `Eof`, even if a grandchild still holds the pipe open; a `bell`
+    /// that rings before a line comes gives `Bell`.
     fn read_line(
         &mut self,
         deadline: Option<Instant>,
         pidfd: Option<&OwnedFd>,
+        bell: Option<&Bell>,
     ) -> StdResult<Vec<u8>, LineError> {
         loop {
             if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
@@ -1205,6 +1779,7 @@ impl LineReader {
             let mut fds = [
                 pollfd(self.file.as_raw_fd(), libc::POLLIN),
                 pollfd(pidfd.map_or(-1, AsRawFd::as_raw_fd), libc::POLLIN),
+                pollfd(bell.map_or(-1, |b| b.0.as_raw_fd()), libc::POLLIN),
             ];
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             match poll(&mut fds, timeout) {
@@ -1214,6 +1789,9 @@ impl LineReader {
                 Err(e) => return Err(LineError::Io(e)),
             }
             if fds[0].revents == 0 {
+                if fds[1].revents == 0 {
+                    return Err(LineError::Bell);
+                }
                 return Err(LineError::Eof); // Exited without writing anything more.
             }
             let mut chunk = [0u8; 8192];
@@ -1488,10 +2066,10 @@ mod fuzz {
             let mut reader = LineReader::new(file);
             let mut lines = Vec::new();
             loop {
-                match reader.read_line(None, None) {
+                match reader.read_line(None, None, None) {
                     Ok(line) => lines.push(line),
                     Err(LineError::Eof) => break,
-                    Err(LineError::TooLong | LineError::Timeout | LineError::Io(_)) => {
+                    Err(LineError::TooLong | LineError::Timeout | LineError::Io(_) | LineError::Bell) => {
                         prop_assert!(false, "a short stream gave something else than lines");
                     }
                 }
@@ -1512,7 +2090,7 @@ mod fuzz {
         file.rewind().unwrap();
         let mut reader = LineReader::new(file);
         assert!(matches!(
-            reader.read_line(None, None),
+            reader.read_line(None, None, None),
             Err(LineError::TooLong)
         ));
         assert!(reader.buf.len() <= MAX_LINE_BYTES + 8192);

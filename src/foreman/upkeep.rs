@@ -193,7 +193,7 @@ impl Foreman {
         // Before the busy check: an abort matters most when every worker is busy.
         let poked = self.wake.take_control();
         self.watch_control(poked);
-        if self.attempts.running.len() >= self.capacity() {
+        if self.free_slots() == (0, 0) {
             if !self.attempts.ended.is_empty() {
                 self.fill(); // A DB error kept them from being recorded; try again.
             }
@@ -376,7 +376,7 @@ impl Foreman {
                     "name": &*pool.name,
                     "processes": pool.target(),
                     "up": same.iter().map(|p| p.up()).sum::<usize>(),
-                    "busy": same.iter().map(|p| p.in_flight()).sum::<usize>(),
+                    "busy": same.iter().map(|p| p.busy()).sum::<usize>(),
                     "tasks": tasks,
                 })
             })

@@ -27,6 +27,14 @@ const FLUSH_TRIES: usize = 3;
 /// What a failure without any text is said to be.
 const NO_REASON: &str = "(no reason given)";
 
+/// What one pop may still take: the free general slots (of `workers + prefetch`), which any task
+/// takes but one written behind a pipelined pool's running task; and each pool generation's tasks
+/// taken so far, by position in `pools`.
+struct Slots {
+    general: usize,
+    taken: Vec<usize>,
+}
+
 /// How `task` runs now: on its handler, not at all (dead letter), not yet, not while its name is
 /// paused, or (an expired lease of a task this daemon still runs) not again.
 #[allow(clippy::too_many_arguments)] // The loop's parts it reads, borrowed one by one.
@@ -36,7 +44,7 @@ fn resolve(
     pools: &[PoolGen],
     running: &HashMap<i64, Running>,
     control: &Control,
-    taken: &mut [usize],
+    slots: &mut Slots,
     task: &Task,
     now: f64,
 ) -> Resolved<Handler> {
@@ -78,14 +86,17 @@ fn resolve(
         });
     };
     let Handler::Pool { pool: id, timeout } = handler else {
+        if slots.general == 0 {
+            return Resolved::Defer; // The free slots left are a pipelined pool's, ahead.
+        }
+        slots.general -= 1;
         return Resolved::Run(handler.clone(), lease);
     };
     let Some(index) = find_pool(pools, *id) else {
         return Resolved::Dead(format!("task {name:?} is routed to a missing pool"));
     };
-    let here = place(&pools[index].pool, taken[index], name);
+    let here = place(&pools[index].pool, index, slots, name);
     if let Place::Take = here {
-        taken[index] += 1;
         return Resolved::Run(handler.clone(), lease);
     }
     // During a reload, the generation being replaced takes what the new one cannot take yet.
@@ -94,9 +105,8 @@ fn resolve(
     } = pools[index].role
         && let Some(before) = find_pool(pools, previous)
     {
-        match place(&pools[before].pool, taken[before], name) {
+        match place(&pools[before].pool, before, slots, name) {
             Place::Take => {
-                taken[before] += 1;
                 let handler = Handler::Pool {
                     pool: previous,
                     timeout: *timeout,
@@ -115,28 +125,36 @@ fn resolve(
 
 /// Whether a pool generation can take a task of `name` now.
 enum Place {
+    /// Taken, and counted in `Slots`.
     Take,
     /// No process has said hello yet, and none has given up.
     Unsettled,
-    /// Every process is busy (or has a task waiting for it).
+    /// Every process is busy (or has a task waiting for it), or a process is free but no
+    /// general slot is.
     Full,
     /// It cannot run it: the dead letter's reason.
     Refuse(String),
 }
 
-/// `taken`: the pool's tasks popped in this cycle, not submitted yet.
-fn place(pool: &ProcessPool, taken: usize, name: &str) -> Place {
+/// Takes a slot of `pool`, at `index` in the pools, for a task of `name` if it can run it now: a
+/// general one if a process may be free (the task would run), else, in a pipelined pool, one
+/// behind a running task (one per process).
+fn place(pool: &ProcessPool, index: usize, slots: &mut Slots, name: &str) -> Place {
     if !pool.settled() {
         return Place::Unsettled;
     }
     if let Err(reason) = pool.accepts(name) {
         return Place::Refuse(reason);
     }
+    let out = pool.in_flight() + slots.taken[index];
     match pool.processes() {
-        0 => Place::Refuse(format!("pool {:?} has no process left", pool.name)),
-        processes if pool.in_flight() + taken >= processes => Place::Full,
-        _ => Place::Take,
+        0 => return Place::Refuse(format!("pool {:?} has no process left", pool.name)),
+        processes if out < processes && slots.general > 0 => slots.general -= 1,
+        processes if out >= processes && pool.pipelined() && out < 2 * processes => {}
+        _ => return Place::Full,
     }
+    slots.taken[index] += 1;
+    Place::Take
 }
 
 impl Foreman {
@@ -152,11 +170,12 @@ impl Foreman {
             self.unpause();
         }
         loop {
-            let free = if self.control.all_paused {
-                0
+            let (general, ahead) = if self.control.all_paused {
+                (0, 0)
             } else {
-                self.capacity().saturating_sub(self.attempts.running.len())
+                self.free_slots()
             };
+            let free = general + ahead;
             if free == 0 && self.attempts.ended.is_empty() {
                 return;
             }
@@ -170,10 +189,13 @@ impl Foreman {
             );
             // Pool tasks taken in this pop, by pool: with the pool's running ones, never more than
             // its processes, so no popped task waits for a process.
-            let mut taken = vec![0; pools.len()];
+            let mut slots = Slots {
+                general,
+                taken: vec![0; pools.len()],
+            };
             let resolve = |task: &Task| {
                 resolve(
-                    config, registry, pools, running, control, &mut taken, task, now,
+                    config, registry, pools, running, control, &mut slots, task, now,
                 )
             };
             let popped = match self.store.cycle(&self.attempts.ended, free, now, resolve) {
@@ -248,9 +270,26 @@ impl Foreman {
         }
     }
 
-    /// The most tasks out at once: one per worker, plus the prefetched ones waiting for a worker.
+    /// The most tasks out at once in general slots: one per worker, plus the prefetched ones
+    /// waiting for a worker.
     pub(super) fn capacity(&self) -> usize {
         self.config.workers + self.config.prefetch
+    }
+
+    /// How many more tasks may be popped now: `general` slots (of `capacity`), which any task
+    /// takes, and `ahead` ones, which only a pipelined pool's tasks take, written behind a
+    /// running task (one per process). A pool's tasks beyond its processes hold no general slot:
+    /// each starts only as the one before it on its process ends, in the slot that one frees.
+    pub(super) fn free_slots(&self) -> (usize, usize) {
+        let (mut ahead_out, mut ahead_free) = (0, 0);
+        for generation in &self.workers.pools {
+            ahead_out += generation.pool.ahead();
+            if matches!(generation.role, Role::Current { .. } | Role::Previous) {
+                ahead_free += generation.pool.ahead_room();
+            }
+        }
+        let general_out = self.attempts.running.len().saturating_sub(ahead_out);
+        (self.capacity().saturating_sub(general_out), ahead_free)
     }
 
     /// The last chance to record the ended attempts (a retry not recorded is a retry lost): tries a
