@@ -208,30 +208,18 @@ pub(crate) fn drain_pool(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
             why.clone(),
         ));
     }
-    let n = bench.sizes.drain_tasks;
     let (mut rates, mut cpu) = (Vec::new(), Vec::new());
+    let (mut piped_rates, mut piped_cpu) = (Vec::new(), Vec::new());
+    // Alternated, so that both see the same machine.
     for rep in 1..=reps {
         bench.rep(Scenario::DrainPool, rep, "run");
-        let pool = python::pool_config(POOL_PROCESSES);
-        let mut run = bench.work.run(&daemon::config(WORKERS, 0, &pool))?;
-        let mut daemon = run.spawn(bench.work)?;
-        let mut records = Records::new(run.out.clone());
-        bench.warm_up(&run, &mut daemon, &mut records, true)?;
-        // The first hello routed the warm-up; give the other processes, started at the same
-        // moment, time to say theirs, so that the drain runs on all four.
-        bench.pause(Duration::from_millis(300))?;
-        let keys = 1..=i64::try_from(n).map_err(|_| Failure::new("too many tasks"))?;
-        let cpu_before = daemon.cpu_ns()?;
-        run.insert_many(POOL_TASK, n, Some(1))?;
-        run.wake()?;
-        bench.wait_records(&mut daemon, &mut records, "started", n + 1)?;
-        // The daemon's own threads (loop, drivers, readers), not the Python processes'.
-        let cpu_after = daemon.cpu_ns()?;
-        cpu.push(cpu_after.saturating_sub(cpu_before) as f64 / 1e3 / n as f64);
-        daemon.stop()?;
-        records.poll()?;
-        let starts = records.exactly_once(keys, &[0])?;
-        rates.push(steady_rate(starts.into_values())?);
+        let (rate, us) = bench.drain_pool_once(false)?;
+        rates.push(rate);
+        cpu.push(us);
+        bench.rep(Scenario::DrainPool, rep, "pipelined run");
+        let (rate, us) = bench.drain_pool_once(true)?;
+        piped_rates.push(rate);
+        piped_cpu.push(us);
     }
     let mut report = ScenarioReport::new(Scenario::DrainPool, reps);
     report
@@ -249,9 +237,56 @@ pub(crate) fn drain_pool(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
             &cpu,
             at_most(15.0),
         )
-        .extra("tasks", n)
+        .figure(
+            "pipelined_tasks_per_s",
+            format!("Python pool of {POOL_PROCESSES}, pipelined"),
+            "tasks/s",
+            &piped_rates,
+            at_least(15_000.0),
+        )
+        .figure(
+            "pipelined_daemon_cpu_per_task",
+            "daemon CPU per pool task, pipelined",
+            "µs",
+            &piped_cpu,
+            at_most(15.0),
+        )
+        .extra("tasks", bench.sizes.drain_tasks)
         .extra("processes", POOL_PROCESSES);
     Ok(report)
+}
+
+impl Bench<'_> {
+    /// One drain of Python tasks on a pool of `POOL_PROCESSES` (`pipeline = true` with
+    /// `pipelined`): tasks/s, and the daemon's CPU µs per task.
+    fn drain_pool_once(&mut self, pipelined: bool) -> Outcome<(f64, f64)> {
+        let n = self.sizes.drain_tasks;
+        let mut pool = python::pool_config(POOL_PROCESSES);
+        if pipelined {
+            pool.push_str("pipeline = true\n");
+        }
+        let mut run = self.work.run(&daemon::config(WORKERS, 0, &pool))?;
+        let mut daemon = run.spawn(self.work)?;
+        let mut records = Records::new(run.out.clone());
+        self.warm_up(&run, &mut daemon, &mut records, true)?;
+        // The first hello routed the warm-up; give the other processes, started at the same
+        // moment, time to say theirs, so that the drain runs on all four.
+        self.pause(Duration::from_millis(300))?;
+        let keys = 1..=i64::try_from(n).map_err(|_| Failure::new("too many tasks"))?;
+        let cpu_before = daemon.cpu_ns()?;
+        run.insert_many(POOL_TASK, n, Some(1))?;
+        run.wake()?;
+        self.wait_records(&mut daemon, &mut records, "started", n + 1)?;
+        // The daemon's own threads (loop, drivers, readers), not the Python processes'.
+        let cpu_after = daemon.cpu_ns()?;
+        daemon.stop()?;
+        records.poll()?;
+        let starts = records.exactly_once(keys, &[0])?;
+        Ok((
+            steady_rate(starts.into_values())?,
+            cpu_after.saturating_sub(cpu_before) as f64 / 1e3 / n as f64,
+        ))
+    }
 }
 
 pub(crate) fn drain_command(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
