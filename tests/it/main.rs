@@ -24,6 +24,7 @@ mod load;
 mod monitoring;
 mod ops;
 mod pg;
+mod pipeline;
 mod pools;
 mod publish;
 mod reload;
