@@ -1,7 +1,8 @@
 //! `ProcessPool`: the persistent worker processes of one `[pools.NAME]`. Each process has a driver
-//! thread that starts it, checks its hello, writes it one task at a time and reads the answer
-//! (docs/worker-protocol.md), and restarts it with backoff. The pool never pops and never routes:
-//! the foreman loop decides which tasks reach it, from the hellos the drivers report.
+//! thread that starts it, checks its hello, writes it one task at a time (in a pipelined pool, the
+//! next one behind the running one) and reads the answer (docs/worker-protocol.md), and restarts
+//! it with backoff. The pool never pops and never routes: the foreman loop decides which tasks
+//! reach it, from the hellos the drivers report.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::ffi::OsString;
@@ -805,6 +806,7 @@ impl Driver {
                     life.served_any = true;
                     let _ = self.finished.send(finished);
                     let Some(ahead) = next.take() else {
+                        worker.stderr_tags.mark(None);
                         return None; // Idle again.
                     };
                     current = match worker.begin(ahead, answered_at) {
@@ -834,6 +836,7 @@ impl Driver {
         match ran {
             Ran::Answered(finished) => {
                 let _ = self.finished.send(finished);
+                worker.stderr_tags.mark(None);
                 None
             }
             Ran::NotSent(job, what) => Some(self.not_sent(worker, job, &what, life.healthy())),
@@ -1409,20 +1412,9 @@ impl Worker {
     }
 
     /// Judges the answer to the running task (or why none came): an outcome, or a failure that
-    /// costs the worker. `behind`: the bytes of the next task written after its line. Its stderr
-    /// is no longer the task's after this.
+    /// costs the worker. `behind`: the bytes of the next task written after its line. What the
+    /// worker writes to stderr stays the task's until the next one begins, or `idle` says so.
     fn judge(
-        &mut self,
-        current: Current,
-        answer: StdResult<Vec<u8>, LineError>,
-        behind: usize,
-    ) -> Ran {
-        let ran = self.judge_tagged(current, answer, behind);
-        self.stderr_tags.mark(None);
-        ran
-    }
-
-    fn judge_tagged(
         &mut self,
         current: Current,
         answer: StdResult<Vec<u8>, LineError>,
@@ -1539,7 +1531,6 @@ impl Worker {
                 None,
             ),
         };
-        self.stderr_tags.mark(None);
         Ran::Broken {
             finished: Finished {
                 task,
