@@ -34,7 +34,7 @@ use report::{Progress, ScenarioReport};
 pub enum Scenario {
     /// In-process tasks/s: default (pop ≤ free slots) and with prefetch = 256
     DrainInproc,
-    /// Python tasks/s on a pool of 4 processes
+    /// Python tasks/s on a pool of 4 processes, plain and pipelined
     DrainPool,
     /// /bin/true per task, as a share of a bare spawn loop in the same run
     DrainCommand,

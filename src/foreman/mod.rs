@@ -1,6 +1,7 @@
 //! The foreman loop: one thread, one `match` over `Event`. It alone pops (and so deletes) rows, and
-//! it never has more tasks out than there are workers (plus the prefetch). It blocks only on its
-//! event channels and, bounded by the busy timeout, on the database's write lock.
+//! it never has more tasks out than there are workers (plus the prefetch, plus a pipelined pool's
+//! tasks written behind running ones). It blocks only on its event channels and, bounded by the
+//! busy timeout, on the database's write lock.
 //!
 //! `serve` reads as two calls: `next_event` (the `select!` over the channels) and `handle` (the
 //! `match` over what came). The state is grouped by what it is for: the configuration in force,
