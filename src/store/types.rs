@@ -524,3 +524,19 @@ pub struct FailureText {
     /// From `foreman_dead` (else `foreman_run`).
     pub dead: bool,
 }
+
+/// Every state `list` knows, with `queued` (due, later and paused) as a shorthand.
+pub const LIST_STATES: [&str; 12] = [
+    "queued",
+    "due",
+    "later",
+    "paused",
+    "leased",
+    "running",
+    "done",
+    "failed",
+    "timeout",
+    "lost",
+    "cancelled",
+    "dead",
+];

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
 use crate::outcome::headline;
-use crate::store::{CappedCount, DeadFilter, ListQuery, Store};
+use crate::store::{CappedCount, DeadFilter, LIST_STATES, ListQuery, Store};
 
 /// Rows per page, unless `limit` asks for another number (at most `MAX_LIMIT`).
 const PAGE_ROWS: usize = 50;
@@ -35,22 +35,6 @@ const FAILURE_WINDOW: usize = 100_000;
 const GROUP_NAMES: usize = 10;
 /// A failure's text is cut to this many characters in listings (the detail page has it whole).
 const LINE_CHARS: usize = 300;
-
-/// The states `foreman list --state` takes, for the page's menu.
-const LIST_STATES: [&str; 12] = [
-    "queued",
-    "due",
-    "later",
-    "paused",
-    "leased",
-    "running",
-    "done",
-    "failed",
-    "timeout",
-    "lost",
-    "cancelled",
-    "dead",
-];
 
 /// What the Tasks page's `state` groups stand for; any other value is passed to `list` as it is
 /// (a state, or a comma-separated list). Without `state`, `list`'s default: the live tasks.

@@ -14,27 +14,14 @@ use super::admin::{DEAD_COLUMNS, dead_letter};
 use super::{SqliteStore, cell};
 use crate::error::{Error, Result};
 use crate::store::row::Cell;
-use crate::store::types::{AttemptRecord, CappedCount, ListQuery, ListedTask, TaskStory};
+use crate::store::types::{
+    AttemptRecord, CappedCount, LIST_STATES, ListQuery, ListedTask, TaskStory,
+};
 
 /// The states a task's row in `foreman_task` can be in.
 const QUEUE_STATES: [&str; 4] = ["due", "later", "paused", "leased"];
 /// The history states read from the task's latest attempt.
 const ATTEMPT_STATES: [&str; 5] = ["done", "failed", "timeout", "lost", "cancelled"];
-/// Every state `list` knows, with `queued` (due, later and paused) as a shorthand.
-pub const LIST_STATES: [&str; 12] = [
-    "queued",
-    "due",
-    "later",
-    "paused",
-    "leased",
-    "running",
-    "done",
-    "failed",
-    "timeout",
-    "lost",
-    "cancelled",
-    "dead",
-];
 
 /// Whether the row's name is paused (or everything is): a lookup in the small pause table.
 const NAME_PAUSED: &str =
