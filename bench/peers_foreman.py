@@ -10,6 +10,9 @@ Consumer: `target/release/foreman run` with a `[pools.bench]` of 4 Python proces
 matching the peers' 4 workers. Producer: the stdlib client, `Client(db).enqueue(name, i)`: one
 INSERT in its own transaction, then the wakeup file, as snappea's `delay()` does.
 Stdlib only: runs with any python3 (the same one starts the pool's workers).
+
+BENCH_FOREMAN_PIPELINE=1 gives the pool `pipeline = true` (each process has its next task written
+while it runs one; docs/guide/delivery.md); the result's settings say so. Give such a run a --tag.
 """
 import os
 import sqlite3
@@ -25,6 +28,7 @@ CLIENT_DIR = os.path.join(REPO, "clients", "python")
 APP_DIR = os.path.join(REPO, "bench", "peers_foreman")
 TASK_NAME = "benchtasks.record"
 WORKERS = 4
+PIPELINE = os.environ.get("BENCH_FOREMAN_PIPELINE") == "1"
 
 
 def foreman_bin():
@@ -46,8 +50,9 @@ class Peer(common.BasePeer):
                 "python": sys.version.split()[0], "sqlite": sqlite3.sqlite_version}
 
     def settings(self):
-        return {"consumer": "foreman run (release build), workers = %d, [pools.bench] processes = %d: "
-                            "%s -m foreman_worker benchtasks" % (WORKERS, WORKERS, sys.executable),
+        return {"consumer": "foreman run (release build), workers = %d, [pools.bench] processes = %d%s: "
+                            "%s -m foreman_worker benchtasks"
+                            % (WORKERS, WORKERS, ", pipeline = true" if PIPELINE else "", sys.executable),
                 "config": "defaults otherwise: tick 1 s, history of every attempt in foreman_run, "
                           "log level info (no line per task)",
                 "db": "WAL (set by foreman init/run); the daemon deletes a row in the transaction that pops it",
@@ -64,7 +69,8 @@ class Peer(common.BasePeer):
         config = os.path.join(rundir, "foreman.toml")
         with open(config, "w") as f:
             f.write("workers = %d\n\n[pools.bench]\ncommand = [%s, \"-m\", \"foreman_worker\", \"benchtasks\"]\n"
-                    "processes = %d\n" % (WORKERS, _toml_str(sys.executable), WORKERS))
+                    "processes = %d\npipeline = %s\n"
+                    % (WORKERS, _toml_str(sys.executable), WORKERS, "true" if PIPELINE else "false"))
         return {"BENCH_FOREMAN_DB": db, "BENCH_FOREMAN_CONFIG": config, "BENCH_CWD": rundir,
                 "PYTHONPATH": os.pathsep.join([CLIENT_DIR, APP_DIR, HARNESS])}
 
