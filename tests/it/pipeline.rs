@@ -361,3 +361,59 @@ fn a_reload_lets_a_pipelined_process_finish_the_task_written_behind_before_it_le
     wait_runs(&env, next, &[("done", 1)]);
     daemon.stop();
 }
+
+/// A worker that leaves after a task tagged `last` (as one that exits after so many tasks does),
+/// once the test creates `ran.txt.go`, without reading the next line. It reads a byte at a time:
+/// a buffered read could take the line behind with the task's own, and then the daemon must
+/// count that task as started (and failed), not run it elsewhere.
+const LEAVING_WORKER: &str = r#"
+import json, os, sys, time
+def lines():
+    line = b""
+    while True:
+        byte = os.read(0, 1)
+        if not byte:
+            return
+        line += byte
+        if byte == b"\n":
+            yield line
+            line = b""
+print(json.dumps({"protocol": 1, "tasks": ["leave.record"]}), flush=True)
+for line in lines():
+    task = json.loads(line)
+    tag = task["args"][0]
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        f.write("%s %d\n" % (tag, os.getpid()))
+    if tag == "last":
+        while not os.path.exists(os.environ["RECORD_FILE"] + ".go"):
+            time.sleep(0.01)
+    print(json.dumps({"id": task["id"], "ok": True}), flush=True)
+    if tag == "last":
+        os._exit(0)
+"#;
+
+#[test]
+fn a_worker_that_exits_after_an_answer_leaves_the_line_behind_to_another_process() {
+    let env = Env::new();
+    std::fs::write(env.path("leaving_worker.py"), LEAVING_WORKER).unwrap();
+    env.config(
+        "workers = 1\n[pools.leave]\ncommand = [\"python3\", \"leaving_worker.py\"]\nprocesses = 1\npipeline = true\n",
+    );
+    env.init();
+    let daemon = env.daemon(&[]);
+    daemon.expect_log("serves leave.record");
+    let last = env.insert("leave.record", r#"["last"]"#);
+    let after = env.insert("leave.record", r#"["after"]"#);
+    env.touch_wakeup("t");
+    let first = wait_record(&env, "last");
+    expect_behind(&daemon, after, last);
+    go(&env);
+    daemon.expect_log(&format!(
+        "worker pid {first} exited before it read its next task (exited with status 0)"
+    ));
+    assert_ne!(wait_record(&env, "after"), first);
+    wait_runs(&env, last, &[("done", 1)]);
+    wait_runs(&env, after, &[("done", 1)]);
+    daemon.stop();
+    assert_eq!(count(&env, "after"), 1);
+}
