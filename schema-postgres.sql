@@ -190,7 +190,9 @@ CREATE TABLE IF NOT EXISTS foreman_schedule (
 -- boot (field 22 of /proc/PID/stat) on `host`, so a reused pid is not taken for the daemon.
 -- pools is a JSON array of {"name", "processes", "up", "busy", "tasks"}; totals a JSON object
 -- {task name: {"done": n, "failed": n}} counted since started_at; served the task names it
--- claims. The running set is foreman_run's rows in state 'running' with its id.
+-- claims; stale_after the seconds its heartbeat may be silent before another daemon recovers it
+-- (a few of its heartbeats, its own choice). The running set is foreman_run's rows in state
+-- 'running' with its id.
 CREATE TABLE IF NOT EXISTS foreman_daemon (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     host         text NOT NULL,
@@ -205,6 +207,7 @@ CREATE TABLE IF NOT EXISTS foreman_daemon (
     pools        jsonb NOT NULL DEFAULT '[]',
     totals       jsonb NOT NULL DEFAULT '{}',
     served       text[] NOT NULL DEFAULT '{}',
+    stale_after  double precision NOT NULL DEFAULT 30,
     recovered_at timestamptz,
     recovered_by bigint
 ) WITH (

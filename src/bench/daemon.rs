@@ -93,7 +93,7 @@ impl Workspace {
         };
         Store::open(&Database::Sqlite(run.db.clone()), Access::Create)?.ensure_schema()?;
         WakeupDir::prepare(&run.wakeup)?;
-        run.conn = Some(Producer::open(&run.db)?);
+        run.conn = Some(Producer::open(&Database::Sqlite(run.db.clone()))?);
         Ok(run)
     }
 }

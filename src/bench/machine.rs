@@ -146,13 +146,19 @@ fn pop_limit(dir: &Path, rows: usize, batch: usize) -> Outcome<f64> {
     let result = (|| {
         let mut store = Store::open(&db, Access::Create)?;
         store.ensure_schema()?;
-        Producer::open(&path)?.insert_many("foreman.bench", rows, None)?;
+        Producer::open(&Database::Sqlite(path.clone()))?.insert_many(
+            "foreman.bench",
+            rows,
+            None,
+        )?;
         let mut ended: Vec<Ending> = Vec::new();
         let mut popped_rows = 0;
         let start = Instant::now();
         loop {
             let now = unix_now();
-            let popped = store.cycle(&ended, batch, now, |_| Resolved::Run((), None))?;
+            let popped = store.cycle(&ended, crate::store::Claim::any(batch), now, |_| {
+                Resolved::Run((), None)
+            })?;
             ended = popped
                 .tasks
                 .into_iter()

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, select};
 
 use crate::children::Children;
-use crate::clock::unix_now;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::outcome::Finished;
@@ -23,7 +22,7 @@ use crate::process_pool::{PoolEvent, ProcessPool};
 use crate::registry::Registry;
 use crate::schedule::Schedules;
 use crate::signals::Shutdown;
-use crate::store::{Access, DaemonInfo, Ending, Store};
+use crate::store::{DaemonInfo, Ending, Store};
 use crate::sys::{hostname, process_start};
 use crate::thread_pool::ThreadPool;
 use crate::wake::Wakeups;
@@ -34,6 +33,7 @@ mod work;
 
 use stop::{Phase, Stop};
 use upkeep::{ClockWatch, DbTrouble, Figures, Pruning, QueueLook};
+use work::ClaimPlan;
 
 /// Everything the daemon reacts to.
 #[derive(Debug)]
@@ -101,6 +101,8 @@ struct Foreman<'c> {
     workers: Workers,
     attempts: Attempts,
     schedules: Schedules,
+    /// What each cycle may claim, by name (see `ClaimPlan`).
+    claims: ClaimPlan,
     stop: Stop,
     look: QueueLook,
     clock: ClockWatch,
@@ -127,8 +129,9 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         .as_deref()
         .map(PidGuard::acquire)
         .transpose()?;
-    let mut store = open_store(config)?;
-    let schedules = Schedules::load(&config.schedules, &mut store, unix_now())?;
+    let mut store = open_store(config, &registry, shutdown)?;
+    let now = store.now();
+    let schedules = Schedules::load(&config.schedules, &mut store, now)?;
     let (wake_tx, wakes) = crossbeam_channel::bounded(1);
     let wake = Wakeups::start(config, wake_tx)?;
     let (finished_tx, finished) = crossbeam_channel::unbounded();
@@ -159,6 +162,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
             ended: Vec::new(),
         },
         schedules,
+        claims: ClaimPlan::default(),
         stop: Stop::default(),
         look: QueueLook::default(),
         clock: ClockWatch::default(),
@@ -166,6 +170,7 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         figures: Figures::default(),
         db_trouble: DbTrouble::default(),
     };
+    foreman.plan_claims();
     foreman.schedules_due();
     foreman.fill();
     foreman.write_beat();
@@ -275,23 +280,38 @@ impl Foreman<'_> {
 }
 
 /// Opens the database, creating or upgrading the schema, and takes back what a crashed predecessor
-/// left running. Called with the PID lock held: this daemon is the only one.
-fn open_store(config: &Config) -> Result<Store> {
-    let mut store = Store::open(&config.db, Access::Create)?;
+/// left running (SQLite, with the PID lock held: this daemon is the only one), then registers.
+/// A PostgreSQL server that cannot be reached is waited for (`wait_for_db`), until a signal.
+fn open_store(
+    config: &Config,
+    registry: &Registry,
+    shutdown: &Receiver<crate::signals::Shutdown>,
+) -> Result<Store> {
+    let mut store = Store::open_daemon(&config.db, |pause| {
+        config.wait_for_db && shutdown.recv_timeout(pause).is_err()
+    })?;
     store.ensure_schema()?;
-    let (requeued, lost) = store.recover(unix_now())?;
+    let (requeued, lost) = store.recover(store.now())?;
     if requeued + lost > 0 {
         log::warn!(
             "the previous daemon stopped with tasks running: {lost} recorded lost (at-most-once), {requeued} queued again (at-least-once)"
         );
     }
+    let mut served: Vec<String> = registry
+        .handlers()
+        .filter(|(_, h)| !matches!(h, crate::registry::Handler::Pool { .. }))
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    served.sort_unstable();
     store.register_daemon(&DaemonInfo {
         pid: std::process::id(),
         pid_start: process_start(std::process::id()),
         host: hostname(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        started_at: unix_now(),
+        started_at: store.now(),
         workers: config.workers,
+        served,
+        stale_after: upkeep::stale_after(config),
     })?;
     Ok(store)
 }

@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use super::stop::Phase;
 use super::{Foreman, MAX_DUE_WAIT, Running};
-use crate::clock::unix_now;
 use crate::config::{Config, Delivery, Runner};
 use crate::outcome::{Finished, Outcome, headline};
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
 use crate::registry::{Handler, Registry};
-use crate::store::{Ending, Next, Resolved, RunState};
+use crate::store::{Claim, ClaimGroup, Ending, Next, Resolved, RunState};
 use crate::task::Task;
 use crate::thread_pool::Job;
 
@@ -26,6 +25,84 @@ const FLUSH_TRIES: usize = 3;
 /// What a failure without any text is said to be.
 const NO_REASON: &str = "(no reason given)";
 
+/// How long an at-least-once task of `name` is leased for.
+pub(super) fn lease_length(config: &Config, name: &str) -> Duration {
+    let timeout = config.tasks.get(name).and_then(|t| t.timeout);
+    timeout.map_or(MIN_LEASE, |t| (t + MIN_LEASE / 10).max(MIN_LEASE))
+}
+
+/// The names this daemon can claim, by what limits them: each pool's (its free processes), then
+/// the worker threads' (the free slots). A store that claims by name (PostgreSQL) takes only
+/// these; the others read only the total.
+#[derive(Default)]
+pub(super) struct ClaimPlan {
+    groups: Vec<ClaimGroup>,
+    /// For each group, the pool whose free processes limit it (`None`: the worker threads).
+    pools: Vec<Option<usize>>,
+    /// Every name in the groups, sorted: what the daemon serves (its heartbeat publishes them).
+    pub(super) served: Vec<String>,
+}
+
+impl ClaimPlan {
+    /// The plan for what the registry serves now: a pool's names only once it is up (a pool
+    /// still starting or that cannot start serves nothing yet).
+    pub(super) fn new(config: &Config, registry: &Registry, pools: &[ProcessPool]) -> ClaimPlan {
+        let mut by_runner: std::collections::BTreeMap<Option<usize>, Vec<String>> =
+            std::collections::BTreeMap::new();
+        for (name, handler) in registry.handlers() {
+            let pool = match handler {
+                Handler::Pool { pool, .. } => {
+                    let up = pools
+                        .get(*pool)
+                        .is_some_and(|p| p.settled() && !p.is_down());
+                    if !up {
+                        continue;
+                    }
+                    Some(*pool)
+                }
+                Handler::InProcess(_) | Handler::Command { .. } => None,
+            };
+            by_runner.entry(pool).or_default().push(name.to_owned());
+        }
+        let mut plan = ClaimPlan::default();
+        // Pools first: the worker threads' names take whatever slots are left.
+        let threads = by_runner.remove(&None);
+        for (pool, mut names) in by_runner.into_iter().chain(threads.map(|n| (None, n))) {
+            names.sort_unstable();
+            let leases = names
+                .iter()
+                .map(|name| match config.policy(name).delivery {
+                    Delivery::AtMostOnce => 0.0,
+                    Delivery::AtLeastOnce => lease_length(config, name).as_secs_f64(),
+                })
+                .collect();
+            plan.served.extend(names.iter().cloned());
+            plan.groups.push(ClaimGroup {
+                names,
+                leases,
+                limit: 0,
+            });
+            plan.pools.push(pool);
+        }
+        plan.served.sort_unstable();
+        plan
+    }
+
+    /// The claim for `free` slots: each pool's group limited to its free processes.
+    fn claim(&mut self, free: usize, pools: &[ProcessPool]) -> Claim<'_> {
+        for (group, pool) in self.groups.iter_mut().zip(&self.pools) {
+            group.limit = match pool.and_then(|p| pools.get(p)) {
+                Some(pool) => pool.processes().saturating_sub(pool.in_flight()),
+                None => usize::MAX,
+            };
+        }
+        Claim {
+            limit: free,
+            groups: &self.groups,
+        }
+    }
+}
+
 /// How `task` runs now: on its handler, not at all (dead letter), not yet, or (an expired lease of
 /// a task this daemon still runs) not again.
 fn resolve(
@@ -38,11 +115,7 @@ fn resolve(
     now: f64,
 ) -> Resolved<Handler> {
     let name = task.name.as_str();
-    let lease = || {
-        let timeout = config.tasks.get(name).and_then(|t| t.timeout);
-        let lease = timeout.map_or(MIN_LEASE, |t| (t + MIN_LEASE / 10).max(MIN_LEASE));
-        now + lease.as_secs_f64()
-    };
+    let lease = || now + lease_length(config, name).as_secs_f64();
     if task.was_leased && running.contains_key(&task.id) {
         return Resolved::Hold(lease());
     }
@@ -102,19 +175,20 @@ impl Foreman<'_> {
             if free == 0 && self.attempts.ended.is_empty() {
                 return;
             }
-            let now = unix_now();
+            let now = self.store.now();
             let (config, registry, pools, running) = (
                 self.config,
                 &self.registry,
                 &self.workers.pools,
                 &self.attempts.running,
             );
+            let claim = self.claims.claim(free, pools);
             // Pool tasks taken in this pop, by pool: with the pool's running ones, never more than
             // its processes, so no popped task waits for a process.
             let mut taken = vec![0; pools.len()];
             let resolve =
                 |task: &Task| resolve(config, registry, pools, running, &mut taken, task, now);
-            let popped = match self.store.cycle(&self.attempts.ended, free, now, resolve) {
+            let popped = match self.store.cycle(&self.attempts.ended, claim, now, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
                     self.db_error("cannot pop tasks", &e);
@@ -211,9 +285,10 @@ impl Foreman<'_> {
             return;
         }
         let resolve = |_: &Task| Resolved::<()>::Defer;
+        let now = self.store.now();
         match self
             .store
-            .cycle(&self.attempts.ended, 0, unix_now(), resolve)
+            .cycle(&self.attempts.ended, Claim::any(0), now, resolve)
         {
             Ok(_) => {
                 self.db_works();
@@ -229,14 +304,19 @@ impl Foreman<'_> {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
         };
-        Instant::now().checked_add(crate::clock::wait_until(due, unix_now(), MAX_DUE_WAIT))
+        Instant::now().checked_add(crate::clock::wait_until(
+            due,
+            self.store.now(),
+            MAX_DUE_WAIT,
+        ))
     }
 
     pub(super) fn schedules_due(&mut self) {
         let running = &self.attempts.running;
+        let now = self.store.now();
         let refused = self
             .schedules
-            .fire_due(&mut self.store, unix_now(), |id| running.contains_key(&id));
+            .fire_due(&mut self.store, now, |id| running.contains_key(&id));
         for (name, e) in refused {
             self.db_error(&format!("schedule {name}"), &e);
         }
@@ -251,7 +331,7 @@ impl Foreman<'_> {
             outcome,
             elapsed,
         } = done;
-        let now = unix_now();
+        let now = self.store.now();
         let ok = matches!(outcome, Outcome::Done { .. });
         self.figures
             .tally
@@ -355,12 +435,19 @@ impl Foreman<'_> {
             self.attempts.ended.push(Ending {
                 task: job.task,
                 state: RunState::Dead,
-                finished_at: unix_now(),
+                finished_at: self.store.now(),
                 error: Some(reason.clone()),
                 next: Next::Bury(reason),
                 leased,
             });
         }
+        // A pool that said hello, or went down, serves other names now.
+        self.plan_claims();
+    }
+
+    /// Plans the claims again, after the pools or the registry changed.
+    pub(super) fn plan_claims(&mut self) {
+        self.claims = ClaimPlan::new(self.config, &self.registry, &self.workers.pools);
     }
 
     /// Stops every pool's processes (all at once) and waits until they are gone.

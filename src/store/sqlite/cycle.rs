@@ -10,7 +10,9 @@ use rusqlite::{Connection, params};
 use super::{SqliteStore, cell};
 use crate::error::Result;
 use crate::store::row::{RawRow, decode, printable_name};
-use crate::store::types::{Buried, Ending, Next, Popped, Resolved, RunState};
+use crate::store::types::{
+    Buried, Claim, Ending, Next, Popped, Resolved, RunState, truncate_error,
+};
 use crate::task::Task;
 
 /// What `changes` reads: the size and mtime of the database file and of its `-wal`.
@@ -35,23 +37,9 @@ const SQL_DUE_IN_PRIORITY: &str = "SELECT min(run_after) FROM foreman_task WHERE
 
 const SQL_DELETE: &str = "DELETE FROM foreman_task WHERE id = ?1";
 
-/// Error text kept per attempt: a traceback's end says what went wrong, so the end is kept.
-const MAX_ERROR_BYTES: usize = 8 * 1024;
-
 /// Rows looked at beyond the free slots in one pop, so that a head of rows waiting for a busy pool
 /// does not keep free slots from the rows behind it.
 const LOOKAHEAD: usize = 64;
-
-fn truncate_error(error: &str) -> std::borrow::Cow<'_, str> {
-    if error.len() <= MAX_ERROR_BYTES {
-        return error.into();
-    }
-    let mut start = error.len() - MAX_ERROR_BYTES;
-    while !error.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("[…] {}", &error[start..]).into()
-}
 
 impl SqliteStore {
     /// One `BEGIN IMMEDIATE` transaction of the loop: records the attempts that `ended` (with
@@ -62,10 +50,12 @@ impl SqliteStore {
     pub fn cycle<H>(
         &mut self,
         ended: &[Ending],
-        limit: usize,
+        claim: Claim<'_>,
         now: f64,
         mut resolve: impl FnMut(&Task) -> Resolved<H>,
     ) -> Result<Popped<H>> {
+        // One index walk resolves every row: the names are the resolver's business here.
+        let limit = claim.limit;
         let mut popped = Popped {
             tasks: Vec::with_capacity(limit),
             dead: Vec::new(),
@@ -527,7 +517,7 @@ mod tests {
         for (round, limit) in [1, 4, 2, 3, 1, 4, 7, 2].into_iter().enumerate() {
             let now = crate::clock::unix_now() + f64::from(u32::try_from(round).unwrap());
             popped += queue
-                .cycle(&[], limit, now, |_| Resolved::Run((), None))
+                .cycle(&[], Claim::any(limit), now, |_| Resolved::Run((), None))
                 .unwrap()
                 .tasks
                 .len();

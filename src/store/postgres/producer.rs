@@ -1,0 +1,168 @@
+//! A producer's connection to PostgreSQL as schema-postgres.sql describes one, for the benchmark:
+//! plain `INSERT`s, then `NOTIFY foreman` after the commit; and its checks of what became of the
+//! rows (still queued, attempts recorded).
+
+use std::cell::{Cell, RefCell};
+use std::ops::RangeInclusive;
+
+use postgres::Client;
+
+use super::{Role, Target};
+use crate::error::Result;
+use crate::store::RecordedAttempts;
+
+pub struct Producer {
+    target: Target,
+    client: RefCell<Client>,
+    last_id: Cell<i64>,
+}
+
+impl Producer {
+    pub fn open(url: &str, label: &str) -> Result<Producer> {
+        let target = Target::parse(url, label)?;
+        let client = target.connect(Role::Command)?;
+        Ok(Producer {
+            target,
+            client: RefCell::new(client),
+            last_id: Cell::new(0),
+        })
+    }
+
+    fn run<T>(
+        &self,
+        work: impl FnOnce(&mut Client) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        work(&mut self.client.borrow_mut()).map_err(|e| self.target.error(&e))
+    }
+
+    /// Inserts `count` rows of `name` in one statement; with `keys_from`, row i gets
+    /// `args = [keys_from + i]` (i from 0). Returns the ids (consecutive: one producer).
+    pub fn insert_many(
+        &mut self,
+        name: &str,
+        count: usize,
+        keys_from: Option<i64>,
+    ) -> Result<RangeInclusive<i64>> {
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        let row = self.run(|c| {
+            c.query_one(
+                "WITH ins AS (INSERT INTO foreman_task (task_name, args) \
+                 SELECT $1, CASE WHEN $3::int8 IS NULL THEN '[]'::jsonb \
+                                 ELSE jsonb_build_array(i - 1 + $3::int8) END \
+                 FROM generate_series(1, $2::int8) AS i RETURNING id) \
+                 SELECT min(id), max(id) FROM ins",
+                &[&name, &count, &keys_from],
+            )
+        })?;
+        let (first, last): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+        match (first, last) {
+            (Some(first), Some(last)) if last - first + 1 == count => Ok(first..=last),
+            _ => Err(self
+                .target
+                .error_text("the bench's batch insert got ids that are not consecutive")),
+        }
+    }
+
+    /// Inserts one row in a transaction of its own; returns its id.
+    pub fn insert_one(&self, name: &str, args: &str) -> Result<i64> {
+        self.run(|c| {
+            c.query_one(
+                "INSERT INTO foreman_task (task_name, args) VALUES ($1, $2::text::jsonb) RETURNING id",
+                &[&name, &args],
+            )
+        })
+        .map(|r| r.get(0))
+    }
+
+    /// Runs `inserts` in one transaction; rolled back if it fails.
+    pub fn in_transaction<T>(&self, inserts: impl FnOnce(&Producer) -> Result<T>) -> Result<T> {
+        self.run(|c| c.batch_execute("BEGIN"))?;
+        match inserts(self) {
+            Ok(done) => {
+                self.run(|c| c.batch_execute("COMMIT"))?;
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = self.run(|c| c.batch_execute("ROLLBACK"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Inserts a row of `name` with only its name given, and returns its id.
+    pub fn insert_name(&self, name: &str) -> Result<i64> {
+        let id = self.run(|c| {
+            c.query_one(
+                "INSERT INTO foreman_task (task_name) VALUES ($1) RETURNING id",
+                &[&name],
+            )
+        })?;
+        Ok(id.get(0))
+    }
+
+    /// `insert_name`, remembering the id for `last_id`.
+    pub fn append_name(&self, name: &str) -> Result<()> {
+        let id = self.insert_name(name)?;
+        self.last_id.set(id);
+        Ok(())
+    }
+
+    pub fn last_id(&self) -> i64 {
+        self.last_id.get()
+    }
+
+    /// Inserts a row of `name` due at `run_after` (Unix seconds), and returns its id.
+    pub fn insert_due_at(&self, name: &str, run_after: f64) -> Result<i64> {
+        self.run(|c| {
+            c.query_one(
+                "INSERT INTO foreman_task (task_name, run_after) VALUES ($1, to_timestamp($2)) RETURNING id",
+                &[&name, &run_after],
+            )
+        })
+        .map(|r| r.get(0))
+    }
+
+    /// `NOTIFY foreman`, after a commit: the producer's wake-up.
+    pub fn notify(&self) -> Result<()> {
+        self.run(|c| c.batch_execute("NOTIFY foreman"))
+    }
+
+    /// How many of `ids` are still queued.
+    pub fn queued(&self, ids: &RangeInclusive<i64>) -> Result<usize> {
+        let row = self.run(|c| {
+            c.query_one(
+                "SELECT count(*) FROM foreman_task WHERE id BETWEEN $1 AND $2",
+                &[ids.start(), ids.end()],
+            )
+        })?;
+        Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    /// What the daemons recorded of the attempts of `ids`.
+    pub fn attempts(&self, ids: &RangeInclusive<i64>) -> Result<RecordedAttempts> {
+        let row = self.run(|c| {
+            c.query_one(
+                "SELECT count(*), count(DISTINCT task_id), count(*) FILTER (WHERE state = 'done') \
+                 FROM foreman_run WHERE task_id BETWEEN $1 AND $2",
+                &[ids.start(), ids.end()],
+            )
+        })?;
+        let n = |i: usize| usize::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok(RecordedAttempts {
+            count: n(0),
+            tasks: n(1),
+            done: n(2),
+        })
+    }
+
+    /// Runs `sql` (the bench's own setup and figures: schemas, server statistics).
+    pub fn execute(&self, sql: &str) -> Result<()> {
+        self.run(|c| c.batch_execute(sql))
+    }
+
+    /// One number `sql` answers (the bench's server figures).
+    pub fn number(&self, sql: &str) -> Result<f64> {
+        let row = self.run(|c| c.query_one(sql, &[]))?;
+        Ok(row.get::<_, Option<f64>>(0).unwrap_or(0.0))
+    }
+}

@@ -1,0 +1,104 @@
+//! PostgreSQL's wake: a thread of its own waits on the store's `LISTEN foreman` connection and
+//! turns each notification into a wake on the loop's channel. When `LISTEN` cannot work (the
+//! setting `listen = false`, for PgBouncer in transaction mode) or fails (the server is down, a
+//! pooler refuses it), the thread polls instead: a wake every `POLL`, and, after a failure, it
+//! tries to listen again every `RELISTEN`. It warns once when listening fails and says when it
+//! works again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use crate::error::{Error, Result};
+use crate::store::postgres::listen::Listener;
+
+/// How often the daemon polls when it cannot listen.
+pub const POLL: Duration = Duration::from_millis(250);
+/// How long one wait for notifications lasts: how soon the thread notices it should stop.
+const WAIT: Duration = Duration::from_millis(500);
+/// After a failure, how long the thread polls before it tries to listen again.
+const RELISTEN: Duration = Duration::from_secs(5);
+
+pub struct ListenWakeups {
+    stop: Arc<AtomicBool>,
+    listen: bool,
+}
+
+impl ListenWakeups {
+    /// Starts the thread: listening on `url` (shown as `label`), or polling without `listen`.
+    pub fn start(url: &str, label: &str, listen: bool, wakes: Sender<()>) -> Result<ListenWakeups> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = if listen {
+            Some(Listener::new(url, label)?)
+        } else {
+            None
+        };
+        let flag = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("foreman-listen".to_owned())
+            .spawn(move || match listener {
+                Some(listener) => listen_loop(listener, &flag, &wakes),
+                None => poll_loop(&flag, &wakes, None),
+            })
+            .map_err(|e| Error::io("cannot start the LISTEN thread", e))?;
+        Ok(ListenWakeups { stop, listen })
+    }
+
+    pub fn describe(&self) -> String {
+        if self.listen {
+            "LISTEN foreman".to_owned()
+        } else {
+            format!(
+                "polling every {} (listen = false)",
+                crate::duration::format_duration(POLL)
+            )
+        }
+    }
+}
+
+impl Drop for ListenWakeups {
+    fn drop(&mut self) {
+        // The thread sees it within one wait and ends; nothing to join for.
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Polls until `stop`, or until `until` passes.
+fn poll_loop(stop: &AtomicBool, wakes: &Sender<()>, until: Option<Instant>) {
+    while !stop.load(Ordering::SeqCst) && until.is_none_or(|at| Instant::now() < at) {
+        std::thread::sleep(POLL);
+        // bounded(1): a pending wake already covers this one.
+        let _ = wakes.try_send(());
+    }
+}
+
+fn listen_loop(mut listener: Listener, stop: &AtomicBool, wakes: &Sender<()>) {
+    let mut failing = false;
+    while !stop.load(Ordering::SeqCst) {
+        match listener.wait(WAIT) {
+            Ok(heard) => {
+                if failing {
+                    log::info!("LISTEN foreman works again: back to waking on notifications");
+                    failing = false;
+                }
+                // A new connection missed what was notified before it listened: look.
+                if heard.notifications > 0 || heard.reconnected {
+                    let _ = wakes.try_send(());
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    log::warn!(
+                        "cannot LISTEN for wake-ups ({e}); polling every {} instead, and trying to listen again every {}",
+                        crate::duration::format_duration(POLL),
+                        crate::duration::format_duration(RELISTEN)
+                    );
+                    failing = true;
+                }
+                poll_loop(stop, wakes, Some(Instant::now() + RELISTEN));
+            }
+        }
+    }
+}
