@@ -9,6 +9,7 @@ mod cli;
 mod cli_reference;
 mod commands;
 mod crash;
+mod daemons;
 mod drain;
 mod environment;
 mod faults;
