@@ -1,5 +1,6 @@
 //! `Children`: the process groups of running command tasks, so the foreman loop can signal them at
-//! shutdown. A pid is removed before it is reaped, so a signal never reaches a recycled pid.
+//! shutdown or when a task is aborted. A pid is removed before it is reaped, so a signal never
+//! reaches a recycled pid.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -60,6 +61,17 @@ impl Children {
 
     pub fn remove(&self, task_id: i64) {
         self.lock().remove(&task_id);
+    }
+
+    /// Sends `signal` to the process group running task `task_id` (its command, or its pool
+    /// worker); returns whether it has one.
+    pub fn signal(&self, task_id: i64, signal: libc::c_int) -> bool {
+        let groups = self.lock();
+        let Some(&pid) = groups.get(&task_id) else {
+            return false;
+        };
+        kill_group(pid, signal);
+        true
     }
 
     /// Sends `signal` to every running task's process group; returns how many were signalled.

@@ -6,8 +6,9 @@ use crossbeam_channel::Receiver;
 
 use crate::commands::{
     self, DaemonArgs, Globals, bench::BenchArgs, cancel::CancelArgs, dead::DeadCommand,
-    enqueue::EnqueueArgs, health::HealthArgs, init::InitArgs, metrics::MetricsArgs,
-    stats::StatsArgs, status::StatusArgs, wait::WaitArgs,
+    enqueue::EnqueueArgs, health::HealthArgs, init::InitArgs, list::ListArgs, metrics::MetricsArgs,
+    pause::PauseArgs, resume::ResumeArgs, retry::RetryArgs, show::ShowArgs, stats::StatsArgs,
+    status::StatusArgs, wait::WaitArgs,
 };
 use crate::config::Config;
 use crate::error::Result;
@@ -18,8 +19,8 @@ Exit codes:
   0  success
   1  runtime failure (database error, daemon already running, a second signal during shutdown…)
   2  usage or configuration error (bad flag, bad config file, bad JSON argument)
-`wait` and `health` have exit codes of their own, and `cancel` and `dead requeue` exit 1 when they
-could not do it for every id: see their --help.";
+`wait`, `show`, `cancel` and `health` have exit codes of their own, and `retry` and `dead requeue`
+exit 1 when they could not do it for every id: see their --help.";
 
 /// A background-task runner: web apps enqueue by inserting a row into SQLite and touching a file;
 /// `foreman run` wakes through inotify and runs the task.
@@ -40,8 +41,13 @@ pub enum Command {
     /// Run the daemon until SIGTERM or SIGINT
     Run(DaemonArgs),
     Enqueue(EnqueueArgs),
+    List(ListArgs),
+    Show(ShowArgs),
     Wait(WaitArgs),
     Cancel(CancelArgs),
+    Retry(RetryArgs),
+    Pause(PauseArgs),
+    Resume(ResumeArgs),
     /// List, requeue or purge dead letters: tasks that could not run or ran out of retries
     Dead {
         #[command(subcommand)]
@@ -75,8 +81,13 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
         Command::Init(args) => commands::init::run(globals, args),
         Command::Run(daemon) => commands::run::run(globals, daemon, signals),
         Command::Enqueue(args) => commands::enqueue::run(globals, args),
+        Command::List(args) => commands::list::run(globals, args),
+        Command::Show(args) => commands::show::run(globals, args),
         Command::Wait(args) => commands::wait::run(globals, args),
         Command::Cancel(args) => commands::cancel::run(globals, args),
+        Command::Retry(args) => commands::retry::run(globals, args),
+        Command::Pause(args) => commands::pause::run(globals, args),
+        Command::Resume(args) => commands::resume::run(globals, args),
         Command::Dead { command } => commands::dead::run(globals, command),
         Command::Status(args) => commands::status::run(globals, args),
         Command::Stats(args) => commands::stats::run(globals, args),

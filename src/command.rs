@@ -1,21 +1,105 @@
 //! Runs one command task: spawns its argv directly (never through a shell) in its own process group,
 //! writes the task as JSON to its stdin, logs its output lines tagged with the task id (within a
-//! `LineBudget`), and turns the exit status into an outcome. The child dies with the daemon, even
-//! on `kill -9`.
+//! `LineBudget`), and turns the exit status into an outcome, and the file named by
+//! `FOREMAN_RESULT_FILE` into its result (`ResultFiles`). The child dies with the daemon, even on
+//! `kill -9`.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::children::{Children, KILL_GRACE, kill_group};
 use crate::duration::format_duration;
 use crate::line_budget::LineBudget;
-use crate::outcome::Outcome;
+use crate::outcome::{MAX_RESULT_BYTES, Outcome, Reported, result_text, too_big};
 use crate::task::Task;
+
+/// The environment variable naming the file where a command task may write its result (JSON).
+pub const RESULT_FILE_ENV: &str = "FOREMAN_RESULT_FILE";
+
+/// Where command tasks write their results: a private directory (mode 0700) made in the system's
+/// temporary directory by the first command task, holding one file per attempt while it runs, and
+/// removed with the daemon. A file of its own, not the command's stdout: output is the task's
+/// log, and a result can never be mistaken for a line of it.
+#[derive(Default)]
+pub struct ResultFiles {
+    dir: OnceLock<Option<PathBuf>>,
+}
+
+impl ResultFiles {
+    /// The file for one attempt; `None` (logged once) when no directory could be made.
+    fn path_for(&self, task: &Task) -> Option<PathBuf> {
+        let dir = self.dir.get_or_init(|| {
+            let base = std::env::temp_dir();
+            let made = (0..8).find_map(|_| {
+                let dir = base.join(format!(
+                    "foreman-results-{}-{:08x}",
+                    std::process::id(),
+                    fastrand::u32(..)
+                ));
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&dir)
+                    .ok()
+                    .map(|()| dir)
+            });
+            if made.is_none() {
+                log::warn!(
+                    "cannot make a directory for command results in {}: command tasks run without ${RESULT_FILE_ENV}",
+                    base.display()
+                );
+            }
+            made
+        });
+        Some(
+            dir.as_ref()?
+                .join(format!("{}.{}.json", task.id, task.attempt)),
+        )
+    }
+}
+
+impl ResultFiles {
+    /// Removes the directory, if it was made: at the daemon's exit, when no task runs any more
+    /// (or none will be waited for).
+    pub fn remove(&self) {
+        if let Some(Some(dir)) = self.dir.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The result a command wrote to its file (which is removed): `None` for no file or an empty one;
+/// `Err` (the attempt's failure) for a file that is not JSON or is over the size limit.
+fn take_result(path: &Path) -> Result<Option<String>, String> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read its ${RESULT_FILE_ENV}: {e}")),
+    };
+    let mut text = Vec::new();
+    let read = file
+        .take(MAX_RESULT_BYTES as u64 + 1)
+        .read_to_end(&mut text);
+    let size = std::fs::metadata(path).map_or(text.len(), |m| m.len() as usize);
+    let _ = std::fs::remove_file(path);
+    read.map_err(|e| format!("cannot read its ${RESULT_FILE_ENV}: {e}"))?;
+    if size > MAX_RESULT_BYTES {
+        return Err(too_big(size));
+    }
+    if text.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("its ${RESULT_FILE_ENV} does not hold one JSON value: {e}"))?;
+    result_text(&value)
+}
 
 /// The exit status by which a command says it succeeded but found nothing new (for adaptive
 /// schedules); 0 means it did.
@@ -32,15 +116,52 @@ const MAX_DRAIN_AFTER_EXIT: usize = 1 << 20;
 
 /// Runs the task's command to completion: exit 0 is done (eventful), `EXIT_UNEVENTFUL` done and
 /// uneventful, anything else a failure with a one-line reason. Past `timeout`, the command's
-/// process group gets SIGTERM, then SIGKILL after `KILL_GRACE`.
+/// process group gets SIGTERM, then SIGKILL after `KILL_GRACE`. A done command's result is what
+/// it wrote to `$FOREMAN_RESULT_FILE`.
 pub fn run(
     task: &Task,
     argv: &[String],
     timeout: Option<Duration>,
     children: &Children,
-) -> Outcome {
-    match run_command(task, argv, timeout, children) {
+    results: &ResultFiles,
+) -> Reported {
+    let result_file = results.path_for(task);
+    let mut exit_code = None;
+    let outcome = match run_command(
+        task,
+        argv,
+        timeout,
+        children,
+        result_file.as_deref(),
+        &mut exit_code,
+    ) {
         Ok(outcome) | Err(outcome) => outcome,
+    };
+    let Some(path) = result_file else {
+        return Reported {
+            outcome,
+            result: None,
+            exit_code,
+        };
+    };
+    let taken = take_result(&path);
+    match (outcome, taken) {
+        (outcome @ Outcome::Done { .. }, Ok(result)) => Reported {
+            outcome,
+            result,
+            exit_code,
+        },
+        (Outcome::Done { .. }, Err(why)) => Reported {
+            outcome: Outcome::Failed(format!("command exited with status 0, but {why}")),
+            result: None,
+            exit_code,
+        },
+        // A failed command's result file is removed, not read.
+        (outcome, _) => Reported {
+            outcome,
+            result: None,
+            exit_code,
+        },
     }
 }
 
@@ -49,14 +170,19 @@ fn run_command(
     argv: &[String],
     timeout: Option<Duration>,
     children: &Children,
+    result_file: Option<&Path>,
+    exit_code: &mut Option<i32>,
 ) -> Result<Outcome, Outcome> {
     let started = Instant::now();
     let (id, attempt) = (task.id.to_string(), task.attempt.to_string());
-    let env = [
+    let mut env = vec![
         ("FOREMAN_TASK_ID", id.as_str()),
         ("FOREMAN_TASK_NAME", task.name.as_str()),
         ("FOREMAN_ATTEMPT", attempt.as_str()),
     ];
+    if let Some(path) = result_file.and_then(Path::to_str) {
+        env.push((RESULT_FILE_ENV, path));
+    }
     let child = crate::spawn::spawn(argv, &env).map_err(|e| {
         let program = argv.first().map_or("", String::as_str);
         Outcome::Failed(format!("cannot start command {program:?}: {e}"))
@@ -80,6 +206,9 @@ fn run_command(
     children.remove(task.id);
     let status = crate::spawn::reap(pid)
         .map_err(|e| Outcome::Failed(format!("waiting for command {:?}: {e}", argv[0])))?;
+    *exit_code = status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal));
     if let Some(timeout) = timeout.filter(|_| timed_out) {
         return Err(Outcome::Timeout(format!(
             "timeout after {}",

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::outcome::headline;
+
 /// Everything that can stop a foreman command. Messages are one line a user can act on: they name
 /// the file, the key or the task.
 #[derive(Debug)]
@@ -23,6 +25,9 @@ pub enum Error {
     },
     /// A second shutdown signal arrived before the graceful shutdown finished.
     Interrupted { abandoned: usize },
+    /// A task waited for (`Client::wait`) has no result to give: it failed, the wait ran out, or
+    /// there is no such task.
+    Task(TaskError),
     /// The command printed its answer, and the answer is a status of its own, documented in its
     /// --help (`foreman wait`: 1 for a task that failed, 3 for an unknown id). `message`, if any,
     /// says why on stderr.
@@ -30,6 +35,50 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Why `Client::wait` has no result to give.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskError {
+    /// It ended without success: `state` is failed, timeout, lost, dead or cancelled. `error` is
+    /// its last error (or dead letter's reason).
+    Failed {
+        task_id: i64,
+        state: String,
+        attempt: i64,
+        error: Option<String>,
+    },
+    /// The wait's timeout passed first; `state` is where the task was then.
+    StillWaiting { task_id: i64, state: String },
+    /// No task has this id (never enqueued, or its history was pruned).
+    Unknown { task_id: i64 },
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskError::Failed {
+                task_id,
+                state,
+                attempt,
+                error,
+            } => {
+                let error = error
+                    .as_deref()
+                    .and_then(headline)
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                write!(f, "task {task_id} {state} (attempt {attempt}){error}")
+            }
+            TaskError::StillWaiting { task_id, state } => {
+                write!(f, "task {task_id} is still {state}")
+            }
+            TaskError::Unknown { task_id } => write!(
+                f,
+                "no task {task_id} (never enqueued, or its history was pruned)"
+            ),
+        }
+    }
+}
 
 impl Error {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
@@ -90,6 +139,7 @@ impl fmt::Display for Error {
                     "second signal: exited at once, abandoning {abandoned} running task(s)"
                 )
             }
+            Error::Task(e) => write!(f, "{e}"),
             Error::Exit { message, .. } => f.write_str(message.as_deref().unwrap_or_default()),
         }
     }

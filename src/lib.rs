@@ -3,12 +3,14 @@
 //! `cli::execute`.
 //!
 //! To run in-process Rust handlers, build a [`Registry`] and call [`run`] from your own `main`
-//! (see `examples/inproc.rs`).
+//! (see `examples/inproc.rs`). To enqueue tasks from a Rust program, open a [`Client`] (see
+//! `examples/producer.rs`).
 //!
 //! # Layout
 //!
 //! Top-down, each layer using only the ones below it (ARCHITECTURE.md has the map):
-//! - the command line: `cli`, `commands` (one file per subcommand), `bench`;
+//! - the command line: `cli`, `commands` (one file per subcommand), `bench`; `client` (the Rust
+//!   producer API);
 //! - the daemon: `foreman` (the loop), `schedule`, `stats`, `notify`, `alert`, `wake`;
 //! - the workers: `registry`, `thread_pool`, `command`, `spawn`, `process_pool`, `children`,
 //!   `line_budget`, `outcome`;
@@ -22,6 +24,7 @@ pub mod alert;
 mod bench;
 mod children;
 pub mod cli;
+mod client;
 mod clock;
 mod command;
 mod commands;
@@ -48,13 +51,15 @@ mod task;
 mod thread_pool;
 pub mod wake;
 
+pub use client::{Client, TaskError, TaskSpec};
 pub use config::{Config, Overrides};
 pub use database::Database;
 pub use error::{Error, Result};
 pub use foreman::run;
-pub use outcome::Uneventful;
-pub use registry::{Registry, TaskResult};
+pub use outcome::{Cancelled, Uneventful};
+pub use registry::{Registry, TaskResult, ValueResult};
 pub use signals::{Shutdown, forward_shutdown_signals};
+pub use store::Enqueued;
 pub use task::Task;
 
 /// The settings of the property tests (the `fuzz` modules): `cases` each by default, so that

@@ -27,7 +27,7 @@ use crate::config::PoolConfig;
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
 use crate::line_budget::LineBudget;
-use crate::outcome::{Finished, Outcome};
+use crate::outcome::{CANCELLED_BEFORE_START, Finished, Outcome, result_text};
 use crate::task::Task;
 
 /// The worker protocol version this daemon speaks.
@@ -467,9 +467,19 @@ impl Driver {
                                 Outcome::Failed(reason) | Outcome::Timeout(reason) => reason.clone(),
                                 Outcome::Done { .. } => String::new(),
                             };
-                            log::warn!("pool {}: restarting worker pid {}: {why}", self.name, worker.pid);
+                            // Killed by `foreman cancel`: a worker stopped on purpose, not one
+                            // that fails, so it is started again at once, with no backoff.
+                            let aborted = finished.task.cancelled();
+                            if aborted {
+                                log::info!(
+                                    "pool {}: worker pid {} stopped by the abort of task {}; starting another",
+                                    self.name, worker.pid, finished.task.id
+                                );
+                            } else {
+                                log::warn!("pool {}: restarting worker pid {}: {why}", self.name, worker.pid);
+                            }
                             let _ = self.finished.send(finished);
-                            return Ended::Gone { healthy: healthy(served_any), why };
+                            return Ended::Gone { healthy: aborted || healthy(served_any), why };
                         }
                     }
                 }
@@ -530,21 +540,37 @@ struct Answer {
     /// Whether a successful task found something new (protocol v1, optional).
     #[serde(default)]
     eventful: Option<bool>,
+    /// What a successful task returned (protocol v1, optional; `null` is none).
+    #[serde(default)]
+    result: serde_json::Value,
 }
 
-/// A worker's answer line to the task `task_id`: the task's outcome, or (one line, quoting the
-/// start of the line) the protocol error that fails the task and the worker.
-pub(crate) fn parse_answer(line: &[u8], task_id: i64) -> StdResult<Outcome, String> {
+/// A worker's answer line to the task `task_id`: the task's outcome and result, or (one line,
+/// quoting the start of the line) the protocol error that fails the task and the worker. A result
+/// over the size limit fails the task alone: the worker spoke the protocol.
+pub(crate) fn parse_answer(
+    line: &[u8],
+    task_id: i64,
+) -> StdResult<(Outcome, Option<String>), String> {
     match serde_json::from_slice::<Answer>(line) {
         Ok(answer) if answer.id == task_id => Ok(if answer.ok {
-            Outcome::Done {
-                eventful: answer.eventful.unwrap_or(true),
+            match result_text(&answer.result) {
+                Ok(result) => (
+                    Outcome::Done {
+                        eventful: answer.eventful.unwrap_or(true),
+                    },
+                    result,
+                ),
+                Err(too_big) => (Outcome::Failed(too_big), None),
             }
         } else {
-            Outcome::Failed(
-                answer
-                    .error
-                    .unwrap_or_else(|| "failed (the worker gave no error text)".into()),
+            (
+                Outcome::Failed(
+                    answer
+                        .error
+                        .unwrap_or_else(|| "failed (the worker gave no error text)".into()),
+                ),
+                None,
             )
         }),
         Ok(answer) => Err(format!(
@@ -703,6 +729,16 @@ impl Worker {
 
     /// Writes the task, waits for the answer (up to the timeout) and judges it.
     fn run(&mut self, job: PoolJob) -> Ran {
+        if job.task.cancelled() {
+            // Aborted while it waited for a process: it never starts.
+            return Ran::Answered(Finished {
+                task: job.task,
+                outcome: Outcome::Failed(CANCELLED_BEFORE_START.to_owned()),
+                elapsed: Duration::ZERO,
+                result: None,
+                exit_code: None,
+            });
+        }
         if let Some(what) = self.broken_while_idle() {
             return Ran::NotSent(job, what);
         }
@@ -736,12 +772,17 @@ impl Worker {
             task,
             outcome,
             elapsed: started.elapsed(),
+            result: None,
+            exit_code: None,
         };
         let failure = match result {
             Ok(answer) => match parse_answer(&answer, task.id) {
-                Ok(outcome) => {
+                Ok((outcome, result)) => {
                     children.remove(task.id);
-                    return Ran::Answered(finished(task, outcome));
+                    return Ran::Answered(Finished {
+                        result,
+                        ..finished(task, outcome)
+                    });
                 }
                 Err(why) => why,
             },
@@ -1134,11 +1175,11 @@ mod fuzz {
         #[test]
         fn any_answer_line_is_an_outcome_or_a_protocol_error(line in line_bytes(), id in any::<i64>()) {
             match parse_answer(&line, id) {
-                Ok(Outcome::Done { .. } | Outcome::Failed(_)) => {
+                Ok((Outcome::Done { .. } | Outcome::Failed(_), _)) => {
                     let doc: serde_json::Value = serde_json::from_slice(&line).unwrap();
                     prop_assert_eq!(&doc["id"], &serde_json::json!(id));
                 }
-                Ok(Outcome::Timeout(_)) => prop_assert!(false, "an answer is never a timeout"),
+                Ok((Outcome::Timeout(_), _)) => prop_assert!(false, "an answer is never a timeout"),
                 Err(why) => {
                     prop_assert!(why.starts_with("worker protocol error: "), "{why}");
                     one_bounded_line(&why)?;
@@ -1149,7 +1190,8 @@ mod fuzz {
         #[test]
         fn a_well_formed_answer_is_understood(id in any::<i64>(), ok in any::<bool>(), error in any::<Option<String>>(), eventful in any::<Option<bool>>()) {
             let line = serde_json::json!({"id": id, "ok": ok, "error": error, "eventful": eventful, "extra": [1]}).to_string();
-            let outcome = parse_answer(line.as_bytes(), id).map_err(TestCaseError::fail)?;
+            let (outcome, result) = parse_answer(line.as_bytes(), id).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(result, None);
             match outcome {
                 Outcome::Done { eventful: e } => prop_assert!(ok && e == eventful.unwrap_or(true)),
                 Outcome::Failed(text) => {

@@ -15,7 +15,17 @@ use crate::task::Task;
 /// What an in-process handler returns: `Err` marks the task failed, with that message.
 pub type TaskResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-type HandlerFn = dyn Fn(&Task) -> TaskResult + Send + Sync;
+/// What an in-process handler registered with `Registry::register_with_result` returns: `Ok` with
+/// the task's result (kept with its attempt, given to `foreman wait`; `null` is none), or `Err`
+/// as for `TaskResult`.
+pub type ValueResult =
+    std::result::Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Every in-process handler, as the workers call it: a result or none.
+pub(crate) type HandlerOutput =
+    std::result::Result<Option<serde_json::Value>, Box<dyn std::error::Error + Send + Sync>>;
+
+type HandlerFn = dyn Fn(&Task) -> HandlerOutput + Send + Sync;
 
 #[derive(Clone)]
 pub enum Handler {
@@ -45,30 +55,58 @@ impl Default for Registry {
 
 impl Registry {
     /// A registry holding the built-in tasks: `foreman.echo` logs its args and kwargs,
-    /// `foreman.sleep` sleeps `args[0]` seconds, `foreman.bench` records its start for
-    /// `foreman bench`.
+    /// `foreman.sleep` sleeps `args[0]` seconds (or until `foreman cancel` aborts it),
+    /// `foreman.bench` records its start for `foreman bench`.
     pub fn new() -> Self {
         let mut registry = Registry {
             handlers: HashMap::new(),
         };
-        registry.insert("foreman.echo", Handler::InProcess(Arc::new(echo)));
-        registry.insert("foreman.sleep", Handler::InProcess(Arc::new(sleep)));
+        registry.insert(
+            "foreman.echo",
+            Handler::InProcess(Arc::new(|task: &Task| echo(task).map(|()| None))),
+        );
+        registry.insert(
+            "foreman.sleep",
+            Handler::InProcess(Arc::new(|task: &Task| sleep(task).map(|()| None))),
+        );
         let out = BenchOut::default();
         registry.insert(
             "foreman.bench",
-            Handler::InProcess(Arc::new(move |task: &Task| out.record(task.id))),
+            Handler::InProcess(Arc::new(move |task: &Task| {
+                out.record(task.id).map(|()| None)
+            })),
         );
         registry
     }
 
     /// Adds (or replaces) an in-process handler. Handlers run on the worker threads, so they
-    /// must be `Send + Sync`; a panic fails the task and frees the slot.
+    /// must be `Send + Sync`; a panic fails the task and frees the slot. A handler that runs for
+    /// long should check `task.cancelled()` now and then (see `Task::cancelled`).
     #[must_use]
     pub fn register<F>(mut self, name: &str, handler: F) -> Self
     where
         F: Fn(&Task) -> TaskResult + Send + Sync + 'static,
     {
-        self.insert(name, Handler::InProcess(Arc::new(handler)));
+        self.insert(
+            name,
+            Handler::InProcess(Arc::new(move |task: &Task| handler(task).map(|()| None))),
+        );
+        self
+    }
+
+    /// Adds (or replaces) an in-process handler that returns a result: a JSON value kept with
+    /// the attempt (at most 64 KiB as JSON; a larger one fails the attempt) and given to whoever
+    /// waits for the task (`foreman wait --json`, `Client::wait`). `Value::Null` is no result.
+    /// To say "uneventful" to an adaptive schedule, return `Err(Uneventful)` (no result then).
+    #[must_use]
+    pub fn register_with_result<F>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(&Task) -> ValueResult + Send + Sync + 'static,
+    {
+        self.insert(
+            name,
+            Handler::InProcess(Arc::new(move |task: &Task| handler(task).map(Some))),
+        );
         self
     }
 
@@ -203,8 +241,18 @@ fn sleep(task: &Task) -> TaskResult {
         .ok_or("foreman.sleep expects args [seconds]")?;
     let duration = Duration::try_from_secs_f64(seconds)
         .map_err(|_| format!("foreman.sleep: bad duration {seconds}"))?;
-    std::thread::sleep(duration);
-    Ok(())
+    // In slices, so that `foreman cancel` stops it within one.
+    let until = std::time::Instant::now() + duration;
+    loop {
+        if task.cancelled() {
+            return Err(Box::new(crate::outcome::Cancelled));
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(20)));
+    }
 }
 
 /// The environment variable naming the file `foreman.bench` appends its start records to.

@@ -118,7 +118,8 @@ impl Schedules {
     }
 
     /// Fires every schedule that is due. One whose previous task is still queued or running
-    /// (`busy` says) skips this firing instead of piling a second one up. A missed window fires
+    /// (`busy` says), or whose task is paused (`paused` says), skips this firing instead of
+    /// piling a second one up. A missed window fires
     /// once, however many were missed: the next due time is computed from now. Returns the
     /// schedules whose firing (or skip) the DB refused to record, with the error, for the caller
     /// to log (a full disk refuses them all, every time); one not fired is tried again a second
@@ -128,6 +129,7 @@ impl Schedules {
         store: &mut Store,
         now: f64,
         busy: impl Fn(i64) -> bool,
+        paused: impl Fn(&str) -> bool,
     ) -> Vec<(String, Error)> {
         let mut refused = Vec::new();
         for entry in &mut self.entries {
@@ -137,6 +139,24 @@ impl Schedules {
             let expected = entry.state.next_due;
             let mut state = entry.state.clone();
             state.next_due = following(entry, now);
+            // A paused task's window passes without a firing, as if the daemon had been down:
+            // a resume does not bring a pile of catch-up runs.
+            if paused(&entry.config.task) {
+                match store.save_schedule(&entry.name, &state, Some(expected)) {
+                    Ok(true) => log::info!(
+                        "schedule {}: task {} is paused; skipping this window",
+                        entry.name,
+                        entry.config.task
+                    ),
+                    Ok(false) => {
+                        reload(store, entry, now);
+                        continue;
+                    }
+                    Err(e) => refused.push((entry.name.clone(), e)),
+                }
+                entry.state = state;
+                continue;
+            }
             // When the DB cannot say, the firing is skipped: a late firing beats a doubled one.
             let previous = state
                 .last_task_id
@@ -171,6 +191,7 @@ impl Schedules {
                 delay: 0.0,
                 priority: entry.config.priority,
                 origin: Some(&origin),
+                unique_key: None,
             };
             match store.fire_schedule(&entry.name, &task, expected, &mut state) {
                 Ok(Fired::Task(id)) => {
@@ -365,7 +386,7 @@ mod tests {
         let before = 1_800_000_000.0;
         let mut schedules = Schedules::load(&configs, &mut queue, before).unwrap();
         let fired = |s: &mut Schedules, q: &mut Store, now| {
-            s.fire_due(q, now, |_| false);
+            s.fire_due(q, now, |_| false, |_| false);
             s.entries
                 .iter()
                 .map(|e| e.state.next_due)

@@ -1,6 +1,9 @@
 //! `Task`, a popped row ready to run, and what makes a task name valid. A leaf: the store decodes
 //! rows into tasks, the workers run them, the config checks its names with `name_problem`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::{Map, Value as Json};
 
 /// A task popped from the queue. Its row is already deleted when a handler sees it.
@@ -22,9 +25,49 @@ pub struct Task {
     pub origin: Option<String>,
     /// The row was leased by an at-least-once run that never finished (its daemon died).
     pub was_leased: bool,
+    /// At most one task with this key is queued or running (`enqueue --unique`).
+    pub unique_key: Option<String>,
+    /// Raised when `foreman cancel` aborts this attempt: see `Task::cancelled`.
+    pub cancel: CancelFlag,
+}
+
+/// Whether an attempt was asked to stop. Shared between the foreman loop, which raises it, and the
+/// worker running the task, which reads it; clones share one flag.
+#[derive(Clone, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for CancelFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CancelFlag({})", self.is_raised())
+    }
+}
+
+/// Flags compare by their state: two tasks are equal whether or not they share a flag.
+impl PartialEq for CancelFlag {
+    fn eq(&self, other: &CancelFlag) -> bool {
+        self.is_raised() == other.is_raised()
+    }
 }
 
 impl Task {
+    /// Whether `foreman cancel` asked this attempt to stop. An in-process handler that runs for a
+    /// while should check it now and then and return early (an error, e.g. `foreman::Cancelled`):
+    /// the attempt is then recorded `cancelled`, and not retried. A command or pool task is
+    /// stopped with signals instead (SIGTERM, then SIGKILL after the grace).
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_raised()
+    }
+
     /// The one-line JSON document a command task reads on its stdin.
     pub fn to_json_line(&self) -> String {
         let doc = serde_json::json!({

@@ -11,8 +11,11 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 
 use crate::children::Children;
+use crate::command::ResultFiles;
 use crate::error::{Error, Result};
-use crate::outcome::{Finished, Outcome, PANIC_PREFIX, Uneventful};
+use crate::outcome::{
+    CANCELLED_BEFORE_START, Finished, Outcome, PANIC_PREFIX, Reported, Uneventful, result_text,
+};
 use crate::registry::Handler;
 use crate::task::Task;
 use crate::{alert, command};
@@ -24,6 +27,8 @@ pub struct Job {
 
 pub struct ThreadPool {
     jobs: Arc<Inbox>,
+    /// Where command tasks write their results; removed with the pool.
+    results: Arc<ResultFiles>,
     _threads: Vec<JoinHandle<()>>,
 }
 
@@ -65,6 +70,10 @@ impl Drop for ThreadPool {
             .unwrap_or_else(PoisonError::into_inner);
         guard.1 = true;
         self.jobs.ready.notify_all();
+        drop(guard);
+        // The workers are not joined (one may run an in-process handler that never returns), so
+        // the last of them may outlive the process: the directory goes now.
+        self.results.remove();
     }
 }
 
@@ -77,19 +86,22 @@ impl ThreadPool {
         children: &Arc<Children>,
     ) -> Result<ThreadPool> {
         let jobs = Arc::new(Inbox::default());
+        let results = Arc::new(ResultFiles::default());
         let threads = (0..workers)
             .map(|n| {
                 let inbox = Arc::clone(&jobs);
                 let finished = finished.clone();
                 let children = Arc::clone(children);
+                let results = Arc::clone(&results);
                 std::thread::Builder::new()
                     .name(format!("foreman-worker-{n}"))
-                    .spawn(move || work(&inbox, &finished, &children))
+                    .spawn(move || work(&inbox, &finished, &children, &results))
                     .map_err(|e| Error::io("starting a worker thread", e))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(ThreadPool {
             jobs,
+            results,
             _threads: threads,
         })
     }
@@ -106,20 +118,28 @@ impl ThreadPool {
     }
 }
 
-fn work(inbox: &Inbox, finished: &Sender<Finished>, children: &Children) {
+fn work(inbox: &Inbox, finished: &Sender<Finished>, children: &Children, results: &ResultFiles) {
     while let Some(Job { task, handler }) = inbox.take() {
         let started = Instant::now();
         log::debug!("task {} {} started", task.id, task.name);
-        let outcome = match catch_unwind(AssertUnwindSafe(|| run(&task, &handler, children))) {
-            Ok(outcome) => outcome,
-            Err(panic) => {
-                Outcome::Failed(format!("{PANIC_PREFIX}{}", panic_message(panic.as_ref())))
+        let reported = if task.cancelled() {
+            // Aborted while it waited for this worker (prefetched): it never starts.
+            Outcome::Failed(CANCELLED_BEFORE_START.to_owned()).into()
+        } else {
+            match catch_unwind(AssertUnwindSafe(|| run(&task, &handler, children, results))) {
+                Ok(reported) => reported,
+                Err(panic) => {
+                    Outcome::Failed(format!("{PANIC_PREFIX}{}", panic_message(panic.as_ref())))
+                        .into()
+                }
             }
         };
         let report = Finished {
             task,
-            outcome,
+            outcome: reported.outcome,
             elapsed: started.elapsed(),
+            result: reported.result,
+            exit_code: reported.exit_code,
         };
         if finished.send(report).is_err() {
             return; // The foreman loop is gone; nobody is left to tell.
@@ -127,16 +147,26 @@ fn work(inbox: &Inbox, finished: &Sender<Finished>, children: &Children) {
     }
 }
 
-fn run(task: &Task, handler: &Handler, children: &Children) -> Outcome {
+fn run(task: &Task, handler: &Handler, children: &Children, results: &ResultFiles) -> Reported {
     match handler {
         // The panic hook runs before the unwinding: inside the scope, so its event names the task.
         Handler::InProcess(f) => match alert::in_task_scope(task, || f(task)) {
-            Ok(()) => Outcome::Done { eventful: true },
-            Err(e) if e.is::<Uneventful>() => Outcome::Done { eventful: false },
-            Err(e) => Outcome::Failed(e.to_string()),
+            Ok(None) => Outcome::Done { eventful: true }.into(),
+            Ok(Some(value)) => match result_text(&value) {
+                Ok(result) => Reported {
+                    outcome: Outcome::Done { eventful: true },
+                    result,
+                    exit_code: None,
+                },
+                Err(too_big) => Outcome::Failed(too_big).into(),
+            },
+            Err(e) if e.is::<Uneventful>() => Outcome::Done { eventful: false }.into(),
+            Err(e) => Outcome::Failed(e.to_string()).into(),
         },
-        Handler::Command { argv, timeout } => command::run(task, argv, *timeout, children),
-        Handler::Pool { .. } => Outcome::Failed("a pool task reached a worker thread".to_owned()),
+        Handler::Command { argv, timeout } => command::run(task, argv, *timeout, children, results),
+        Handler::Pool { .. } => {
+            Outcome::Failed("a pool task reached a worker thread".to_owned()).into()
+        }
     }
 }
 

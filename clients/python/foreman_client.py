@@ -8,6 +8,11 @@
     foreman.enqueue_with(
         "myapp.tasks.remind", args=[user_id], delay=timedelta(minutes=10), priority=5
     )
+    # Not twice: while a task with this key is queued or running, its id comes back instead
+    # (schema version 4):
+    foreman.enqueue_with("myapp.tasks.reindex", args=[site], unique_key=f"reindex:{site}")
+    # What a task returned (or TaskFailed with its error):
+    result = foreman.wait(task_id, timeout=30)
 
 This is the producer protocol of schema.sql, done carefully: one INSERT per task in its own
 transaction, then a file in the wakeup directory. A Client is safe to share between threads and
@@ -24,12 +29,13 @@ import operator
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 import weakref
 
 __version__ = "1.2.0"
 
-__all__ = ["Client", "__version__"]
+__all__ = ["Client", "TaskFailed", "__version__"]
 
 log = logging.getLogger("foreman_client")
 
@@ -49,6 +55,32 @@ _INSERT_AT = (
 )
 # The first schema version with run_after and priority.
 _SCHEMA_VERSION_TIMING = 2
+# The first schema version with unique keys and results.
+_SCHEMA_VERSION_CONTROL = 4
+# A unique task: inserted unless a queued task holds the key (the unique index) or a running one
+# does (the schema's trigger); either way the statement succeeds, and rowcount says which.
+_INSERT_UNIQUE = (
+    "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority, unique_key) "
+    "VALUES (?, ?, ?, (julianday('now') - 2440587.5) * 86400.0 + ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_INSERT_UNIQUE_AT = (
+    "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority, unique_key) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_KEY_HOLDER = (
+    "SELECT id FROM foreman_task WHERE unique_key = ?1 UNION ALL "
+    "SELECT task_id FROM foreman_run WHERE unique_key = ?1 AND state = 'running' LIMIT 1"
+)
+# Where a task stands (Client.wait), as `foreman wait` reads it: its latest attempt, its queued
+# row, its dead letter.
+_LATEST_ATTEMPT = (
+    "SELECT attempt, state, error, retry_at, result FROM foreman_run WHERE task_id = ? "
+    "ORDER BY attempt DESC LIMIT 1"
+)
+_IS_QUEUED = "SELECT attempt FROM foreman_task WHERE id = ?"
+_DEAD_REASON = "SELECT reason FROM foreman_dead WHERE task_id = ? ORDER BY id DESC LIMIT 1"
+# How often Client.wait looks, at first and at most (it backs off between the two).
+_WAIT_FIRST_POLL, _WAIT_MAX_POLL = 0.005, 0.2
 # The range schema.sql allows (a CHECK constraint): each priority in use costs the daemon's pop.
 _PRIORITY_MIN, _PRIORITY_MAX = -100, 100
 _EMPTY_ARGS = "[]"
@@ -65,6 +97,22 @@ _inherited_connections = []
 
 # Clients alive in this process, so that a fork can hand each one a fresh lock (below).
 _clients = weakref.WeakSet()
+
+
+class TaskFailed(Exception):
+    """Raised by ``Client.wait`` for a task that ended without success.
+
+    ``state`` is ``failed``, ``timeout``, ``lost``, ``dead`` or ``cancelled``; ``error`` is its last
+    error (a traceback's text, or a dead letter's reason), or None; ``attempt`` the attempt it is
+    about.
+    """
+
+    def __init__(self, task_id, state, attempt, error):
+        self.task_id, self.state, self.attempt, self.error = task_id, state, attempt, error
+        # The error's last line names the problem (a traceback's exception).
+        lines = (error or "").strip().splitlines()
+        suffix = f": {lines[-1].strip()}" if lines else ""
+        super().__init__(f"task {task_id} {state} (attempt {attempt}){suffix}")
 
 
 class Client:
@@ -104,6 +152,8 @@ class Client:
         # Set once PRAGMA user_version has shown run_after and priority exist. Only a good answer
         # is kept: after `foreman init` upgrades a version 1 database, the next check passes.
         self._schema_has_timing = False
+        # The highest schema version seen (a database is only ever upgraded).
+        self._schema_version = 0
         _clients.add(self)
 
     def __repr__(self):
@@ -153,7 +203,16 @@ class Client:
         return self._insert_one(_INSERT, row)
 
     def enqueue_with(
-        self, task_name, /, args=(), kwargs=None, *, delay=None, run_at=None, priority=0
+        self,
+        task_name,
+        /,
+        args=(),
+        kwargs=None,
+        *,
+        delay=None,
+        run_at=None,
+        priority=0,
+        unique_key=None,
     ):
         """Insert one task, optionally delayed or prioritised, and wake the daemon; returns its id.
 
@@ -167,12 +226,51 @@ class Client:
           ``run_at``, not both.
         - ``priority``: an int from -100 to 100 (default 0); among due tasks, higher runs first.
 
-        A delay, run_at or non-zero priority needs schema version 2: against an older database
-        this raises ``sqlite3.OperationalError`` saying to run ``foreman init``.
+        - ``unique_key``: a str; while a task with this key is queued or running, nothing is
+          inserted and that task's id is returned instead (schema version 4).
+
+        A delay, run_at or non-zero priority needs schema version 2, a unique key version 4:
+        against an older database this raises ``sqlite3.OperationalError`` saying to run
+        ``foreman init``.
         """
         row = _task_row(task_name, args, kwargs, "enqueue_with")
         sql, timing = _timing(delay, run_at, priority)
-        return self._insert_one(sql, row + timing)
+        if unique_key is None:
+            return self._insert_one(sql, row + timing)
+        if not isinstance(unique_key, str):
+            raise TypeError(f"unique_key must be a str, not {type(unique_key).__name__}")
+        if sql is _INSERT:
+            timing = (0.0, 0)
+        unique = _INSERT_UNIQUE_AT if sql is _INSERT_AT else _INSERT_UNIQUE
+        return self._insert_unique(unique, row + timing + (unique_key,), unique_key)
+
+    def wait(self, task_id, timeout=30.0):
+        """Wait for task ``task_id`` to finish, across its retries, and return its result.
+
+        The result is what the task returned (JSON-decoded; None when it returned none). A task
+        that ended without success raises ``TaskFailed`` (with ``state`` and ``error``); one still
+        queued or running after ``timeout`` seconds (None: no limit) raises ``TimeoutError``, an
+        unknown id ``LookupError``. It polls the database, backing off from 5 ms to 200 ms.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _WAIT_FIRST_POLL
+        while True:
+            with self._lock:
+                conn = self._connection()
+                self._check_schema(conn, _SCHEMA_VERSION_CONTROL, "Client.wait")
+                found = _progress(conn, task_id)
+            if found is None:
+                raise LookupError(f"no task {task_id} (never enqueued, or its history was pruned)")
+            state, attempt, final, error, result = found
+            if final:
+                if state == "done":
+                    return None if result is None else json.loads(result)
+                raise TaskFailed(task_id, state, attempt, error)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"task {task_id} still {state} after {timeout}s")
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            time.sleep(pause if left is None else min(pause, left))
+            pause = min(pause * 2, _WAIT_MAX_POLL)
 
     def enqueue_many(self, items, *, delay=None, run_at=None, priority=0):
         """Insert many tasks in one transaction, wake the daemon once; returns the ids in order.
@@ -225,6 +323,48 @@ class Client:
         # when to wake up next.
         self._wake()
         return task_id
+
+    def _insert_unique(self, sql, row, unique_key):
+        """Insert unless the key is held; the id of the new task or of the holder."""
+        with self._lock:
+            conn = self._connection()
+            self._check_schema(conn, _SCHEMA_VERSION_CONTROL, "unique_key")
+            try:
+                # One transaction: the task holding the key cannot end between the two statements.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    cursor = conn.execute(sql, row)
+                    created = cursor.rowcount > 0
+                    if created:
+                        task_id = cursor.lastrowid
+                    else:
+                        holder = conn.execute(_KEY_HOLDER, (unique_key,)).fetchone()
+                        if holder is None:  # cannot happen: only a held key skips the insert
+                            raise sqlite3.IntegrityError(f"unique key {unique_key!r} refused")
+                        task_id = holder[0]
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                _raise_with_hint(exc)
+                raise
+        if created:
+            self._wake()
+        return task_id
+
+    def _check_schema(self, conn, needed, what):
+        """Raise unless the database's schema is at least version ``needed``. With the lock held."""
+        if self._schema_version >= needed:
+            return
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < needed:
+            raise sqlite3.OperationalError(
+                f"{what} needs foreman schema version {needed}; the database {self.db_path} has "
+                f"version {version}: run `foreman init` with the new foreman, or start its daemon"
+            )
+        self._schema_version = version
 
     def _check_schema_has_timing(self, conn):
         """Raise unless the database has run_after and priority. Call with self._lock held."""
@@ -289,6 +429,30 @@ class Client:
                 self._wakeup_path,
                 exc,
             )
+
+
+def _progress(conn, task_id):
+    """(state, attempt, final, error, result) of a task, read in one snapshot; None if unknown."""
+    conn.execute("BEGIN")
+    try:
+        latest = conn.execute(_LATEST_ATTEMPT, (task_id,)).fetchone()
+        if latest is not None and latest[1] == "running":
+            return "running", latest[0], False, None, None
+        queued = conn.execute(_IS_QUEUED, (task_id,)).fetchone()
+        if queued is not None:
+            return "queued", queued[0], False, None, None
+        if latest is not None:
+            attempt, state, error, retry_at, result = latest
+            final = state in ("done", "dead", "cancelled") or (
+                state in ("failed", "timeout", "lost") and retry_at is None
+            )
+            return state, attempt, final, error, result
+        dead = conn.execute(_DEAD_REASON, (task_id,)).fetchone()
+        if dead is not None:
+            return "dead", 0, True, dead[0], None
+        return None
+    finally:
+        conn.execute("COMMIT")
 
 
 def _setting(value, env_name, default):

@@ -23,9 +23,13 @@ as long as the daemon keeps it. The protocol is docs/worker-protocol.md; this fi
 and can be copied into a project as is.
 
 A task that returns normally is done; one that raises has failed, with the traceback as the error.
-The return value is ignored, except ``True`` and ``False``: they tell an adaptive schedule
-(``adaptive = {...}`` in a ``[schedules.NAME]`` of the config) whether the run was *eventful*,
-i.e. found something new. ``True`` brings the schedule's next run sooner, ``False`` backs it off::
+What it returns is its *result* (a JSON-serialisable value, at most 64 KiB as JSON), kept with the
+attempt and given to whoever waits for it (``foreman wait ID --json``, ``Client.wait(id)``);
+``None`` is no result. A value that is not JSON-serialisable is left out, with a warning on stderr.
+
+``True`` and ``False`` also tell an adaptive schedule (``adaptive = {...}`` in a
+``[schedules.NAME]`` of the config) whether the run was *eventful*, i.e. found something new.
+``True`` brings the schedule's next run sooner, ``False`` backs it off::
 
     @task
     def poll_feed(url):
@@ -33,8 +37,9 @@ i.e. found something new. ``True`` brings the schedule's next run sooner, ``Fals
         store(new_items)
         return bool(new_items)
 
-Any other value (``None``, a count, a list...) says nothing, which counts as eventful. An
-``async def`` task is run to completion, and its result read the same way.
+Any other value says nothing, which counts as eventful. To return a result and still say
+"uneventful", return ``uneventful(result)``. An ``async def`` task is run to completion, and its
+result read the same way.
 
 Frameworks. With ``DJANGO_SETTINGS_MODULE`` set, the worker calls ``django.setup()`` before it
 imports the task modules, and Django's ``close_old_connections()`` before and after each task, as
@@ -64,7 +69,7 @@ import traceback
 __version__ = "1.2.0"
 PROTOCOL = 1
 
-__all__ = ["task", "before_task", "after_task", "main", "PROTOCOL", "__version__"]
+__all__ = ["task", "uneventful", "before_task", "after_task", "main", "PROTOCOL", "__version__"]
 
 # Every @task function, in decoration order, as (name, function). Names are checked for duplicates
 # only in main(): a web app that imports the task modules to call the functions directly never runs
@@ -76,12 +81,16 @@ _registered = []
 # set-up in main() registers first, so user hooks run inside the Flask app context, say.
 _around = []
 
-# The answers to a task that returned normally: a task returning exactly True or False reports
-# "eventful" (docs/worker-protocol.md); anything else leaves the key out. Each is one small line
-# (< PIPE_BUF, so written whole); the id is an int, so it is valid JSON.
+# The answer to a task that returned None: one small line (< PIPE_BUF, so written whole); the id is
+# an int, so it is valid JSON. Other return values are results (_result_answer).
 _ANSWER_OK = b'{"id": %d, "ok": true}\n'
-_ANSWER_EVENTFUL = b'{"id": %d, "ok": true, "eventful": true}\n'
-_ANSWER_UNEVENTFUL = b'{"id": %d, "ok": true, "eventful": false}\n'
+
+# A result's JSON may be this long (the daemon fails a longer one; the same limit, checked here
+# so that a huge result can never make an answer line over 1 MiB).
+_MAX_RESULT_BYTES = 64 * 1024
+
+# Task names whose non-JSON results were already warned about (once per name, not per task).
+_warned_results = set()
 
 # The daemon rejects answer lines over 1 MiB as a protocol error. An error text is cut to this many
 # characters; json escapes a character to at most 12 bytes, so the line stays under 1 MiB.
@@ -197,6 +206,54 @@ def _setup_flask(spec):
     _around.append(lambda task_id, task_name: app.app_context())
 
 
+class _Uneventful:
+    """A task's return value that says "uneventful" to an adaptive schedule, with a result."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result):
+        self.result = result
+
+
+def uneventful(result=None):
+    """Return this from a task to say that its run found nothing new (for an adaptive schedule),
+    with ``result`` as its result: ``return uneventful({"checked": 12})``."""
+    return _Uneventful(result)
+
+
+def _result_answer(task_id, task_name, result):
+    """The answer line of a task that returned ``result`` (not None): the result, and for a bool
+    or ``uneventful(...)`` the "eventful" key."""
+    line = '{"id": %d, "ok": true' % task_id
+    if type(result) is _Uneventful:
+        line += ', "eventful": false'
+        result = result.result
+    elif result is True:  # `is`, not ==: 1, 0 or a numpy bool say nothing about eventfulness
+        line += ', "eventful": true'
+    elif result is False:
+        line += ', "eventful": false'
+    if result is not None:
+        try:
+            encoded = json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            if task_name not in _warned_results:
+                _warned_results.add(task_name)
+                sys.stderr.write(
+                    f"foreman_worker: task {task_name}: its return value is not JSON-serialisable "
+                    f"({exc}); it is not kept as the result (warned once per task name)\n"
+                )
+                sys.stderr.flush()
+        else:
+            if len(encoded) > _MAX_RESULT_BYTES:
+                return _error_line(
+                    task_id,
+                    f"the task's result is {len(encoded)} bytes of JSON, over the limit of "
+                    f"{_MAX_RESULT_BYTES}: store large results elsewhere and return where they are",
+                )
+            line += ', "result": ' + encoded
+    return (line + "}\n").encode()
+
+
 def _describe(fn):
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -299,13 +356,11 @@ def _serve(tasks, around, proto_in, proto_out):
                 lines = format_exception(type(exc), exc, _user_frames(exc.__traceback__))
                 error = "".join(lines).rstrip("\n")
             else:
-                # `is`, not ==: 1, 0 or a numpy bool say nothing, only the bools themselves do.
-                if result is True:
-                    write(proto_out, _ANSWER_EVENTFUL % task_id)
-                elif result is False:
-                    write(proto_out, _ANSWER_UNEVENTFUL % task_id)
-                else:
+                # The common case, no result, costs no encoding.
+                if result is None:
                     write(proto_out, _ANSWER_OK % task_id)
+                else:
+                    _write_all(proto_out, _result_answer(task_id, task_name, result))
                 continue
         _write_all(proto_out, _error_line(task_id, error))
 

@@ -169,6 +169,8 @@ fn pop_limit(dir: &Path, rows: usize, batch: usize) -> Outcome<f64> {
                     error: None,
                     next: Next::Finished,
                     leased: false,
+                    result: None,
+                    exit_code: None,
                 })
                 .collect();
             if ended.is_empty() {

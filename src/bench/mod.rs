@@ -18,6 +18,7 @@ use crate::signals::Shutdown;
 
 mod daemon;
 mod drain;
+mod list;
 mod machine;
 mod producer;
 mod python;
@@ -55,10 +56,12 @@ pub enum Scenario {
     Depth,
     /// Lateness of delayed tasks after their due time, p50 / p99
     Delay,
+    /// `foreman list` queries over 1,000,000 queued rows
+    List,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::DrainInproc,
         Scenario::DrainPool,
         Scenario::DrainCommand,
@@ -71,6 +74,7 @@ impl Scenario {
         Scenario::Startup,
         Scenario::Depth,
         Scenario::Delay,
+        Scenario::List,
     ];
 
     /// The name on the command line, in the table and in the JSON.
@@ -88,6 +92,7 @@ impl Scenario {
             Scenario::Startup => "startup",
             Scenario::Depth => "depth",
             Scenario::Delay => "delay",
+            Scenario::List => "list",
         }
     }
 }
@@ -131,6 +136,8 @@ pub(crate) struct Sizes {
     pub delay_spread: std::time::Duration,
     /// What the machine measurements do before the scenarios.
     pub machine: machine::MachineSizes,
+    /// Rows queued for the list scenario.
+    pub list_rows: usize,
 }
 
 impl Sizes {
@@ -152,6 +159,7 @@ impl Sizes {
                     wakes: 50,
                     pop_rows: 2_000,
                 },
+                list_rows: 10_000,
             }
         } else {
             Sizes {
@@ -169,6 +177,7 @@ impl Sizes {
                     wakes: 300,
                     pop_rows: 20_000,
                 },
+                list_rows: 1_000_000,
             }
         }
     }
@@ -336,6 +345,7 @@ fn run_scenario(bench: &mut Bench<'_>, scenario: Scenario) -> Outcome<ScenarioRe
         Scenario::Idle => timing::idle(bench),
         Scenario::Startup => timing::startup(bench),
         Scenario::Delay => timing::delay(bench),
+        Scenario::List => list::list(bench),
     }
 }
 

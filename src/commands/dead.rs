@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::format::{ago, one_line};
+use super::format::{ago, one_line, stored_json};
 use super::{Globals, distinct, exit_status, print};
 use crate::clock::unix_now;
 use crate::config::Config;
@@ -18,7 +18,8 @@ use crate::store::{Access, DeadLetter, DeadSelection, Requeued, Store};
 const REQUEUE_EXIT_CODES: &str = "\
 Exit codes:
   0  every selected dead letter was requeued
-  1  at least one was not (unknown id, or no task name), or a runtime failure
+  1  at least one was not (unknown id, no task name, or its unique key is held by a queued or
+     running task), or a runtime failure
   2  usage error (neither IDs nor --all, or both)";
 
 /// The width `dead list` fits its lines to, by shortening the reason.
@@ -165,14 +166,7 @@ fn dead_json(dead: &DeadLetter) -> serde_json::Value {
         "attempts": dead.attempts,
         "priority": dead.priority,
         "origin": dead.origin,
-    })
-}
-
-/// A column a producer wrote: its JSON when it is JSON, else its text as a string (a row is often
-/// dead precisely because it is not JSON).
-fn stored_json(text: Option<&str>) -> serde_json::Value {
-    text.map_or(serde_json::Value::Null, |text| {
-        serde_json::from_str(text).unwrap_or_else(|_| text.into())
+        "unique_key": dead.unique_key,
     })
 }
 
@@ -200,6 +194,10 @@ fn dead_requeue(config: &Config, which: DeadSelection<'_>) -> Result<()> {
             Requeued::Task { dead_id, task_id } => {
                 writeln!(out, "requeued dead {dead_id} as task {task_id}")
             }
+            Requeued::Duplicate { dead_id, task_id } => writeln!(
+                out,
+                "dead {dead_id} not requeued: task {task_id} holds its unique key; it stays in foreman_dead"
+            ),
             Requeued::NoName { dead_id } => writeln!(
                 out,
                 "dead {dead_id} has no task name and cannot be requeued; it stays in foreman_dead"

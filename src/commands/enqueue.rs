@@ -1,4 +1,5 @@
-//! `foreman enqueue`: inserts one task, as a producer would, wakes the daemon, prints the id.
+//! `foreman enqueue`: inserts one task, as a producer would, wakes the daemon, prints the id (of
+//! the task holding its unique key, when one does).
 
 use std::time::Duration;
 
@@ -32,6 +33,13 @@ pub struct EnqueueArgs {
         value_name = "N"
     )]
     pub priority: i64,
+    /// Enqueue only if no task with this key is queued or running; either way, print the id of
+    /// the task that has it
+    #[arg(long, value_name = "KEY")]
+    pub unique: Option<String>,
+    /// Print {"id": N, "created": true|false} instead of the id
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(globals: &Globals, task: &EnqueueArgs) -> Result<()> {
@@ -54,14 +62,24 @@ pub fn run(globals: &Globals, task: &EnqueueArgs) -> Result<()> {
     }
     let config = globals.load_config()?;
     let mut store = Store::open_checked(&config.db, Access::ReadWrite)?;
-    let id = store.enqueue_task(&NewTask {
+    let enqueued = store.enqueue_task(&NewTask {
         name: &task.name,
         args: &args.to_string(),
         kwargs: &kwargs.to_string(),
         delay: task.delay.unwrap_or_default().as_secs_f64(),
         priority: task.priority,
         origin: None,
+        unique_key: task.unique.as_deref(),
     })?;
-    crate::wake::poke(&config, &format!("task {id} enqueued"));
+    let id = enqueued.id;
+    if enqueued.created {
+        crate::wake::poke(&config, &format!("task {id} enqueued"));
+    } else if let Some(key) = &task.unique {
+        log::info!("not enqueued: task {id} holds the unique key {key:?}");
+    }
+    if task.json {
+        let doc = serde_json::json!({"id": id, "created": enqueued.created});
+        return print(&format!("{doc}\n"));
+    }
     print(&format!("{id}\n"))
 }

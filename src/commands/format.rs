@@ -127,6 +127,14 @@ pub fn columns(
     out
 }
 
+/// A column a producer wrote: its JSON when it is JSON, else its text as a string (a row is often
+/// dead precisely because it is not JSON).
+pub fn stored_json(text: Option<&str>) -> serde_json::Value {
+    text.map_or(serde_json::Value::Null, |text| {
+        serde_json::from_str(text).unwrap_or_else(|_| text.into())
+    })
+}
+
 /// `12s ago`, `3m ago`, `5h ago`, `2d ago`.
 pub fn ago(seconds: f64) -> String {
     #[allow(clippy::cast_sign_loss)] // Clamped to 0 first; a clock step back is "0s ago".

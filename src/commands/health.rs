@@ -10,11 +10,11 @@ use std::time::Duration;
 use clap::Args;
 
 use super::format::{age, one_line, rounded};
-use super::observe::{CheckedBy, Observation, Thresholds, open};
+use super::observe::{CheckedBy, Observation, Thresholds, is_paused, open};
 use super::{Globals, exit_status, print};
 use crate::config::Config;
 use crate::duration::parse_duration;
-use crate::store::{DaemonRow, DueRow, Store};
+use crate::store::{DaemonRow, DueRow, PausedName, Store};
 
 // `health` is a probe: Docker reads any exit but 0 as unhealthy and reserves 2, so every
 // unhealthy verdict is 1 and 2 stays a usage error.
@@ -138,19 +138,21 @@ pub fn observe(
     config: &Config,
     thresholds: Thresholds,
 ) -> crate::Result<(Observation, Option<DueRow>)> {
-    Observation::read_with(store, config, thresholds.max_age, |q, now, row| {
-        waiting(q, now, row, thresholds)
+    Observation::read_with(store, config, thresholds.max_age, |q, now, row, paused| {
+        waiting(q, now, row, paused, thresholds)
     })
 }
 
 /// The longest-waiting due row that a daemon should have started by now: due for over
-/// `--max-queue-age`, and not a task of a pool whose every process is busy (by the pools the
-/// daemons' `rows` list). With several daemons (PostgreSQL), a name waits for capacity only when
-/// every daemon that serves it serves it from a saturated pool.
+/// `--max-queue-age`, not of a paused task name (a pause holds it back on purpose), and not a
+/// task of a pool whose every process is busy (by the pools the daemons' `rows` list). With
+/// several daemons (PostgreSQL), a name waits for capacity only when every daemon that serves it
+/// serves it from a saturated pool.
 pub fn waiting(
     store: &Store,
     now: f64,
     rows: &[DaemonRow],
+    paused: &[PausedName],
     thresholds: Thresholds,
 ) -> crate::Result<Option<DueRow>> {
     // SQLite's one row counts whatever its state; of several, those that run.
@@ -180,7 +182,7 @@ pub fn waiting(
         .collect();
     let before = now - thresholds.max_queue_age.as_secs_f64();
     store.first_waiting(before, STALL_LOOKAHEAD, |due| {
-        !saturated.contains(due.task_name.as_str())
+        !saturated.contains(due.task_name.as_str()) && !is_paused(paused, &due.task_name)
     })
 }
 
@@ -192,6 +194,21 @@ fn freest_for<'o>(obs: &'o Observation, name: &str, max_age: f64) -> Option<(&'o
         .filter(|row| row.served.is_empty() || row.served.iter().any(|s| s == name))
         .map(|row| (row, row.workers - obs.busy(row.id)))
         .max_by_key(|(_, free)| *free)
+}
+
+/// `, paused: a, b` (or `every task`) for a summary; empty when nothing is paused.
+fn paused_note(paused: &[PausedName]) -> String {
+    if paused.is_empty() {
+        return String::new();
+    }
+    if paused.iter().any(|p| p.task_name.is_none()) {
+        return ", every task paused".to_owned();
+    }
+    let names: Vec<&str> = paused
+        .iter()
+        .filter_map(|p| p.task_name.as_deref())
+        .collect();
+    format!(", paused: {}", one_line(&names.join(", "), 80))
 }
 
 /// `foreman health`: the text (one line, or the JSON document) to print, and whether it is
@@ -270,13 +287,14 @@ pub fn judge(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds
         _ => String::new(),
     };
     let summary = format!(
-        "daemon pid {pid} up {}, heartbeat {} ago, {busy} of {workers} workers busy, {}{others}",
+        "daemon pid {pid} up {}, heartbeat {} ago, {busy} of {workers} workers busy, {}{}{others}",
         age(now - row.started_at),
         age(heartbeat),
         oldest.map_or_else(
             || "nothing due".to_owned(),
             |o| format!("oldest due task waited {}", age(o))
-        )
+        ),
+        paused_note(&obs.paused)
     );
     if let Some(verdict) = shared_stall(obs, waiting, row, thresholds) {
         return verdict;
@@ -529,8 +547,24 @@ pub fn json(obs: Option<&Observation>, verdict: &Verdict, thresholds: Thresholds
             .map(|due| rounded((now - due.due_since).max(0.0))),
         "max_age_seconds": thresholds.max_age.as_secs_f64(),
         "max_queue_age_seconds": thresholds.max_queue_age.as_secs_f64(),
+        "paused": obs.map(|o| paused_json(&o.paused, now)),
     });
     format!("{doc}\n")
+}
+
+/// The paused names as `status --json` and `health --json` give them: `task_name` `null` for
+/// `pause --all`.
+pub fn paused_json(paused: &[PausedName], now: f64) -> Vec<serde_json::Value> {
+    paused
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "task_name": p.task_name,
+                "since": p.since,
+                "for_seconds": rounded((now - p.since).max(0.0)),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -590,6 +624,7 @@ mod tests {
                 })
                 .collect(),
             oldest_due: oldest.map(|since| due("pooled", since)),
+            paused: Vec::new(),
         }
     }
 

@@ -219,17 +219,33 @@ fn queue_families(out: &mut Exposition, status: &Status) {
             "Queued at-least-once tasks that are running under a lease.",
             2,
         ),
+        (
+            "foreman_queue_paused",
+            "Queued tasks held back by a pause of their name (foreman pause).",
+            3,
+        ),
     ] {
         out.family(
             metric,
             "gauge",
             help,
             names.iter().map(|name| {
-                let n = depth(name).map_or(0, |t| [t.due, t.delayed, t.leased][pick]);
+                let n = depth(name).map_or(0, |t| [t.due, t.delayed, t.leased, t.paused][pick]);
                 (vec![("task_name", *name)], count(n))
             }),
         );
     }
+    out.family(
+        "foreman_paused_since_seconds",
+        "gauge",
+        "Unix time since which a task name is paused; task_name \"*\" is `foreman pause --all`.",
+        status.obs.paused.iter().map(|p| {
+            (
+                vec![("task_name", p.task_name.as_deref().unwrap_or("*"))],
+                p.since,
+            )
+        }),
+    );
     out.family(
         "foreman_queue_oldest_due_age_seconds",
         "gauge",

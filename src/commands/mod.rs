@@ -22,9 +22,14 @@ pub mod enqueue;
 pub mod format;
 pub mod health;
 pub mod init;
+pub mod list;
 pub mod metrics;
 pub mod observe;
+pub mod pause;
+pub mod resume;
+pub mod retry;
 pub mod run;
+pub mod show;
 pub mod stats;
 pub mod status;
 pub mod wait;
@@ -107,4 +112,14 @@ fn exit_status(code: u8) -> Error {
 fn distinct(ids: &[i64]) -> Vec<i64> {
     let mut seen = std::collections::HashSet::new();
     ids.iter().copied().filter(|id| seen.insert(*id)).collect()
+}
+
+/// Each name once, in the order given.
+fn distinct_names(names: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    names
+        .iter()
+        .filter(|name| seen.insert(name.as_str()))
+        .cloned()
+        .collect()
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::pid_guard::DaemonState;
-use crate::store::{Access, DaemonRow, DueRow, RunningAttempt, Store};
+use crate::store::{Access, DaemonRow, DueRow, PausedName, RunningAttempt, Store};
 use crate::sys::{hostname, process_start};
 
 /// Heartbeats a daemon may miss before `--max-age` (by default) calls it stale: a busy daemon
@@ -226,9 +226,10 @@ impl DaemonView {
 /// a second of slack keeps a daemon's own row from looking older than its lock.
 const LOCK_CLOCK_SLACK: f64 = 1.0;
 
-/// What every operator command reads: the daemon, its running set and the oldest due row, in one
-/// snapshot; all index lookups. On PostgreSQL, where several daemons share the queue, `daemon` is
-/// the one on this host (the worst of them, if several run here) and `daemons` all of them.
+/// What every operator command reads: the daemon, its running set, the paused task names and the
+/// oldest due row that is not paused, in one snapshot; all index lookups. On PostgreSQL, where
+/// several daemons share the queue, `daemon` is the one on this host (the worst of them, if
+/// several run here) and `daemons` all of them.
 #[derive(Debug, Clone)]
 pub struct Observation {
     /// The database's clock (PostgreSQL: the server's, not this host's).
@@ -241,6 +242,17 @@ pub struct Observation {
     pub shared: bool,
     pub running: Vec<RunningAttempt>,
     pub oldest_due: Option<DueRow>,
+    pub paused: Vec<PausedName>,
+}
+
+/// Due rows looked at per priority for the oldest one that is not paused: the pop's lookahead.
+const PAUSED_LOOKAHEAD: usize = 64;
+
+/// Whether `name` is held back by one of the `paused` names (or by `pause --all`).
+pub fn is_paused(paused: &[PausedName], name: &str) -> bool {
+    paused
+        .iter()
+        .any(|p| p.task_name.as_deref().is_none_or(|n| n == name))
 }
 
 impl Observation {
@@ -276,23 +288,32 @@ fn row_on_host(rows: &[DaemonRow], host: &str) -> Option<DaemonRow> {
 }
 
 impl Observation {
-    /// Reads the observation and, in the same snapshot, whatever `more` reads (given the time and
-    /// the daemon row).
+    /// Reads the observation and, in the same snapshot, whatever `more` reads (given the time,
+    /// the daemons' rows and the paused names).
     pub fn read_with<T>(
         store: &Store,
         config: &Config,
         max_age: Duration,
-        more: impl FnOnce(&Store, f64, &[DaemonRow]) -> crate::Result<T>,
+        more: impl FnOnce(&Store, f64, &[DaemonRow], &[PausedName]) -> crate::Result<T>,
     ) -> crate::Result<(Observation, T)> {
         // The lock first: a daemon that starts after it was read only makes the row look newer.
         let lock = Lock::read(config.pid_file.as_deref());
         let now = store.now();
         let shared = !store.follows_host_clock();
         let host = hostname();
-        let (rows, running, oldest_due, more) = store.snapshot(|q| {
+        let (rows, running, oldest_due, paused, more) = store.snapshot(|q| {
             let rows = q.daemon_rows()?;
-            let more = more(q, now, &rows)?;
-            Ok((rows, q.running_attempts()?, q.oldest_due(now)?, more))
+            let paused = q.control()?.paused;
+            let more = more(q, now, &rows, &paused)?;
+            // A paused task waits on purpose: it is nobody's oldest due task.
+            let oldest_due = if paused.is_empty() {
+                q.oldest_due(now)?
+            } else {
+                q.first_waiting(now, PAUSED_LOOKAHEAD, |due| {
+                    !is_paused(&paused, &due.task_name)
+                })?
+            };
+            Ok((rows, q.running_attempts()?, oldest_due, paused, more))
         })?;
         let row = if shared {
             row_on_host(&rows, &host)
@@ -314,6 +335,7 @@ impl Observation {
                 shared,
                 running,
                 oldest_due,
+                paused,
             },
             more,
         ))

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::format::{Paint, Style, age, colour_wanted, columns, one_line, rounded};
 use super::health::{self, Verdict};
-use super::observe::{Observation, Thresholds, open};
+use super::observe::{Observation, Thresholds, is_paused, open};
 use super::{Globals, print};
 use crate::config::Config;
 use crate::stats::{MinuteStat, minute_of};
@@ -59,11 +59,11 @@ pub struct Status {
 impl Status {
     pub fn read(store: &Store, config: &Config) -> crate::Result<Status> {
         let thresholds = Thresholds::defaults(config);
-        let (obs, (waiting, depth, dead, last_minute, stats)) =
-            Observation::read_with(store, config, thresholds.max_age, |q, now, row| {
+        let (obs, (waiting, mut depth, dead, last_minute, stats)) =
+            Observation::read_with(store, config, thresholds.max_age, |q, now, row, paused| {
                 let minute = minute_of(now) - 1;
                 Ok((
-                    health::waiting(q, now, row, thresholds)?,
+                    health::waiting(q, now, row, paused, thresholds)?,
                     q.queue_depth(now)?,
                     q.dead_count()?,
                     minute,
@@ -71,6 +71,13 @@ impl Status {
                 ))
             })?;
         let verdict = health::judge(&obs, waiting.as_ref(), thresholds);
+        // A paused name's waiting rows are neither due nor later: they wait for a resume.
+        for task in &mut depth {
+            if is_paused(&obs.paused, &task.task_name) {
+                task.paused = task.due + task.delayed;
+                (task.due, task.delayed, task.oldest_due_at, task.next_due_at) = (0, 0, None, None);
+            }
+        }
         Ok(Status {
             db: config.db.to_string(),
             obs,
@@ -85,10 +92,19 @@ impl Status {
         })
     }
 
-    fn queue_totals(&self) -> (i64, i64, i64, i64) {
-        self.depth.iter().fold((0, 0, 0, 0), |(q, d, l, s), t| {
-            (q + t.queued, d + t.due, l + t.delayed, s + t.leased)
-        })
+    /// Queued, due, later, leased and paused rows, over every task name.
+    fn queue_totals(&self) -> (i64, i64, i64, i64, i64) {
+        self.depth
+            .iter()
+            .fold((0, 0, 0, 0, 0), |(q, d, l, s, p), t| {
+                (
+                    q + t.queued,
+                    d + t.due,
+                    l + t.delayed,
+                    s + t.leased,
+                    p + t.paused,
+                )
+            })
     }
 
     fn next_due_at(&self) -> Option<f64> {
@@ -111,6 +127,7 @@ impl Status {
         let mut out = String::new();
         self.daemon_text(&mut out, style);
         self.running_text(&mut out, style);
+        self.paused_text(&mut out, style);
         self.queue_text(&mut out, style);
         self.tail_text(&mut out, style);
         out
@@ -233,13 +250,42 @@ impl Status {
         }
     }
 
+    /// What is paused, and since when; nothing when nothing is.
+    fn paused_text(&self, out: &mut String, style: Style) {
+        if self.obs.paused.is_empty() {
+            return;
+        }
+        let now = self.obs.now;
+        let names: Vec<String> = self
+            .obs
+            .paused
+            .iter()
+            .map(|p| {
+                let what = p.task_name.as_deref().map_or_else(
+                    || "every task (pause --all)".to_owned(),
+                    |name| one_line(name, NAME_WIDTH),
+                );
+                format!("{what} for {}", age(now - p.since))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}{}",
+            label(style, "paused"),
+            style.paint(Paint::Yellow, &names.join(", "))
+        );
+    }
+
     /// The queue in total and per task name, most due first.
     fn queue_text(&self, out: &mut String, style: Style) {
         let now = self.obs.now;
         let label = |name: &str| label(style, name);
-        let (queued, due, delayed, leased) = self.queue_totals();
+        let (queued, due, delayed, leased, paused) = self.queue_totals();
         let mut queue_line =
             format!("{queued} queued: {due} due, {delayed} later, {leased} leased");
+        if paused > 0 {
+            let _ = write!(queue_line, ", {paused} paused");
+        }
         if let Some(oldest) = &self.obs.oldest_due {
             let _ = write!(
                 queue_line,
@@ -269,15 +315,24 @@ impl Status {
                         t.due.to_string(),
                         t.delayed.to_string(),
                         t.leased.to_string(),
+                        t.paused.to_string(),
                         t.oldest_due_at.map_or_else(String::new, |at| age(now - at)),
                     ]
                 })
                 .collect();
             out.push_str(&columns(
                 "  ",
-                &["NAME", "QUEUED", "DUE", "LATER", "LEASED", "OLDEST DUE"],
+                &[
+                    "NAME",
+                    "QUEUED",
+                    "DUE",
+                    "LATER",
+                    "LEASED",
+                    "PAUSED",
+                    "OLDEST DUE",
+                ],
                 &rows,
-                &[false, true, true, true, true, true],
+                &[false, true, true, true, true, true, true],
                 style,
             ));
             more(out, by_task.len(), MAX_TASK_LINES, "task names");
@@ -329,6 +384,7 @@ impl Status {
             "pools": self.pools_json(),
             "running": self.running_json(),
             "queue": self.queue_json(),
+            "paused": health::paused_json(&self.obs.paused, self.obs.now),
             "dead": self.dead,
             "last_minute": self.last_minute_json(),
         });
@@ -414,19 +470,21 @@ impl Status {
                         "due": t.due,
                         "delayed": t.delayed,
                         "leased": t.leased,
+                        "paused": t.paused,
                         "oldest_due_age_seconds": waited(t.oldest_due_at),
                         "next_due_in_seconds": in_seconds(t.next_due_at),
                     }),
                 )
             })
             .collect();
-        let (queued, due, delayed, leased) = self.queue_totals();
+        let (queued, due, delayed, leased, paused) = self.queue_totals();
         let oldest = self.obs.oldest_due.as_ref();
         serde_json::json!({
             "total": queued,
             "due": due,
             "delayed": delayed,
             "leased": leased,
+            "paused": paused,
             "oldest_due_age_seconds": waited(oldest.map(|d| d.due_since)),
             "oldest_due_task_id": oldest.map(|d| d.task_id),
             "next_due_in_seconds": in_seconds(self.next_due_at()),

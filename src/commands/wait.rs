@@ -1,11 +1,13 @@
-//! `foreman wait ID`: waits for a task's outcome, across its retries, and prints it. It watches the
-//! database for commits (so an answer comes as soon as the task ends) and looks on a timer too.
+//! `foreman wait ID`: waits for a task's outcome, across its retries, and prints it with the
+//! task's result. It watches the database for commits (so an answer comes as soon as the task
+//! ends) and looks on a timer too.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 
 use super::{Globals, exit_status, print};
+use crate::client::wait_for;
 use crate::duration::{format_duration, parse_duration};
 use crate::error::{Error, Result};
 use crate::outcome::headline;
@@ -34,68 +36,40 @@ pub struct WaitArgs {
     pub json: bool,
 }
 
-/// How long `wait` goes without looking at the database when it sees no change: a missed inotify
-/// event, or a watch that could not be set up, costs at most this.
-const WAIT_FALLBACK: Duration = Duration::from_secs(1);
-/// The least time between two looks: a task's commits come in bursts (its pop, its end, other
-/// tasks' commits meanwhile), and one look per burst is enough.
-const WAIT_MIN_GAP: Duration = Duration::from_millis(5);
-
 pub fn run(globals: &Globals, args: &WaitArgs) -> Result<()> {
     let WaitArgs { id, timeout, json } = *args;
     let config = globals.load_config()?;
     let store = Store::open_checked(&config.db, Access::ReadOnly)?;
-    // Set up before the first look, so that a commit between the two is not missed.
-    let watch = store.watch();
-    let deadline = Instant::now().checked_add(timeout);
-    loop {
-        let looked_at = Instant::now();
-        let Some(progress) = store.task_progress(id)? else {
-            return Err(Error::Exit {
-                code: 3,
-                message: Some(format!(
-                    "no task {id} (never enqueued, or its history was pruned)"
-                )),
-            });
-        };
-        if progress.is_final {
-            print(&if json {
-                progress_json(&progress)
-            } else {
-                outcome_line(&progress)
-            })?;
-            if progress.succeeded() {
-                return Ok(());
-            }
-            return Err(exit_status(1));
-        }
-        let remaining = deadline.map_or(WAIT_FALLBACK, |deadline| {
-            deadline.saturating_duration_since(Instant::now())
+    let Some(progress) = wait_for(&store, id, timeout)? else {
+        return Err(Error::Exit {
+            code: 3,
+            message: Some(format!(
+                "no task {id} (never enqueued, or its history was pruned)"
+            )),
         });
-        if remaining.is_zero() {
-            if json {
-                print(&progress_json(&progress))?;
-            }
-            return Err(Error::Exit {
-                code: 2,
-                message: Some(format!(
-                    "task {id} still {} after {}",
-                    progress.state,
-                    format_duration(timeout)
-                )),
-            });
+    };
+    if progress.is_final {
+        print(&if json {
+            progress_json(&progress)
+        } else {
+            outcome_line(&progress)
+        })?;
+        if progress.succeeded() {
+            return Ok(());
         }
-        log::debug!(
-            "task {id} {} (attempt {}); waiting for a change",
-            progress.state,
-            progress.attempt
-        );
-        // A change seen during the gap is kept, not dropped: a commit's last write to the -wal can
-        // come just before the commit is visible, so the look after the gap may still miss it,
-        // and only the kept change brings the next look.
-        watch.changed_within(remaining.min(WAIT_FALLBACK));
-        std::thread::sleep(WAIT_MIN_GAP.saturating_sub(looked_at.elapsed()));
+        return Err(exit_status(1));
     }
+    if json {
+        print(&progress_json(&progress))?;
+    }
+    Err(Error::Exit {
+        code: 2,
+        message: Some(format!(
+            "task {id} still {} after {}",
+            progress.state,
+            format_duration(timeout)
+        )),
+    })
 }
 
 /// `task 12 done (attempt 2, ran 0.31s)`, `task 12 failed (attempt 3): <the error's last line>`.
@@ -108,7 +82,15 @@ fn outcome_line(progress: &TaskProgress) -> String {
             }
             _ => String::new(),
         };
-        return format!("task {id} done (attempt {}{ran})\n", progress.attempt);
+        let result = progress
+            .result
+            .as_deref()
+            .map(|result| format!("result: {result}\n"))
+            .unwrap_or_default();
+        return format!(
+            "task {id} done (attempt {}{ran})\n{result}",
+            progress.attempt
+        );
     }
     let attempt = if progress.attempt == 0 {
         "never ran".to_owned()
@@ -135,6 +117,7 @@ fn progress_json(progress: &TaskProgress) -> String {
         "enqueued_at": progress.enqueued_at,
         "started_at": progress.started_at,
         "finished_at": progress.finished_at,
+        "result": super::format::stored_json(progress.result.as_deref()),
     });
     format!("{doc}\n")
 }

@@ -4,8 +4,9 @@
 //!
 //! `serve` reads as two calls: `next_event` (the `select!` over the channels) and `handle` (the
 //! `match` over what came). The state is grouped by what it is for: the attempts out, the
-//! workers, the stop phase, and the upkeep parts (`QueueLook`, `ClockWatch`, `Pruning`, `Figures`,
-//! `DbTrouble`) in `upkeep.rs`; popping and finishing are in `work.rs`, stopping in `stop.rs`.
+//! workers, the stop phase, the operator's pauses and aborts (`Control`, in `control.rs`), and
+//! the upkeep parts (`QueueLook`, `ClockWatch`, `Pruning`, `Figures`, `DbTrouble`) in `upkeep.rs`;
+//! popping and finishing are in `work.rs`, stopping in `stop.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,18 +25,23 @@ use crate::schedule::Schedules;
 use crate::signals::Shutdown;
 use crate::store::{DaemonInfo, Ending, Store};
 use crate::sys::{hostname, process_start};
+use crate::task::CancelFlag;
 use crate::thread_pool::ThreadPool;
 use crate::wake::Wakeups;
 
+mod control;
 mod stop;
 mod upkeep;
 mod work;
 
+use control::Control;
 use stop::{Phase, Stop};
 use upkeep::{ClockWatch, DbTrouble, Figures, Pruning, QueueLook};
 use work::ClaimPlan;
 
 /// Everything the daemon reacts to.
+// A finished task is moved once, by value: boxing it would cost an allocation per task.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Event {
     /// A producer signalled (a file appeared in the wakeup dir, or its watch overflowed).
@@ -52,6 +58,8 @@ enum Event {
     Due,
     /// Time to ping the watchdog, and maybe to write the heartbeat and figures.
     Beat,
+    /// An aborted attempt's grace is over: SIGKILL if it still runs.
+    Kill,
 }
 
 /// The channels the loop waits on, besides the timers it makes from its own state.
@@ -67,6 +75,9 @@ struct Channels {
 /// A task handed to a worker (or waiting for one, prefetched) and not finished yet.
 struct Running {
     name: String,
+    attempt: i64,
+    /// The flag its worker sees; raised by an abort (`foreman cancel`).
+    cancel: CancelFlag,
     started: Instant,
     /// The pool running it, if it is a pool task.
     pool: Option<usize>,
@@ -104,6 +115,7 @@ struct Foreman<'c> {
     /// What each cycle may claim, by name (see `ClaimPlan`).
     claims: ClaimPlan,
     stop: Stop,
+    control: Control,
     look: QueueLook,
     clock: ClockWatch,
     pruning: Pruning,
@@ -164,12 +176,15 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         schedules,
         claims: ClaimPlan::default(),
         stop: Stop::default(),
+        control: Control::default(),
         look: QueueLook::default(),
         clock: ClockWatch::default(),
         pruning: Pruning::default(),
         figures: Figures::default(),
         db_trouble: DbTrouble::default(),
     };
+    let stamp = foreman.store.changes();
+    foreman.read_control(stamp);
     foreman.plan_claims();
     foreman.schedules_due();
     foreman.fill();
@@ -222,6 +237,10 @@ impl Foreman<'_> {
                     .map_or_else(crossbeam_channel::never, crossbeam_channel::at),
                 _ => crossbeam_channel::never(),
             };
+            let kill = self
+                .control
+                .next_kill()
+                .map_or_else(crossbeam_channel::never, crossbeam_channel::at);
             return select! {
                 recv(channels.shutdown) -> signal => if let Ok(signal) = signal {
                     Event::Shutdown(signal)
@@ -237,6 +256,7 @@ impl Foreman<'_> {
                 recv(deadline) -> _ => Event::Deadline,
                 recv(due) -> _ => Event::Due,
                 recv(channels.beats) -> _ => Event::Beat,
+                recv(kill) -> _ => Event::Kill,
             };
         }
     }
@@ -245,6 +265,9 @@ impl Foreman<'_> {
         match event {
             Event::Wakeup => {
                 self.wake.woken();
+                if self.wake.take_control() {
+                    self.watch_control(true);
+                }
                 self.fill();
             }
             Event::WorkerFinished(done) => {
@@ -274,6 +297,7 @@ impl Foreman<'_> {
                 self.fill();
             }
             Event::Beat => self.beat(),
+            Event::Kill => self.kill_due(),
         }
         Ok(())
     }
@@ -338,6 +362,18 @@ fn lost_database(db: &dyn std::fmt::Display, what: &str) -> Error {
     Error::Environment(format!(
         "database {db} {what} while the daemon ran; restart foreman to use the file now at that path"
     ))
+}
+
+/// How long an at-least-once task's lease lasts (longer for a task with a longer timeout). The
+/// daemon running the task renews it (SQLite: when it expires; PostgreSQL: with its heartbeat).
+/// A dead daemon's leases are taken back at the next start (SQLite) or by the daemon that
+/// recovers it (PostgreSQL): the length matters only when that never comes.
+const MIN_LEASE: Duration = Duration::from_mins(10);
+
+/// How long an at-least-once task of `name` is leased for.
+fn lease_length(config: &Config, name: &str) -> Duration {
+    let timeout = config.tasks.get(name).and_then(|t| t.timeout);
+    timeout.map_or(MIN_LEASE, |t| (t + MIN_LEASE / 10).max(MIN_LEASE))
 }
 
 /// The longest sleep before re-checking due times; a far-off due time is re-read after it.

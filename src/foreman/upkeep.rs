@@ -23,7 +23,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// The idle tick skips its look at the queue while the store says nothing was committed; it
 /// looks anyway this often, in case a commit left no trace the store can see (a SQLite commit
 /// that left both files the same size within the file system's timestamp granularity).
-const LOOK_ANYWAY: Duration = Duration::from_secs(30);
+pub(super) const LOOK_ANYWAY: Duration = Duration::from_secs(30);
 /// A DB error that lasts is logged again this often (the loop retries it at every tick).
 const DB_ERROR_EVERY: Duration = Duration::from_secs(10);
 /// Heartbeats a daemon may miss before another daemon sharing its PostgreSQL database recovers
@@ -133,6 +133,9 @@ impl Foreman<'_> {
         if !self.figures.tally.is_empty() && self.figures.last_beat.elapsed() >= FLUSH_EVERY {
             self.write_beat();
         }
+        // Before the busy check: an abort matters most when every worker is busy.
+        let poked = self.wake.take_control();
+        self.watch_control(poked);
         if self.attempts.running.len() >= self.capacity() {
             if !self.attempts.ended.is_empty() {
                 self.fill(); // A DB error kept them from being recorded; try again.
@@ -303,7 +306,7 @@ impl Foreman<'_> {
             .iter()
             .filter(|(_, r)| r.leased)
             .map(|(id, r)| {
-                let length = super::work::lease_length(self.config, &r.name);
+                let length = super::lease_length(self.config, &r.name);
                 (*id, length.as_secs_f64())
             })
             .collect();

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::control::Control;
 use super::stop::Phase;
-use super::{Foreman, MAX_DUE_WAIT, Running};
+use super::{Foreman, MAX_DUE_WAIT, Running, lease_length};
 use crate::config::{Config, Delivery, Runner};
 use crate::outcome::{Finished, Outcome, headline};
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
@@ -15,21 +16,11 @@ use crate::store::{Claim, ClaimGroup, Ending, Next, Resolved, RunState};
 use crate::task::Task;
 use crate::thread_pool::Job;
 
-/// How long an at-least-once task's lease lasts (longer for a task with a longer timeout). The
-/// running daemon renews a lease that expires under a task still running; a dead daemon's leases
-/// are taken back at the next start, so this only matters if another daemon shares the DB.
-const MIN_LEASE: Duration = Duration::from_mins(10);
 /// Attempts to record the last ended attempts before the daemon exits (each may wait out the busy
 /// timeout).
 const FLUSH_TRIES: usize = 3;
 /// What a failure without any text is said to be.
 const NO_REASON: &str = "(no reason given)";
-
-/// How long an at-least-once task of `name` is leased for.
-pub(super) fn lease_length(config: &Config, name: &str) -> Duration {
-    let timeout = config.tasks.get(name).and_then(|t| t.timeout);
-    timeout.map_or(MIN_LEASE, |t| (t + MIN_LEASE / 10).max(MIN_LEASE))
-}
 
 /// The names this daemon can claim, by what limits them: each pool's (its free processes), then
 /// the worker threads' (the free slots). A store that claims by name (PostgreSQL) takes only
@@ -45,11 +36,22 @@ pub(super) struct ClaimPlan {
 
 impl ClaimPlan {
     /// The plan for what the registry serves now: a pool's names only once it is up (a pool
-    /// still starting or that cannot start serves nothing yet).
-    pub(super) fn new(config: &Config, registry: &Registry, pools: &[ProcessPool]) -> ClaimPlan {
+    /// still starting or that cannot start serves nothing yet), paused names left out.
+    pub(super) fn new(
+        config: &Config,
+        registry: &Registry,
+        pools: &[ProcessPool],
+        control: &Control,
+    ) -> ClaimPlan {
         let mut by_runner: std::collections::BTreeMap<Option<usize>, Vec<String>> =
             std::collections::BTreeMap::new();
+        let mut plan = ClaimPlan::default();
         for (name, handler) in registry.handlers() {
+            // A paused name is served, but not claimed until it is resumed.
+            if control.is_paused(name) {
+                plan.served.push(name.to_owned());
+                continue;
+            }
             let pool = match handler {
                 Handler::Pool { pool, .. } => {
                     let up = pools
@@ -64,7 +66,6 @@ impl ClaimPlan {
             };
             by_runner.entry(pool).or_default().push(name.to_owned());
         }
-        let mut plan = ClaimPlan::default();
         // Pools first: the worker threads' names take whatever slots are left.
         let threads = by_runner.remove(&None);
         for (pool, mut names) in by_runner.into_iter().chain(threads.map(|n| (None, n))) {
@@ -103,13 +104,15 @@ impl ClaimPlan {
     }
 }
 
-/// How `task` runs now: on its handler, not at all (dead letter), not yet, or (an expired lease of
-/// a task this daemon still runs) not again.
+/// How `task` runs now: on its handler, not at all (dead letter), not yet, not while its name is
+/// paused, or (an expired lease of a task this daemon still runs) not again.
+#[allow(clippy::too_many_arguments)] // The loop's parts it reads, borrowed one by one.
 fn resolve(
     config: &Config,
     registry: &Registry,
     pools: &[ProcessPool],
     running: &HashMap<i64, Running>,
+    control: &Control,
     taken: &mut [usize],
     task: &Task,
     now: f64,
@@ -118,6 +121,9 @@ fn resolve(
     let lease = || now + lease_length(config, name).as_secs_f64();
     if task.was_leased && running.contains_key(&task.id) {
         return Resolved::Hold(lease());
+    }
+    if control.is_paused(name) {
+        return Resolved::Pause;
     }
     let lease = match config.policy(name).delivery {
         Delivery::AtMostOnce => None,
@@ -170,24 +176,35 @@ impl Foreman<'_> {
             self.flush();
             return;
         }
+        if self.unpausing() {
+            self.unpause();
+        }
         loop {
-            let free = self.capacity().saturating_sub(self.attempts.running.len());
+            let free = if self.control.all_paused {
+                0
+            } else {
+                self.capacity().saturating_sub(self.attempts.running.len())
+            };
             if free == 0 && self.attempts.ended.is_empty() {
                 return;
             }
             let now = self.store.now();
-            let (config, registry, pools, running) = (
+            let (config, registry, pools, running, control) = (
                 self.config,
                 &self.registry,
                 &self.workers.pools,
                 &self.attempts.running,
+                &self.control,
             );
             let claim = self.claims.claim(free, pools);
             // Pool tasks taken in this pop, by pool: with the pool's running ones, never more than
             // its processes, so no popped task waits for a process.
             let mut taken = vec![0; pools.len()];
-            let resolve =
-                |task: &Task| resolve(config, registry, pools, running, &mut taken, task, now);
+            let resolve = |task: &Task| {
+                resolve(
+                    config, registry, pools, running, control, &mut taken, task, now,
+                )
+            };
             let popped = match self.store.cycle(&self.attempts.ended, claim, now, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
@@ -200,6 +217,7 @@ impl Foreman<'_> {
             if !self.attempts.ended.is_empty()
                 || !popped.tasks.is_empty()
                 || !popped.dead.is_empty()
+                || popped.paused > 0
             {
                 self.db_works();
             }
@@ -231,6 +249,8 @@ impl Foreman<'_> {
                     task.id,
                     Running {
                         name: task.name.clone(),
+                        attempt: task.attempt,
+                        cancel: task.cancel.clone(),
                         started: Instant::now(),
                         pool,
                         leased,
@@ -244,8 +264,9 @@ impl Foreman<'_> {
                     handler => self.workers.threads.submit(Job { task, handler }),
                 }
             }
-            // Buried rows were progress: the rows behind them get their turn now, not at a tick.
-            if started < free && popped.dead.is_empty() {
+            // Buried or paused rows were progress: the rows behind them get their turn now, not
+            // at a tick.
+            if started < free && popped.dead.is_empty() && popped.paused == 0 {
                 return; // Nothing more is due, or what is due must wait.
             }
         }
@@ -312,11 +333,14 @@ impl Foreman<'_> {
     }
 
     pub(super) fn schedules_due(&mut self) {
-        let running = &self.attempts.running;
+        let (running, control) = (&self.attempts.running, &self.control);
         let now = self.store.now();
-        let refused = self
-            .schedules
-            .fire_due(&mut self.store, now, |id| running.contains_key(&id));
+        let refused = self.schedules.fire_due(
+            &mut self.store,
+            now,
+            |id| running.contains_key(&id),
+            |name| control.is_paused(name),
+        );
         for (name, e) in refused {
             self.db_error(&format!("schedule {name}"), &e);
         }
@@ -330,12 +354,18 @@ impl Foreman<'_> {
             task,
             outcome,
             elapsed,
+            result,
+            exit_code,
         } = done;
         let now = self.store.now();
         let ok = matches!(outcome, Outcome::Done { .. });
-        self.figures
-            .tally
-            .add(&task.name, ok, now, elapsed.as_secs_f64(), waited);
+        let aborted = !ok && task.cancelled();
+        // An aborted attempt is the operator's doing, not the task's: it is no failure to count.
+        if !aborted {
+            self.figures
+                .tally
+                .add(&task.name, ok, now, elapsed.as_secs_f64(), waited);
+        }
         let (state, reason) = match outcome {
             Outcome::Done { eventful } => {
                 log::debug!("task {} {} done in {elapsed:?}", task.id, task.name);
@@ -348,6 +378,29 @@ impl Foreman<'_> {
                     error: None,
                     next: Next::Finished,
                     leased,
+                    result,
+                    exit_code,
+                });
+                return;
+            }
+            // Stopped by `foreman cancel` (or it gave up when it saw the flag): never retried.
+            Outcome::Failed(reason) | Outcome::Timeout(reason) if aborted => {
+                log::info!(
+                    "task {} {} cancelled after {elapsed:?} (attempt {}): {}",
+                    task.id,
+                    task.name,
+                    task.attempt,
+                    headline(&reason).unwrap_or(NO_REASON)
+                );
+                self.attempts.ended.push(Ending {
+                    task,
+                    state: RunState::Cancelled,
+                    finished_at: now,
+                    error: Some(format!("aborted (foreman cancel): {reason}")),
+                    next: Next::Finished,
+                    leased,
+                    result: None,
+                    exit_code,
                 });
                 return;
             }
@@ -376,12 +429,15 @@ impl Foreman<'_> {
             error: Some(reason),
             next,
             leased,
+            result: None,
+            exit_code,
         });
     }
 
     /// The task is no longer running (finished, or buried before it started); returns whether it
     /// ran under a lease, and how long it waited to start.
     pub(super) fn forget(&mut self, task_id: i64) -> (bool, f64) {
+        self.forget_kill(task_id);
         let Some(running) = self.attempts.running.remove(&task_id) else {
             return (false, 0.0);
         };
@@ -439,6 +495,8 @@ impl Foreman<'_> {
                 error: Some(reason.clone()),
                 next: Next::Bury(reason),
                 leased,
+                result: None,
+                exit_code: None,
             });
         }
         // A pool that said hello, or went down, serves other names now.
@@ -447,7 +505,12 @@ impl Foreman<'_> {
 
     /// Plans the claims again, after the pools or the registry changed.
     pub(super) fn plan_claims(&mut self) {
-        self.claims = ClaimPlan::new(self.config, &self.registry, &self.workers.pools);
+        self.claims = ClaimPlan::new(
+            self.config,
+            &self.registry,
+            &self.workers.pools,
+            &self.control,
+        );
     }
 
     /// Stops every pool's processes (all at once) and waits until they are gone.

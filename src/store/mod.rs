@@ -303,10 +303,16 @@ impl Store {
 
     // ---- New tasks and schedules ----
 
-    /// Inserts one task; the caller has checked that `args` is a JSON array and `kwargs` an
-    /// object.
-    pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<i64> {
+    /// Inserts one task, unless its unique key is held by a queued or running task (then that
+    /// task's id is returned, not created); the caller has checked that `args` is a JSON array
+    /// and `kwargs` an object.
+    pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<Enqueued> {
         each!(self, s => s.enqueue_task(task))
+    }
+
+    /// `enqueue_task` for each task, in one transaction: all of them or none.
+    pub fn enqueue_many(&mut self, tasks: &[NewTask<'_>]) -> Result<Vec<Enqueued>> {
+        each!(self, s => s.enqueue_many(tasks))
     }
 
     /// Whether the task is still queued (not popped yet, or waiting for a retry), or (PostgreSQL)
@@ -352,7 +358,7 @@ impl Store {
             self,
             s => {
                 let _ = expected;
-                s.fire_schedule(name, task, state).map(Fired::Task)
+                s.fire_schedule(name, task, state).map(|e| Fired::Task(e.id))
             },
             p => p.fire_schedule(name, task, expected, state)
         )
@@ -418,9 +424,53 @@ impl Store {
         each!(self, s => s.task_progress(id))
     }
 
-    /// Cancels a queued task that has not started.
-    pub fn cancel(&mut self, id: i64) -> Result<CancelOutcome> {
-        each!(self, s => s.cancel(id))
+    /// Cancels a queued task that has not started, or marks a running one's attempt for abort,
+    /// with `grace` seconds between SIGTERM and SIGKILL.
+    pub fn cancel(&mut self, id: i64, grace: f64) -> Result<CancelOutcome> {
+        each!(self, s => s.cancel(id, grace))
+    }
+
+    /// Queues finished tasks again as new tasks (origin `retry of ID`).
+    pub fn retry(&mut self, ids: &[i64]) -> Result<Vec<Retried>> {
+        each!(self, s => s.retry(ids))
+    }
+
+    /// Tasks as `foreman list` shows them: a page in id order, after `q.after`.
+    pub fn list(&self, q: &ListQuery<'_>) -> Result<Vec<ListedTask>> {
+        each!(self, s => s.list(q))
+    }
+
+    /// How many tasks `q` matches (it walks them all: only when asked).
+    pub fn count(&self, q: &ListQuery<'_>) -> Result<i64> {
+        each!(self, s => s.count(q))
+    }
+
+    /// One task's row, attempts and dead letter, for `foreman show`.
+    pub fn task_story(&self, id: i64, now: f64) -> Result<Option<TaskStory>> {
+        each!(self, s => s.task_story(id, now))
+    }
+
+    // ---- Control: pauses and aborts ----
+
+    /// The paused names and the aborts asked of running attempts.
+    pub fn control(&self) -> Result<Control> {
+        each!(self, s => s.control())
+    }
+
+    /// Pauses a task name (every task: `None`); false when it already was.
+    pub fn pause(&mut self, name: Option<&str>, now: f64) -> Result<bool> {
+        split!(self, s => s.pause(name, now), p => p.pause(name))
+    }
+
+    /// Resumes a task name (`None`: every pause); returns how many pauses it lifted.
+    pub fn resume(&mut self, name: Option<&str>) -> Result<usize> {
+        each!(self, s => s.resume(name))
+    }
+
+    /// Puts back up to `batch` rows a pause set aside whose name is no longer paused. On
+    /// PostgreSQL a pause sets no row aside (the claims leave the name out): nothing to do.
+    pub fn unpause_rows(&mut self, batch: usize) -> Result<usize> {
+        split!(self, s => s.unpause_rows(batch), _p => { let _ = batch; Ok(0) })
     }
 
     /// Dead letters, newest first, with how many there are in all.
@@ -506,6 +556,12 @@ impl Producer {
         keys_from: Option<i64>,
     ) -> Result<std::ops::RangeInclusive<i64>> {
         each_producer!(self, p => p.insert_many(name, count, keys_from))
+    }
+
+    /// The `list` bench's rows: `count` of them, one in 1,000 `bench.rare`, one in 100 delayed
+    /// far ahead, priorities 0 to 2.
+    pub fn insert_list_fixture(&self, count: usize) -> Result<()> {
+        each_producer!(self, p => p.insert_list_fixture(count))
     }
 
     /// Inserts one row in a transaction of its own; returns its id.

@@ -54,6 +54,7 @@ pub struct RawRow {
     pub attempt: Cell,
     pub origin: Cell,
     pub leased_at: Cell,
+    pub unique_key: Cell,
 }
 
 /// A stored task name as a log line or an error message may quote it: itself when it is a valid
@@ -119,6 +120,14 @@ pub fn decode(raw: &RawRow) -> Result<Task, String> {
         priority,
         origin,
         was_leased: !matches!(raw.leased_at, Cell::Null),
+        unique_key: match &raw.unique_key {
+            Cell::Text(text) => Some(text.clone()),
+            Cell::Blob(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            Cell::Integer(i) => Some(i.to_string()),
+            Cell::Real(f) => Some(f.to_string()),
+            Cell::Null => None,
+        },
+        cancel: crate::task::CancelFlag::default(),
     })
 }
 
@@ -134,6 +143,7 @@ pub struct TypedRow {
     pub priority: i64,
     pub attempt: i64,
     pub origin: Option<String>,
+    pub unique_key: Option<String>,
 }
 
 /// Turns a typed row into a `Task`, or says in one line why it cannot run. Its schema's CHECKs
@@ -171,6 +181,8 @@ pub fn decode_typed(row: TypedRow) -> Result<Task, String> {
         priority: row.priority,
         origin: row.origin,
         was_leased: false,
+        unique_key: row.unique_key,
+        cancel: crate::task::CancelFlag::default(),
     })
 }
 
@@ -217,6 +229,7 @@ mod tests {
             attempt: Cell::Integer(1),
             origin: Cell::Null,
             leased_at: Cell::Null,
+            unique_key: Cell::Null,
         }
     }
 
@@ -339,6 +352,7 @@ mod fuzz {
             .prop_map(|(id, [task_name, args, kwargs, created_at], rest)| {
                 let [run_after, priority, attempt, origin, leased_at] = rest;
                 RawRow {
+                    unique_key: Cell::Null,
                     id,
                     task_name,
                     args,
@@ -416,6 +430,7 @@ mod fuzz {
                 attempt: Cell::Integer(1),
                 origin: Cell::Null,
                 leased_at: Cell::Null,
+                unique_key: Cell::Null,
             };
             let task = decode(&raw).map_err(TestCaseError::fail)?;
             prop_assert_eq!(&task.name, &name);

@@ -72,6 +72,8 @@ pub struct Popped<H> {
     pub dead: Vec<Buried>,
     /// Due rows the resolver deferred: they are still queued, unchanged.
     pub deferred: usize,
+    /// Due rows of paused task names, set aside (`paused = 1`) until a resume.
+    pub paused: usize,
     /// When the pop found fewer rows than it was allowed: when the next delayed row becomes due.
     pub next_due: Option<f64>,
 }
@@ -95,6 +97,8 @@ pub enum Resolved<H> {
     Defer,
     /// Its expired lease is this daemon's own, still running: the lease is renewed until then.
     Hold(f64),
+    /// Its task name is paused: it stays queued, set aside from the pop's index until a resume.
+    Pause,
 }
 
 /// The states an attempt goes through in `foreman_run`.
@@ -144,6 +148,10 @@ pub struct Ending {
     pub next: Next,
     /// The task ran under a lease: its row is still in `foreman_task`.
     pub leased: bool,
+    /// The JSON text of the value the task returned (at most `outcome::MAX_RESULT_BYTES`), if any.
+    pub result: Option<String>,
+    /// A command task's exit status (128 + N when a signal N killed it).
+    pub exit_code: Option<i32>,
 }
 
 /// A recurring task's state in `foreman_schedule`.
@@ -166,6 +174,19 @@ pub struct NewTask<'a> {
     pub delay: f64,
     pub priority: i64,
     pub origin: Option<&'a str>,
+    /// At most one task with this key is queued or running: while one is, nothing is inserted and
+    /// its id is returned instead.
+    pub unique_key: Option<&'a str>,
+}
+
+/// What enqueueing one task did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The new task's id, or (not `created`) the id of the task that holds its unique key.
+    pub id: i64,
+    /// Whether a row was inserted: false when a task with the same unique key was queued or
+    /// running.
+    pub created: bool,
 }
 
 /// Who the running daemon is, as it registers itself at startup.
@@ -249,6 +270,8 @@ pub struct TaskProgress {
     pub enqueued_at: Option<f64>,
     pub started_at: Option<f64>,
     pub finished_at: Option<f64>,
+    /// The JSON text of what the attempt returned, if it returned something.
+    pub result: Option<String>,
 }
 
 impl TaskProgress {
@@ -264,15 +287,194 @@ pub enum CancelOutcome {
     Cancelled {
         task_name: String,
     },
-    /// Leased (`leased`: an at-least-once task), or its latest attempt is running: it has started.
-    Running {
-        leased: bool,
+    /// It is running (its latest attempt is `running`): the attempt is marked for abort, which
+    /// the daemon running it carries out (`Control::aborts`).
+    Aborting {
+        task_name: String,
+        attempt: i64,
     },
     /// Its latest attempt ended in this state (or it is a dead letter: `dead`).
     Finished {
         state: String,
     },
     Unknown,
+}
+
+/// What the operator asked of the daemons through the database: the paused task names and the
+/// running attempts to abort. The loop caches it and reads it again on a control wake or when the
+/// database changed (at most once a tick).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Control {
+    pub paused: Vec<PausedName>,
+    pub aborts: Vec<AbortRequest>,
+}
+
+/// A paused task name, or every task (`task_name` `None`: `foreman pause --all`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PausedName {
+    pub task_name: Option<String>,
+    /// When it was paused (Unix seconds).
+    pub since: f64,
+}
+
+/// A running attempt `foreman cancel` asked to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbortRequest {
+    pub task_id: i64,
+    pub attempt: i64,
+    /// Seconds between SIGTERM and SIGKILL for a process.
+    pub grace: f64,
+    pub requested_at: f64,
+}
+
+/// What `Store::retry` did with one task id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Retried {
+    /// Queued again as the new task `new_id` (origin `retry of N`).
+    Queued {
+        task_id: i64,
+        new_id: i64,
+    },
+    /// Not queued: the task holding its unique key, `existing_id`, is queued or running.
+    Duplicate {
+        task_id: i64,
+        existing_id: i64,
+    },
+    /// It has not finished (queued, delayed, paused, leased, running, or waiting for a retry).
+    NotFinished {
+        task_id: i64,
+        state: String,
+    },
+    /// Its last attempt was recorded without its args (by a daemon of schema version 3 or older).
+    NoArgs {
+        task_id: i64,
+    },
+    Unknown {
+        task_id: i64,
+    },
+}
+
+/// Which tasks `Store::list` returns. States: `due`, `later`, `paused`, `leased` (rows of
+/// `foreman_task`), `running` (running attempts), and the history states `done`, `failed`,
+/// `timeout`, `lost`, `cancelled` (the task's latest attempt) and `dead` (dead letters).
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery<'a> {
+    /// Empty: the live tasks (everything queued, and the running attempts of at-most-once tasks).
+    pub states: Vec<&'a str>,
+    pub task: Option<&'a str>,
+    pub priority: Option<i64>,
+    /// Text that args or kwargs must contain (as stored: JSON text).
+    pub search: Option<&'a str>,
+    /// Newest (highest id) first; else oldest first.
+    pub newest_first: bool,
+    /// Keyset paging: only ids below this one (newest first) or above it (oldest first).
+    pub after: Option<i64>,
+    pub limit: usize,
+    /// What `due` and `later` are judged by.
+    pub now: f64,
+}
+
+/// Every state `list` knows, with `queued` (due, later and paused) as a shorthand.
+pub const LIST_STATES: [&str; 12] = [
+    "queued",
+    "due",
+    "later",
+    "paused",
+    "leased",
+    "running",
+    "done",
+    "failed",
+    "timeout",
+    "lost",
+    "cancelled",
+    "dead",
+];
+
+impl ListQuery<'_> {
+    /// The states a query asks for, shorthands expanded; `None` for the default (the live tasks).
+    /// Both backends read the query this way.
+    pub fn wanted_states(&self) -> crate::error::Result<Option<Vec<&'static str>>> {
+        let q = self;
+        if q.states.is_empty() {
+            return Ok(None);
+        }
+        let mut states = Vec::new();
+        for state in &q.states {
+            let Some(known) = LIST_STATES.iter().find(|s| *s == state) else {
+                return Err(crate::error::Error::Config(format!(
+                    "unknown state {state:?}: one of {}",
+                    LIST_STATES.join(", ")
+                )));
+            };
+            let expanded: &[&'static str] = if *known == "queued" {
+                &["due", "later", "paused"]
+            } else {
+                std::slice::from_ref(known)
+            };
+            for state in expanded {
+                if !states.contains(state) {
+                    states.push(*state);
+                }
+            }
+        }
+        Ok(Some(states))
+    }
+}
+
+/// One task as `foreman list` shows it. Text columns are as stored, read lossily.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedTask {
+    pub id: i64,
+    pub task_name: String,
+    pub state: String,
+    pub args: Option<String>,
+    pub kwargs: Option<String>,
+    pub priority: i64,
+    pub run_after: Option<f64>,
+    pub attempt: i64,
+    pub created_at: Option<f64>,
+    pub origin: Option<String>,
+    pub unique_key: Option<String>,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    /// The attempt's error, or the dead letter's reason.
+    pub error: Option<String>,
+}
+
+/// One task's whole story, for `foreman show`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStory {
+    pub task_id: i64,
+    /// Its row in `foreman_task`, while it is queued (or leased).
+    pub queued: Option<ListedTask>,
+    /// Its dead letter, if it died.
+    pub dead: Option<DeadLetter>,
+    /// Every attempt recorded, first to last.
+    pub attempts: Vec<AttemptRecord>,
+    /// Since when its task name (or every task) is paused, if it is.
+    pub paused_since: Option<f64>,
+}
+
+/// A row of `foreman_run`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub attempt: i64,
+    pub task_name: String,
+    pub state: String,
+    pub daemon: Option<String>,
+    pub enqueued_at: Option<f64>,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    pub error: Option<String>,
+    pub retry_at: Option<f64>,
+    pub exit_code: Option<i64>,
+    pub result: Option<String>,
+    pub args: Option<String>,
+    pub kwargs: Option<String>,
+    pub priority: Option<i64>,
+    pub origin: Option<String>,
+    pub unique_key: Option<String>,
+    pub abort_requested_at: Option<f64>,
 }
 
 /// A row of `foreman_dead`. Text columns are as stored, read lossily when not valid UTF-8.
@@ -289,6 +491,7 @@ pub struct DeadLetter {
     pub attempts: i64,
     pub priority: i64,
     pub origin: Option<String>,
+    pub unique_key: Option<String>,
 }
 
 /// The newest dead letters, and how many match in all.
@@ -313,6 +516,11 @@ pub enum DeadSelection<'a> {
 pub enum Requeued {
     /// Queued again as the new task `task_id`; the dead row is gone.
     Task {
+        dead_id: i64,
+        task_id: i64,
+    },
+    /// Left dead: the task `task_id` holds its unique key (queued or running).
+    Duplicate {
         dead_id: i64,
         task_id: i64,
     },
@@ -410,6 +618,9 @@ pub struct TaskDepth {
     pub delayed: i64,
     /// Leased: an at-least-once task running now.
     pub leased: i64,
+    /// Waiting for their paused name to be resumed (the store leaves this to whoever knows the
+    /// paused names: it counts them as due or delayed).
+    pub paused: i64,
     /// When the longest-waiting due row became due.
     pub oldest_due_at: Option<f64>,
     /// When the first delayed row becomes due.

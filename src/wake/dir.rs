@@ -28,7 +28,14 @@ pub struct WakeupDir {
     /// Set by the watch when the directory itself is removed: a directory created again at once
     /// may get the same inode number back, which the identity check cannot tell.
     watch_lost: Arc<AtomicBool>,
+    /// Set by the watch when a control file appeared (`CONTROL_PREFIX`): the operator paused,
+    /// resumed or aborted something, and the loop should read its control state again.
+    control: Arc<AtomicBool>,
 }
+
+/// The start of the name of a wakeup file that says "control changed" (`foreman pause`, `resume`,
+/// `cancel` of a running task) rather than "tasks were queued".
+pub const CONTROL_PREFIX: &str = "control-";
 
 /// What became of the directory `prepare` checked: producers now reach another one, or none, and
 /// a watch on it sees nothing they do.
@@ -112,6 +119,7 @@ impl WakeupDir {
             cleared_at_mtime: None,
             identity: None,
             watch_lost: Arc::default(),
+            control: Arc::default(),
         }
     }
 
@@ -130,8 +138,19 @@ impl WakeupDir {
             )
         })?;
         let lost = Arc::clone(&self.watch_lost);
+        let control = Arc::clone(&self.control);
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = &event
+                    && matches!(event.kind, EventKind::Create(_))
+                    && event.paths.iter().any(|path| {
+                        path.file_name().is_some_and(|n| {
+                            n.as_encoded_bytes().starts_with(CONTROL_PREFIX.as_bytes())
+                        })
+                    })
+                {
+                    control.store(true, Ordering::Relaxed);
+                }
                 let wake = match &event {
                     Ok(event) if matches!(event.kind, EventKind::Remove(_)) => {
                         // The directory itself is gone, and this watch with it: the loop must
@@ -217,6 +236,11 @@ impl WakeupDir {
             Some(seen) if mtime == Some(seen) => Ok(0),
             _ => Ok(self.clear()),
         }
+    }
+
+    /// Whether the watch saw a control file since the last call.
+    pub fn take_control(&self) -> bool {
+        self.control.swap(false, Ordering::Relaxed)
     }
 
     /// Whether the watch saw the directory itself removed (and so stopped watching).
@@ -353,6 +377,11 @@ impl DirWakeups {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Whether a control file appeared since the last call.
+    pub fn take_control(&self) -> bool {
+        self.dir.take_control()
     }
 
     /// A wake arrived: clears the files (so create-if-absent producers signal again), and

@@ -23,6 +23,9 @@ const RELISTEN: Duration = Duration::from_secs(5);
 
 pub struct ListenWakeups {
     stop: Arc<AtomicBool>,
+    /// Set by the thread when a notification asked to read the control state again (or when it
+    /// could have been missed: a new connection, or polling).
+    control: Arc<AtomicBool>,
     listen: bool,
 }
 
@@ -35,15 +38,26 @@ impl ListenWakeups {
         } else {
             None
         };
-        let flag = Arc::clone(&stop);
+        let control = Arc::new(AtomicBool::new(false));
+        let (flag, told) = (Arc::clone(&stop), Arc::clone(&control));
         std::thread::Builder::new()
             .name("foreman-listen".to_owned())
             .spawn(move || match listener {
-                Some(listener) => listen_loop(listener, &flag, &wakes),
-                None => poll_loop(&flag, &wakes, None),
+                Some(listener) => listen_loop(listener, &flag, &told, &wakes),
+                None => poll_loop(&flag, &told, &wakes, None),
             })
             .map_err(|e| Error::io("cannot start the LISTEN thread", e))?;
-        Ok(ListenWakeups { stop, listen })
+        Ok(ListenWakeups {
+            stop,
+            control,
+            listen,
+        })
+    }
+
+    /// Whether a notification asked, since the last call, to read the control state again (or a
+    /// poll, which cannot tell, or a new connection, which may have missed one).
+    pub fn take_control(&self) -> bool {
+        self.control.swap(false, Ordering::SeqCst)
     }
 
     pub fn describe(&self) -> String {
@@ -65,16 +79,23 @@ impl Drop for ListenWakeups {
     }
 }
 
-/// Polls until `stop`, or until `until` passes.
-fn poll_loop(stop: &AtomicBool, wakes: &Sender<()>, until: Option<Instant>) {
+/// Polls until `stop`, or until `until` passes. No notification says what changed: each poll
+/// asks the loop to read the control state too.
+fn poll_loop(stop: &AtomicBool, control: &AtomicBool, wakes: &Sender<()>, until: Option<Instant>) {
     while !stop.load(Ordering::SeqCst) && until.is_none_or(|at| Instant::now() < at) {
         std::thread::sleep(POLL);
+        control.store(true, Ordering::SeqCst);
         // bounded(1): a pending wake already covers this one.
         let _ = wakes.try_send(());
     }
 }
 
-fn listen_loop(mut listener: Listener, stop: &AtomicBool, wakes: &Sender<()>) {
+fn listen_loop(
+    mut listener: Listener,
+    stop: &AtomicBool,
+    control: &AtomicBool,
+    wakes: &Sender<()>,
+) {
     let mut failing = false;
     while !stop.load(Ordering::SeqCst) {
         match listener.wait(WAIT) {
@@ -84,6 +105,9 @@ fn listen_loop(mut listener: Listener, stop: &AtomicBool, wakes: &Sender<()>) {
                     failing = false;
                 }
                 // A new connection missed what was notified before it listened: look.
+                if heard.control > 0 || heard.reconnected {
+                    control.store(true, Ordering::SeqCst);
+                }
                 if heard.notifications > 0 || heard.reconnected {
                     let _ = wakes.try_send(());
                 }
@@ -97,7 +121,7 @@ fn listen_loop(mut listener: Listener, stop: &AtomicBool, wakes: &Sender<()>) {
                     );
                     failing = true;
                 }
-                poll_loop(stop, wakes, Some(Instant::now() + RELISTEN));
+                poll_loop(stop, control, wakes, Some(Instant::now() + RELISTEN));
             }
         }
     }

@@ -62,6 +62,26 @@ impl Wakeups {
         }
     }
 
+    /// Whether a producer said, since the last call, that the operator changed what the daemons
+    /// must do (a pause, a resume, an abort): the loop then reads its control state again.
+    pub fn take_control(&mut self) -> bool {
+        match self {
+            Wakeups::Dir(dir) => dir.take_control(),
+            #[cfg(feature = "postgres")]
+            Wakeups::Listen(listen) => listen.take_control(),
+        }
+    }
+
+    /// Whether `take_control` says of every control change (a wake source that carries them),
+    /// so that the loop need not read the control state at every tick to see one.
+    pub fn tells_control(&self) -> bool {
+        match self {
+            Wakeups::Dir(_) => false,
+            #[cfg(feature = "postgres")]
+            Wakeups::Listen(_) => true,
+        }
+    }
+
     /// The fallback tick's look at the source, which also repairs it (a wakeup dir that was
     /// removed is made and watched again). Returns whether a producer may have signalled without
     /// a wake reaching the loop.
@@ -89,11 +109,52 @@ impl Wakeups {
 /// tick, so it is a warning. `done` says what was committed. On PostgreSQL the store's own
 /// statement notified at its commit already (`NOTIFY foreman` is transactional).
 pub fn poke(config: &Config, done: &str) {
-    let (Database::Sqlite(_), Some(path)) = (&config.db, &config.wakeup_dir) else {
+    if matches!(config.db, Database::Sqlite(_)) {
+        touch(config, done, &format!("cli-{}", std::process::id()));
+    }
+}
+
+/// What `foreman pause`, `resume` and `cancel` do after their commit: wake the daemons and tell
+/// them to read their control state (paused names, aborts) again. Without it they see the change
+/// at their next tick. On PostgreSQL it is `NOTIFY foreman, 'control'` on the command's
+/// connection.
+pub fn poke_control(config: &Config, store: &crate::store::Store, done: &str) {
+    if !matches!(config.db, Database::Sqlite(_)) {
+        if let Err(e) = store.notify(CONTROL_PAYLOAD) {
+            log::warn!(
+                "{done}, but notifying the daemons failed ({e}); they see it at their next tick"
+            );
+        }
+        return;
+    }
+    touch(
+        config,
+        done,
+        &format!("{}{}", dir::CONTROL_PREFIX, std::process::id()),
+    );
+}
+
+/// The payload of a `NOTIFY foreman` that asks the daemons to read their control state again.
+pub const CONTROL_PAYLOAD: &str = "control";
+#[cfg(feature = "postgres")]
+const _: () =
+    assert!(crate::store::postgres::listen::CONTROL_PAYLOAD.len() == CONTROL_PAYLOAD.len());
+
+/// `poke` for a producer that knows the wakeup dir but has no `Config` (`Client`).
+pub fn poke_dir(dir: Option<&std::path::Path>, done: &str) {
+    touch_dir(dir, done, &format!("cli-{}", std::process::id()));
+}
+
+fn touch(config: &Config, done: &str, name: &str) {
+    touch_dir(config.wakeup_dir.as_deref(), done, name);
+}
+
+fn touch_dir(dir: Option<&std::path::Path>, done: &str, name: &str) {
+    let Some(path) = dir else {
         return;
     };
     let wakeup = WakeupDir::at(path);
-    if let Err(e) = wakeup.touch(&format!("cli-{}", std::process::id())) {
+    if let Err(e) = wakeup.touch(name) {
         log::warn!(
             "{done}, but touching {} failed ({e}); the daemon sees it at its next tick",
             wakeup.path().display()

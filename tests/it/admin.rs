@@ -375,7 +375,10 @@ fn cancel_deletes_a_queued_task_and_records_the_attempt() {
     let id = enqueue(&env, &["myapp.send", "[1]"]);
     let out = env.run(&["cancel", &id.to_string()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), format!("cancelled task {id} (myapp.send)\n"));
+    assert_eq!(
+        stdout(&out),
+        format!("cancelled task {id} (myapp.send) before it started\n")
+    );
     assert_eq!(env.queued(), 0);
     let (state, attempt, name, enqueued, finished): (String, i64, String, f64, f64) = env
         .sql()
@@ -395,7 +398,7 @@ fn cancel_deletes_a_queued_task_and_records_the_attempt() {
     assert_eq!(stdout(&out), format!("task {id} cancelled (attempt 1)\n"));
     // Cancelled is final: a second cancel says so.
     let out = env.run(&["cancel", &id.to_string()]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4));
     assert_eq!(
         stdout(&out),
         format!("task {id} already finished (cancelled)\n")
@@ -403,9 +406,10 @@ fn cancel_deletes_a_queued_task_and_records_the_attempt() {
 }
 
 #[test]
-fn cancel_refuses_started_tasks_and_reports_each_id() {
+fn cancel_reports_each_id_and_marks_running_attempts_for_abort() {
     let env = Env::new();
     env.init();
+    // A lease whose daemon died with its history: the attempt it would run next is cancelled.
     let leased: i64 = env
         .sql()
         .query_row(
@@ -421,50 +425,71 @@ fn cancel_refuses_started_tasks_and_reports_each_id() {
              INSERT INTO foreman_run(task_id, attempt, task_name, state) VALUES (9002, 1, 'x', 'done');",
         )
         .unwrap();
-    let out = env.run(&[
-        "cancel",
-        &leased.to_string(),
-        "9001",
-        "9002",
-        "9003",
-        &queued.to_string(),
-    ]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let started = "is running and cannot be cancelled: a started task runs to its end";
-    let at_most_once = "is running and cannot be cancelled: under at-most-once delivery a started task runs to its end";
+    let ids = [
+        leased.to_string(),
+        "9001".into(),
+        "9002".into(),
+        "9003".into(),
+        queued.to_string(),
+    ];
+    let mut args = vec!["cancel", "--grace", "2s", "--timeout", "0"];
+    args.extend(ids.iter().map(String::as_str));
+    let out = env.run(&args);
+    // The highest code that applies: an unknown id.
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
         format!(
-            "task {leased} {started} (at-least-once: its row goes when it finishes)\n\
-             task 9001 {at_most_once}\ntask 9002 already finished (done)\n\
-             no task 9003\ncancelled task {queued} (foreman.echo)\n"
+            "cancelled task {leased} (sync) before it started\n\
+             task 9002 already finished (done)\nno task 9003\n\
+             cancelled task {queued} (foreman.echo) before it started\n\
+             task 9001 (x): abort requested, still running after 0s (it stops when the daemon running it reads the request)\n"
         )
     );
-    assert_eq!(
-        count(
-            &env,
-            &format!("SELECT count(*) FROM foreman_task WHERE id = {leased}")
-        ),
-        1
-    );
-    assert_eq!(env.queued(), 1, "only the queued task is gone");
+    assert_eq!(env.queued(), 0);
+    assert_eq!(runs(&env, leased), [("cancelled".to_owned(), 2)]);
+    // No daemon ran it: the request waits in its attempt's row for one.
+    let (grace, asked): (f64, f64) = env
+        .sql()
+        .query_row(
+            "SELECT grace, requested_at FROM foreman_abort WHERE task_id = 9001 AND attempt = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!((grace - 2.0).abs() < 1e-9 && (now() - asked).abs() < 60.0);
+    let out = env.run(&["cancel", "--timeout", "0", "9001"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
 }
 
 #[test]
-fn cancel_refuses_a_task_the_daemon_is_running() {
+fn cancel_aborts_an_in_process_task_the_daemon_is_running() {
     let env = Env::new();
     env.init();
-    let daemon = env.daemon(&["--graceful-timeout", "100ms"]);
+    let daemon = env.daemon(&[]);
     let id = enqueue(&env, &["foreman.sleep", "[30]"]);
     assert!(wait_until(PATIENCE, || runs(&env, id) == [("running".to_owned(), 1)]));
     let out = env.run(&["cancel", &id.to_string()]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("is running and cannot be cancelled"),
+        stdout(&out).starts_with(&format!(
+            "aborted task {id} (foreman.sleep), attempt 1, in "
+        )),
         "{}",
         stdout(&out)
     );
-    assert_eq!(runs(&env, id), [("running".to_owned(), 1)]);
+    // Recorded cancelled, never retried; the daemon is none the worse.
+    assert_eq!(runs(&env, id), [("cancelled".to_owned(), 1)]);
+    let out = env.run(&["wait", &id.to_string(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let doc = json_doc(&out);
+    assert_eq!(doc["state"], "cancelled");
+    assert!(
+        doc["error"].as_str().unwrap().contains("foreman cancel"),
+        "{doc}"
+    );
+    daemon.expect_log(&format!("task {id} foreman.sleep aborted (foreman cancel)"));
+    env.assert_healthy();
     daemon.stop();
 }
 

@@ -296,7 +296,7 @@ fn database_files_it_cannot_use_stop_each_command_with_one_line() {
                     .unwrap();
             },
             &["init", "run", "enqueue", "status"],
-            "table foreman_task lacks column(s) kwargs, created_at, run_after, priority, attempt, origin, leased_at of schema version 3: it was not created by foreman",
+            "table foreman_task lacks column(s) kwargs, created_at, run_after, priority, attempt, origin, leased_at, unique_key, paused of schema version 4: it was not created by foreman",
         ),
         (
             "a table re-made without two columns after init",
@@ -310,7 +310,7 @@ fn database_files_it_cannot_use_stop_each_command_with_one_line() {
                     .unwrap();
             },
             &["init", "run", "enqueue", "status"],
-            "table foreman_task lacks column(s) priority, leased_at of schema version 3",
+            "table foreman_task lacks column(s) priority, leased_at, unique_key, paused of schema version 4",
         ),
         (
             "a dropped table",

@@ -84,7 +84,8 @@ fn quick_bench_runs_every_scenario_correctly_and_cleans_up() {
             "rss",
             "startup",
             "depth",
-            "delay"
+            "delay",
+            "list"
         ]
     );
     for line in &lines {

@@ -8,7 +8,7 @@ use crate::support::{Env, stderr};
 fn init_creates_the_db_and_a_private_wakeup_dir_and_is_idempotent() {
     let env = Env::new();
     let out = env.ok(&["init"]);
-    assert!(out.contains("schema version 3"), "{out}");
+    assert!(out.contains("schema version 4"), "{out}");
     assert!(env.db.is_file());
     let mode = std::fs::metadata(&env.wakeup).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);

@@ -355,7 +355,7 @@ fn a_version_1_database_is_migrated_keeping_its_rows_and_ids() {
     )
     .unwrap();
     let out = env.ok(&["init"]);
-    assert!(out.contains("schema version 3"), "{out}");
+    assert!(out.contains("schema version 4"), "{out}");
     let rows: Vec<(i64, String, String, i64, i64)> = conn
         .prepare("SELECT id, task_name, args, priority, attempt FROM foreman_task ORDER BY id")
         .unwrap()

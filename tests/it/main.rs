@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod cli_reference;
 mod commands;
+mod control;
 mod crash;
 mod daemons;
 mod drain;

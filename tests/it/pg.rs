@@ -534,9 +534,11 @@ fn concurrent_inits_all_succeed_in_the_search_path_schema() {
     assert_eq!(
         names,
         [
+            "foreman_abort",
             "foreman_daemon",
             "foreman_dead",
             "foreman_meta",
+            "foreman_pause",
             "foreman_run",
             "foreman_schedule",
             "foreman_stat",

@@ -115,14 +115,6 @@ impl Env {
         }
     }
 
-    /// Runs `sql` on either backend (SQL both understand).
-    pub fn execute(&self, sql: &str) {
-        match &self.pg {
-            Some(pg) => pg.connect().batch_execute(sql).expect(sql),
-            None => self.sql().execute_batch(sql).expect(sql),
-        }
-    }
-
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

@@ -674,6 +674,119 @@ class EnqueueManyTimingTest(ClientTestCase):
             self.client.enqueue_many([("myapp.a",)], 10)
 
 
+class UniqueKeyTest(ClientTestCase):
+    def run_sql(self, sql, params=()):
+        db = sqlite3.connect(self.db_path)
+        try:
+            with db:
+                return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+    def test_a_queued_key_gives_back_its_task(self):
+        first = self.client.enqueue_with("app.sync", [1], unique_key="sync:1")
+        again = self.client.enqueue_with("app.sync", [2], unique_key="sync:1", delay=5)
+        other = self.client.enqueue_with("app.sync", [3], unique_key="sync:2")
+        self.assertEqual(again, first)
+        self.assertNotEqual(other, first)
+        self.assertEqual([r[2] for r in self.rows()], [[1], [3]])
+
+    def test_a_running_key_gives_back_its_task_and_a_finished_one_is_free(self):
+        self.run_sql(
+            "INSERT INTO foreman_run(task_id, attempt, task_name, state, unique_key) "
+            "VALUES (77, 1, 'app.sync', 'running', 'k')"
+        )
+        self.assertEqual(self.client.enqueue_with("app.sync", unique_key="k"), 77)
+        self.assertEqual(self.rows(), [])
+        self.run_sql("UPDATE foreman_run SET state = 'done' WHERE task_id = 77")
+        new = self.client.enqueue_with("app.sync", unique_key="k")
+        self.assertEqual([r[0] for r in self.rows()], [new])
+
+    def test_the_plain_sql_of_schema_sql_works_too(self):
+        first = self.client.enqueue_with("app.sync", unique_key="k")
+        db = sqlite3.connect(self.db_path)
+        try:
+            cursor = db.execute(
+                "INSERT INTO foreman_task(task_name, unique_key) VALUES ('app.sync', 'k') "
+                "ON CONFLICT DO NOTHING"
+            )
+            self.assertEqual(cursor.rowcount, 0)
+            with self.assertRaises(sqlite3.IntegrityError):
+                db.execute("INSERT INTO foreman_task(task_name, unique_key) VALUES ('x', 'k')")
+        finally:
+            db.close()
+        self.assertEqual([r[0] for r in self.rows()], [first])
+
+    def test_a_key_must_be_a_str(self):
+        with self.assertRaises(TypeError):
+            self.client.enqueue_with("app.sync", unique_key=5)
+
+
+class WaitTest(ClientTestCase):
+    """Client.wait reads what the daemon records; here the records are written by hand."""
+
+    def record(self, task_id, attempt, state, *, error=None, retry_at=None, result=None):
+        db = sqlite3.connect(self.db_path)
+        try:
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO foreman_run(task_id, attempt, task_name, state, error, "
+                    "retry_at, result) VALUES (?, ?, 'app.t', ?, ?, ?, ?)",
+                    (task_id, attempt, state, error, retry_at, result),
+                )
+        finally:
+            db.close()
+
+    def test_a_done_task_gives_its_result(self):
+        self.record(5, 1, "done", result='{"sent": 3}')
+        self.assertEqual(self.client.wait(5), {"sent": 3})
+        self.record(6, 1, "done")
+        self.assertIsNone(self.client.wait(6))
+
+    def test_a_failed_task_raises_with_its_error(self):
+        self.record(5, 2, "failed", error="Traceback ...\nValueError: no such user")
+        with self.assertRaises(foreman_client.TaskFailed) as caught:
+            self.client.wait(5)
+        failed = caught.exception
+        self.assertEqual((failed.state, failed.attempt), ("failed", 2))
+        self.assertIn("ValueError: no such user", str(failed))
+
+    def test_it_waits_across_a_retry_and_returns_when_it_ends(self):
+        task_id = self.client.enqueue("app.t")
+        # Its first attempt failed and a retry is queued: not the outcome yet.
+        self.record(task_id, 1, "failed", error="x", retry_at=1.0)
+
+        def second_attempt_done():
+            db = sqlite3.connect(self.db_path)
+            try:
+                with db:  # as the daemon does: the row goes with the attempt's record
+                    db.execute("DELETE FROM foreman_task WHERE id = ?", (task_id,))
+                    db.execute(
+                        "INSERT INTO foreman_run(task_id, attempt, task_name, state, result) "
+                        "VALUES (?, 2, 'app.t', 'done', '[1]')",
+                        (task_id,),
+                    )
+            finally:
+                db.close()
+
+        self.run_later(second_attempt_done)
+        self.assertEqual(self.client.wait(task_id, timeout=30), [1])
+
+    def run_later(self, action):
+        timer = threading.Timer(0.2, action)
+        timer.start()
+        self.addCleanup(timer.join)
+
+    def test_unknown_and_timeout(self):
+        with self.assertRaises(LookupError):
+            self.client.wait(404)
+        task_id = self.client.enqueue("app.t")
+        started = time.monotonic()
+        with self.assertRaises(TimeoutError):
+            self.client.wait(task_id, timeout=0.1)
+        self.assertLess(time.monotonic() - started, 5)
+
+
 class SchemaVersionTest(unittest.TestCase):
     """A client against a version 1 database (foreman 1.x, not yet upgraded)."""
 

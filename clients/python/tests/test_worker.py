@@ -67,6 +67,7 @@ MODULES = {
     """,
     # Tasks reporting (or not) whether they found something new, for adaptive schedules.
     "tasks_eventful": """
+        import foreman_worker
         from foreman_worker import task
 
         @task
@@ -76,6 +77,26 @@ MODULES = {
         @task
         async def found_async(new):
             return new
+
+        @task
+        def quiet(result):
+            return foreman_worker.uneventful(result)
+    """,
+    # Tasks returning results.
+    "tasks_results": """
+        from foreman_worker import task
+
+        @task
+        def give(value):
+            return value
+
+        @task
+        def opaque():
+            return object()
+
+        @task
+        def huge(size):
+            return "x" * size
     """,
     # Hooks around each task, logged to a file of the worker's own (hooks-PID.log beside this
     # module), written before the answer, so the test reads it as soon as the answer is in.
@@ -481,13 +502,14 @@ class ServeTest(WorkerTestCase):
 
 
 class EventfulTest(WorkerTestCase):
-    """A task's True/False return value is the answer's "eventful"; anything else leaves it out."""
+    """A task's True/False return value is the answer's "eventful" (and its result); anything
+    else leaves "eventful" out."""
 
     def test_true_false_and_none_give_the_documented_lines(self):
         worker = self.start_serving("tasks_eventful")
         for task_id, value, line in [
-            (1, True, b'{"id": 1, "ok": true, "eventful": true}'),
-            (2, False, b'{"id": 2, "ok": true, "eventful": false}'),
+            (1, True, b'{"id": 1, "ok": true, "eventful": true, "result": true}'),
+            (2, False, b'{"id": 2, "ok": true, "eventful": false, "result": false}'),
             (3, None, b'{"id": 3, "ok": true}'),
         ]:
             with self.subTest(value=value):
@@ -501,14 +523,24 @@ class EventfulTest(WorkerTestCase):
         for task_id, value in enumerate([1, 0, "yes", [], {"new": True}, 2.5], start=1):
             with self.subTest(value=value):
                 answer = worker.run(task_id, "tasks_eventful.found", [value])
-                self.assertEqual(answer, {"id": task_id, "ok": True})
+                self.assertEqual(answer, {"id": task_id, "ok": True, "result": value})
 
     def test_async_tasks_report_it_too(self):
         worker = self.start_serving("tasks_eventful")
         name = "tasks_eventful.found_async"
-        self.assertEqual(worker.run(1, name, [True]), {"id": 1, "ok": True, "eventful": True})
-        self.assertEqual(worker.run(2, name, [False]), {"id": 2, "ok": True, "eventful": False})
+        self.assertEqual(
+            worker.run(1, name, [True]), {"id": 1, "ok": True, "eventful": True, "result": True}
+        )
+        self.assertEqual(
+            worker.run(2, name, [False]),
+            {"id": 2, "ok": True, "eventful": False, "result": False},
+        )
         self.assertEqual(worker.run(3, name, [None]), {"id": 3, "ok": True})
+
+    def test_uneventful_carries_a_result(self):
+        worker = self.start_serving("tasks_eventful")
+        answer = worker.run(1, "tasks_eventful.quiet", [{"checked": 12}])
+        self.assertEqual(answer, {"id": 1, "ok": True, "eventful": False, "result": {"checked": 12}})
 
     def test_a_failure_has_no_eventful(self):
         worker = self.start_serving("tasks_eventful")
@@ -599,6 +631,36 @@ class HookTest(WorkerTestCase):
             worker, f"cannot set up Django (DJANGO_SETTINGS_MODULE={settings})"
         )
         self.assertIn("Traceback", worker.stderr())
+
+
+class ResultTest(WorkerTestCase):
+    """A task's return value is the "result" of its answer (docs/worker-protocol.md)."""
+
+    def test_the_return_value_is_the_result(self):
+        worker = self.start_serving("tasks_results")
+        for task_id, value in enumerate([{"sent": 3}, [1, "two"], "ok", 0, 2.5], start=1):
+            with self.subTest(value=value):
+                answer = worker.run(task_id, "tasks_results.give", [value])
+                self.assertEqual(answer, {"id": task_id, "ok": True, "result": value})
+
+    def test_a_value_that_is_not_json_is_left_out_with_one_warning(self):
+        worker = self.start_serving("tasks_results")
+        for task_id in (1, 2):
+            self.assertEqual(
+                worker.run(task_id, "tasks_results.opaque"), {"id": task_id, "ok": True}
+            )
+        worker.close_stdin()
+        self.assertEqual(worker.wait(), 0)
+        self.assertEqual(worker.stderr().count("is not JSON-serialisable"), 1, worker.stderr())
+
+    def test_a_result_over_64_kib_fails_the_task(self):
+        worker = self.start_serving("tasks_results")
+        answer = worker.run(1, "tasks_results.huge", [64 * 1024])
+        self.assertEqual(answer["ok"], False)
+        self.assertIn("over the limit of 65536", answer["error"])
+        # The largest that fits: 64 KiB of JSON, the quotes included.
+        answer = worker.run(2, "tasks_results.huge", [64 * 1024 - 2])
+        self.assertEqual((answer["ok"], len(answer["result"])), (True, 64 * 1024 - 2))
 
 
 class DecoratorTest(unittest.TestCase):

@@ -6,10 +6,11 @@
 
 use std::time::Duration;
 
+use super::enqueue::insert_task;
 use super::{PgStore, big, opt_secs};
 use crate::error::Result;
 use crate::store::types::{
-    CancelOutcome, DeadLetter, DeadPage, DeadSelection, Requeued, TaskProgress,
+    CancelOutcome, DeadLetter, DeadPage, DeadSelection, NewTask, Requeued, Retried, TaskProgress,
 };
 
 /// The task's latest attempt, its queued row, and its latest dead letter, in one statement (so
@@ -17,16 +18,18 @@ use crate::store::types::{
 const SQL_PROGRESS: &str = "\
 (SELECT 'run' AS kind, attempt::int8, task_name, state, extract(epoch FROM enqueued_at)::float8,
         extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8, error,
-        retry_at IS NOT NULL AS will_retry, false AS delayed, false AS leased
+        retry_at IS NOT NULL AS will_retry, false AS delayed, false AS leased, result,
+        false AS paused
  FROM foreman_run WHERE task_id = $1 ORDER BY attempt DESC LIMIT 1)
 UNION ALL
 (SELECT 'task', attempt::int8, task_name, NULL, extract(epoch FROM created_at)::float8, NULL, NULL,
-        NULL, false, run_after > now(), leased_by IS NOT NULL
- FROM foreman_task WHERE id = $1)
+        NULL, false, run_after > now(), leased_by IS NOT NULL, NULL,
+        EXISTS (SELECT 1 FROM foreman_pause p WHERE p.task_name IN ('', t.task_name))
+ FROM foreman_task t WHERE id = $1)
 UNION ALL
 (SELECT 'dead', attempts::int8, coalesce(task_name, '(null)'), 'dead',
         extract(epoch FROM created_at)::float8, NULL, extract(epoch FROM died_at)::float8, reason,
-        false, false, false
+        false, false, false, NULL, false
  FROM foreman_dead WHERE task_id = $1 ORDER BY id DESC LIMIT 1)";
 
 impl PgStore {
@@ -50,6 +53,7 @@ impl PgStore {
                 enqueued_at: opt_secs(row, 4),
                 started_at: opt_secs(row, 5),
                 finished_at: opt_secs(row, 6),
+                result: row.get(11),
             };
             match kind.as_str() {
                 "run" => {
@@ -65,11 +69,13 @@ impl PgStore {
                     });
                 }
                 "task" => {
-                    let (delayed, leased): (bool, bool) = (row.get(9), row.get(10));
-                    let state = match (leased, delayed) {
-                        (true, _) => "leased",
-                        (false, true) => "delayed",
-                        (false, false) => "queued",
+                    let (delayed, leased, paused): (bool, bool, bool) =
+                        (row.get(9), row.get(10), row.get(12));
+                    let state = match (leased, paused, delayed) {
+                        (true, _, _) => "leased",
+                        (false, true, _) => "paused",
+                        (false, false, true) => "delayed",
+                        (false, false, false) => "queued",
                     };
                     queued = Some(TaskProgress {
                         state: state.to_owned(),
@@ -93,38 +99,142 @@ impl PgStore {
         Ok(queued.or(run).or(dead))
     }
 
-    /// Cancels task `id` if no daemon has claimed it: its row is deleted and the attempt it would
-    /// have been is recorded `cancelled`, in one statement.
-    pub fn cancel(&mut self, id: i64) -> Result<CancelOutcome> {
-        let rows = self.with(|c| {
-            c.query(
-                "WITH gone AS (
-                    DELETE FROM foreman_task WHERE id = $1 AND leased_by IS NULL
-                    RETURNING id, task_name, attempt, created_at
-                 ), recorded AS (
-                    INSERT INTO foreman_run AS r (task_id, attempt, task_name, state, enqueued_at,
-                                                  finished_at)
-                    SELECT id, attempt, task_name, 'cancelled', created_at, now() FROM gone
-                    ON CONFLICT (task_id, attempt) DO UPDATE
-                    SET state = 'cancelled', finished_at = now(), error = NULL, retry_at = NULL
-                 )
-                 SELECT (SELECT task_name FROM gone),
-                        EXISTS (SELECT 1 FROM foreman_task WHERE id = $1 AND leased_by IS NOT NULL)",
+    /// Cancels task `id`: a running attempt (an at-least-once task's leased row included) gets an
+    /// abort request, which the daemon running it carries out; a row no daemon has claimed is
+    /// deleted and the attempt it would have been recorded `cancelled`; in one transaction. A
+    /// row a claim holds makes the delete wait for that claim's commit, and find it running.
+    pub fn cancel(&mut self, id: i64, grace: f64) -> Result<CancelOutcome> {
+        let outcome = self.with(|c| {
+            let mut tx = c.transaction()?;
+            // Locked (or waited for) first, so the attempt read next is what it is now.
+            let row = tx.query_opt(
+                "SELECT task_name, attempt::int8, leased_by IS NOT NULL FROM foreman_task \
+                 WHERE id = $1 FOR UPDATE",
                 &[&id],
-            )
+            )?;
+            let latest = tx.query_opt(
+                "SELECT attempt::int8, task_name, state FROM foreman_run WHERE task_id = $1 \
+                 ORDER BY attempt DESC LIMIT 1",
+                &[&id],
+            )?;
+            if let Some(run) = latest.as_ref().filter(|r| r.get::<_, String>(2) == "running") {
+                let attempt: i64 = run.get(0);
+                tx.execute(
+                    "INSERT INTO foreman_abort (task_id, attempt, grace) VALUES ($1, $2::int8::int, $3) \
+                     ON CONFLICT (task_id, attempt) DO UPDATE SET grace = excluded.grace",
+                    &[&id, &attempt, &grace],
+                )?;
+                tx.commit()?;
+                return Ok(CancelOutcome::Aborting {
+                    task_name: run.get(1),
+                    attempt,
+                });
+            }
+            if let Some(row) = row {
+                let (task_name, attempt, leased): (String, i64, bool) =
+                    (row.get(0), row.get(1), row.get(2));
+                // A lease with no running attempt was cut short: the attempt it would run next is
+                // the one cancelled.
+                let attempt = attempt + i64::from(leased);
+                tx.execute(
+                    "WITH gone AS (DELETE FROM foreman_task WHERE id = $1 RETURNING *) \
+                     INSERT INTO foreman_run AS r (task_id, attempt, task_name, state, enqueued_at, \
+                         finished_at, args, kwargs, priority, origin, unique_key) \
+                     SELECT id, $2::int8::int, task_name, 'cancelled', created_at, now(), args, \
+                            kwargs, priority, origin, unique_key FROM gone \
+                     ON CONFLICT (task_id, attempt) DO UPDATE SET state = 'cancelled', \
+                         finished_at = now(), error = NULL, retry_at = NULL",
+                    &[&id, &attempt],
+                )?;
+                tx.commit()?;
+                return Ok(CancelOutcome::Cancelled { task_name });
+            }
+            tx.commit()?;
+            Ok(CancelOutcome::Unknown)
         })?;
-        let row = rows.first();
-        if let Some(name) = row.and_then(|r| r.get::<_, Option<String>>(0)) {
-            return Ok(CancelOutcome::Cancelled { task_name: name });
-        }
-        if row.is_some_and(|r| r.get::<_, bool>(1)) {
-            return Ok(CancelOutcome::Running { leased: true });
+        if outcome != CancelOutcome::Unknown {
+            return Ok(outcome);
         }
         Ok(match self.task_progress(id)? {
-            Some(p) if p.state == "running" => CancelOutcome::Running { leased: false },
             Some(p) => CancelOutcome::Finished { state: p.state },
             None => CancelOutcome::Unknown,
         })
+    }
+
+    /// Queues finished tasks again as new tasks (origin `retry of ID`), each from its latest
+    /// attempt's args (or its dead letter's), in one transaction per id.
+    pub fn retry(&mut self, ids: &[i64]) -> Result<Vec<Retried>> {
+        let mut outcomes = Vec::with_capacity(ids.len());
+        for &task_id in ids {
+            if let Some(progress) = self.task_progress(task_id)? {
+                let queued =
+                    ["queued", "delayed", "paused", "leased"].contains(&progress.state.as_str());
+                if queued || !progress.is_final {
+                    outcomes.push(Retried::NotFinished {
+                        task_id,
+                        state: progress.state,
+                    });
+                    continue;
+                }
+            }
+            let outcome = self.with(|c| {
+                let mut tx = c.transaction()?;
+                let origin = format!("retry of {task_id}");
+                // From the last attempt (the task as it ran), else from its dead letter.
+                let rows = tx.query(
+                    "(SELECT 1 AS src, task_name, args, kwargs, coalesce(priority, 0)::int, \
+                             unique_key FROM foreman_run WHERE task_id = $1 \
+                      ORDER BY attempt DESC LIMIT 1) \
+                     UNION ALL \
+                     (SELECT 2, task_name, coalesce(args, '[]'), coalesce(kwargs, '{}'), \
+                             priority::int, unique_key FROM foreman_dead WHERE task_id = $1 \
+                      ORDER BY id DESC LIMIT 1)",
+                    &[&task_id],
+                )?;
+                if rows.is_empty() {
+                    return Ok(Retried::Unknown { task_id });
+                }
+                let usable = rows.iter().find(|r| {
+                    r.get::<_, Option<serde_json::Value>>(2).is_some()
+                        && r.get::<_, Option<String>>(1).is_some()
+                });
+                let Some(row) = usable else {
+                    return Ok(Retried::NoArgs { task_id });
+                };
+                let (name, args, kwargs, priority, key): (
+                    String,
+                    serde_json::Value,
+                    serde_json::Value,
+                    i32,
+                    Option<String>,
+                ) = (row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
+                let (args, kwargs) = (args.to_string(), kwargs.to_string());
+                let task = NewTask {
+                    name: &name,
+                    args: &args,
+                    kwargs: &kwargs,
+                    delay: 0.0,
+                    priority: i64::from(priority),
+                    origin: Some(&origin),
+                    unique_key: key.as_deref(),
+                };
+                let enqueued = insert_task(&mut tx, &task)?;
+                tx.commit()?;
+                Ok(if enqueued.created {
+                    Retried::Queued {
+                        task_id,
+                        new_id: enqueued.id,
+                    }
+                } else {
+                    Retried::Duplicate {
+                        task_id,
+                        existing_id: enqueued.id,
+                    }
+                })
+            })?;
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
     }
 
     /// The newest `limit` dead letters (of `task` only, if given), and how many there are.
@@ -134,7 +244,7 @@ impl PgStore {
             c.query(
                 "SELECT id, task_id, task_name, args::text, kwargs::text, reason, \
                  extract(epoch FROM created_at)::float8, extract(epoch FROM died_at)::float8, \
-                 attempts::int8, priority::int8, origin, count(*) OVER () \
+                 attempts::int8, priority::int8, origin, count(*) OVER (), unique_key \
                  FROM foreman_dead WHERE $1::text IS NULL OR task_name = $1 \
                  ORDER BY id DESC LIMIT $2",
                 &[&task, &limit],
@@ -168,6 +278,7 @@ impl PgStore {
                     attempts: r.get(8),
                     priority: r.get(9),
                     origin: r.get(10),
+                    unique_key: r.get(12),
                 })
                 .collect(),
         })
@@ -206,19 +317,46 @@ impl PgStore {
                     continue;
                 }
                 let origin = format!("requeue of dead {dead_id} (task {old_task_id})");
-                let task_id: i64 = tx
-                    .query_one(
-                        "INSERT INTO foreman_task (task_name, args, kwargs, priority, origin) \
-                         SELECT task_name, coalesce(args, '[]'), coalesce(kwargs, '{}'), \
-                                priority, $2 FROM foreman_dead WHERE id = $1 RETURNING id",
-                        &[&dead_id, &origin],
-                    )?
-                    .get(0);
-                tx.execute("DELETE FROM foreman_dead WHERE id = $1", &[&dead_id])?;
-                outcomes.push(Requeued::Task { dead_id, task_id });
-            }
-            if outcomes.iter().any(|o| matches!(o, Requeued::Task { .. })) {
-                tx.execute("SELECT pg_notify('foreman', '')", &[])?;
+                let dead = tx.query_one(
+                    "SELECT task_name, coalesce(args, '[]')::text, coalesce(kwargs, '{}')::text, \
+                     priority::int8, unique_key FROM foreman_dead WHERE id = $1",
+                    &[&dead_id],
+                )?;
+                let (name, args, kwargs, priority, key): (
+                    String,
+                    String,
+                    String,
+                    i64,
+                    Option<String>,
+                ) = (
+                    dead.get(0),
+                    dead.get(1),
+                    dead.get(2),
+                    dead.get(3),
+                    dead.get(4),
+                );
+                let task = NewTask {
+                    name: &name,
+                    args: &args,
+                    kwargs: &kwargs,
+                    delay: 0.0,
+                    priority,
+                    origin: Some(&origin),
+                    unique_key: key.as_deref(),
+                };
+                let enqueued = insert_task(&mut tx, &task)?;
+                if enqueued.created {
+                    tx.execute("DELETE FROM foreman_dead WHERE id = $1", &[&dead_id])?;
+                    outcomes.push(Requeued::Task {
+                        dead_id,
+                        task_id: enqueued.id,
+                    });
+                } else {
+                    outcomes.push(Requeued::Duplicate {
+                        dead_id,
+                        task_id: enqueued.id,
+                    });
+                }
             }
             tx.commit()?;
             Ok(outcomes)

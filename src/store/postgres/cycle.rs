@@ -16,7 +16,7 @@ use super::{PgStore, big, opt_secs};
 use crate::error::{Error, Result};
 use crate::store::row::{TypedRow, decode_typed};
 use crate::store::types::{
-    Buried, Claim, ClaimGroup, Ending, Next, Popped, Resolved, truncate_error,
+    Buried, Claim, ClaimGroup, Ending, Next, Popped, Resolved, RunState, truncate_error,
 };
 use crate::task::Task;
 
@@ -28,8 +28,10 @@ const CURSOR_LIFETIME: Duration = Duration::from_secs(1);
 
 /// The claim (see the module comment). `$1` the daemon's id; `$2`, `$3` the names it may claim
 /// and their leases in seconds (0: at-most-once); `$4` how many rows at most; `$5`–`$7` its
-/// cursor (per priority, the `run_after` and id of the last row it claimed); `$8`–`$14` the
-/// attempts that ended, one array element each.
+/// cursor (per priority, the `run_after` and id of the last row it claimed); `$8`–`$16` the
+/// attempts that ended, one array element each. A row with a unique key is claimed only under
+/// its key's advisory lock (tried, never waited for), which a producer of that key takes too:
+/// the move from queued to running never crosses a producer's check (schema-postgres.sql).
 pub(super) const SQL_CYCLE: &str = "\
 WITH RECURSIVE priorities(p) AS (
     SELECT (SELECT priority FROM foreman_task ORDER BY priority DESC LIMIT 1)
@@ -53,6 +55,8 @@ WITH RECURSIVE priorities(p) AS (
           AND (run_after, id) > (after.run_after, after.id)
           AND task_name = ANY($2::text[])
           AND leased_by IS DISTINCT FROM $1::int8
+          AND (unique_key IS NULL
+               OR pg_try_advisory_xact_lock(hashtextextended('foreman:' || unique_key, 0)))
         ORDER BY run_after, id
         LIMIT $4::int8
         FOR UPDATE SKIP LOCKED) AS t
@@ -69,19 +73,20 @@ WITH RECURSIVE priorities(p) AS (
     WHERE r.state = 'running'
 ), ended AS (
     INSERT INTO foreman_run AS r (task_id, attempt, task_name, state, daemon_id, finished_at,
-                                  error, retry_at)
+                                  error, retry_at, result, exit_code)
     SELECT e.task_id, e.attempt, e.task_name, e.state, $1::int8,
            now() - make_interval(secs => e.finished_ago), e.error,
-           now() + make_interval(secs => e.retry_in)
+           now() + make_interval(secs => e.retry_in), e.result, e.exit_code
     FROM unnest($8::int8[], $9::int[], $10::text[], $11::text[], $12::float8[], $13::text[],
-                $14::float8[]) AS e(task_id, attempt, task_name, state, finished_ago, error, retry_in)
+                $14::float8[], $15::text[], $16::int[])
+         AS e(task_id, attempt, task_name, state, finished_ago, error, retry_in, result, exit_code)
     ON CONFLICT (task_id, attempt) DO UPDATE
     SET state = excluded.state, finished_at = excluded.finished_at, error = excluded.error,
-        retry_at = excluded.retry_at
+        retry_at = excluded.retry_at, result = excluded.result, exit_code = excluded.exit_code
 ), gone AS (
     DELETE FROM foreman_task WHERE ctid = ANY(ARRAY(SELECT ctid FROM claimed WHERE lease <= 0))
     RETURNING id, task_name, args, kwargs, created_at, priority,
-              attempt + (leased_by IS NOT NULL)::int AS attempt, origin
+              attempt + (leased_by IS NOT NULL)::int AS attempt, origin, unique_key
 ), leased AS (
     UPDATE foreman_task
     SET leased_by = $1::int8, leased_at = now(),
@@ -89,16 +94,20 @@ WITH RECURSIVE priorities(p) AS (
                                                     WHERE c.id = foreman_task.id)),
         attempt = attempt + (leased_by IS NOT NULL)::int
     WHERE ctid = ANY(ARRAY(SELECT ctid FROM claimed WHERE lease > 0))
-    RETURNING id, task_name, args, kwargs, created_at, priority, attempt, origin
+    RETURNING id, task_name, args, kwargs, created_at, priority, attempt, origin, unique_key
 ), taken AS (
     SELECT * FROM gone UNION ALL SELECT * FROM leased
 ), started AS (
     INSERT INTO foreman_run AS r (task_id, attempt, task_name, state, daemon_id, enqueued_at,
-                                  started_at)
-    SELECT id, attempt, task_name, 'running', $1::int8, created_at, now() FROM taken
+                                  started_at, args, kwargs, priority, origin, unique_key)
+    SELECT id, attempt, task_name, 'running', $1::int8, created_at, now(), args, kwargs, priority,
+           origin, unique_key
+    FROM taken
     ON CONFLICT (task_id, attempt) DO UPDATE
     SET state = 'running', daemon_id = excluded.daemon_id, started_at = excluded.started_at,
-        finished_at = NULL, error = NULL, retry_at = NULL
+        finished_at = NULL, error = NULL, retry_at = NULL, args = excluded.args,
+        kwargs = excluded.kwargs, priority = excluded.priority, origin = excluded.origin,
+        unique_key = excluded.unique_key
 )
 SELECT taken.id, taken.task_name, taken.args, taken.kwargs,
        extract(epoch FROM taken.created_at)::float8, extract(epoch FROM claimed.run_after)::float8,
@@ -110,7 +119,8 @@ SELECT taken.id, taken.task_name, taken.args, taken.kwargs,
                 SELECT run_after FROM foreman_task
                 WHERE priority = priorities.p AND run_after > now()
                 ORDER BY run_after LIMIT 1) AS n)
-       END
+       END,
+       taken.unique_key
 FROM (SELECT) AS one LEFT JOIN (taken JOIN claimed USING (id)) ON true";
 
 /// A finished lease is deleted only if this daemon still holds it; the ids it no longer held
@@ -127,10 +137,10 @@ RETURNING id";
 /// written once.
 const SQL_REQUEUE: &str = "\
 INSERT INTO foreman_task (id, task_name, args, kwargs, created_at, run_after, priority, attempt,
-                          origin) OVERRIDING SYSTEM VALUE
+                          origin, unique_key) OVERRIDING SYSTEM VALUE
 VALUES ($1::int8, $2::text, $3::jsonb, $4::jsonb, coalesce(to_timestamp($5::float8), now()),
-        now() + make_interval(secs => $6::float8), $7::int, $8::int, $9::text)
-ON CONFLICT (id) DO NOTHING";
+        now() + make_interval(secs => $6::float8), $7::int, $8::int, $9::text, $10::text)
+ON CONFLICT DO NOTHING";
 
 /// A retry of an at-least-once task: its lease ends, its next attempt waits for the backoff.
 const SQL_RETRY_LEASED: &str = "\
@@ -141,19 +151,19 @@ WHERE id = $2::int8 AND leased_by = $1::int8 RETURNING id";
 /// A dead letter, written once even when the transaction is sent again.
 const SQL_BURY: &str = "\
 INSERT INTO foreman_dead (task_id, task_name, args, kwargs, created_at, reason, attempts, priority,
-                          origin)
+                          origin, unique_key)
 SELECT $1::int8, $2::text, $3::jsonb, $4::jsonb, to_timestamp($5::float8), $6::text, $7::int,
-       $8::int, $9::text
+       $8::int, $9::text, $10::text
 WHERE NOT EXISTS (SELECT 1 FROM foreman_dead WHERE task_id = $1::int8 AND attempts = $7::int
                   AND reason = $6::text)";
 
 /// A claimed row the resolver still said no to: put back as it was, its running attempt gone.
 const SQL_PUT_BACK: &str = "\
 INSERT INTO foreman_task (id, task_name, args, kwargs, created_at, run_after, priority, attempt,
-                          origin) OVERRIDING SYSTEM VALUE
+                          origin, unique_key) OVERRIDING SYSTEM VALUE
 VALUES ($1::int8, $2::text, $3::jsonb, $4::jsonb, coalesce(to_timestamp($5::float8), now()),
-        coalesce(to_timestamp($6::float8), now()), $7::int, $8::int, $9::text)
-ON CONFLICT (id) DO NOTHING";
+        coalesce(to_timestamp($6::float8), now()), $7::int, $8::int, $9::text, $10::text)
+ON CONFLICT DO NOTHING";
 
 const SQL_UNLEASE: &str = "\
 UPDATE foreman_task SET leased_by = NULL, leased_at = NULL,
@@ -162,6 +172,9 @@ WHERE id = $2::int8 AND leased_by = $1::int8";
 
 const SQL_FORGET_RUN: &str = "\
 DELETE FROM foreman_run WHERE task_id = $1::int8 AND attempt = $2::int AND state = 'running'";
+
+const SQL_FORGET_ABORT: &str =
+    "DELETE FROM foreman_abort WHERE task_id = $1::int8 AND attempt = $2::int";
 
 const SQL_DEAD_RUN: &str = "\
 UPDATE foreman_run SET state = 'dead', finished_at = now(), error = $3::text
@@ -194,6 +207,7 @@ struct ClaimedRow {
     run_after: Option<f64>,
     leased: bool,
     raw: (String, Json, Json, Option<f64>, i64, i64, Option<String>),
+    unique_key: Option<String>,
 }
 
 /// The endings' columns, one vector each, as the statement takes them.
@@ -206,6 +220,8 @@ struct EndingArrays {
     finished_ago: Vec<f64>,
     error: Vec<Option<String>>,
     retry_in: Vec<Option<f64>>,
+    result: Vec<Option<String>>,
+    exit_code: Vec<Option<i32>>,
 }
 
 impl EndingArrays {
@@ -226,6 +242,8 @@ impl EndingArrays {
                 Next::Retry(at) => Some((at - now).max(0.0)),
                 _ => None,
             });
+            arrays.result.push(ending.result.as_deref().map(clean));
+            arrays.exit_code.push(ending.exit_code);
         }
         arrays
     }
@@ -245,6 +263,7 @@ impl PgStore {
             tasks: Vec::with_capacity(claim.limit.min(1024)),
             dead: Vec::new(),
             deferred: 0,
+            paused: 0,
             next_due: None,
         };
         if claim.limit == 0 && ended.is_empty() {
@@ -281,9 +300,9 @@ impl PgStore {
         popped: &mut Popped<H>,
         safe: &mut Vec<ClaimedRow>,
     ) -> Result<()> {
-        let rare = ended
-            .iter()
-            .any(|e| e.leased || !matches!(e.next, Next::Finished));
+        let rare = ended.iter().any(|e| {
+            e.leased || !matches!(e.next, Next::Finished) || e.state == RunState::Cancelled
+        });
         let mut endings = (!ended.is_empty()).then_some(arrays);
         let mut in_transaction = false;
         if rare {
@@ -410,7 +429,7 @@ impl PgStore {
             }
         }
         let limit = big(want);
-        let params: [&(dyn ToSql + Sync); 14] = [
+        let params: [&(dyn ToSql + Sync); 16] = [
             &me,
             &names,
             &leases,
@@ -425,6 +444,8 @@ impl PgStore {
             &e.finished_ago,
             &e.error,
             &e.retry_in,
+            &e.result,
+            &e.exit_code,
         ];
         let rows = self.query(SQL_CYCLE, &params)?;
         let mut claimed = Vec::with_capacity(rows.len());
@@ -450,6 +471,7 @@ impl PgStore {
             let attempt: i64 = row.get(7);
             let origin: Option<String> = row.get(8);
             let lease: f64 = row.get(9);
+            let unique_key: Option<String> = row.get(12);
             if let (Some(cursor), Some(at)) = (self.claim.groups.get_mut(group), run_after) {
                 let p = i32::try_from(priority).unwrap_or(0);
                 match cursor.after.iter_mut().find(|(q, _, _)| *q == p) {
@@ -468,6 +490,7 @@ impl PgStore {
                 priority,
                 attempt,
                 origin: origin.clone(),
+                unique_key: unique_key.clone(),
             })
             .map_err(|reason| (id, reason));
             claimed.push(ClaimedRow {
@@ -475,6 +498,7 @@ impl PgStore {
                 run_after,
                 leased: lease > 0.0,
                 raw: (name, args, kwargs, created_at, priority, attempt, origin),
+                unique_key,
             });
         }
         Ok(claimed)
@@ -525,6 +549,7 @@ impl PgStore {
                                 &int(task.priority),
                                 &int(task.attempt.saturating_add(1)),
                                 &task.origin,
+                                &task.unique_key,
                             ],
                         )?;
                     }
@@ -543,10 +568,19 @@ impl PgStore {
                             &int(task.attempt),
                             &int(task.priority),
                             &task.origin,
+                            &task.unique_key,
                         ],
                     )?;
                 }
             }
+        }
+        let cancelled: Vec<(i64, i32)> = ended
+            .iter()
+            .filter(|e| e.state == RunState::Cancelled)
+            .map(|e| (e.task.id, int(e.task.attempt)))
+            .collect();
+        for (id, attempt) in cancelled {
+            self.query(SQL_FORGET_ABORT, &[&id, &attempt])?;
         }
         Ok(())
     }
@@ -571,7 +605,8 @@ impl PgStore {
                         }
                     }
                     Resolved::Dead(reason) => bury.push((row, reason)),
-                    Resolved::Defer | Resolved::Hold(_) => put_back.push(row),
+                    // A paused name is left out of the claim; one paused since is put back.
+                    Resolved::Defer | Resolved::Hold(_) | Resolved::Pause => put_back.push(row),
                 },
                 Err((_, reason)) => {
                     let reason = reason.clone();
@@ -632,6 +667,7 @@ impl PgStore {
                             &int(*priority),
                             &int(*attempt),
                             origin,
+                            &row.unique_key,
                         ],
                     )?;
                 }
@@ -656,6 +692,7 @@ impl PgStore {
                         &int(*attempt),
                         &int(*priority),
                         origin,
+                        &row.unique_key,
                     ],
                 )?;
                 self.query(SQL_DEAD_RUN, &[&id, &int(*attempt), &reason])?;

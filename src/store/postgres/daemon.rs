@@ -73,9 +73,15 @@ WITH me AS (
       AND heartbeat_at < now() - make_interval(secs => stale_after)
       AND $7::float8 IS NOT NULL AND (SELECT live FROM ok)
     RETURNING id, host, pid
+), aborted AS (
+    -- An at-least-once task `foreman cancel` asked to abort ends cancelled: not run again.
+    DELETE FROM foreman_task t
+    WHERE t.leased_by = ANY(ARRAY(SELECT id FROM stale))
+      AND EXISTS (SELECT 1 FROM foreman_abort a WHERE a.task_id = t.id AND a.attempt = t.attempt)
 ), doomed AS (
     DELETE FROM foreman_task t
     WHERE t.leased_by = ANY(ARRAY(SELECT id FROM stale))
+      AND NOT EXISTS (SELECT 1 FROM foreman_abort a WHERE a.task_id = t.id AND a.attempt = t.attempt)
       AND (SELECT count(*) FROM foreman_run r WHERE r.task_id = t.id AND r.state = 'lost')
           >= $8::int8 - 1
     RETURNING t.id, t.task_name, t.args, t.kwargs, t.created_at, t.attempt, t.priority, t.origin
@@ -91,15 +97,22 @@ WITH me AS (
     UPDATE foreman_task t
     SET leased_by = NULL, leased_at = NULL, run_after = now(), attempt = t.attempt + 1
     WHERE t.leased_by = ANY(ARRAY(SELECT id FROM stale))
+      AND NOT EXISTS (SELECT 1 FROM foreman_abort a WHERE a.task_id = t.id AND a.attempt = t.attempt)
       AND (SELECT count(*) FROM foreman_run r WHERE r.task_id = t.id AND r.state = 'lost')
           < $8::int8 - 1
     RETURNING t.id, t.attempt - 1 AS attempt
 ), lost AS (
-    UPDATE foreman_run
-    SET state = 'lost', finished_at = now(),
+    UPDATE foreman_run r
+    SET state = CASE WHEN EXISTS (SELECT 1 FROM foreman_abort a
+                                  WHERE a.task_id = r.task_id AND a.attempt = r.attempt)
+                     THEN 'cancelled' ELSE 'lost' END,
+        finished_at = now(),
         retry_at = CASE WHEN (task_id, attempt) IN (SELECT id, attempt FROM released)
                         THEN now() END,
-        error = CASE WHEN (task_id, attempt) IN (SELECT id, attempt FROM released)
+        error = CASE WHEN EXISTS (SELECT 1 FROM foreman_abort a
+                                  WHERE a.task_id = r.task_id AND a.attempt = r.attempt)
+                     THEN 'aborted (foreman cancel): its daemon ' || daemon_id || ' stopped while it ran'
+                     WHEN (task_id, attempt) IN (SELECT id, attempt FROM released)
                      THEN 'its daemon ' || daemon_id || ' stopped heartbeating while it ran; it runs again (at-least-once)'
                      ELSE 'its daemon ' || daemon_id || ' stopped heartbeating while it ran (a crash, kill -9, or cut off from the database); at-most-once: not run again' END
     WHERE daemon_id = ANY(ARRAY(SELECT id FROM stale)) AND state = 'running'
@@ -443,6 +456,12 @@ impl PgStore {
              ), bounds AS (
                 SELECT coalesce((SELECT task_id FROM last), 9223372036854775807) AS id,
                        coalesce((SELECT attempt FROM last), 2147483647) AS attempt
+             ), aborts AS (
+                -- Once a pass: abort requests whose attempt ended before a daemon acted on them.
+                DELETE FROM foreman_abort a
+                WHERE (SELECT got FROM lock) AND $6::bool AND NOT EXISTS (
+                    SELECT 1 FROM foreman_run r WHERE r.task_id = a.task_id
+                    AND r.attempt = a.attempt AND r.state = 'running')
              ), deleted AS (
                 DELETE FROM foreman_run r USING bounds b
                 WHERE (SELECT got FROM lock) AND (r.task_id, r.attempt) > ($2::int8, $3::int)
@@ -452,7 +471,7 @@ impl PgStore {
              )
              SELECT (SELECT got FROM lock), (SELECT task_id FROM last),
                     (SELECT attempt FROM last)::int8, (SELECT count(*) FROM deleted)",
-            &[&from_id, &from_attempt, &offset, &before],
+            &[&from_id, &from_attempt, &offset, &before, &after.is_none()],
             |row| {
                 let last = match (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)) {
                     (Some(id), Some(attempt)) => Some((id, attempt)),

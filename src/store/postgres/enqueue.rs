@@ -6,27 +6,85 @@
 use super::PgStore;
 use super::cycle::{clean, int};
 use crate::error::Result;
-use crate::store::types::{Fired, NewTask, ScheduleState};
+use crate::store::types::{Enqueued, Fired, NewTask, ScheduleState};
 
 /// Two due times closer than this are the same window: `next_due` is stored to the microsecond
 /// and read back as a float, so an exact comparison could miss by a rounding.
 const SAME_DUE_SECONDS: f64 = 0.000_5;
 
 /// The task, and `pg_notify` at its commit when it is due now (a delayed one wakes nobody: the
-/// daemons' timers and ticks find it).
+/// daemons' timers and ticks find it). With a unique key, only if no running attempt holds it and
+/// no queued row has it; the key's advisory lock is taken first, in the same transaction
+/// (schema-postgres.sql, UNIQUE TASKS).
 const SQL_ENQUEUE: &str = "\
 WITH t AS (
-    INSERT INTO foreman_task (task_name, args, kwargs, run_after, priority, origin)
-    VALUES ($1::text, $2::text::jsonb, $3::text::jsonb, now() + make_interval(secs => $4::float8),
-            $5::int, $6::text)
+    INSERT INTO foreman_task (task_name, args, kwargs, run_after, priority, origin, unique_key)
+    SELECT $1::text, $2::text::jsonb, $3::text::jsonb, now() + make_interval(secs => $4::float8),
+           $5::int, $6::text, $7::text
+    WHERE $7::text IS NULL OR NOT EXISTS (
+        SELECT 1 FROM foreman_run WHERE state = 'running' AND unique_key = $7::text)
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
     RETURNING id
 )
 SELECT id, CASE WHEN $4::float8 <= 0 THEN pg_notify('foreman', '') END FROM t";
 
+/// The task that holds a unique key: queued, or running.
+const SQL_KEY_HOLDER: &str = "\
+SELECT id FROM foreman_task WHERE unique_key = $1
+UNION ALL SELECT task_id FROM foreman_run WHERE state = 'running' AND unique_key = $1
+LIMIT 1";
+
+/// Takes a unique key's lock for the rest of the transaction.
+pub(super) const SQL_LOCK_KEY: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('foreman:' || $1::text, 0))";
+
+/// Inserts `task` in the open transaction `tx`; a held unique key gives its holder's id.
+pub(super) fn insert_task(
+    tx: &mut postgres::Transaction<'_>,
+    task: &NewTask<'_>,
+) -> std::result::Result<Enqueued, postgres::Error> {
+    if let Some(key) = task.unique_key {
+        tx.execute(SQL_LOCK_KEY, &[&key])?;
+    }
+    let origin = task.origin.map(clean);
+    let inserted = tx.query_opt(
+        SQL_ENQUEUE,
+        &[
+            &task.name,
+            &task.args,
+            &task.kwargs,
+            &task.delay,
+            &int(task.priority),
+            &origin,
+            &task.unique_key,
+        ],
+    )?;
+    if let Some(row) = inserted {
+        return Ok(Enqueued {
+            id: row.get(0),
+            created: true,
+        });
+    }
+    let holder = tx.query_opt(SQL_KEY_HOLDER, &[&task.unique_key])?;
+    // Only a unique key keeps a row out; should nothing hold it (it ended meanwhile), say so.
+    Ok(Enqueued {
+        id: holder.map_or(0, |r| r.get(0)),
+        created: false,
+    })
+}
+
 impl PgStore {
     /// Inserts one task; the caller has checked that `args` is a JSON array and `kwargs` an
     /// object. The daemons are notified at its commit.
-    pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<i64> {
+    pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<Enqueued> {
+        if task.unique_key.is_some() {
+            return self
+                .enqueue_many(std::slice::from_ref(task))?
+                .pop()
+                .ok_or_else(|| self.err("the insert returned no id"));
+        }
+        // Without a key, one autocommit statement: one round trip.
+        let origin = task.origin.map(clean);
         let rows = self.query(
             SQL_ENQUEUE,
             &[
@@ -35,12 +93,28 @@ impl PgStore {
                 &task.kwargs,
                 &task.delay,
                 &int(task.priority),
-                &task.origin.map(clean),
+                &origin,
+                &task.unique_key,
             ],
         )?;
-        rows.first()
+        let id = rows
+            .first()
             .map(|r| r.get(0))
-            .ok_or_else(|| self.err("the insert returned no id"))
+            .ok_or_else(|| self.err("the insert returned no id"))?;
+        Ok(Enqueued { id, created: true })
+    }
+
+    /// Inserts the tasks in one transaction, in order.
+    pub fn enqueue_many(&mut self, tasks: &[NewTask<'_>]) -> Result<Vec<Enqueued>> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let mut done = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                done.push(insert_task(&mut tx, task)?);
+            }
+            tx.commit()?;
+            Ok(done)
+        })
     }
 
     /// Whether the task is queued (not claimed yet, or waiting for a retry), or running on any

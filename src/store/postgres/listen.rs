@@ -12,12 +12,17 @@ use crate::error::Result;
 
 /// The one channel foreman listens on (schema-postgres.sql documents it).
 pub const CHANNEL: &str = "foreman";
+/// The payload that asks the daemons to read their control state (pauses, aborts) again.
+pub const CONTROL_PAYLOAD: &str = "control";
 
 /// What one wait heard.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Heard {
     /// Notifications on the channel.
     pub notifications: usize,
+    /// Notifications whose payload was `control` (the operator changed a pause or asked for an
+    /// abort).
+    pub control: usize,
     /// The connection had to be opened (again): whatever was notified while it was not
     /// listening was missed, so the caller should look at the queue.
     pub reconnected: bool,
@@ -55,7 +60,10 @@ impl Listener {
         let waited = count_notifications(client, timeout);
         let closed = client.is_closed();
         match waited {
-            Ok(n) if !closed => heard.notifications += n,
+            Ok((n, control)) if !closed => {
+                heard.notifications += n;
+                heard.control += control;
+            }
             Ok(_) => {
                 self.client = None;
                 return Err(self.target.error_text("the listening connection closed"));
@@ -69,19 +77,26 @@ impl Listener {
     }
 }
 
-/// Waits up to `timeout` for a notification, then takes those already there; returns how many.
+/// Waits up to `timeout` for a notification, then takes those already there; returns how many,
+/// and how many of them asked to read the control state again.
 fn count_notifications(
     client: &mut Client,
     timeout: Duration,
-) -> std::result::Result<usize, postgres::Error> {
+) -> std::result::Result<(usize, usize), postgres::Error> {
     let mut notifications = client.notifications();
-    let mut n = 0;
-    if notifications.timeout_iter(timeout).next()?.is_some() {
+    let (mut n, mut control) = (0, 0);
+    let mut heard = |note: &postgres::Notification| {
         n += 1;
+        if note.payload() == CONTROL_PAYLOAD {
+            control += 1;
+        }
+    };
+    if let Some(note) = notifications.timeout_iter(timeout).next()? {
+        heard(&note);
     }
     let mut pending = notifications.iter();
-    while pending.next()?.is_some() {
-        n += 1;
+    while let Some(note) = pending.next()? {
+        heard(&note);
     }
-    Ok(n)
+    Ok((n, control))
 }

@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::store::types::Access;
 
 pub mod admin;
+pub mod browse;
 pub mod connect;
+pub mod control;
 pub mod cycle;
 pub mod daemon;
 pub mod enqueue;

@@ -63,6 +63,22 @@ impl Producer {
         }
     }
 
+    /// The `list` bench's rows (as the SQLite producer's).
+    pub fn insert_list_fixture(&self, count: usize) -> Result<()> {
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO foreman_task (task_name, args, priority, run_after) \
+                 SELECT CASE WHEN i % 1000 = 0 THEN 'bench.rare' ELSE 'bench.bulk' END, \
+                        jsonb_build_array(i), i % 3, \
+                        CASE WHEN i % 100 = 0 THEN 'infinity'::timestamptz ELSE now() END \
+                 FROM generate_series(1, $1::int8) AS i",
+                &[&count],
+            )
+        })
+        .map(drop)
+    }
+
     /// Inserts one row in a transaction of its own; returns its id.
     pub fn insert_one(&self, name: &str, args: &str) -> Result<i64> {
         self.run(|c| {

@@ -111,6 +111,7 @@ impl PgStore {
                 due: r.get(2),
                 delayed: r.get(3),
                 leased: r.get(4),
+                paused: 0,
                 oldest_due_at: opt_secs(r, 5),
                 next_due_at: opt_secs(r, 6),
             })

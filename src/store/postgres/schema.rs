@@ -184,6 +184,8 @@ mod tests {
                 "foreman_task",
                 "foreman_dead",
                 "foreman_run",
+                "foreman_abort",
+                "foreman_pause",
                 "foreman_schedule",
                 "foreman_daemon",
                 "foreman_stat",
@@ -199,7 +201,7 @@ mod tests {
         };
         assert_eq!(
             columns("foreman_task"),
-            "id task_name args kwargs created_at run_after priority attempt origin leased_by leased_at"
+            "id task_name args kwargs created_at run_after priority attempt origin leased_by leased_at unique_key"
         );
         assert_eq!(
             columns("foreman_daemon"),
@@ -207,7 +209,7 @@ mod tests {
         );
         assert_eq!(
             columns("foreman_run"),
-            "task_id attempt task_name state daemon_id enqueued_at started_at finished_at error retry_at"
+            "task_id attempt task_name state daemon_id enqueued_at started_at finished_at error retry_at args kwargs priority origin unique_key result exit_code"
         );
     }
 }

@@ -14,6 +14,12 @@ impl SqliteStore {
     /// Makes `info` the daemon of this DB: replaces the row a predecessor left.
     pub fn register_daemon(&mut self, info: &DaemonInfo) -> Result<()> {
         self.write(|tx| {
+            // Who ran an attempt is the last daemon to start before it: one runs at a time here,
+            // and the log costs a row per start, where a column would cost one per task.
+            tx.execute(
+                "INSERT OR REPLACE INTO foreman_daemon_log(started_at, pid, host) VALUES (?1, ?2, ?3)",
+                params![info.started_at, info.pid, info.host],
+            )?;
             tx.execute(
                 "INSERT OR REPLACE INTO foreman_daemon(id, pid, pid_start, host, version, started_at, heartbeat_at, stopped_at, workers) \
                  VALUES (1, ?1, ?2, ?3, ?4, ?5, ?5, NULL, ?6)",
@@ -78,6 +84,12 @@ impl SqliteStore {
     /// Deletes the per-minute figures of minutes before `minute`; returns how many rows went.
     pub fn prune_stats(&mut self, minute: i64) -> Result<usize> {
         self.write(|tx| {
+            // The daemons of that time too, but the last one, which may run attempts still kept.
+            tx.prepare_cached(
+                "DELETE FROM foreman_daemon_log WHERE started_at < ?1 * 60.0 \
+                 AND started_at < (SELECT max(started_at) FROM foreman_daemon_log)",
+            )?
+            .execute([minute])?;
             tx.prepare_cached("DELETE FROM foreman_stat WHERE minute < ?1")?
                 .execute([minute])
         })

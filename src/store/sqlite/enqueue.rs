@@ -1,19 +1,25 @@
 //! New tasks: a producer's insert through the CLI, and a schedule's firing (its task and its new
 //! state in one transaction), with the schedules' stored state.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
 use crate::error::Result;
-use crate::store::types::{NewTask, ScheduleState};
+use crate::store::types::{Enqueued, NewTask, ScheduleState};
 
 impl SqliteStore {
     /// Inserts one task; the caller has checked that `args` is a JSON array and `kwargs` an
     /// object.
-    pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<i64> {
+    pub fn enqueue_task(&mut self, task: &NewTask<'_>) -> Result<Enqueued> {
         // In a transaction of its own: an autocommit `INSERT … RETURNING` hands back the id
-        // before its commit, and a commit that fails then (a full disk) would go unnoticed.
+        // before its commit, and a commit that fails then (a full disk) would go unnoticed. It
+        // also keeps the task holding a unique key from ending between the insert and the look.
         self.write(|tx| insert_task(tx, task))
+    }
+
+    /// Inserts the tasks in one transaction, in order.
+    pub fn enqueue_many(&mut self, tasks: &[NewTask<'_>]) -> Result<Vec<Enqueued>> {
+        self.write(|tx| tasks.iter().map(|task| insert_task(tx, task)).collect())
     }
 
     /// Whether the task is still queued (not popped yet, or waiting for a retry).
@@ -61,40 +67,61 @@ impl SqliteStore {
         name: &str,
         task: &NewTask<'_>,
         state: &mut ScheduleState,
-    ) -> Result<i64> {
-        let id = self.write(|tx| {
-            let id = insert_task(tx, task)?;
+    ) -> Result<Enqueued> {
+        let enqueued = self.write(|tx| {
+            let enqueued = insert_task(tx, task)?;
             save_schedule(
                 tx,
                 name,
                 &ScheduleState {
-                    last_task_id: Some(id),
+                    last_task_id: Some(enqueued.id),
                     ..state.clone()
                 },
             )?;
-            Ok(id)
+            Ok(enqueued)
         })?;
-        state.last_task_id = Some(id);
-        Ok(id)
+        state.last_task_id = Some(enqueued.id);
+        Ok(enqueued)
     }
 }
 
-fn insert_task(conn: &Connection, task: &NewTask<'_>) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority, origin) \
-         VALUES (?1, ?2, ?3, (julianday('now') - 2440587.5) * 86400.0 + ?4, ?5, ?6) RETURNING id",
-    )?
-    .query_row(
-        params![
-            task.name,
-            task.args,
-            task.kwargs,
-            task.delay,
-            task.priority,
-            task.origin
-        ],
-        |r| r.get(0),
-    )
+/// Inserts the task; with a unique key held by a queued task (the unique index) or a running one
+/// (the schema's trigger), inserts nothing and answers that task's id.
+fn insert_task(conn: &Connection, task: &NewTask<'_>) -> rusqlite::Result<Enqueued> {
+    let inserted: Option<i64> = conn
+        .prepare_cached(
+            "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority, origin, unique_key) \
+             VALUES (?1, ?2, ?3, (julianday('now') - 2440587.5) * 86400.0 + ?4, ?5, ?6, ?7) \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )?
+        .query_row(
+            params![
+                task.name,
+                task.args,
+                task.kwargs,
+                task.delay,
+                task.priority,
+                task.origin,
+                task.unique_key
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(id) = inserted {
+        return Ok(Enqueued { id, created: true });
+    }
+    let holder: Option<i64> = conn
+        .prepare_cached(
+            "SELECT id FROM foreman_task WHERE unique_key = ?1 \
+             UNION ALL SELECT task_id FROM foreman_run WHERE unique_key = ?1 AND state = 'running' \
+             LIMIT 1",
+        )?
+        .query_row([task.unique_key], |r| r.get(0))
+        .optional()?;
+    // Only a unique key keeps a row out; should nothing hold it, say so as SQLite would.
+    holder
+        .map(|id| Enqueued { id, created: false })
+        .ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
 fn save_schedule(conn: &Connection, name: &str, state: &ScheduleState) -> rusqlite::Result<()> {

@@ -2,9 +2,10 @@
 //! statement and page caches) and the one way it writes (`write`: a prepared `BEGIN IMMEDIATE`
 //! transaction). The work is split by job: `schema` (creation and migration), `cycle` (the loop's
 //! transaction), `enqueue` (new tasks and schedule firings), `upkeep` (recovery, pruning, a file
-//! lost under the daemon), `daemon` (its heartbeat row and figures), `report` and `admin` (the
-//! operator's queries), `bench` (the benchmark's bulk rows), `files` (the file system's view of
-//! the database) and `watch` (commits seen from another process).
+//! lost under the daemon), `daemon` (its heartbeat row and figures), `report`, `admin` and
+//! `browse` (the operator's queries), `control` (pauses and aborts), `producer` (the benchmark's
+//! bulk rows), `files` (the file system's view of the database) and `watch` (commits seen from
+//! another process).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ use crate::store::row::Cell;
 use crate::store::types::Access;
 
 pub mod admin;
+pub mod browse;
+pub mod control;
 pub mod cycle;
 pub mod daemon;
 pub mod enqueue;
@@ -237,6 +240,20 @@ impl SqliteStore {
             ));
         }
         Ok(())
+    }
+}
+
+/// A cell binds as the value it was read as: text that is not UTF-8 goes back as the bytes it was
+/// (a BLOB), so a copy keeps what a producer stored.
+impl rusqlite::ToSql for Cell {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(match self {
+            Cell::Null => ValueRef::Null,
+            Cell::Integer(i) => ValueRef::Integer(*i),
+            Cell::Real(f) => ValueRef::Real(*f),
+            Cell::Text(text) => ValueRef::Text(text.as_bytes()),
+            Cell::Blob(bytes) => ValueRef::Blob(bytes),
+        }))
     }
 }
 

@@ -80,6 +80,23 @@ impl Producer {
         Ok(last - count + 1..=last)
     }
 
+    /// Inserts the list benchmark's `count` rows in one transaction: row i of the task
+    /// `bench.rare` every 1,000th (else `bench.bulk`), with priority i % 3, delayed far ahead every
+    /// 100th, and args `[i]`.
+    pub fn insert_list_fixture(&self, count: usize) -> Result<()> {
+        let count = i64::try_from(count).map_err(|_| Error::db(&self.path, "too many rows"))?;
+        self.conn
+            .execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+                 INSERT INTO foreman_task(task_name, args, priority, run_after) \
+                 SELECT CASE WHEN i % 1000 = 0 THEN 'bench.rare' ELSE 'bench.bulk' END, \
+                 json_array(i), i % 3, CASE WHEN i % 100 = 0 THEN 9e12 ELSE 1 END FROM n",
+                [count],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
     /// Inserts one row in a transaction of its own (autocommit), the way most producers do;
     /// returns its id.
     pub fn insert_one(&self, name: &str, args: &str) -> Result<i64> {

@@ -19,7 +19,8 @@ use crate::store::types::{
 // The due rows of one priority, longest due first: a range search of `foreman_task_due`, like the
 // pop's. Leased rows in the range (an expired lease about to be taken again) are stepped over.
 const SQL_DUE_BEFORE: &str = "SELECT id, task_name, run_after, created_at FROM foreman_task \
-     WHERE priority = ?1 AND run_after <= ?2 AND leased_at IS NULL ORDER BY run_after, id LIMIT ?3";
+     WHERE paused = 0 AND priority = ?1 AND run_after <= ?2 AND leased_at IS NULL \
+     ORDER BY run_after, id LIMIT ?3";
 // Served by the partial index `foreman_run_running`, which holds the running attempts alone.
 const SQL_RUNNING: &str = "SELECT task_id, attempt, task_name, started_at, enqueued_at \
      FROM foreman_run WHERE state = 'running'";
@@ -121,6 +122,7 @@ impl SqliteStore {
                         due: r.get(2)?,
                         delayed: r.get(3)?,
                         leased: r.get(4)?,
+                        paused: 0,
                         oldest_due_at: cell(r, 5)?.as_f64(),
                         next_due_at: cell(r, 6)?.as_f64(),
                     })

@@ -1,4 +1,4 @@
-//! The schema: `schema.sql` (the public producer protocol) applied, version 1 migrated, and a
+//! The schema: `schema.sql` (the public producer protocol) applied, versions 1 to 3 migrated, and a
 //! database refused in one line when its version is newer than this binary or its tables lack
 //! columns this version needs.
 
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
 
 /// The `PRAGMA user_version` this binary creates and understands.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Brings a version 1 database to version 2 before `SCHEMA_SQL` runs: `run_after`'s default is not
 /// a constant, which `ALTER TABLE ADD COLUMN` refuses, so the queue table is rebuilt (ids, and the
@@ -24,6 +24,23 @@ ALTER TABLE foreman_dead ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE foreman_dead ADD COLUMN origin TEXT;
 ALTER TABLE foreman_task RENAME TO foreman_task_v1;
 ";
+
+/// The columns schema version 4 adds to tables an older version has, with their definitions: each
+/// has a constant default (or none), as `ALTER TABLE ADD COLUMN` requires. Added only where missing,
+/// so that a migration cut short and run again, or a v1 table rebuilt from `SCHEMA_SQL`, is fine.
+const V4_COLUMNS: &[(&str, &str, &str)] = &[
+    ("foreman_task", "unique_key", "TEXT"),
+    ("foreman_task", "paused", "INTEGER NOT NULL DEFAULT 0"),
+    ("foreman_dead", "unique_key", "TEXT"),
+    ("foreman_run", "task", "TEXT"),
+    ("foreman_run", "unique_key", "TEXT"),
+    ("foreman_run", "result", "TEXT"),
+    ("foreman_run", "exit_code", "INTEGER"),
+];
+
+/// Before `SCHEMA_SQL` runs on a version 1 to 3 database: the pop's index becomes partial (rows a
+/// pause holds back leave it), so the old one goes; `SCHEMA_SQL` creates the new one.
+const MIGRATE_V3_BEFORE: &str = "DROP INDEX IF EXISTS foreman_task_due;";
 
 const MIGRATE_V1_AFTER: &str = "
 INSERT INTO foreman_task(id, task_name, args, kwargs, created_at, run_after)
@@ -57,7 +74,7 @@ impl SqliteStore {
         let version = self.user_version()?;
         self.refuse_newer(version)?;
         if version == SCHEMA_VERSION {
-            refuse_missing_columns(&self.conn).map_err(|e| self.err(e))?;
+            refuse_missing_columns(&self.conn, &[]).map_err(|e| self.err(e))?;
             if missing_table(&self.conn)
                 .map_err(|e| self.err(e))?
                 .is_none()
@@ -73,10 +90,14 @@ impl SqliteStore {
         let version: i64 = tx
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|e| Error::db(&self.path, e))?;
-        // A version 1 database lacks the columns its migration adds.
-        if version != 1 {
-            refuse_missing_columns(&tx).map_err(|e| Error::db(&self.path, e))?;
+        // A version 1 database lacks the columns its migration adds; versions 2 and 3 lack
+        // version 4's.
+        match version {
+            1 => Ok(()),
+            2 | 3 => refuse_missing_columns(&tx, V4_COLUMNS),
+            _ => refuse_missing_columns(&tx, &[]),
         }
+        .map_err(|e| Error::db(&self.path, e))?;
         if version == SCHEMA_VERSION
             && missing_table(&tx)
                 .map_err(|e| Error::db(&self.path, e))?
@@ -84,20 +105,28 @@ impl SqliteStore {
         {
             return Ok(());
         }
+        let migrating = |e: rusqlite::Error| {
+            Error::db(
+                &self.path,
+                format!("migrating from schema version {version}: {e}"),
+            )
+        };
         if version == 1 {
-            tx.execute_batch(MIGRATE_V1_BEFORE).map_err(|e| {
-                Error::db(&self.path, format!("migrating from schema version 1: {e}"))
-            })?;
+            tx.execute_batch(MIGRATE_V1_BEFORE).map_err(migrating)?;
+        }
+        if (1..SCHEMA_VERSION).contains(&version) {
+            add_v4_columns(&tx).map_err(migrating)?;
+            tx.execute_batch(MIGRATE_V3_BEFORE).map_err(migrating)?;
         }
         tx.execute_batch(SCHEMA_SQL)
             .map_err(|e| Error::db(&self.path, e))?;
         if version == 1 {
-            tx.execute_batch(MIGRATE_V1_AFTER).map_err(|e| {
-                Error::db(&self.path, format!("migrating from schema version 1: {e}"))
-            })?;
-            refuse_missing_columns(&tx).map_err(|e| Error::db(&self.path, e))?;
+            tx.execute_batch(MIGRATE_V1_AFTER).map_err(migrating)?;
+        }
+        if (1..SCHEMA_VERSION).contains(&version) {
+            refuse_missing_columns(&tx, &[]).map_err(|e| Error::db(&self.path, e))?;
             log::info!(
-                "{}: migrated the schema from version 1 to {SCHEMA_VERSION}",
+                "{}: migrated the schema from version {version} to {SCHEMA_VERSION}",
                 self.path.display()
             );
         }
@@ -109,7 +138,7 @@ impl SqliteStore {
         match self.user_version()? {
             0 => {
                 // `init` would refuse such a table too: say what it would say.
-                refuse_missing_columns(&self.conn).map_err(|e| self.err(e))?;
+                refuse_missing_columns(&self.conn, &[]).map_err(|e| self.err(e))?;
                 Err(self.err("has no foreman schema (run `foreman init`)"))
             }
             version if version < SCHEMA_VERSION => Err(self.err(format!(
@@ -117,7 +146,7 @@ impl SqliteStore {
             ))),
             version => {
                 self.refuse_newer(version)?;
-                refuse_missing_columns(&self.conn).map_err(|e| self.err(e))?;
+                refuse_missing_columns(&self.conn, &[]).map_err(|e| self.err(e))?;
                 match missing_table(&self.conn).map_err(|e| self.err(e))? {
                     Some(table) => Err(self.err(format!(
                         "has no table {table} (run `foreman init` to create it)"
@@ -164,9 +193,26 @@ fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>
         .collect()
 }
 
+/// Adds the columns of `V4_COLUMNS` that the existing tables lack.
+fn add_v4_columns(tx: &Connection) -> rusqlite::Result<()> {
+    for (table, column, definition) in V4_COLUMNS {
+        let have = table_columns(tx, table)?;
+        if !have.is_empty() && !have.iter().any(|c| c == column) {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 /// An existing foreman table without every column the schema gives it (a producer created
-/// `foreman_task` itself, say, before `init`): an error naming the table and the columns.
-fn refuse_missing_columns(conn: &Connection) -> std::result::Result<(), String> {
+/// `foreman_task` itself, say, before `init`): an error naming the table and the columns. The
+/// columns in `added` are left out: a migration adds them.
+fn refuse_missing_columns(
+    conn: &Connection,
+    added: &[(&str, &str, &str)],
+) -> std::result::Result<(), String> {
     for (table, expected) in expected_tables() {
         let have = table_columns(conn, table).map_err(|e| e.to_string())?;
         if have.is_empty() {
@@ -175,6 +221,7 @@ fn refuse_missing_columns(conn: &Connection) -> std::result::Result<(), String> 
         let missing: Vec<&str> = expected
             .iter()
             .filter(|column| !have.contains(column))
+            .filter(|column| !added.iter().any(|(t, c, _)| t == table && c == column))
             .map(String::as_str)
             .collect();
         if !missing.is_empty() {
@@ -211,6 +258,9 @@ mod tests {
             "foreman_schedule",
             "foreman_daemon",
             "foreman_stat",
+            "foreman_pause",
+            "foreman_abort",
+            "foreman_daemon_log",
         ] {
             assert!(tables.contains(&table), "{tables:?}");
         }

@@ -18,6 +18,20 @@ impl SqliteStore {
     /// at once with attempt + 1; the others are recorded `lost`. Returns (re-queued, lost).
     pub fn recover(&mut self, now: f64) -> Result<(usize, usize)> {
         self.write(|tx| {
+        // An attempt `foreman cancel` asked to abort ends cancelled, not lost, and is not run again
+        // (an at-least-once task's row goes with it).
+        tx.execute(
+            "DELETE FROM foreman_task WHERE leased_at IS NOT NULL AND EXISTS \
+             (SELECT 1 FROM foreman_abort a WHERE a.task_id = foreman_task.id AND a.attempt = foreman_task.attempt)",
+            [],
+        )?;
+        tx.execute(
+            "UPDATE foreman_run SET state = 'cancelled', finished_at = ?1, \
+             error = 'aborted (foreman cancel): the daemon stopped while it ran' \
+             WHERE state = 'running' AND (task_id, attempt) IN (SELECT task_id, attempt FROM foreman_abort)",
+            [now],
+        )?;
+        tx.execute("DELETE FROM foreman_abort", [])?;
         tx.execute(
             "UPDATE foreman_run SET state = 'lost', finished_at = ?1, retry_at = ?1, \
              error = 'the daemon stopped while it ran (crash or kill -9); it runs again (at-least-once)' \
@@ -102,6 +116,15 @@ impl SqliteStore {
                     .optional()
                 })?;
             let (to_id, to_attempt) = last.unwrap_or((i64::MAX, i64::MAX));
+            if after.is_none() {
+                // Once a pass: abort requests whose attempt ended before a daemon acted on them.
+                tx.prepare_cached(
+                    "DELETE FROM foreman_abort WHERE NOT EXISTS (SELECT 1 FROM foreman_run r \
+                     WHERE r.task_id = foreman_abort.task_id AND r.attempt = foreman_abort.attempt \
+                     AND r.state = 'running')",
+                )?
+                .execute([])?;
+            }
             let deleted = tx
                 .prepare_cached(
                     "DELETE FROM foreman_run WHERE (task_id, attempt) > (?1, ?2) \
