@@ -107,6 +107,55 @@ impl Env {
         self.pg.as_ref().expect("a PostgreSQL env").connect()
     }
 
+    /// The rows `sql` answers, every value as text (`None` for NULL), on either backend (SQL both
+    /// understand; `Env::epoch` for a time column).
+    pub fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .connect()
+                .simple_query(sql)
+                .expect(sql)
+                .into_iter()
+                .filter_map(|message| match message {
+                    postgres::SimpleQueryMessage::Row(row) => Some(
+                        (0..row.len())
+                            .map(|i| row.get(i).map(str::to_owned))
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect();
+        }
+        let conn = self.sql();
+        let mut statement = conn.prepare(sql).expect(sql);
+        let columns = statement.column_count();
+        statement
+            .query_map([], |r| {
+                Ok((0..columns)
+                    .map(|i| match r.get_ref(i).unwrap() {
+                        rusqlite::types::ValueRef::Null => None,
+                        rusqlite::types::ValueRef::Integer(n) => Some(n.to_string()),
+                        rusqlite::types::ValueRef::Real(f) => Some(f.to_string()),
+                        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                            Some(String::from_utf8_lossy(t).into_owned())
+                        }
+                    })
+                    .collect())
+            })
+            .expect(sql)
+            .collect::<Result<_, _>>()
+            .expect(sql)
+    }
+
+    /// A time column as Unix seconds, in this env's SQL (`timestamptz` on PostgreSQL).
+    pub fn epoch(&self, column: &str) -> String {
+        if self.is_pg() {
+            format!("extract(epoch FROM {column})::float8")
+        } else {
+            column.to_owned()
+        }
+    }
+
     /// The one number `sql` answers, on either backend (SQL both understand).
     pub fn number(&self, sql: &str) -> i64 {
         match &self.pg {
