@@ -276,6 +276,22 @@ impl Observation {
     }
 }
 
+/// What a daemon's row says of it: `up`, `stale` (its heartbeat is older than `max_age`),
+/// `stopping`, `stopped` (cleanly) or `recovered` (another daemon took back its work).
+pub fn daemon_state(row: &DaemonRow, now: f64, max_age: f64) -> &'static str {
+    if row.recovered_at.is_some() {
+        "recovered"
+    } else if row.stopped_at.is_some() {
+        "stopped"
+    } else if now - row.heartbeat_at > max_age {
+        "stale"
+    } else if row.stopping_at.is_some() {
+        "stopping"
+    } else {
+        "up"
+    }
+}
+
 /// The row of the daemon on `host` among the shared database's `rows`: of those that run, the
 /// one whose heartbeat is oldest (health answers for the worst); else the newest that ran here.
 fn row_on_host(rows: &[DaemonRow], host: &str) -> Option<DaemonRow> {

@@ -250,3 +250,60 @@ delivery = "at-least-once"
         .number("SELECT count(*) FROM foreman_run WHERE state = 'lost' AND retry_at IS NOT NULL");
     assert!(again >= 1, "no attempt was recorded lost and retried");
 }
+
+#[test]
+fn status_health_and_metrics_show_every_daemon_and_the_queue_as_a_whole() {
+    let Some(env) = Env::pg() else { return };
+    env.config("workers = 3\n");
+    env.init();
+    let daemons: Vec<Daemon> = (0..2).map(|n| start(&env, n, &[])).collect();
+    let out = env.run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = status["daemons"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{status}");
+    assert!(
+        listed
+            .iter()
+            .all(|d| d["state"] == "up" && d["workers"] == 3),
+        "{status}"
+    );
+    let text = env.ok(&["status"]);
+    assert!(
+        text.contains("daemons   2 up, 0 of 6 workers busy"),
+        "{text}"
+    );
+    let health = env.ok(&["health"]);
+    assert!(
+        health.starts_with("healthy: daemon pid") && health.contains("(and 1 more daemon(s))"),
+        "{health}"
+    );
+    let metrics = env.ok(&["metrics"]);
+    assert!(metrics.contains("foreman_daemons_up 2"), "{metrics}");
+    assert_eq!(
+        metrics.matches("foreman_daemon_up{").count(),
+        2,
+        "{metrics}"
+    );
+    assert!(metrics.contains("foreman_up 1"), "{metrics}");
+    for daemon in daemons {
+        daemon.stop();
+    }
+    // Stopped cleanly: listed as such for an hour, and nothing runs.
+    let status: serde_json::Value =
+        serde_json::from_slice(&env.run(&["status", "--json"]).stdout).unwrap();
+    let states: Vec<&str> = status["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["stopped", "stopped"]);
+    let out = env.run(&["health"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("unhealthy: daemon_down"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

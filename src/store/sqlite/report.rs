@@ -77,7 +77,8 @@ impl SqliteStore {
             .and_then(|mut s| {
                 s.query_map([], |r| {
                     Ok(RunningAttempt {
-                        daemon_id: None,
+                        // The one daemon of the file (its row's id is always 1).
+                        daemon_id: Some(1),
                         task_id: r.get(0)?,
                         attempt: r.get(1)?,
                         task_name: r.get(2)?,
