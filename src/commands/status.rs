@@ -153,11 +153,11 @@ impl Status {
             .live(self.max_age)
             .map(|d| self.obs.busy(d.id))
             .sum();
-        let mut line = format!("{live} up, {busy} of {workers} workers busy");
+        let mut summary = format!("{live} up, {busy} of {workers} workers busy");
         if ended > 0 {
-            let _ = write!(line, " · {ended} ended in the last hour");
+            let _ = write!(summary, " · {ended} ended in the last hour");
         }
-        let _ = writeln!(out, "{}{line}", label(style, "daemons"));
+        let _ = writeln!(out, "{}{summary}", label(style, "daemons"));
         if self.obs.daemons.is_empty() {
             return;
         }

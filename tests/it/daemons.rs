@@ -292,13 +292,13 @@ fn status_health_and_metrics_show_every_daemon_and_the_queue_as_a_whole() {
     // Stopped cleanly: listed as such for an hour, and nothing runs.
     let status: serde_json::Value =
         serde_json::from_slice(&env.run(&["status", "--json"]).stdout).unwrap();
-    let states: Vec<&str> = status["daemons"]
+    let ended: Vec<&str> = status["daemons"]
         .as_array()
         .unwrap()
         .iter()
         .map(|d| d["state"].as_str().unwrap())
         .collect();
-    assert_eq!(states, ["stopped", "stopped"]);
+    assert_eq!(ended, ["stopped", "stopped"]);
     let out = env.run(&["health"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
