@@ -150,6 +150,7 @@ impl PgStore {
     pub fn wait_for_server(&self, mut keep_waiting: impl FnMut(Duration) -> bool) -> Result<()> {
         let mut said = false;
         let started = Instant::now();
+        let mut logged = started;
         loop {
             match self.connected() {
                 Ok(()) => {
@@ -165,11 +166,15 @@ impl PgStore {
                 Err(e) => {
                     if !said {
                         log::warn!(
-                            "{e}; waiting for the server (retrying, and logged again every minute)"
+                            "{e}; waiting for the server (retrying, and logged again every minute; wait_for_db = false exits instead)"
                         );
                         said = true;
-                    } else if started.elapsed().as_secs().is_multiple_of(60) {
-                        log::warn!("still waiting for the server: {e}");
+                    } else if logged.elapsed() >= Duration::from_mins(1) {
+                        log::warn!(
+                            "still waiting for the server after {:.0}s: {e}",
+                            started.elapsed().as_secs_f64()
+                        );
+                        logged = Instant::now();
                     }
                     if !keep_waiting(Duration::from_millis(500)) {
                         return Err(e);
