@@ -307,3 +307,53 @@ fn status_health_and_metrics_show_every_daemon_and_the_queue_as_a_whole() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn the_python_client_enqueues_through_psycopg_and_its_notify_wakes_the_daemon() {
+    let Some(env) = Env::pg() else { return };
+    let Some(python) = crate::support::python_with("psycopg") else {
+        return;
+    };
+    env.config(&format!(
+        "{}\n[tasks.hold]\ncommand = [\"true\"]\n",
+        crate::support::RECORD_TASK
+    ));
+    env.init();
+    // A one-hour tick: only the client's NOTIFY (debounced to one per 100 ms, the last of a
+    // burst sent at the end of its interval) can wake the daemon for these tasks.
+    let daemon = env.daemon(&["--tick", "1h"]);
+    let script = r#"
+import json, sys
+from foreman_client import Client
+client = Client(sys.argv[1])
+ids = [client.enqueue("record", i) for i in range(300)]
+ids += client.enqueue_many([("record", [i]) for i in range(200)])
+ids.append(client.enqueue_with("record", [1], {"k": 2}, delay=0.3, priority=7))
+first = client.enqueue_with("hold", unique_key="once")
+again = client.enqueue_with("hold", unique_key="once")
+assert first == again, (first, again)
+last = client.enqueue("record", "last")
+assert client.wait(last, timeout=30) is None
+print(json.dumps(ids + [last]))
+"#;
+    let out = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(crate::pg::PgDb::url(env.pg.as_ref().unwrap()))
+        .env("PYTHONPATH", &*crate::support::PYTHON_CLIENT)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        crate::support::stderr(&out)
+    );
+    let ids: Vec<i64> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids.len(), 502);
+    let ran = env.wait_ran(502);
+    let unique: HashSet<i64> = ran.iter().copied().collect();
+    assert_eq!(unique, ids.iter().copied().collect::<HashSet<i64>>());
+    assert_eq!(unique.len(), ran.len(), "a task ran twice");
+    daemon.stop();
+}

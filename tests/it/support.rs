@@ -18,6 +18,40 @@ pub static PYTHON_CLIENT: std::sync::LazyLock<PathBuf> =
     std::sync::LazyLock::new(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python"));
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// A Python that can import `imports`: `FOREMAN_PYTHON`, else /opt/foreman-venv's (made by
+/// .ci/python-venv), else `python3`. `None`, after a notice, when it cannot, unless
+/// `FOREMAN_PY_TESTS=required` (CI), which makes that a failure.
+pub fn python_with(imports: &str) -> Option<String> {
+    let venv = "/opt/foreman-venv/bin/python";
+    let python = std::env::var("FOREMAN_PYTHON").unwrap_or_else(|_| {
+        (if Path::new(venv).exists() {
+            venv
+        } else {
+            "python3"
+        })
+        .to_owned()
+    });
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {imports}")])
+        .stdin(Stdio::null())
+        .output();
+    let missing = match &probe {
+        Ok(out) if out.status.success() => return Some(python),
+        Ok(out) => stderr(out).trim().lines().last().unwrap_or("").to_owned(),
+        Err(err) => err.to_string(),
+    };
+    let notice = format!(
+        "{python} cannot import {imports} ({missing}); make a virtualenv with .ci/python-venv \
+         and set FOREMAN_PYTHON to its python"
+    );
+    assert!(
+        std::env::var("FOREMAN_PY_TESTS").as_deref() != Ok("required"),
+        "{notice} (FOREMAN_PY_TESTS=required)"
+    );
+    eprintln!("notice: skipped: {notice}");
+    None
+}
+
 /// Polls `check` every few milliseconds until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
