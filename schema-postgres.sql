@@ -28,6 +28,12 @@
 --                   costs the pop an index lookup: use a handful, not a timestamp.)
 --        unique_key text: at most one task with this key is queued or running (UNIQUE TASKS below).
 --      Leave the other columns (id, created_at, attempt, origin, leased_by, leased_at) to foreman.
+--      A producer may commit with synchronous_commit = off (SET on its connection, or
+--      ?options=-csynchronous_commit%3Doff in its URL): a commit then returns before the WAL reaches
+--      disk, several times faster; a crash of the server may lose the last enqueues it reported,
+--      never corrupt anything (SQLite's synchronous = NORMAL makes the same trade). Behind
+--      PgBouncer in transaction mode, use SET LOCAL in the transaction, or ALTER ROLE … SET. The
+--      daemons keep their own claims durable: a lost claim could run a task twice.
 --   2. Optionally, after the transaction commits: NOTIFY foreman  (the one channel foreman listens
 --      on; the payload is ignored). A daemon that listens pops at once; without a NOTIFY, or behind
 --      PgBouncer in transaction mode where LISTEN cannot work, the daemons find the task at their

@@ -180,10 +180,11 @@ impl Store {
     }
 
     /// When the earliest queued row is due (it may be past), without writing anything. A store
-    /// that cannot tell without claiming (PostgreSQL, where other daemons claim too) answers the
-    /// past: the caller's cycle looks, and writes nothing when nothing is due.
+    /// that cannot tell without claiming (PostgreSQL, where other daemons claim too) answers
+    /// what its heartbeat saw if that was within the last second,
+    /// else the past: the caller's cycle looks, and writes nothing when nothing is due.
     pub fn next_due(&self) -> Result<Option<f64>> {
-        split!(self, s => s.next_due(), _p => Ok(Some(f64::NEG_INFINITY)))
+        split!(self, s => s.next_due(), p => Ok(p.next_due()))
     }
 
     /// A token of what has been committed so far; `None` when the store cannot tell (then
@@ -529,12 +530,23 @@ macro_rules! each_producer {
 }
 
 impl Producer {
+    /// A producer's connection as the schema's comment recommends: on SQLite `synchronous =
+    /// NORMAL`, on PostgreSQL `synchronous_commit = off` (a crash may lose the last commits,
+    /// never corrupt).
     pub fn open(db: &Database) -> Result<Producer> {
+        Producer::open_with(db, false)
+    }
+
+    /// `open`, with each PostgreSQL commit waiting for the WAL's flush when `durable`.
+    pub fn open_with(db: &Database, durable: bool) -> Result<Producer> {
         match db {
-            Database::Sqlite(path) => sqlite::producer::Producer::open(path).map(Producer::Sqlite),
+            Database::Sqlite(path) => {
+                let _ = durable;
+                sqlite::producer::Producer::open(path).map(Producer::Sqlite)
+            }
             #[cfg(feature = "postgres")]
             Database::Postgres(url) => {
-                self::postgres::producer::Producer::open(url, &db.to_string())
+                self::postgres::producer::Producer::open(url, &db.to_string(), durable)
                     .map(|p| Producer::Postgres(Box::new(p)))
             }
             #[cfg(not(feature = "postgres"))]
@@ -612,12 +624,29 @@ impl Producer {
         }
     }
 
-    /// The PostgreSQL producer, for the bench's server figures.
-    #[cfg(feature = "postgres")]
-    pub fn postgres(&self) -> Option<&self::postgres::producer::Producer> {
+    /// Runs `sql` (the bench's own setup: a schema per run). PostgreSQL only: SQLite's bench
+    /// files are the run's own.
+    pub fn execute(&self, sql: &str) -> Result<()> {
         match self {
-            Producer::Postgres(p) => Some(p),
-            Producer::Sqlite(_) => None,
+            Producer::Sqlite(_) => {
+                let _ = sql;
+                Ok(())
+            }
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.execute(sql),
+        }
+    }
+
+    /// One number `sql` answers on a PostgreSQL server (the bench's server figures); `None` on
+    /// SQLite.
+    pub fn server_number(&self, sql: &str) -> Result<Option<f64>> {
+        match self {
+            Producer::Sqlite(_) => {
+                let _ = sql;
+                Ok(None)
+            }
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.number(sql).map(Some),
         }
     }
 }

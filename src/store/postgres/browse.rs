@@ -77,8 +77,19 @@ impl Sql {
         }
     }
 
-    fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
-        self.params
+    /// The parameters `text` uses: those up to the highest `$n` in it (a count leaves out the
+    /// columns, where the last one, `now`, may be the only use).
+    fn refs(&self, text: &str) -> Vec<&(dyn ToSql + Sync)> {
+        let used = (1..=self.params.len())
+            .rev()
+            .find(|n| {
+                let mark = format!("${n}");
+                text.match_indices(&mark).any(|(at, _)| {
+                    !text[at + mark.len()..].starts_with(|c: char| c.is_ascii_digit())
+                })
+            })
+            .unwrap_or(0);
+        self.params[..used]
             .iter()
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect()
@@ -257,7 +268,7 @@ impl PgStore {
                     "SELECT {} {} ORDER BY {} {order} LIMIT {limit}",
                     source.columns, source.from, source.id
                 );
-                let found = self.with(|c| c.query(text.as_str(), &source.sql.refs()))?;
+                let found = self.with(|c| c.query(text.as_str(), &source.sql.refs(&text)))?;
                 rows.extend(found.iter().map(listed));
             }
             Ok(rows)
@@ -278,7 +289,7 @@ impl PgStore {
             let mut total = 0;
             for source in &sources {
                 let text = format!("SELECT count(*) {}", source.from);
-                let rows = self.with(|c| c.query(text.as_str(), &source.sql.refs()))?;
+                let rows = self.with(|c| c.query(text.as_str(), &source.sql.refs(&text)))?;
                 total += rows.first().map_or(0, |r| r.get::<_, i64>(0));
             }
             Ok(total)

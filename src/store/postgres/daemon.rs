@@ -133,16 +133,26 @@ WITH me AS (
         wall_hist = excluded.wall_hist, wait_hist = excluded.wait_hist
 )
 SELECT (SELECT count(*) FROM me), (SELECT recovered_by FROM me),
-       extract(epoch FROM now())::float8,
+       extract(epoch FROM clock_timestamp())::float8,
        ARRAY(SELECT id FROM held),
        ARRAY(SELECT id FROM stale), ARRAY(SELECT host FROM stale), ARRAY(SELECT pid FROM stale),
        ARRAY(SELECT daemon_id FROM lost),
-       (SELECT count(*) FROM released), (SELECT count(*) FROM buried)";
+       (SELECT count(*) FROM released), (SELECT count(*) FROM buried),
+       -- The queue's next due time (past: something is due), for the idle tick to skip a look.
+       (WITH RECURSIVE priorities(p) AS (
+            SELECT (SELECT priority FROM foreman_task ORDER BY priority DESC LIMIT 1)
+          UNION ALL
+            SELECT (SELECT priority FROM foreman_task WHERE priority < priorities.p
+                    ORDER BY priority DESC LIMIT 1)
+            FROM priorities WHERE priorities.p IS NOT NULL)
+        SELECT extract(epoch FROM min(n.run_after))::float8 FROM priorities
+        CROSS JOIN LATERAL (SELECT run_after FROM foreman_task WHERE priority = priorities.p
+                            ORDER BY run_after LIMIT 1) AS n)";
 
 const SQL_REGISTER: &str = "\
 INSERT INTO foreman_daemon (host, pid, pid_start, version, workers, served, stale_after)
 VALUES ($1::text, $2::int, $3::int8, $4::text, $5::int, $6::text[], $7::float8)
-RETURNING id, extract(epoch FROM now())::float8";
+RETURNING id, extract(epoch FROM clock_timestamp())::float8";
 
 impl PgStore {
     /// Waits for the server at the daemon's start, saying so, while `keep_waiting` says to: a
@@ -259,6 +269,7 @@ impl PgStore {
             .next()
             .ok_or_else(|| self.err("the heartbeat returned nothing"))?;
         self.observe_clock(row.get(2), sent);
+        self.looked_at_queue(row.get::<_, Option<f64>>(10).unwrap_or(f64::INFINITY));
         if let Some(daemon) = self.daemon.as_mut() {
             for ((minute, task), stat) in rows.merged {
                 daemon.written.insert((minute, task), stat);

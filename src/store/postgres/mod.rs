@@ -57,7 +57,13 @@ pub struct PgStore {
     daemon: Option<daemon::Registration>,
     /// The claim's state between cycles (the daemon's store only).
     claim: cycle::ClaimState,
+    /// When the heartbeat last looked at the whole queue, and the next due time it saw (∞: none):
+    /// the idle tick skips its own look right after one, so a heartbeat costs no statement more.
+    looked: std::cell::Cell<Option<(Instant, f64)>>,
 }
+
+/// How long a look at the queue stands in for the tick's (the default tick).
+const LOOK_STANDS: Duration = Duration::from_secs(1);
 
 /// The connection, and the statements prepared on it.
 struct Conn {
@@ -96,15 +102,16 @@ impl DbClock {
         self.base + self.at.elapsed().as_secs_f64()
     }
 
-    /// The server said `now()` was `db_now` during a round trip sent at `sent`: the middle of
-    /// the round trip is the best guess of when.
+    /// The server's `clock_timestamp()` was `db_now` as it finished a statement sent at `sent`
+    /// (so late in the round trip: the result's way back is all that follows it). Not `now()`,
+    /// the statement's start: a statement that took 50 ms would put the estimate 25 ms behind.
     fn observe(&mut self, db_now: f64, sent: Instant) {
         if !db_now.is_finite() {
             return;
         }
-        let half = sent.elapsed() / 2;
+        let _ = sent;
         self.base = db_now;
-        self.at = sent + half;
+        self.at = Instant::now();
         self.measured = true;
     }
 }
@@ -121,7 +128,8 @@ impl PgStore {
         store.connected()?;
         // The commands compare the rows' times with now: the server's, not this host's.
         let sent = Instant::now();
-        let rows = store.with(|c| c.query("SELECT extract(epoch FROM now())::float8", &[]))?;
+        let rows =
+            store.with(|c| c.query("SELECT extract(epoch FROM clock_timestamp())::float8", &[]))?;
         store.observe_clock(rows.first().and_then(|r| r.get(0)), sent);
         Ok(store)
     }
@@ -143,6 +151,7 @@ impl PgStore {
             clock: RefCell::new(DbClock::host()),
             daemon: None,
             claim: cycle::ClaimState::default(),
+            looked: std::cell::Cell::new(None),
         })
     }
 
@@ -268,12 +277,26 @@ impl PgStore {
         std::mem::take(&mut self.conn.borrow_mut().broke)
     }
 
+    /// A statement looked at the queue: the next due time it saw (∞: nothing queued).
+    fn looked_at_queue(&self, next_due: f64) {
+        self.looked.set(Some((Instant::now(), next_due)));
+    }
+
+    /// When the next row is due, as the heartbeat's look saw it if that was within the last
+    /// tick; else the past, so that the caller's claim looks. `None`: nothing is queued.
+    pub fn next_due(&self) -> Option<f64> {
+        match self.looked.get() {
+            Some((at, due)) if at.elapsed() < LOOK_STANDS => due.is_finite().then_some(due),
+            _ => Some(f64::NEG_INFINITY),
+        }
+    }
+
     /// The database's clock, as this host estimates it (Unix seconds).
     pub fn now(&self) -> f64 {
         self.clock.borrow().now()
     }
 
-    /// Records the server's `now()`, read by a statement sent at `sent`.
+    /// Records the server's `clock_timestamp()` at the end of a statement sent at `sent`.
     fn observe_clock(&self, db_now: Option<f64>, sent: Instant) {
         if let Some(db_now) = db_now {
             self.clock.borrow_mut().observe(db_now, sent);
