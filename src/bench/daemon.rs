@@ -271,10 +271,13 @@ impl Run {
         Ok(self.conn()?.attempts(ids)?)
     }
 
-    /// The producer's wakeup: create a file in the wakeup dir if it is not there (schema.sql),
-    /// or `NOTIFY foreman` (schema-postgres.sql).
+    /// The producer's wakeup after a batch: create a file in the wakeup dir if it is not there
+    /// (schema.sql), or `NOTIFY foreman` (schema-postgres.sql).
     pub fn wake(&self) -> Outcome<()> {
-        self.wake_as("bench")
+        if self.wakeup.is_some() {
+            return self.wake_as("bench");
+        }
+        self.wake_now()
     }
 
     /// The wakeup of producer `name`: its own file in the wakeup dir, or (PostgreSQL) a

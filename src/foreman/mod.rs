@@ -276,6 +276,7 @@ impl Foreman<'_> {
                 while let Ok(done) = channels.finished.try_recv() {
                     self.finish(done);
                 }
+                self.gather(&channels.finished);
                 self.fill();
             }
             Event::Pool(event) => {

@@ -46,6 +46,9 @@ pub(super) struct QueueLook {
     pub(super) at: Instant,
     /// When the earliest delayed task is due, as the last short pop saw it.
     pub(super) next_task_due: Option<f64>,
+    /// What a cycle that claims costs, averaged: whether waiting a moment for more endings
+    /// before the next one pays (`Foreman::gather`).
+    pub(super) cycle_cost: Duration,
 }
 
 impl Default for QueueLook {
@@ -54,6 +57,7 @@ impl Default for QueueLook {
             seen: None,
             at: Instant::now(),
             next_task_due: None,
+            cycle_cost: Duration::ZERO,
         }
     }
 }

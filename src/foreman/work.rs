@@ -19,6 +19,10 @@ use crate::thread_pool::Job;
 /// Attempts to record the last ended attempts before the daemon exits (each may wait out the busy
 /// timeout).
 const FLUSH_TRIES: usize = 3;
+/// A cycle that costs at least this makes a finished task wait for the others (`gather`)…
+const GATHER_ABOVE: Duration = Duration::from_micros(100);
+/// …at most this long, and a quarter of a cycle.
+const GATHER_AT_MOST: Duration = Duration::from_micros(200);
 /// What a failure without any text is said to be.
 const NO_REASON: &str = "(no reason given)";
 
@@ -205,6 +209,7 @@ impl Foreman<'_> {
                     config, registry, pools, running, control, &mut taken, task, now,
                 )
             };
+            let started_at = Instant::now();
             let popped = match self.store.cycle(&self.attempts.ended, claim, now, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
@@ -212,6 +217,8 @@ impl Foreman<'_> {
                     return;
                 }
             };
+            let cost = self.look.cycle_cost;
+            self.look.cycle_cost = (cost * 7 + started_at.elapsed()) / 8;
             // Only a cycle that wrote says the database takes writes again: one with nothing to
             // record or pop commits an empty transaction, which a full disk lets through.
             if !self.attempts.ended.is_empty()
@@ -268,6 +275,25 @@ impl Foreman<'_> {
             // at a tick.
             if started < free && popped.dead.is_empty() && popped.paused == 0 {
                 return; // Nothing more is due, or what is due must wait.
+            }
+        }
+    }
+
+    /// After a task ended, waits a moment for the others still out, when a cycle costs more than
+    /// that (a database over a socket, whose claim commits to disk): with tasks of a few
+    /// microseconds, each cycle would otherwise record one or two endings and fill as few slots,
+    /// paying a whole commit each time. A cheap cycle (SQLite's) never waits.
+    pub(super) fn gather(&mut self, finished: &crossbeam_channel::Receiver<Finished>) {
+        let cost = self.look.cycle_cost;
+        if cost < GATHER_ABOVE || self.attempts.running.is_empty() {
+            return;
+        }
+        let until = Instant::now() + (cost / 4).min(GATHER_AT_MOST);
+        while !self.attempts.running.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            match finished.recv_timeout(left) {
+                Ok(done) => self.finish(done),
+                Err(_) => return,
             }
         }
     }

@@ -16,8 +16,11 @@ use crate::store::postgres::listen::Listener;
 
 /// How often the daemon polls when it cannot listen.
 pub const POLL: Duration = Duration::from_millis(250);
-/// How long one wait for notifications lasts: how soon the thread notices it should stop.
-const WAIT: Duration = Duration::from_millis(500);
+/// How long one wait for notifications lasts: how soon the thread notices it should stop (the
+/// daemon's exit does not wait for it). Each wait costs a wake-up of the thread, so an idle
+/// daemon pays for this one every `WAIT`; a notification ends it at once, and a broken connection
+/// (a server that went away) too.
+const WAIT: Duration = Duration::from_secs(10);
 /// After a failure, how long the thread polls before it tries to listen again.
 const RELISTEN: Duration = Duration::from_secs(5);
 
@@ -74,7 +77,8 @@ impl ListenWakeups {
 
 impl Drop for ListenWakeups {
     fn drop(&mut self) {
-        // The thread sees it within one wait and ends; nothing to join for.
+        // The thread sees it within one wait (or at its next notification) and ends, closing its
+        // connection; nothing to join for.
         self.stop.store(true, Ordering::SeqCst);
     }
 }
