@@ -15,7 +15,8 @@
 --   2. After the transaction commits, create any file in the wakeup directory (default: the DB path
 --      plus ".wakeup"). The daemon wakes through inotify, deletes the file and pops the queue. Creating
 --      the file only when it is absent is enough; the daemon also checks the queue on a fallback tick
---      (1 s by default), so a lost or stale wakeup file delays a task, it never stalls the queue.
+--      (1 s by default; up to the heartbeat, 5 s, while it is idle), so a lost or stale wakeup
+--      file delays a task, it never stalls the queue.
 --   Use a busy timeout of a few seconds on the producer's connection: the daemon holds the write lock
 --   only for the few microseconds a pop takes. PRAGMA synchronous=NORMAL on that connection makes a
 --   commit skip its fsync (the database is in WAL mode): a power loss may then lose the last commits,
@@ -221,7 +222,8 @@ CREATE TABLE IF NOT EXISTS foreman_daemon_log (
 -- loop. pid_start is the process's start time in clock ticks since boot (field 22 of
 -- /proc/PID/stat), so a reused pid is not taken for the daemon. pools is a JSON array of
 -- {"name", "processes", "up"}; totals a JSON object {task name: {"done": n, "failed": n}} counted
--- since started_at. The running set is foreman_run's rows in state 'running'.
+-- since started_at; workers is rewritten with them (a reload may change it). The running set is
+-- foreman_run's rows in state 'running'.
 CREATE TABLE IF NOT EXISTS foreman_daemon (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     pid          INTEGER NOT NULL,

@@ -7,8 +7,8 @@ use crossbeam_channel::Receiver;
 use crate::commands::{
     self, DaemonArgs, Globals, bench::BenchArgs, cancel::CancelArgs, dead::DeadCommand,
     enqueue::EnqueueArgs, health::HealthArgs, init::InitArgs, list::ListArgs, metrics::MetricsArgs,
-    pause::PauseArgs, resume::ResumeArgs, retry::RetryArgs, show::ShowArgs, stats::StatsArgs,
-    status::StatusArgs, wait::WaitArgs,
+    pause::PauseArgs, reload::ReloadArgs, resume::ResumeArgs, retry::RetryArgs, show::ShowArgs,
+    stats::StatsArgs, status::StatusArgs, ui::UiArgs, wait::WaitArgs,
 };
 use crate::config::Config;
 use crate::error::Result;
@@ -19,8 +19,8 @@ Exit codes:
   0  success
   1  runtime failure (database error, daemon already running, a second signal during shutdown…)
   2  usage or configuration error (bad flag, bad config file, bad JSON argument)
-`wait`, `show`, `cancel` and `health` have exit codes of their own, and `retry` and `dead requeue`
-exit 1 when they could not do it for every id: see their --help.";
+`wait`, `show`, `cancel`, `health` and `reload` have exit codes of their own, and `retry` and
+`dead requeue` exit 1 when they could not do it for every id: see their --help.";
 
 /// A background-task runner: web apps enqueue by inserting a row into SQLite and touching a file;
 /// `foreman run` wakes through inotify and runs the task.
@@ -38,8 +38,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Init(InitArgs),
-    /// Run the daemon until SIGTERM or SIGINT
+    /// Run the daemon until SIGTERM or SIGINT (SIGHUP reloads its configuration)
     Run(DaemonArgs),
+    Reload(ReloadArgs),
     Enqueue(EnqueueArgs),
     List(ListArgs),
     Show(ShowArgs),
@@ -57,6 +58,7 @@ pub enum Command {
     Stats(StatsArgs),
     Health(HealthArgs),
     Metrics(MetricsArgs),
+    Ui(UiArgs),
     /// Validate the configuration and print the effective result
     CheckConfig(DaemonArgs),
     Bench(BenchArgs),
@@ -80,6 +82,7 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
     match &cli.command {
         Command::Init(args) => commands::init::run(globals, args),
         Command::Run(daemon) => commands::run::run(globals, daemon, signals),
+        Command::Reload(args) => commands::reload::run(globals, args),
         Command::Enqueue(args) => commands::enqueue::run(globals, args),
         Command::List(args) => commands::list::run(globals, args),
         Command::Show(args) => commands::show::run(globals, args),
@@ -93,6 +96,7 @@ pub fn execute(cli: &Cli, signals: impl FnOnce() -> Result<Receiver<Shutdown>>) 
         Command::Stats(args) => commands::stats::run(globals, args),
         Command::Health(args) => commands::health::run(globals, args),
         Command::Metrics(args) => commands::metrics::run(globals, args),
+        Command::Ui(args) => commands::ui::run(globals, args),
         Command::CheckConfig(daemon) => commands::check_config::run(globals, daemon),
         Command::Bench(args) => commands::bench::run(globals, args, signals),
     }

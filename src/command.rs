@@ -5,6 +5,7 @@
 //! `kill -9`.
 
 use std::collections::VecDeque;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -19,6 +20,7 @@ use crate::children::{Children, KILL_GRACE, kill_group};
 use crate::duration::format_duration;
 use crate::line_budget::LineBudget;
 use crate::outcome::{MAX_RESULT_BYTES, Outcome, Reported, result_text, too_big};
+use crate::registry::CommandSpec;
 use crate::task::Task;
 
 /// The environment variable naming the file where a command task may write its result (JSON).
@@ -120,7 +122,7 @@ const MAX_DRAIN_AFTER_EXIT: usize = 1 << 20;
 /// it wrote to `$FOREMAN_RESULT_FILE`.
 pub fn run(
     task: &Task,
-    argv: &[String],
+    command: &CommandSpec,
     timeout: Option<Duration>,
     children: &Children,
     results: &ResultFiles,
@@ -129,7 +131,7 @@ pub fn run(
     let mut exit_code = None;
     let outcome = match run_command(
         task,
-        argv,
+        command,
         timeout,
         children,
         result_file.as_deref(),
@@ -167,23 +169,31 @@ pub fn run(
 
 fn run_command(
     task: &Task,
-    argv: &[String],
+    command: &CommandSpec,
     timeout: Option<Duration>,
     children: &Children,
     result_file: Option<&Path>,
     exit_code: &mut Option<i32>,
 ) -> Result<Outcome, Outcome> {
     let started = Instant::now();
+    let argv = &command.argv;
     let (id, attempt) = (task.id.to_string(), task.attempt.to_string());
-    let mut env = vec![
-        ("FOREMAN_TASK_ID", id.as_str()),
-        ("FOREMAN_TASK_NAME", task.name.as_str()),
-        ("FOREMAN_ATTEMPT", attempt.as_str()),
-    ];
-    if let Some(path) = result_file.and_then(Path::to_str) {
-        env.push((RESULT_FILE_ENV, path));
+    // The configured ones first: the task's own come last, and `Config` keeps `env` from
+    // setting them.
+    let mut env: Vec<(&str, &OsStr)> = command
+        .env
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_os_str()))
+        .collect();
+    env.extend([
+        ("FOREMAN_TASK_ID", OsStr::new(&id)),
+        ("FOREMAN_TASK_NAME", OsStr::new(&task.name)),
+        ("FOREMAN_ATTEMPT", OsStr::new(&attempt)),
+    ]);
+    if let Some(path) = result_file {
+        env.push((RESULT_FILE_ENV, path.as_os_str()));
     }
-    let child = crate::spawn::spawn(argv, &env).map_err(|e| {
+    let child = crate::spawn::spawn(argv, command.cwd.as_deref(), &env).map_err(|e| {
         let program = argv.first().map_or("", String::as_str);
         Outcome::Failed(format!("cannot start command {program:?}: {e}"))
     })?;

@@ -2,6 +2,7 @@
 //! validated once at startup. Owns the defaults; nothing else invents one.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -53,8 +54,8 @@ pub struct Overrides {
 /// How a configured task runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Runner {
-    /// argv of the process started for each task; run directly, never through a shell.
-    Command(Vec<String>),
+    /// The process started for each task.
+    Command(Launch),
     /// The name of the `[pools.NAME]` whose persistent processes run it.
     Pool(String),
 }
@@ -174,10 +175,31 @@ pub enum When {
     },
 }
 
+/// A process foreman starts: a command task's, or a pool's worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// argv, run directly, never through a shell.
+    pub argv: Vec<String>,
+    /// The directory it runs in (`cwd`); `None`: the daemon's working directory.
+    pub cwd: Option<PathBuf>,
+    /// Variables set on top of the daemon's environment (`env`).
+    pub env: BTreeMap<String, String>,
+}
+
+/// The variables foreman sets for each task or worker process itself: `env` may not set them.
+const SET_BY_FOREMAN: [&str; 6] = [
+    "FOREMAN_TASK_ID",
+    "FOREMAN_TASK_NAME",
+    "FOREMAN_ATTEMPT",
+    "FOREMAN_RESULT_FILE",
+    "FOREMAN_POOL",
+    "FOREMAN_PROTOCOL",
+];
+
 /// A pool of persistent worker processes speaking the worker protocol (docs/worker-protocol.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolConfig {
-    pub command: Vec<String>,
+    pub command: Launch,
     /// How many processes, each running one task at a time.
     pub processes: usize,
     /// How long a new process may take to write its hello line.
@@ -213,6 +235,16 @@ pub struct Config {
     /// exits with status 1 (false).
     pub wait_for_db: bool,
     pub sentry: SentryConfig,
+    /// What this configuration was loaded from, so that a reload reads it the same way.
+    source: Source,
+}
+
+/// The config file asked for (if any) and the flags and environment given: a reload applies them
+/// again to the file as it is then.
+#[derive(Debug, Clone, Default)]
+struct Source {
+    config_file: Option<PathBuf>,
+    overrides: Overrides,
 }
 
 /// Where failures are reported (cargo feature `sentry`). `SENTRY_DSN` in the environment wins over
@@ -274,6 +306,8 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileTask {
     command: Option<Vec<String>>,
+    cwd: Option<PathBuf>,
+    env: Option<BTreeMap<String, String>>,
     pool: Option<String>,
     timeout: Option<DurationValue>,
     max_retries: Option<u32>,
@@ -333,6 +367,8 @@ struct FileAdaptive {
 #[serde(deny_unknown_fields)]
 struct FilePool {
     command: Vec<String>,
+    cwd: Option<PathBuf>,
+    env: Option<BTreeMap<String, String>>,
     processes: Option<usize>,
     start_timeout: Option<DurationValue>,
 }
@@ -376,7 +412,21 @@ impl Config {
             Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
         };
-        Config::build(file, parsed, overrides)
+        let mut config = Config::build(file, parsed, overrides)?;
+        config.source = Source {
+            config_file: config_file.map(Path::to_path_buf),
+            overrides: overrides.clone(),
+        };
+        Ok(config)
+    }
+
+    /// The configuration as `load` reads it now, from the same file with the same flags and
+    /// environment: what a reload applies. A file found by the search (`./foreman.toml`) must
+    /// still be there: its absence is an error, not the built-in defaults, which would drop every
+    /// task and pool. When none was found, the search runs again.
+    pub fn reload(&self) -> Result<Config> {
+        let file = self.source.config_file.as_deref().or(self.file.as_deref());
+        Config::load(file, &self.source.overrides)
     }
 
     /// The configuration from a parsed file (or none) and the overrides, validated.
@@ -410,16 +460,10 @@ impl Config {
             .clone()
             .or_else(|| from_file(parsed.pid_file))
             .or_else(|| db.default_pid_file());
-        // A relative program path is relative to the config file, like the other paths in it; a
-        // bare name is looked up in PATH when the process starts.
-        let resolve_program = |mut command: Vec<String>| {
-            if let Some(program) = command.first_mut()
-                && program.contains('/')
-                && Path::new(program.as_str()).is_relative()
-            {
-                *program = base.join(&*program).display().to_string();
-            }
-            command
+        // A relative program path and `cwd` are relative to the config file, like the other
+        // paths in it; a bare program name is looked up in PATH when the process starts.
+        let resolve = |argv: Vec<String>, cwd: Option<PathBuf>, env: Option<BTreeMap<_, _>>| {
+            resolve_launch(&base, argv, cwd, env.unwrap_or_default())
         };
         let workers = overrides
             .workers
@@ -428,7 +472,7 @@ impl Config {
         let file_for_errors = file.clone();
         let mut tasks = BTreeMap::new();
         for (name, task) in parsed.tasks {
-            let config = build_task(&name, task, &resolve_program)
+            let config = build_task(&name, task, &resolve)
                 .map_err(|(key, what)| key_error_in(file_for_errors.as_deref(), &key, &what))?;
             tasks.insert(name, config);
         }
@@ -443,7 +487,7 @@ impl Config {
             .into_iter()
             .map(|(name, pool)| {
                 let config = PoolConfig {
-                    command: resolve_program(pool.command),
+                    command: resolve(pool.command, pool.cwd, pool.env),
                     processes: pool.processes.unwrap_or(workers),
                     start_timeout: pool.start_timeout.map_or(DEFAULT_START_TIMEOUT, |d| d.0),
                 };
@@ -485,6 +529,7 @@ impl Config {
                 parsed.sentry_send_args,
             ),
             file,
+            source: Source::default(),
         };
         config.validate(overrides)?;
         Ok(config)
@@ -570,12 +615,7 @@ impl Config {
                 ));
             }
             match &task.runner {
-                Some(Runner::Command(command)) if command.is_empty() => {
-                    return Err(self.key_error(
-                        &format!("{key}.command"),
-                        "is empty: expected [program, args…]",
-                    ));
-                }
+                Some(Runner::Command(command)) => self.validate_launch(&key, command)?,
                 Some(Runner::Pool(pool)) if !self.pools.contains_key(pool) => {
                     return Err(self.key_error(
                         &format!("{key}.pool"),
@@ -599,12 +639,7 @@ impl Config {
                     "a pool name must be non-empty, without spaces or control characters",
                 ));
             }
-            if pool.command.is_empty() {
-                return Err(self.key_error(
-                    &format!("{key}.command"),
-                    "is empty: expected [program, args…]",
-                ));
-            }
+            self.validate_launch(&key, &pool.command)?;
             if pool.processes == 0 || pool.processes > self.workers {
                 // More processes than workers could never all be busy: `workers` bounds every task.
                 return Err(self.key_error(
@@ -624,8 +659,52 @@ impl Config {
         Ok(())
     }
 
-    /// Checks that every command task's program exists and is executable. Only the daemon (and
-    /// `check-config`) needs this: a producer host sharing the config may lack the programs.
+    /// What a command or a pool's `command`, `cwd` and `env` must be, whatever the host.
+    fn validate_launch(&self, key: &str, launch: &Launch) -> Result<()> {
+        if launch.argv.is_empty() {
+            return Err(self.key_error(
+                &format!("{key}.command"),
+                "is empty: expected [program, args…]",
+            ));
+        }
+        if let Some(cwd) = &launch.cwd {
+            let bytes = cwd.as_os_str().as_encoded_bytes();
+            if bytes.is_empty() || bytes.contains(&0) {
+                return Err(self.key_error(
+                    &format!("{key}.cwd"),
+                    "must be a directory's path, not empty and without NUL characters",
+                ));
+            }
+        }
+        for (name, value) in &launch.env {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                let shown: String = name.chars().take(64).collect();
+                return Err(self.key_error(
+                    &format!("{key}.env"),
+                    &format!(
+                        "has {shown:?}, which is not a variable name (empty, or with = or NUL)"
+                    ),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(self.key_error(
+                    &format!("{key}.env.{}", toml_key(name)),
+                    "contains a NUL character, which no environment variable can hold",
+                ));
+            }
+            if SET_BY_FOREMAN.contains(&name.as_str()) {
+                return Err(self.key_error(
+                    &format!("{key}.env"),
+                    &format!("sets {name}, which foreman sets itself for each task or worker"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every command task's and pool's program exists and is executable, and that
+    /// its `cwd` is a directory the daemon can enter. Only the daemon (and `check-config` and
+    /// `reload`) needs this: a producer host sharing the config may lack the programs.
     pub fn check_commands(&self) -> Result<()> {
         let tasks = self
             .tasks
@@ -638,15 +717,57 @@ impl Config {
             .pools
             .iter()
             .map(|(name, pool)| ("pools", name, &pool.command));
-        for (section, name, command) in tasks.chain(pools) {
-            if let Some(program) = command.first()
+        for (section, name, launch) in tasks.chain(pools) {
+            if let Some(program) = launch.argv.first()
                 && let Err(why) = find_executable(program)
             {
                 let key = format!("{section}.\"{name}\".command");
                 return Err(self.key_error(&key, &why));
             }
+            if let Some(cwd) = &launch.cwd
+                && let Err(why) = enterable_directory(cwd)
+            {
+                let key = format!("{section}.\"{name}\".cwd");
+                return Err(self.key_error(&key, &why));
+            }
         }
         Ok(())
+    }
+
+    /// What every process foreman starts finds in its environment besides the daemon's own and
+    /// its `env`: where the queue is, as absolute paths, so that a task that enqueues reaches
+    /// this daemon's queue from whatever directory it runs in.
+    pub fn child_env(&self) -> Vec<(String, OsString)> {
+        let absolute = |path: &Path| {
+            std::path::absolute(path).map_or_else(|_| path.as_os_str().to_owned(), PathBuf::into)
+        };
+        let db = match &self.db {
+            Database::Sqlite(path) => absolute(path),
+            // With its password, if it has one: the task needs it to connect.
+            Database::Postgres(_) => self.db.as_os_str(),
+        };
+        let mut env = vec![("FOREMAN_DB".to_owned(), db)];
+        if let Some(dir) = &self.wakeup_dir {
+            env.push(("FOREMAN_WAKEUP_DIR".to_owned(), absolute(dir)));
+        }
+        env
+    }
+
+    /// The environment `launch` adds to the daemon's: `child_env`, then its own `env`, which
+    /// wins (a task may enqueue into another queue).
+    pub fn launch_env(&self, launch: &Launch) -> Vec<(String, OsString)> {
+        let mut env: Vec<(String, OsString)> = self
+            .child_env()
+            .into_iter()
+            .filter(|(key, _)| !launch.env.contains_key(key))
+            .collect();
+        env.extend(
+            launch
+                .env
+                .iter()
+                .map(|(key, value)| (key.clone(), OsString::from(value))),
+        );
+        env
     }
 
     fn key_name(&self, key: &str) -> String {
@@ -713,11 +834,11 @@ impl Config {
         }
         let _ = writeln!(out, "sentry_send_args = {}", self.sentry.send_args);
         for (name, pool) in &self.pools {
+            let _ = writeln!(out, "\n[pools.{}]", toml_key(name));
+            write_launch(&mut out, &pool.command);
             let _ = writeln!(
                 out,
-                "\n[pools.{}]\ncommand = {}\nprocesses = {}\nstart_timeout = \"{}\"",
-                toml_key(name),
-                toml_argv(&pool.command),
+                "processes = {}\nstart_timeout = \"{}\"",
                 pool.processes,
                 format_duration(pool.start_timeout)
             );
@@ -726,7 +847,8 @@ impl Config {
             let _ = writeln!(out, "\n[tasks.{}]", toml_key(name));
             let _ = match &task.runner {
                 Some(Runner::Command(command)) => {
-                    writeln!(out, "command = {}", toml_argv(command))
+                    write_launch(&mut out, command);
+                    Ok(())
                 }
                 Some(Runner::Pool(pool)) => writeln!(out, "pool = {}", toml_str(pool)),
                 None => writeln!(out, "# runs in-process or on a pool that announces it"),
@@ -774,11 +896,30 @@ type KeyError = (String, String);
 fn build_task(
     name: &str,
     task: FileTask,
-    resolve_program: &impl Fn(Vec<String>) -> Vec<String>,
+    resolve: &impl Fn(Vec<String>, Option<PathBuf>, Option<BTreeMap<String, String>>) -> Launch,
 ) -> std::result::Result<TaskConfig, KeyError> {
     let key = format!("tasks.\"{name}\"");
+    if task.command.is_none() {
+        // A pool task runs in its pool's process, which has the pool's `cwd` and `env`.
+        let only_commands = |what: &str| {
+            let hint = match &task.pool {
+                Some(pool) => format!(": set it on [pools.{}]", toml_key(pool)),
+                None => String::new(),
+            };
+            Err((
+                format!("{key}.{what}"),
+                format!("applies to command tasks only (with `command`){hint}"),
+            ))
+        };
+        if task.cwd.is_some() {
+            return only_commands("cwd");
+        }
+        if task.env.is_some() {
+            return only_commands("env");
+        }
+    }
     let runner = match (task.command, task.pool) {
-        (Some(command), None) => Some(Runner::Command(resolve_program(command))),
+        (Some(command), None) => Some(Runner::Command(resolve(command, task.cwd, task.env))),
         (None, Some(pool)) => Some(Runner::Pool(pool)),
         (None, None) => None,
         (Some(_), Some(_)) => {
@@ -826,6 +967,67 @@ fn build_task(
             delivery,
         },
     })
+}
+
+/// A command as the config file gives it, with its relative program path (one with a `/`) and
+/// `cwd` resolved against `base`, the config file's directory. A program so resolved is made
+/// absolute when the process runs elsewhere (`cwd`), where a relative one would name another file.
+fn resolve_launch(
+    base: &Path,
+    mut argv: Vec<String>,
+    cwd: Option<PathBuf>,
+    env: BTreeMap<String, String>,
+) -> Launch {
+    // An empty one stays empty, for `validate` to refuse: joined, it would be `base`.
+    let cwd = cwd.map(|cwd| {
+        if cwd.as_os_str().is_empty() {
+            cwd
+        } else {
+            base.join(cwd)
+        }
+    });
+    if let Some(program) = argv.first_mut()
+        && program.contains('/')
+        && Path::new(program.as_str()).is_relative()
+    {
+        let path = base.join(&*program);
+        let path = match &cwd {
+            Some(_) => std::path::absolute(&path).unwrap_or(path),
+            None => path,
+        };
+        *program = path.display().to_string();
+    }
+    Launch { argv, cwd, env }
+}
+
+/// Whether the daemon can run a process in `dir`: a directory it may enter (search permission,
+/// for its effective user). `Err` says why not, to follow "names \"DIR\", ".
+fn enterable_directory(dir: &Path) -> std::result::Result<(), String> {
+    let shown = dir.display();
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("names \"{shown}\", which does not exist"));
+        }
+        Err(e) => return Err(format!("names \"{shown}\", which cannot be examined: {e}")),
+        Ok(meta) if !meta.is_dir() => {
+            return Err(format!("names \"{shown}\", which is not a directory"));
+        }
+        Ok(_) => {}
+    }
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("names \"{shown}\", which contains a NUL character"))?;
+    // SAFETY: a valid C string; faccessat only reads it.
+    let rc =
+        unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::X_OK, libc::AT_EACCESS) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        return Err(format!(
+            "names \"{shown}\", which the daemon (uid {uid}) cannot enter: {e}"
+        ));
+    }
+    Ok(())
 }
 
 fn build_schedule(
@@ -897,6 +1099,21 @@ fn build_schedule(
         when,
         jitter: schedule.jitter.map(|d| d.0),
     })
+}
+
+fn write_launch(out: &mut String, launch: &Launch) {
+    let _ = writeln!(out, "command = {}", toml_argv(&launch.argv));
+    if let Some(cwd) = &launch.cwd {
+        let _ = writeln!(out, "cwd = {}", toml_str(&cwd.display().to_string()));
+    }
+    if !launch.env.is_empty() {
+        let pairs: Vec<String> = launch
+            .env
+            .iter()
+            .map(|(key, value)| format!("{} = {}", toml_key(key), toml_str(value)))
+            .collect();
+        let _ = writeln!(out, "env = {{ {} }}", pairs.join(", "));
+    }
 }
 
 fn write_policy(out: &mut String, policy: &Policy) {
@@ -1060,7 +1277,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// Finds `program` the way exec would (a path, or a search of `PATH`) and checks it is executable.
-fn find_executable(program: &str) -> std::result::Result<PathBuf, String> {
+pub(crate) fn find_executable(program: &str) -> std::result::Result<PathBuf, String> {
     let is_executable = |p: &Path| {
         p.metadata()
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -1173,11 +1390,12 @@ mod tests {
         let Some(Runner::Command(command)) = &config.tasks["x"].runner else {
             panic!("x is a command task");
         };
+        let argv = &command.argv;
         assert!(
-            command[0].ends_with("/bin/prog") && command[0].len() > "/bin/prog".len(),
-            "{command:?}"
+            argv[0].ends_with("/bin/prog") && argv[0].len() > "/bin/prog".len(),
+            "{argv:?}"
         );
-        assert_eq!(command[1], "bin/arg", "only the program is resolved");
+        assert_eq!(argv[1], "bin/arg", "only the program is resolved");
         let err = load_text("tick = \"3 parsecs\"").unwrap_err().to_string();
         assert!(
             err.contains("`tick`") && err.contains("invalid duration"),
@@ -1202,6 +1420,137 @@ mod tests {
             err.starts_with("--workers (or FOREMAN_WORKERS)") && !err.contains("foreman.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cwd_and_env_resolve_against_the_file_and_print_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(conf.join("app")).unwrap();
+        let path = conf.join("foreman.toml");
+        std::fs::write(
+            &path,
+            r#"
+db = "q.sqlite3"
+[pools.py]
+command = ["bin/python", "-m", "w"]
+cwd = "app"
+env = { DJANGO_SETTINGS_MODULE = "site.settings", "A.B" = "x y" }
+[tasks.t]
+command = ["true"]
+cwd = "/"
+env = { FOREMAN_DB = "/elsewhere.sqlite3" }
+"#,
+        )
+        .unwrap();
+        let config = Config::load(Some(&path), &Overrides::default()).unwrap();
+        let pool = &config.pools["py"].command;
+        assert_eq!(pool.cwd.as_deref(), Some(conf.join("app").as_path()));
+        // Absolute, since the worker runs elsewhere than the daemon.
+        assert_eq!(pool.argv[0], conf.join("bin/python").display().to_string());
+        assert_eq!(pool.env["A.B"], "x y");
+        let printed = config.to_toml();
+        let again_path = dir.path().join("again.toml");
+        std::fs::write(&again_path, &printed).unwrap();
+        let again = Config::load(Some(&again_path), &Overrides::default()).unwrap();
+        assert_eq!(again.pools, config.pools, "{printed}");
+        assert_eq!(again.tasks, config.tasks, "{printed}");
+        // The task's own FOREMAN_DB wins over the daemon's; the pool gets the daemon's, absolute.
+        let Some(Runner::Command(task)) = &config.tasks["t"].runner else {
+            panic!("t is a command task");
+        };
+        let db: Vec<_> = config
+            .launch_env(task)
+            .into_iter()
+            .filter(|(k, _)| k == "FOREMAN_DB")
+            .collect();
+        assert_eq!(db, [("FOREMAN_DB".to_owned(), "/elsewhere.sqlite3".into())]);
+        let env = config.launch_env(pool);
+        let db = &env.iter().find(|(k, _)| k == "FOREMAN_DB").unwrap().1;
+        assert_eq!(Path::new(db), conf.join("q.sqlite3").as_path());
+        let wake = &env
+            .iter()
+            .find(|(k, _)| k == "FOREMAN_WAKEUP_DIR")
+            .unwrap()
+            .1;
+        assert!(Path::new(wake).is_absolute(), "{wake:?}");
+        // A directory that is not there is the daemon's problem (and check-config's), by key.
+        let err = config.check_commands().unwrap_err().to_string();
+        assert!(err.contains("`pools.\"py\".command`"), "{err}");
+    }
+
+    #[test]
+    fn a_reload_reads_the_same_file_with_the_same_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "workers = 2\ntick = \"5s\"").unwrap();
+        let overrides = Overrides {
+            tick: Some(Duration::from_secs(2)),
+            ..Overrides::default()
+        };
+        let config = Config::load(Some(&path), &overrides).unwrap();
+        std::fs::write(&path, "workers = 3\ntick = \"7s\"").unwrap();
+        let again = config.reload().unwrap();
+        assert_eq!(again.workers, 3);
+        assert_eq!(again.tick, Duration::from_secs(2), "the flag still wins");
+        std::fs::remove_file(&path).unwrap();
+        let err = config.reload().unwrap_err().to_string();
+        assert!(err.contains("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn cwd_and_env_mistakes_name_the_key() {
+        for (text, needle) in [
+            (
+                "[pools.p]\ncommand = [\"true\"]\nenv = { FOREMAN_TASK_ID = \"1\" }",
+                "`pools.\"p\".env` sets FOREMAN_TASK_ID, which foreman sets itself",
+            ),
+            (
+                "[pools.p]\ncommand = [\"true\"]\nenv = { \"A=B\" = \"1\" }",
+                "`pools.\"p\".env` has \"A=B\", which is not a variable name",
+            ),
+            (
+                "[pools.p]\ncommand = [\"true\"]\nenv = { A = \"\\u0000\" }",
+                "`pools.\"p\".env.A` contains a NUL character",
+            ),
+            (
+                "[pools.p]\ncommand = [\"true\"]\ncwd = \"\"",
+                "`pools.\"p\".cwd` must be a directory's path",
+            ),
+            (
+                "[pools.p]\ncommand = [\"true\"]\nenv = { A = 1 }",
+                "pools.p.env.A",
+            ),
+            (
+                "[pools.p]\ncommand = [\"true\"]\n[tasks.t]\npool = \"p\"\ncwd = \"/\"",
+                "`tasks.\"t\".cwd` applies to command tasks only (with `command`): set it on [pools.p]",
+            ),
+            (
+                "[tasks.t]\nenv = { A = \"1\" }",
+                "`tasks.\"t\".env` applies to command tasks only",
+            ),
+        ] {
+            let err = load_text(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        for (cwd, needle) in [
+            (
+                "/nonexistent/dir",
+                "names \"/nonexistent/dir\", which does not exist",
+            ),
+            (
+                "/etc/passwd",
+                "names \"/etc/passwd\", which is not a directory",
+            ),
+        ] {
+            let config =
+                load_text(&format!("[tasks.t]\ncommand = [\"true\"]\ncwd = \"{cwd}\"")).unwrap();
+            let err = config.check_commands().unwrap_err().to_string();
+            assert!(
+                err.contains("`tasks.\"t\".cwd`") && err.contains(needle),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -1421,13 +1770,15 @@ mod fuzz {
         ];
         const TASK: &[&str] = &[
             "command",
+            "cwd",
+            "env",
             "pool",
             "timeout",
             "max_retries",
             "retry_backoff",
             "delivery",
         ];
-        const POOL: &[&str] = &["processes", "start_timeout"];
+        const POOL: &[&str] = &["processes", "start_timeout", "cwd", "env"];
         const SCHEDULE: &[&str] = &[
             "cron", "jitter", "args", "kwargs", "priority", "adaptive", "task",
         ];

@@ -9,14 +9,14 @@
 //! # Layout
 //!
 //! Top-down, each layer using only the ones below it (ARCHITECTURE.md has the map):
-//! - the command line: `cli`, `commands` (one file per subcommand), `bench`; `client` (the Rust
-//!   producer API);
+//! - the command line: `cli`, `commands` (one file per subcommand), `bench`, `ui` (the web
+//!   dashboard `foreman ui` serves); `client` (the Rust producer API);
 //! - the daemon: `foreman` (the loop), `schedule`, `stats`, `notify`, `alert`, `wake`;
 //! - the workers: `registry`, `thread_pool`, `command`, `spawn`, `process_pool`, `children`,
 //!   `line_budget`, `outcome`;
 //! - the store: `store` (every line of SQL);
 //! - the leaves: `config`, `database`, `task`, `cron`, `clock`, `duration`, `error`, `fs_check`,
-//!   `sys`, `pid_guard`, `signals`.
+//!   `sys`, `pid_guard`, `reload_report`, `signals`.
 //!
 //! Public are the modules a binary, a test or an embedding program needs; the rest is private.
 
@@ -41,6 +41,7 @@ mod outcome;
 mod pid_guard;
 mod process_pool;
 mod registry;
+mod reload_report;
 mod schedule;
 mod signals;
 mod spawn;
@@ -49,6 +50,8 @@ pub mod store;
 mod sys;
 mod task;
 mod thread_pool;
+#[cfg(feature = "ui")]
+mod ui;
 pub mod wake;
 
 pub use client::{Client, TaskError, TaskSpec};

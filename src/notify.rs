@@ -1,5 +1,6 @@
 //! `Notifier`: what the daemon tells systemd (sd_notify): READY=1 once it pops, a STATUS= line,
-//! WATCHDOG=1 from the loop, STOPPING=1. Silent when `NOTIFY_SOCKET` is unset.
+//! WATCHDOG=1 from the loop, RELOADING=1 then READY=1 around a reload, STOPPING=1. Silent when
+//! `NOTIFY_SOCKET` is unset.
 
 use std::time::Duration;
 
@@ -48,6 +49,15 @@ impl Notifier {
             (false, false) => {}
         }
         self.status = status;
+    }
+
+    /// A reload begins; `ready` says it is over. (systemd 253 and later want the time with it.)
+    pub fn reloading(&mut self) {
+        let mut states = vec![NotifyState::Reloading];
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        self.send(&states);
     }
 
     pub fn stopping(&mut self, status: &str) {

@@ -4,6 +4,7 @@
 //! the foreman loop decides which tasks reach it, from the hellos the drivers report.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -23,7 +24,7 @@ use crate::command::{
     describe, has_exited, pidfd_open, piped_command, poll, pollfd, set_nonblocking, spawn,
     wait_exited_no_reap,
 };
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, find_executable};
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
 use crate::line_budget::LineBudget;
@@ -66,6 +67,7 @@ pub struct PoolJob {
 /// What a driver tells the foreman loop about its process.
 #[derive(Debug)]
 pub struct PoolEvent {
+    /// The pool's `id`.
     pub pool: usize,
     pub slot: usize,
     pub kind: PoolEventKind,
@@ -80,6 +82,19 @@ pub enum PoolEventKind {
     },
     /// The process could not start or died before it was healthy; retried after a backoff.
     StartFailed { reason: String, failures: u32 },
+    /// The process took a `retire_one` and is gone; its driver has ended.
+    Retired { pid: libc::pid_t },
+}
+
+/// What the drivers take from the pool's queue.
+// A job is moved once, by value, as before there were `Retire`s: boxing it would cost an
+// allocation per task.
+#[allow(clippy::large_enum_variant)]
+enum PoolMsg {
+    Job(PoolJob),
+    /// The first driver to take it stops its process, which is idle then, and ends: how a reload
+    /// replaces a pool's processes one at a time, each after its current task.
+    Retire,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,20 +102,35 @@ enum SlotState {
     Starting,
     Ready,
     Failed,
+    /// Retired: its driver has ended.
+    Gone,
 }
 
-/// The loop's side of one pool: the channel its drivers take jobs from, and what their events
-/// said about the processes.
+/// The loop's side of one pool (of one generation of it, during a reload): the channel its
+/// drivers take jobs from, and what their events said about the processes.
 pub struct ProcessPool {
+    /// Unique over the daemon's life: its events and its processes' `Children` entries carry it.
+    pub id: usize,
     pub name: Arc<str>,
-    jobs: Sender<PoolJob>,
+    config: PoolConfig,
+    /// What its processes add to the daemon's environment (`Config::launch_env`).
+    env: Arc<[(String, OsString)]>,
+    jobs: Sender<PoolMsg>,
     /// The same queue as the drivers read, so the loop can take back jobs no process will run.
-    backlog: Receiver<PoolJob>,
+    backlog: Receiver<PoolMsg>,
     /// Dropped to stop the drivers.
     stop: Option<Sender<()>>,
+    /// Given to the drivers started later.
+    stopped: Receiver<()>,
+    events: Sender<PoolEvent>,
+    finished: Sender<Finished>,
+    children: Arc<Children>,
     threads: Vec<JoinHandle<()>>,
+    /// One per driver started, in start order.
     slots: Vec<SlotState>,
-    /// Tasks handed to the pool and not finished yet; the loop keeps it at most `slots.len()`.
+    /// `Retire` messages sent and not taken yet: as many processes are on their way out.
+    retiring: usize,
+    /// Tasks handed to the pool and not finished yet; the loop keeps it at most `processes()`.
     in_flight: usize,
     /// The task names of the first hello; every later process runs the same command.
     served: Option<BTreeSet<String>>,
@@ -113,8 +143,10 @@ struct Driver {
     slot: usize,
     name: Arc<str>,
     config: PoolConfig,
-    jobs: Receiver<PoolJob>,
-    requeue: Sender<PoolJob>,
+    /// What its processes add to the daemon's environment (`Config::launch_env`).
+    env: Arc<[(String, OsString)]>,
+    jobs: Receiver<PoolMsg>,
+    requeue: Sender<PoolMsg>,
     stop: Receiver<()>,
     events: Sender<PoolEvent>,
     finished: Sender<Finished>,
@@ -122,51 +154,117 @@ struct Driver {
 }
 
 impl ProcessPool {
-    /// Starts one driver thread per process; each starts its process at once.
+    /// Starts `processes` of the pool's drivers (at most its configured number; `start_process`
+    /// starts the others); each starts its process at once.
+    #[allow(clippy::too_many_arguments)] // What every driver gets, handed over once.
     pub fn start(
-        index: usize,
+        id: usize,
         name: &str,
         config: &PoolConfig,
+        env: Vec<(String, OsString)>,
+        processes: usize,
         events: &Sender<PoolEvent>,
         finished: &Sender<Finished>,
         children: &Arc<Children>,
     ) -> Result<ProcessPool> {
-        let name: Arc<str> = name.into();
         let (jobs, backlog) = crossbeam_channel::unbounded();
         let (stop, stopped) = crossbeam_channel::bounded(0);
-        let threads = (0..config.processes)
-            .map(|slot| {
-                let driver = Driver {
-                    pool: index,
-                    slot,
-                    name: Arc::clone(&name),
-                    config: config.clone(),
-                    jobs: backlog.clone(),
-                    requeue: jobs.clone(),
-                    stop: stopped.clone(),
-                    events: events.clone(),
-                    finished: finished.clone(),
-                    children: Arc::clone(children),
-                };
-                // PR_SET_PDEATHSIG fires when the thread that forked exits, so the process is
-                // always started by this long-lived thread, which outlives it.
-                std::thread::Builder::new()
-                    .name(format!("foreman-pool-{name}-{slot}"))
-                    .spawn(move || driver.drive())
-                    .map_err(|e| Error::io("starting a pool driver thread", e))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ProcessPool {
-            name,
+        let mut pool = ProcessPool {
+            id,
+            name: name.into(),
+            config: config.clone(),
+            env: env.into(),
             jobs,
             backlog,
             stop: Some(stop),
-            threads,
-            slots: vec![SlotState::Starting; config.processes],
+            stopped,
+            events: events.clone(),
+            finished: finished.clone(),
+            children: Arc::clone(children),
+            threads: Vec::with_capacity(config.processes),
+            slots: Vec::with_capacity(config.processes),
+            retiring: 0,
             in_flight: 0,
             served: None,
             last_error: String::new(),
-        })
+        };
+        for _ in 0..processes.min(config.processes) {
+            pool.start_process()?;
+        }
+        Ok(pool)
+    }
+
+    /// Starts one more driver, which starts its process.
+    pub fn start_process(&mut self) -> Result<()> {
+        let slot = self.slots.len();
+        let driver = Driver {
+            pool: self.id,
+            slot,
+            name: Arc::clone(&self.name),
+            config: self.config.clone(),
+            env: Arc::clone(&self.env),
+            jobs: self.backlog.clone(),
+            requeue: self.jobs.clone(),
+            stop: self.stopped.clone(),
+            events: self.events.clone(),
+            finished: self.finished.clone(),
+            children: Arc::clone(&self.children),
+        };
+        // PR_SET_PDEATHSIG fires when the thread that forked exits, so the process is always
+        // started by this long-lived thread, which outlives it.
+        let thread = std::thread::Builder::new()
+            .name(format!("foreman-pool-{}-{slot}", self.name))
+            .spawn(move || driver.drive())
+            .map_err(|e| Error::io("starting a pool driver thread", e))?;
+        self.threads.push(thread);
+        self.slots.push(SlotState::Starting);
+        Ok(())
+    }
+
+    /// The processes it is configured to have.
+    pub fn target(&self) -> usize {
+        self.config.processes
+    }
+
+    /// Drivers started, retired ones included.
+    pub fn started(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether a process is starting (or failing to) and has not said hello yet.
+    pub fn starting(&self) -> bool {
+        self.slots.contains(&SlotState::Starting)
+    }
+
+    /// Processes that run or start (a failing one waits out its backoff without a process).
+    pub fn running(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, SlotState::Ready | SlotState::Starting))
+            .count()
+    }
+
+    /// Processes not retired yet (those on their way out included).
+    pub fn alive(&self) -> usize {
+        self.slots.iter().filter(|s| **s != SlotState::Gone).count()
+    }
+
+    /// Asks one process to leave: the first idle one, or the first to finish its task. `false`
+    /// when none is left to ask.
+    pub fn retire_one(&mut self) -> bool {
+        if self.processes() == 0 {
+            return false;
+        }
+        self.retiring += 1;
+        // The drivers hold a sender too, so the channel is never disconnected while we hold it.
+        let _ = self.jobs.send(PoolMsg::Retire);
+        true
+    }
+
+    /// Whether every driver has ended (after `request_stop`, or retired), so `join` waits for
+    /// nothing.
+    pub fn ended(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
     }
 
     /// Whether the loop may pop: some process is up, or none can start.
@@ -176,7 +274,10 @@ impl ProcessPool {
 
     /// No process is up and every one has failed to start several times in a row.
     pub fn is_down(&self) -> bool {
-        self.slots.iter().all(|s| *s == SlotState::Failed)
+        self.slots
+            .iter()
+            .filter(|s| **s != SlotState::Gone)
+            .all(|s| *s == SlotState::Failed)
     }
 
     /// Whether a task of this name can be handed to the pool; `Err` is the dead-letter reason.
@@ -197,8 +298,9 @@ impl ProcessPool {
         }
     }
 
+    /// The processes that take tasks: started and not asked to leave.
     pub fn processes(&self) -> usize {
-        self.slots.len()
+        self.alive().saturating_sub(self.retiring)
     }
 
     /// Processes that said hello and have not died since.
@@ -207,6 +309,11 @@ impl ProcessPool {
             .iter()
             .filter(|s| **s == SlotState::Ready)
             .count()
+    }
+
+    /// Why its last process failed to start.
+    pub fn last_error(&self) -> &str {
+        &self.last_error
     }
 
     /// The task names its hello announced, once one came.
@@ -221,7 +328,7 @@ impl ProcessPool {
     pub fn submit(&mut self, job: PoolJob) {
         self.in_flight += 1;
         // The drivers hold a sender too, so the channel is never disconnected while we hold it.
-        let _ = self.jobs.send(job);
+        let _ = self.jobs.send(PoolMsg::Job(job));
     }
 
     /// One of the pool's tasks finished (or was taken back).
@@ -266,6 +373,16 @@ impl ProcessPool {
                     Some(_) => {}
                 }
             }
+            PoolEventKind::Retired { pid } => {
+                if let Some(state) = self.slots.get_mut(slot) {
+                    *state = SlotState::Gone;
+                }
+                self.retiring = self.retiring.saturating_sub(1);
+                log::info!(
+                    "pool {}: worker pid {pid} stopped: replaced by the reload",
+                    self.name
+                );
+            }
             PoolEventKind::StartFailed { reason, failures } => {
                 let was_failing = self.slots.contains(&SlotState::Failed);
                 if failures >= DOWN_AFTER_FAILURES
@@ -283,7 +400,13 @@ impl ProcessPool {
                         );
                         alert::pool_failing(&self.name, true, failures, &self.last_error);
                     }
-                    applied.orphans = self.backlog.try_iter().collect();
+                    for message in self.backlog.try_iter() {
+                        match message {
+                            PoolMsg::Job(job) => applied.orphans.push(job),
+                            // No process of a pool that is down can take it: none is left to go.
+                            PoolMsg::Retire => self.retiring = self.retiring.saturating_sub(1),
+                        }
+                    }
                 } else if !was_failing && self.slots.contains(&SlotState::Failed) {
                     // Reported once per streak, when the first worker gives up; the pool going
                     // down (every worker) is worse and reported again.
@@ -442,8 +565,22 @@ impl Driver {
                     }
                     stderr_open = crossbeam_channel::never();
                 }
-                recv(self.jobs) -> job => {
-                    let Ok(job) = job else { continue };
+                recv(self.jobs) -> message => {
+                    let job = match message {
+                        Ok(PoolMsg::Job(job)) => job,
+                        Ok(PoolMsg::Retire) => {
+                            // Idle, since it takes messages: nothing of a task is cut short.
+                            let pid = worker.pid;
+                            worker.stop(&self.name);
+                            let _ = self.events.send(PoolEvent {
+                                pool: self.pool,
+                                slot: self.slot,
+                                kind: PoolEventKind::Retired { pid },
+                            });
+                            return Ended::Stopping;
+                        }
+                        Err(_) => continue,
+                    };
                     match worker.run(job) {
                         Ran::Answered(finished) => {
                             served_any = true;
@@ -451,7 +588,7 @@ impl Driver {
                         }
                         Ran::NotSent(job, what) => {
                             // The job never reached the process: another one may run it.
-                            let _ = self.requeue.send(job);
+                            let _ = self.requeue.send(PoolMsg::Job(job));
                             let status = worker.kill();
                             let why = format!(
                                 "worker pid {} {what} ({}){}",
@@ -519,6 +656,10 @@ struct Worker {
     /// Disconnected when the stderr reader reaches EOF.
     stderr_done: Receiver<()>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// Where each task's stderr begins and ends, for the reader to tag its lines.
+    stderr_tags: Arc<StderrTags>,
+    /// `pool py pid 1234`: how its stderr lines are tagged outside a task.
+    who: Arc<str>,
     tasks: BTreeSet<String>,
     children: Arc<Children>,
     /// (pool, slot), its key in `children`.
@@ -623,12 +764,32 @@ impl Worker {
     /// Spawns the process and waits for its hello. `Ok(None)` when the pool stopped meanwhile;
     /// `Err` says why the process could not start (it is dead and reaped then).
     fn start(driver: &Driver) -> std::result::Result<Option<Worker>, String> {
-        let argv = &driver.config.command;
-        let mut command = piped_command(argv)?;
+        let launch = &driver.config.command;
+        let mut argv = launch.argv.clone();
+        // A bare program name is found in the daemon's PATH, as for command tasks, even when
+        // `env` gives the worker another PATH (std's spawn would search that one).
+        if launch.env.contains_key("PATH")
+            && let Some(program) = argv.first_mut()
+            && !program.contains('/')
+            && let Ok(found) = find_executable(program)
+        {
+            *program = found.display().to_string();
+        }
+        let mut command = piped_command(&argv)?;
+        if let Some(cwd) = &launch.cwd {
+            command.current_dir(cwd);
+        }
         command
+            .envs(driver.env.iter().map(|(key, value)| (key, value)))
             .env("FOREMAN_POOL", &*driver.name)
             .env("FOREMAN_PROTOCOL", PROTOCOL_VERSION.to_string());
-        let (mut child, pid) = spawn(&mut command, argv)?;
+        let (mut child, pid) = spawn(&mut command, &argv).map_err(|e| {
+            // std says only "No such file or directory" when the `chdir` failed.
+            match launch.cwd.as_deref().filter(|cwd| !cwd.is_dir()) {
+                Some(cwd) => format!("{e} (its cwd {} is not a directory)", cwd.display()),
+                None => e,
+            }
+        })?;
         driver.children.insert_worker(driver.pool, driver.slot, pid);
         let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
         if let Some(stdin) = &stdin {
@@ -641,10 +802,12 @@ impl Worker {
                 return Err("the worker's pipes were not set up".to_owned());
             };
             let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-            let stderr_done = log_stderr(stderr, &driver.name, pid, &stderr_tail)?;
-            Ok((stdout, stderr_tail, stderr_done))
+            let tags = Arc::new(StderrTags::new(stderr));
+            let who: Arc<str> = format!("pool {} pid {pid}", driver.name).into();
+            let stderr_done = log_stderr(&tags, &who, &stderr_tail)?;
+            Ok((stdout, stderr_tail, stderr_done, tags, who))
         })();
-        let (stdout, stderr_tail, stderr_done) = match started {
+        let (stdout, stderr_tail, stderr_done, stderr_tags, who) = match started {
             Ok(started) => started,
             Err(e) => {
                 // Nothing to talk to it with: stop it and reap it, leaving no zombie.
@@ -662,6 +825,8 @@ impl Worker {
             pidfd: pidfd_open(pid),
             stderr_done,
             stderr_tail,
+            stderr_tags,
+            who,
             tasks: BTreeSet::new(),
             children: Arc::clone(&driver.children),
             key: (driver.pool, driver.slot),
@@ -727,8 +892,17 @@ impl Worker {
         Ok(Some(line))
     }
 
-    /// Writes the task, waits for the answer (up to the timeout) and judges it.
+    /// Writes the task, waits for the answer (up to the timeout) and judges it. What the worker
+    /// writes to stderr meanwhile is logged tagged with the task.
     fn run(&mut self, job: PoolJob) -> Ran {
+        let tag: Arc<str> = format!("task {} {} ({})", job.task.id, job.task.name, self.who).into();
+        self.stderr_tags.mark(Some(tag));
+        let ran = self.run_tagged(job);
+        self.stderr_tags.mark(None);
+        ran
+    }
+
+    fn run_tagged(&mut self, job: PoolJob) -> Ran {
         if job.task.cancelled() {
             // Aborted while it waited for a process: it never starts.
             return Ran::Answered(Finished {
@@ -1053,30 +1227,102 @@ impl LineReader {
     }
 }
 
-/// Logs a worker's stderr line by line from its own thread, keeping the last lines for error
-/// messages. The returned channel disconnects at EOF.
+/// Which task a worker's stderr belongs to, by position in the stream: the driver marks where
+/// each task's bytes begin and end, and the reader tags each line by the mark in force at its
+/// first byte. Both count bytes under one lock (the reader what it took from the pipe, the driver
+/// that plus what is still in it), so a line the worker wrote just before its answer is its
+/// task's, even when the reader gets to it after the answer, or during the next task.
+struct StderrTags {
+    /// The daemon's end of the pipe; the reader's, and the driver's to ask how much is unread.
+    pipe: File,
+    state: Mutex<TagState>,
+}
+
+struct TagState {
+    /// Bytes the reader has taken out of the pipe.
+    read: u64,
+    /// From which byte each tag applies (`None`: no task), in stream order. The first one
+    /// applies at the reader's position.
+    marks: VecDeque<(u64, Option<Arc<str>>)>,
+}
+
+impl StderrTags {
+    fn new(pipe: File) -> Self {
+        StderrTags {
+            pipe,
+            state: Mutex::new(TagState {
+                read: 0,
+                marks: VecDeque::from([(0, None)]),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TagState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// From the next byte the worker writes, its stderr is `tag`'s.
+    fn mark(&self, tag: Option<Arc<str>>) {
+        let mut state = self.lock();
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes the count of unread bytes to the int it is given.
+        if unsafe { libc::ioctl(self.pipe.as_raw_fd(), libc::FIONREAD, &raw mut unread) } != 0 {
+            unread = 0;
+        }
+        let at = state.read + u64::try_from(unread).unwrap_or(0);
+        state.marks.push_back((at, tag));
+    }
+
+    /// Reads what the pipe holds (after `poll` said it holds something), counting it; `Ok(0)` at
+    /// EOF. Returns with the lock held, so that the lines are tagged before the next mark.
+    fn read<'s>(
+        &'s self,
+        chunk: &mut [u8],
+    ) -> io::Result<(usize, std::sync::MutexGuard<'s, TagState>)> {
+        let mut state = self.lock();
+        let n = (&self.pipe).read(chunk)?;
+        state.read += n as u64;
+        Ok((n, state))
+    }
+}
+
+impl TagState {
+    /// The tag of the byte at `offset`, which is at or after every earlier one asked about.
+    fn tag_at(&mut self, offset: u64) -> Option<Arc<str>> {
+        while self.marks.len() > 1 && self.marks[1].0 <= offset {
+            self.marks.pop_front();
+        }
+        self.marks.front().and_then(|(_, tag)| tag.clone())
+    }
+}
+
+/// Logs a worker's stderr line by line from its own thread, tagged with the task running when the
+/// line began (`task 42 app.x (pool py pid 1234) stderr: …`) or with the process (`pool py pid
+/// 1234 stderr: …`), keeping the last lines for error messages. The returned channel disconnects
+/// at EOF.
 fn log_stderr(
-    stderr: File,
-    pool: &Arc<str>,
-    pid: libc::pid_t,
+    tags: &Arc<StderrTags>,
+    who: &Arc<str>,
     tail: &Arc<Mutex<VecDeque<String>>>,
 ) -> std::result::Result<Receiver<()>, String> {
     let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
-    let pool = Arc::clone(pool);
+    let tags = Arc::clone(tags);
+    let who = Arc::clone(who);
     let tail = Arc::clone(tail);
     std::thread::Builder::new()
-        .name(format!("foreman-pool-{pool}-stderr"))
+        .name(format!("foreman-{who}-stderr"))
         .spawn(move || {
             let _done = done_tx;
-            let mut stderr = stderr;
+            // The current line, the offset of its first byte and its tag.
             let mut partial = Vec::new();
+            let mut partial_tag: Option<Arc<str>> = None;
             let mut chunk = [0u8; 8192];
-            let who = format!("pool {pool} pid {pid}");
+            let mut lines: Vec<(Option<Arc<str>>, Vec<u8>)> = Vec::new();
             let mut budget = LineBudget::new();
-            let mut emit = |line: &[u8]| {
+            let mut emit = |tag: Option<&Arc<str>>, line: &[u8]| {
                 let text = String::from_utf8_lossy(line);
                 let text = text.trim_end_matches('\r');
-                budget.log(&who, "stderr", text);
+                budget.log(tag.map_or(&*who, |t| t), "stderr", text);
                 if text.trim().is_empty() {
                     return;
                 }
@@ -1087,27 +1333,44 @@ fn log_stderr(
                 tail.push_back(text.chars().take(500).collect());
             };
             loop {
-                let n = match stderr.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => n,
+                // Waits outside the lock, so a driver's mark never waits for the worker's output.
+                let mut fds = [pollfd(tags.pipe.as_raw_fd(), libc::POLLIN)];
+                match poll(&mut fds, None) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+                let (n, mut state) = match tags.read(&mut chunk) {
+                    Ok((0, _)) => break,
+                    Ok(read) => read,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => break,
                 };
+                let mut offset = state.read - n as u64;
                 let mut data = &chunk[..n];
-                while let Some(pos) = data.iter().position(|&b| b == b'\n') {
-                    partial.extend_from_slice(&data[..pos]);
-                    emit(&partial);
-                    partial.clear();
-                    data = &data[pos + 1..];
+                while !data.is_empty() {
+                    if partial.is_empty() {
+                        partial_tag = state.tag_at(offset);
+                    }
+                    let (piece, ended) = match data.iter().position(|&b| b == b'\n') {
+                        Some(pos) => (&data[..pos], pos + 1),
+                        None => (data, data.len()),
+                    };
+                    partial.extend_from_slice(piece);
+                    let complete = ended > piece.len();
+                    if complete || partial.len() >= MAX_STDERR_LINE_BYTES {
+                        lines.push((partial_tag.take(), std::mem::take(&mut partial)));
+                    }
+                    offset += ended as u64;
+                    data = &data[ended..];
                 }
-                partial.extend_from_slice(data);
-                if partial.len() >= MAX_STDERR_LINE_BYTES {
-                    emit(&partial);
-                    partial.clear();
+                drop(state);
+                for (tag, line) in lines.drain(..) {
+                    emit(tag.as_ref(), &line);
                 }
             }
             if !partial.is_empty() {
-                emit(&partial);
+                emit(partial_tag.as_ref(), &partial);
             }
             budget.finish(&who);
         })

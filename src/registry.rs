@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,16 +32,24 @@ type HandlerFn = dyn Fn(&Task) -> HandlerOutput + Send + Sync;
 #[derive(Clone)]
 pub enum Handler {
     InProcess(Arc<HandlerFn>),
-    /// A process spawned per task from this argv.
+    /// A process spawned per task.
     Command {
-        argv: Arc<[String]>,
+        command: Arc<CommandSpec>,
         timeout: Option<Duration>,
     },
-    /// A persistent process of the pool at this index (in `Config::pools` order).
+    /// A persistent process of the pool (the `ProcessPool`) with this id.
     Pool {
         pool: usize,
         timeout: Option<Duration>,
     },
+}
+
+/// A command task's process, ready to start: its argv, the directory it runs in, and what it
+/// adds to the daemon's environment (`FOREMAN_DB` and the rest of `Config::launch_env`).
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: Vec<(String, OsString)>,
 }
 
 #[derive(Clone)]
@@ -115,8 +125,9 @@ impl Registry {
     }
 
     /// Adds the tasks of the config (command and pool tasks); a name already served in-process is
-    /// a config error.
-    pub fn add_config(&mut self, config: &Config) -> Result<()> {
+    /// a config error. Its pools are the `ProcessPool`s with ids `first_pool_id`.. in the
+    /// config's order.
+    pub fn add_config(&mut self, config: &Config, first_pool_id: usize) -> Result<()> {
         for (name, task) in &config.tasks {
             if name.starts_with(RESERVED_PREFIX) {
                 return Err(Error::Config(format!(
@@ -134,14 +145,19 @@ impl Registry {
                 Entry::Vacant(slot) => {
                     let timeout = task.timeout;
                     slot.insert(match &task.runner {
-                        Some(Runner::Command(argv)) => Handler::Command {
-                            argv: argv.clone().into(),
+                        Some(Runner::Command(launch)) => Handler::Command {
+                            command: Arc::new(CommandSpec {
+                                argv: launch.argv.clone(),
+                                cwd: launch.cwd.clone(),
+                                env: config.launch_env(launch),
+                            }),
                             timeout,
                         },
                         Some(Runner::Pool(pool)) => Handler::Pool {
-                            pool: config.pools.keys().position(|p| p == pool).ok_or_else(|| {
-                                Error::Config(format!("task {name:?}: no pool {pool:?}"))
-                            })?,
+                            pool: first_pool_id
+                                + config.pools.keys().position(|p| p == pool).ok_or_else(|| {
+                                    Error::Config(format!("task {name:?}: no pool {pool:?}"))
+                                })?,
                             timeout,
                         },
                         // Settings only: a pool's hello may announce it.
@@ -203,6 +219,18 @@ impl Registry {
             }
         }
         elsewhere
+    }
+
+    /// Routes what went to pool `from` to pool `to` instead (a replacement that could not start
+    /// gives its tasks back to the generation it was to replace).
+    pub fn repoint_pool(&mut self, from: usize, to: usize) {
+        for handler in self.handlers.values_mut() {
+            if let Handler::Pool { pool, .. } = handler
+                && *pool == from
+            {
+                *pool = to;
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Handler> {

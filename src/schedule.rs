@@ -56,13 +56,38 @@ impl Schedules {
         store: &mut Store,
         now: f64,
     ) -> Result<Schedules> {
+        Schedules::load_after(None, configs, store, now)
+    }
+
+    /// The schedules of a reloaded configuration: as `load`, except that one whose definition
+    /// did not change keeps the state this daemon has for it (which a refused write may have left
+    /// newer than the stored one), and its new args, kwargs, priority and jitter apply from its
+    /// next firing.
+    pub fn reconfigure(
+        &self,
+        configs: &std::collections::BTreeMap<String, ScheduleConfig>,
+        store: &mut Store,
+        now: f64,
+    ) -> Result<Schedules> {
+        Schedules::load_after(Some(self), configs, store, now)
+    }
+
+    fn load_after(
+        previous: Option<&Schedules>,
+        configs: &std::collections::BTreeMap<String, ScheduleConfig>,
+        store: &mut Store,
+        now: f64,
+    ) -> Result<Schedules> {
         if configs.is_empty() {
             return Ok(Schedules {
                 entries: Vec::new(),
             });
         }
-        let stored: std::collections::HashMap<String, ScheduleState> =
+        let mut stored: std::collections::HashMap<String, ScheduleState> =
             store.schedules()?.into_iter().collect();
+        for entry in previous.map_or(&[][..], |p| &p.entries) {
+            stored.insert(entry.name.clone(), entry.state.clone());
+        }
         let mut entries = Vec::with_capacity(configs.len());
         for (name, config) in configs {
             let cron = match &config.when {
@@ -257,6 +282,64 @@ impl Schedules {
             Err(e) => log::error!("schedule {}: {e}", entry.name),
         }
     }
+}
+
+/// Fires schedule `name` now, outside its timetable (the dashboard's "run now"): its task is
+/// enqueued the way a firing enqueues it, through `Store::fire_schedule`, with `origin` saying who
+/// asked; its stored state records the firing and keeps its next due time. Unlike a timed firing
+/// it does not skip when the previous task is still queued: someone asked for it. The caller
+/// wakes the daemon.
+#[cfg(feature = "ui")]
+pub fn run_now(
+    configs: &std::collections::BTreeMap<String, ScheduleConfig>,
+    store: &mut Store,
+    name: &str,
+    origin: &str,
+    now: f64,
+) -> Result<i64> {
+    let Some((name, config)) = configs.get_key_value(name) else {
+        return Err(Error::Config(format!(
+            "no schedule {name:?} in the configuration"
+        )));
+    };
+    // Loading one schedule stores its state first if it has none yet (the daemon never ran it).
+    let one = std::collections::BTreeMap::from([(name.clone(), config.clone())]);
+    let (args, kwargs) = (config.args.to_string(), config.kwargs.to_string());
+    let task = NewTask {
+        name: &config.task,
+        args: &args,
+        kwargs: &kwargs,
+        delay: 0.0,
+        priority: config.priority,
+        origin: Some(origin),
+        unique_key: None,
+    };
+    // A daemon sharing the database (PostgreSQL) may fire it between the read and the firing,
+    // which then refuses: read it again and fire after that one.
+    let mut tries = 0;
+    let id = loop {
+        let mut schedules = Schedules::load(&one, store, now)?;
+        let Some(entry) = schedules.entries.pop() else {
+            return Err(Error::Config(format!("no schedule {name:?}")));
+        };
+        let expected = entry.state.next_due;
+        let mut state = entry.state;
+        state.last_fired = Some(now);
+        match store.fire_schedule(name, &task, expected, &mut state)? {
+            Fired::Task(id) => break id,
+            Fired::Elsewhere if tries < 3 => tries += 1,
+            Fired::Elsewhere => {
+                return Err(Error::Config(format!(
+                    "schedule {name:?} kept changing under this firing: try again"
+                )));
+            }
+        }
+    };
+    log::info!(
+        "schedule {name}: enqueued task {id} {} ({origin})",
+        config.task
+    );
+    Ok(id)
 }
 
 impl Schedules {

@@ -2,7 +2,8 @@
 //! as `posix_spawn` does, that also sets `PR_SET_PDEATHSIG` so the task never outlives the daemon.
 //! std's `Command` can only do that with a `pre_exec` hook, which makes it copy the daemon's whole
 //! address space with `fork()` for every task: a third of the spawn rate. The child runs only
-//! async-signal-safe libc calls on its own stack, on data prepared before the clone.
+//! async-signal-safe libc calls (`chdir` into the task's `cwd` among them) on its own stack, on
+//! data prepared before the clone.
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that started the child exits, not the process: only
 //! call `spawn` from a thread that outlives the child (foreman's workers wait for their task's
@@ -12,7 +13,8 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::OnceLock;
 
@@ -42,6 +44,10 @@ struct ChildArgs {
     envp: *const *const libc::c_char,
     /// The child's ends of the stdin, stdout and stderr pipes.
     stdio: [libc::c_int; 3],
+    /// The directory to run in (`cwd`), or null for the daemon's.
+    cwd: *const libc::c_char,
+    /// Set by the child before `errno` when what failed is the `chdir`, not the exec.
+    chdir_failed: bool,
     /// Where the child leaves its errno if it cannot exec. The child shares our memory
     /// (`CLONE_VM`) and we resume only once it has exec'd or exited (`CLONE_VFORK`), so this
     /// replaces the usual close-on-exec report pipe, whose read waits for the exec'd child to close
@@ -52,10 +58,15 @@ struct ChildArgs {
     mask: libc::sigset_t,
 }
 
-/// Starts `argv` with the daemon's environment (less `DAEMON_ONLY_ENV`) plus `extra_env`, in a
-/// new process group, with piped stdio, dying with the daemon. `Err` says why it could not start,
-/// in the words std's `Command::spawn` would use.
-pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned> {
+/// Starts `argv` in `cwd` (or the daemon's working directory) with the daemon's environment (less
+/// `DAEMON_ONLY_ENV`) plus `extra_env`, in a new process group, with piped stdio, dying with the
+/// daemon. `Err` says why it could not start, in the words std's `Command::spawn` would use (or
+/// that it could not enter `cwd`).
+pub fn spawn(
+    argv: &[String],
+    cwd: Option<&Path>,
+    extra_env: &[(&str, &OsStr)],
+) -> io::Result<Spawned> {
     let cstring = |bytes: &[u8]| {
         CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
     };
@@ -69,6 +80,9 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned>
     let mut extra = Vec::with_capacity(extra_env.len());
     let envp_ptrs = environment(extra_env, &mut extra)?;
     let argv_ptrs = null_terminated(&words);
+    let cwd_c = cwd
+        .map(|dir| cstring(dir.as_os_str().as_bytes()))
+        .transpose()?;
 
     let (stdin_read, stdin_write) = pipe()?;
     let (stdout_read, stdout_write) = pipe()?;
@@ -82,6 +96,8 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned>
             stdout_write.as_raw_fd(),
             stderr_write.as_raw_fd(),
         ],
+        cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        chdir_failed: false,
         errno: 0,
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
@@ -103,9 +119,19 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> io::Result<Spawned>
     // write happened behind the compiler's back.
     let errno = unsafe { std::ptr::read_volatile(&raw const child.errno) };
     if errno != 0 {
-        // exec failed; the child exited with 127. Reap it before saying why.
+        // exec (or chdir) failed; the child exited with 127. Reap it before saying why.
         let _ = reap(pid);
-        return Err(io::Error::from_raw_os_error(errno));
+        let error = io::Error::from_raw_os_error(errno);
+        // SAFETY: as for `errno`, written (if at all) before it.
+        if unsafe { std::ptr::read_volatile(&raw const child.chdir_failed) }
+            && let Some(dir) = cwd
+        {
+            return Err(io::Error::new(
+                error.kind(),
+                format!("cannot enter its cwd {}: {error}", dir.display()),
+            ));
+        }
+        return Err(error);
     }
     Ok(Spawned {
         pid,
@@ -208,6 +234,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(&raw mut args.errno);
             }
         }
+        if !args.cwd.is_null() && libc::chdir(args.cwd) != 0 {
+            std::ptr::write_volatile(&raw mut args.chdir_failed, true);
+            fail(&raw mut args.errno);
+        }
         libc::execvpe(args.program, args.argv, args.envp);
         fail(&raw mut args.errno)
     }
@@ -248,14 +278,15 @@ fn inherited() -> &'static [CString] {
 /// `envp` for the child: the inherited variables (less those `extra` sets) and `extra`'s, whose
 /// strings are built into `owned`.
 fn environment(
-    extra: &[(&str, &str)],
+    extra: &[(&str, &OsStr)],
     owned: &mut Vec<CString>,
 ) -> io::Result<Vec<*const libc::c_char>> {
     for (key, value) in extra {
-        owned.push(
-            CString::new(format!("{key}={value}"))
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-        );
+        let mut pair = Vec::with_capacity(key.len() + 1 + value.len());
+        pair.extend_from_slice(key.as_bytes());
+        pair.push(b'=');
+        pair.extend_from_slice(value.as_bytes());
+        owned.push(CString::new(pair).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?);
     }
     let overridden = |pair: &CString| {
         let bytes = pair.as_bytes();
@@ -310,7 +341,7 @@ mod tests {
             .unwrap();
         let mut argv = vec![script.display().to_string()];
         argv.extend((0..40_000).map(|i| i.to_string()));
-        let child = spawn(&argv, &[]).unwrap();
+        let child = spawn(&argv, None, &[]).unwrap();
         drop(child.stdin);
         let status = reap(child.pid).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -319,9 +350,31 @@ mod tests {
 
     #[test]
     fn a_missing_program_is_an_error_naming_the_cause() {
-        let err = spawn(&["/nonexistent/foreman-test".to_owned()], &[])
+        let err = spawn(&["/nonexistent/foreman-test".to_owned()], None, &[])
             .err()
             .unwrap();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn the_child_runs_in_its_cwd_with_its_env_and_a_missing_cwd_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let script = format!(
+            "pwd > {}; echo \"$GREETING\" >> {}",
+            out.display(),
+            out.display()
+        );
+        let argv = ["sh".to_owned(), "-c".to_owned(), script];
+        let child = spawn(&argv, Some(dir.path()), &[("GREETING", OsStr::new("hi"))]).unwrap();
+        drop(child.stdin);
+        assert_eq!(reap(child.pid).unwrap().code(), Some(0));
+        let said = std::fs::read_to_string(&out).unwrap();
+        let here = dir.path().canonicalize().unwrap();
+        assert_eq!(said, format!("{}\nhi\n", here.display()));
+        let missing = dir.path().join("gone");
+        let err = spawn(&argv, Some(&missing), &[]).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("cannot enter its cwd"), "{err}");
     }
 }

@@ -5,7 +5,6 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
@@ -29,7 +28,12 @@ pub struct ThreadPool {
     jobs: Arc<Inbox>,
     /// Where command tasks write their results; removed with the pool.
     results: Arc<ResultFiles>,
-    _threads: Vec<JoinHandle<()>>,
+    /// Workers started (and not asked to leave), and how the next one is named.
+    workers: usize,
+    next_number: usize,
+    /// What every worker is given, kept to start more on a reload.
+    finished: Sender<Finished>,
+    children: Arc<Children>,
 }
 
 /// The workers' job queue. A mutex and a condition variable rather than a channel: an idle worker
@@ -37,19 +41,36 @@ pub struct ThreadPool {
 /// machine took CPU from the foreman loop at every hand-off.
 #[derive(Default)]
 struct Inbox {
-    queue: Mutex<(VecDeque<Job>, bool)>,
+    queue: Mutex<Queue>,
     ready: Condvar,
 }
 
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// The pool is gone: every worker ends once the queue is empty.
+    closed: bool,
+    /// Workers asked to end (fewer `workers` after a reload): as many idle ones do.
+    retire: usize,
+}
+
 impl Inbox {
-    /// The next job; `None` once the pool is closed.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next job; `None` once the pool is closed, or this worker is one asked to end.
     fn take(&self) -> Option<Job> {
-        let mut guard = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.lock();
         loop {
-            if let Some(job) = guard.0.pop_front() {
+            if let Some(job) = guard.jobs.pop_front() {
                 return Some(job);
             }
-            if guard.1 {
+            if guard.closed {
+                return None;
+            }
+            if guard.retire > 0 {
+                guard.retire -= 1;
                 return None;
             }
             guard = self
@@ -63,12 +84,8 @@ impl Inbox {
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         // Workers finish what they hold and stop, as they did when a channel's sender was dropped.
-        let mut guard = self
-            .jobs
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        guard.1 = true;
+        let mut guard = self.jobs.lock();
+        guard.closed = true;
         self.jobs.ready.notify_all();
         drop(guard);
         // The workers are not joined (one may run an in-process handler that never returns), so
@@ -85,34 +102,57 @@ impl ThreadPool {
         finished: &Sender<Finished>,
         children: &Arc<Children>,
     ) -> Result<ThreadPool> {
-        let jobs = Arc::new(Inbox::default());
-        let results = Arc::new(ResultFiles::default());
-        let threads = (0..workers)
-            .map(|n| {
-                let inbox = Arc::clone(&jobs);
-                let finished = finished.clone();
-                let children = Arc::clone(children);
-                let results = Arc::clone(&results);
-                std::thread::Builder::new()
-                    .name(format!("foreman-worker-{n}"))
-                    .spawn(move || work(&inbox, &finished, &children, &results))
-                    .map_err(|e| Error::io("starting a worker thread", e))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ThreadPool {
-            jobs,
-            results,
-            _threads: threads,
-        })
+        let mut pool = ThreadPool {
+            jobs: Arc::new(Inbox::default()),
+            results: Arc::new(ResultFiles::default()),
+            workers: 0,
+            next_number: 0,
+            finished: finished.clone(),
+            children: Arc::clone(children),
+        };
+        pool.resize(workers)?;
+        Ok(pool)
+    }
+
+    /// Starts workers, or asks idle ones to end, until there are `workers`. A worker ends only
+    /// when it holds no task: what runs on it finishes first. The threads are not joined (see
+    /// `Drop`): one that ends is gone by itself.
+    pub fn resize(&mut self, workers: usize) -> Result<()> {
+        if workers < self.workers {
+            let mut guard = self.jobs.lock();
+            guard.retire += self.workers - workers;
+            self.workers = workers;
+            self.jobs.ready.notify_all();
+            return Ok(());
+        }
+        // Ones asked to end and still waiting are kept instead.
+        let kept = {
+            let mut guard = self.jobs.lock();
+            let kept = guard.retire.min(workers - self.workers);
+            guard.retire -= kept;
+            kept
+        };
+        self.workers += kept;
+        while self.workers < workers {
+            let inbox = Arc::clone(&self.jobs);
+            let finished = self.finished.clone();
+            let children = Arc::clone(&self.children);
+            let results = Arc::clone(&self.results);
+            // PR_SET_PDEATHSIG of a command's process fires when this thread ends: it ends only
+            // idle, with no process of its own running.
+            std::thread::Builder::new()
+                .name(format!("foreman-worker-{}", self.next_number))
+                .spawn(move || work(&inbox, &finished, &children, &results))
+                .map_err(|e| Error::io("starting a worker thread", e))?;
+            self.next_number += 1;
+            self.workers += 1;
+        }
+        Ok(())
     }
 
     pub fn submit(&self, job: Job) {
-        let mut guard = self
-            .jobs
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        guard.0.push_back(job);
+        let mut guard = self.jobs.lock();
+        guard.jobs.push_back(job);
         drop(guard);
         self.jobs.ready.notify_one();
     }
@@ -163,7 +203,9 @@ fn run(task: &Task, handler: &Handler, children: &Children, results: &ResultFile
             Err(e) if e.is::<Uneventful>() => Outcome::Done { eventful: false }.into(),
             Err(e) => Outcome::Failed(e.to_string()).into(),
         },
-        Handler::Command { argv, timeout } => command::run(task, argv, *timeout, children, results),
+        Handler::Command { command, timeout } => {
+            command::run(task, command, *timeout, children, results)
+        }
         Handler::Pool { .. } => {
             Outcome::Failed("a pool task reached a worker thread".to_owned()).into()
         }

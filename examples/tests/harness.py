@@ -63,7 +63,8 @@ def run(args, **kwargs):
 
 
 class Foreman:
-    """`foreman run --config CONFIG` in directory cwd, on a database of its own in tmp."""
+    """`foreman run --config CONFIG` in directory cwd (the examples' tests start it elsewhere than
+    the app: their pools find the app through `cwd`), on a database of its own in tmp."""
 
     def __init__(self, tmp, config, cwd, env=None):
         require(os.access(FOREMAN_BIN, os.X_OK), f"no foreman binary at {FOREMAN_BIN}")

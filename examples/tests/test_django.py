@@ -43,7 +43,7 @@ class DjangoExampleTest(unittest.TestCase):
         cls.addClassCleanup(env.stop)
         harness.run([sys.executable, "manage.py", "migrate"], cwd=EXAMPLE)
 
-        cls.foreman = harness.Foreman(cls.tmp, os.path.join(EXAMPLE, "foreman.toml"), EXAMPLE)
+        cls.foreman = harness.Foreman(cls.tmp, os.path.join(EXAMPLE, "foreman.toml"), cls.tmp)
         cls.addClassCleanup(cls.foreman.stop)
         sys.path[:0] = [EXAMPLE, harness.CLIENT_DIR]
         django.setup()

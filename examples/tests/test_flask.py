@@ -64,7 +64,7 @@ class FlaskExampleTest(unittest.TestCase):
         self.assertIn("cannot open the foreman database", logs.output[0])
         self.assertEqual(self.server.get(f"/notes/{early}/")[1]["status"], "new")
 
-        foreman = harness.Foreman(self.tmp, os.path.join(EXAMPLE, "foreman.toml"), EXAMPLE)
+        foreman = harness.Foreman(self.tmp, os.path.join(EXAMPLE, "foreman.toml"), self.tmp)
         self.addCleanup(foreman.stop)
         out = foreman.cli("enqueue", TASK, f"[{early}]")
         self.assertEqual(out.returncode, 0, out.stderr)

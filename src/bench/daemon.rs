@@ -108,8 +108,7 @@ impl Workspace {
                 conn: None,
                 last_notify: std::cell::Cell::new(None),
             };
-            Producer::open(&Database::Postgres(base.clone()))?
-                .execute(&format!("CREATE SCHEMA {schema}"))?;
+            Producer::open(&Database::Postgres(base.clone()))?.create_schema(&schema)?;
             Store::open(&run.db, Access::Create)?.ensure_schema()?;
             run.conn = Some(Producer::open(&run.db)?);
             return Ok(run);
@@ -212,7 +211,7 @@ impl Drop for Run {
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Some((base, schema)) = &self.schema {
             let dropped = Producer::open(&Database::Postgres(base.clone()))
-                .and_then(|p| p.execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")));
+                .and_then(|p| p.drop_schema(schema));
             if let Err(e) = dropped {
                 eprintln!("foreman bench: could not drop schema {schema}: {e}");
             }

@@ -101,10 +101,10 @@ impl Bench<'_> {
         let mut records = Records::new(run.out.clone());
         let warm = self.warm_up(&run, &mut daemon, &mut records, false)?;
         let ids = run.insert_many(BENCH_TASK, n, None)?;
-        let server = super::server::Server::of(&run);
+        let server = super::postmaster::Server::of(&run);
         let server_before = server
             .as_ref()
-            .map(super::server::Server::cpu_ns)
+            .map(super::postmaster::Server::cpu_ns)
             .transpose()?;
         let cpu_before = daemon.cpu_ns()?;
         run.wake()?;
@@ -112,7 +112,7 @@ impl Bench<'_> {
         let cpu_after = daemon.cpu_ns()?;
         let server_after = server
             .as_ref()
-            .map(super::server::Server::cpu_ns)
+            .map(super::postmaster::Server::cpu_ns)
             .transpose()?;
         let peak_kib = daemon.peak_rss_kib()?;
         daemon.stop()?;
@@ -232,7 +232,7 @@ pub(crate) fn drain_pool(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
         ));
     }
     let n = bench.sizes.drain_tasks;
-    let mut rates = Vec::new();
+    let (mut rates, mut cpu) = (Vec::new(), Vec::new());
     for rep in 1..=reps {
         bench.rep(Scenario::DrainPool, rep, "run");
         let pool = python::pool_config(POOL_PROCESSES);
@@ -244,9 +244,13 @@ pub(crate) fn drain_pool(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
         // moment, time to say theirs, so that the drain runs on all four.
         bench.pause(Duration::from_millis(300))?;
         let keys = 1..=i64::try_from(n).map_err(|_| Failure::new("too many tasks"))?;
+        let cpu_before = daemon.cpu_ns()?;
         run.insert_many(POOL_TASK, n, Some(1))?;
         run.wake()?;
         bench.wait_records(&mut daemon, &mut records, "started", n + 1)?;
+        // The daemon's own threads (loop, drivers, readers), not the Python processes'.
+        let cpu_after = daemon.cpu_ns()?;
+        cpu.push(cpu_after.saturating_sub(cpu_before) as f64 / 1e3 / n as f64);
         daemon.stop()?;
         records.poll()?;
         let starts = records.exactly_once(keys, &[0])?;
@@ -260,6 +264,13 @@ pub(crate) fn drain_pool(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
             "tasks/s",
             &rates,
             at_least(15_000.0),
+        )
+        .figure(
+            "daemon_cpu_per_task",
+            "daemon CPU per pool task",
+            "µs",
+            &cpu,
+            at_most(15.0),
         )
         .extra("tasks", n)
         .extra("processes", POOL_PROCESSES);

@@ -158,9 +158,7 @@ fn pg_pop_limit(url: &str, rows: usize, batch: usize) -> Outcome<f64> {
     let base = Database::Postgres(url.to_owned());
     let schema = format!("foreman_bench_machine_{}", std::process::id());
     let admin = Producer::open(&base)?;
-    admin.execute(&format!(
-        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-    ))?;
+    admin.create_schema(&schema)?;
     let db = Database::Postgres(super::daemon::with_search_path(url, &schema));
     let result = (|| {
         let mut store = Store::open_daemon(&db, |_| false)?;
@@ -213,7 +211,7 @@ fn pg_pop_limit(url: &str, rows: usize, batch: usize) -> Outcome<f64> {
         let seconds = start.elapsed().as_secs_f64();
         Ok::<_, Failure>(popped_rows as f64 / seconds)
     })();
-    let _ = admin.execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    let _ = admin.drop_schema(&schema);
     result
 }
 

@@ -20,6 +20,7 @@ mod daemon;
 mod drain;
 mod list;
 mod machine;
+mod postmaster;
 mod producer;
 mod python;
 mod records;
@@ -103,6 +104,11 @@ impl Scenario {
             Scenario::PgCpuPerTask => "pg-cpu-per-task",
             Scenario::DrainScale => "drain-scale",
         }
+    }
+
+    /// Whether it measures a PostgreSQL server (a default run on SQLite leaves it out).
+    fn postgres_only(self) -> bool {
+        matches!(self, Scenario::PgCpuPerTask | Scenario::DrainScale)
     }
 }
 
@@ -274,8 +280,13 @@ impl Bench<'_> {
 /// Runs the chosen scenarios and prints their figures. `Ok` when every scenario ran correctly
 /// (missed targets included); exit 1 when one failed or a signal stopped the bench.
 pub fn run(options: &Options, shutdown: &Receiver<Shutdown>) -> Result<()> {
+    let on_postgres = matches!(options.db, Some(crate::database::Database::Postgres(_)));
     let mut chosen = if options.scenarios.is_empty() {
-        Scenario::ALL.to_vec()
+        // The PostgreSQL scenarios only where they can run (named, they say why they cannot).
+        Scenario::ALL
+            .into_iter()
+            .filter(|s| on_postgres || !s.postgres_only())
+            .collect()
     } else {
         options.scenarios.clone()
     };

@@ -246,7 +246,7 @@ pub(crate) fn idle(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
         let mut records = Records::new(run.out.clone());
         let warm = bench.warm_up(&run, &mut daemon, &mut records, false)?;
         bench.pause(SETTLE)?;
-        let transactions = || super::server::transactions(&run);
+        let transactions = || super::postmaster::transactions(&run);
         let transactions_before = if run.is_postgres() {
             Some(transactions()?)
         } else {

@@ -28,7 +28,7 @@ Exit codes:
 #[derive(Args, Debug)]
 #[command(after_help = BENCH_HELP)]
 pub struct BenchArgs {
-    /// Scenarios to run [default: all]
+    /// Scenarios to run [default: all; pg-cpu-per-task and drain-scale on PostgreSQL only]
     #[arg(value_enum, value_name = "SCENARIO")]
     pub scenarios: Vec<crate::bench::Scenario>,
     /// One JSON object per scenario per line instead of the table

@@ -35,12 +35,15 @@ pub struct CancelArgs {
     #[arg(required = true, value_name = "ID")]
     pub ids: Vec<i64>,
     /// For a running command or pool task: between SIGTERM to its process group and SIGKILL
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = DEFAULT_GRACE, value_parser = parse_duration, value_name = "DURATION")]
     pub grace: Duration,
     /// How long to wait for aborted attempts to end (0: ask, and do not wait)
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
 }
+
+/// `--grace`'s default, which the dashboard's aborts use too.
+pub const DEFAULT_GRACE: &str = "5s";
 
 /// What became of one id, in the order of the exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -64,21 +67,17 @@ pub fn run(globals: &Globals, args: &CancelArgs) -> Result<()> {
     for id in distinct(&args.ids) {
         // Each in its own transaction, and printed at once: what was cancelled stays cancelled
         // and reported even if a later id fails.
-        let (became, line) = match store.cancel(id, grace)? {
-            CancelOutcome::Cancelled { task_name } => (
-                Became::Cancelled,
-                format!("cancelled task {id} ({task_name}) before it started\n"),
-            ),
+        let outcome = store.cancel(id, grace)?;
+        let became = match &outcome {
+            CancelOutcome::Cancelled { .. } => Became::Cancelled,
             CancelOutcome::Aborting { task_name, attempt } => {
-                aborting.push((id, task_name, attempt));
+                aborting.push((id, task_name.clone(), *attempt));
                 continue;
             }
-            CancelOutcome::Finished { state } => (
-                Became::Finished,
-                format!("task {id} already finished ({state})\n"),
-            ),
-            CancelOutcome::Unknown => (Became::Unknown, format!("no task {id}\n")),
+            CancelOutcome::Finished { .. } => Became::Finished,
+            CancelOutcome::Unknown => Became::Unknown,
         };
+        let line = format!("{}\n", describe(id, &outcome));
         worst = worst.max(became);
         print(&line)?;
     }
@@ -136,5 +135,20 @@ pub fn run(globals: &Globals, args: &CancelArgs) -> Result<()> {
     match worst {
         Became::Cancelled => Ok(()),
         other => Err(exit_status(other as u8)),
+    }
+}
+
+/// What `Store::cancel` did with task `id`, in one line: what `cancel` prints (an abort, which
+/// `cancel` then waits for, is said as asked) and the dashboard shows.
+pub fn describe(id: i64, outcome: &CancelOutcome) -> String {
+    match outcome {
+        CancelOutcome::Cancelled { task_name } => {
+            format!("cancelled task {id} ({task_name}) before it started")
+        }
+        CancelOutcome::Aborting { task_name, attempt } => format!(
+            "abort of task {id} ({task_name}), attempt {attempt}, asked: the daemon running it stops it"
+        ),
+        CancelOutcome::Finished { state } => format!("task {id} already finished ({state})"),
+        CancelOutcome::Unknown => format!("no task {id}"),
     }
 }

@@ -153,7 +153,8 @@ fn dead_table(rows: &[DeadLetter]) -> String {
     out
 }
 
-fn dead_json(dead: &DeadLetter) -> serde_json::Value {
+/// A dead letter as `dead list --json` gives it (and the dashboard's API).
+pub fn dead_json(dead: &DeadLetter) -> serde_json::Value {
     serde_json::json!({
         "id": dead.id,
         "task_id": dead.task_id,
@@ -180,7 +181,35 @@ fn dead_requeue(config: &Config, which: DeadSelection<'_>) -> Result<()> {
         all @ DeadSelection::All { .. } => all,
     };
     let mut store = Store::open_checked(&config.db, Access::ReadWrite)?;
-    let outcomes = store.requeue_dead(which)?;
+    let outcomes = requeue(config, &mut store, which, None)?;
+    let mut out = String::new();
+    for outcome in &outcomes {
+        let _ = writeln!(out, "{}", describe_requeued(outcome));
+    }
+    if outcomes.is_empty() {
+        out.push_str("no dead letters to requeue\n");
+    }
+    print(&out)?;
+    let requeued = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, Requeued::Task { .. }))
+        .count();
+    if requeued == outcomes.len() {
+        Ok(())
+    } else {
+        Err(exit_status(1))
+    }
+}
+
+/// Requeues dead letters (`by`, who asked, goes into the new tasks' origin) and wakes the daemon
+/// when any was: `dead requeue` and the dashboard.
+pub fn requeue(
+    config: &Config,
+    store: &mut Store,
+    which: DeadSelection<'_>,
+    by: Option<&str>,
+) -> Result<Vec<Requeued>> {
+    let outcomes = store.requeue_dead(which, by)?;
     let requeued = outcomes
         .iter()
         .filter(|outcome| matches!(outcome, Requeued::Task { .. }))
@@ -188,30 +217,20 @@ fn dead_requeue(config: &Config, which: DeadSelection<'_>) -> Result<()> {
     if requeued > 0 {
         crate::wake::poke(config, &format!("{requeued} dead letter(s) requeued"));
     }
-    let mut out = String::new();
-    for outcome in &outcomes {
-        let _ = match outcome {
-            Requeued::Task { dead_id, task_id } => {
-                writeln!(out, "requeued dead {dead_id} as task {task_id}")
-            }
-            Requeued::Duplicate { dead_id, task_id } => writeln!(
-                out,
-                "dead {dead_id} not requeued: task {task_id} holds its unique key; it stays in foreman_dead"
-            ),
-            Requeued::NoName { dead_id } => writeln!(
-                out,
-                "dead {dead_id} has no task name and cannot be requeued; it stays in foreman_dead"
-            ),
-            Requeued::Unknown { dead_id } => writeln!(out, "no dead letter {dead_id}"),
-        };
-    }
-    if outcomes.is_empty() {
-        out.push_str("no dead letters to requeue\n");
-    }
-    print(&out)?;
-    if requeued == outcomes.len() {
-        Ok(())
-    } else {
-        Err(exit_status(1))
+    Ok(outcomes)
+}
+
+/// What became of one dead letter, in one line: what `dead requeue` prints and the dashboard
+/// shows.
+pub fn describe_requeued(outcome: &Requeued) -> String {
+    match outcome {
+        Requeued::Task { dead_id, task_id } => format!("requeued dead {dead_id} as task {task_id}"),
+        Requeued::Duplicate { dead_id, task_id } => format!(
+            "dead {dead_id} not requeued: task {task_id} holds its unique key; it stays in foreman_dead"
+        ),
+        Requeued::NoName { dead_id } => format!(
+            "dead {dead_id} has no task name and cannot be requeued; it stays in foreman_dead"
+        ),
+        Requeued::Unknown { dead_id } => format!("no dead letter {dead_id}"),
     }
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{Globals, print};
+use crate::config::Config;
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
-use crate::store::{Access, NewTask, Store};
+use crate::store::{Access, Enqueued, NewTask, Store};
 
 /// Enqueue a task and print its id
 #[derive(Args, Debug)]
@@ -43,43 +44,62 @@ pub struct EnqueueArgs {
 }
 
 pub fn run(globals: &Globals, task: &EnqueueArgs) -> Result<()> {
-    if let Some(problem) = crate::task::name_problem(&task.name) {
+    let (args, kwargs) = checked(&task.name, &task.args, &task.kwargs)?;
+    let config = globals.load_config()?;
+    let mut store = Store::open_checked(&config.db, Access::ReadWrite)?;
+    let enqueued = enqueue(
+        &config,
+        &mut store,
+        &NewTask {
+            name: &task.name,
+            args: &args,
+            kwargs: &kwargs,
+            delay: task.delay.unwrap_or_default().as_secs_f64(),
+            priority: task.priority,
+            origin: None,
+            unique_key: task.unique.as_deref(),
+        },
+    )?;
+    let id = enqueued.id;
+    if task.json {
+        let doc = serde_json::json!({"id": id, "created": enqueued.created});
+        return print(&format!("{doc}\n"));
+    }
+    print(&format!("{id}\n"))
+}
+
+/// Checks a task's name, args and kwargs as `enqueue` takes them (the dashboard's form too);
+/// returns the args and kwargs as compact JSON text.
+pub fn checked(name: &str, args: &str, kwargs: &str) -> Result<(String, String)> {
+    if let Some(problem) = crate::task::name_problem(name) {
         return Err(Error::Config(format!("task name {problem}")));
     }
-    let args: serde_json::Value = serde_json::from_str(&task.args)
+    let args: serde_json::Value = serde_json::from_str(args)
         .map_err(|e| Error::Config(format!("ARGS_JSON is not valid JSON: {e}")))?;
     if !args.is_array() {
         return Err(Error::Config(
             "ARGS_JSON must be a JSON array, e.g. '[1, \"two\"]'".to_owned(),
         ));
     }
-    let kwargs: serde_json::Value = serde_json::from_str(&task.kwargs)
+    let kwargs: serde_json::Value = serde_json::from_str(kwargs)
         .map_err(|e| Error::Config(format!("--kwargs is not valid JSON: {e}")))?;
     if !kwargs.is_object() {
         return Err(Error::Config(
             "--kwargs must be a JSON object, e.g. '{\"k\": 1}'".to_owned(),
         ));
     }
-    let config = globals.load_config()?;
-    let mut store = Store::open_checked(&config.db, Access::ReadWrite)?;
-    let enqueued = store.enqueue_task(&NewTask {
-        name: &task.name,
-        args: &args.to_string(),
-        kwargs: &kwargs.to_string(),
-        delay: task.delay.unwrap_or_default().as_secs_f64(),
-        priority: task.priority,
-        origin: None,
-        unique_key: task.unique.as_deref(),
-    })?;
+    Ok((args.to_string(), kwargs.to_string()))
+}
+
+/// Inserts a checked task and wakes the daemon when a row was inserted (a task holding its
+/// unique key is logged instead): `enqueue` and the dashboard.
+pub fn enqueue(config: &Config, store: &mut Store, task: &NewTask<'_>) -> Result<Enqueued> {
+    let enqueued = store.enqueue_task(task)?;
     let id = enqueued.id;
     if enqueued.created {
-        crate::wake::poke(&config, &format!("task {id} enqueued"));
-    } else if let Some(key) = &task.unique {
+        crate::wake::poke(config, &format!("task {id} enqueued"));
+    } else if let Some(key) = task.unique_key {
         log::info!("not enqueued: task {id} holds the unique key {key:?}");
     }
-    if task.json {
-        let doc = serde_json::json!({"id": id, "created": enqueued.created});
-        return print(&format!("{doc}\n"));
-    }
-    print(&format!("{id}\n"))
+    Ok(enqueued)
 }

@@ -27,7 +27,7 @@ pub struct ListArgs {
     /// Only tasks of this priority
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
     pub priority: Option<i64>,
-    /// Only tasks whose args or kwargs (as JSON text) contain this text
+    /// Only tasks whose args or kwargs (as JSON text), or error, contain this text
     #[arg(long, value_name = "TEXT")]
     pub search: Option<String>,
     /// Oldest (lowest id) first

@@ -26,12 +26,14 @@ pub mod list;
 pub mod metrics;
 pub mod observe;
 pub mod pause;
+pub mod reload;
 pub mod resume;
 pub mod retry;
 pub mod run;
 pub mod show;
 pub mod stats;
 pub mod status;
+pub mod ui;
 pub mod wait;
 
 /// The flags every subcommand takes, before or after its name.
@@ -98,6 +100,12 @@ fn print(text: &str) -> Result<()> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .map_err(|e| Error::io("writing to stdout", e))
+}
+
+/// Writes one line to stdout (`foreman ui`'s URL, which a script may wait for).
+#[cfg(feature = "ui")]
+pub fn print_line(text: &str) -> Result<()> {
+    print(&format!("{text}\n"))
 }
 
 /// The error of a command that printed its answer and only has its exit status to add.

@@ -1,4 +1,4 @@
-//! `foreman run`: the daemon, until SIGTERM or SIGINT (see the foreman loop).
+//! `foreman run`: the daemon, until SIGTERM or SIGINT; SIGHUP reloads it (see the foreman loop).
 
 use crossbeam_channel::Receiver;
 

@@ -130,7 +130,8 @@ fn result(story: &TaskStory) -> Option<&str> {
         .find_map(|a| a.result.as_deref())
 }
 
-fn story_json(story: &TaskStory) -> serde_json::Value {
+/// `show --json`'s document (and the dashboard's task page).
+pub fn story_json(story: &TaskStory) -> serde_json::Value {
     let call = call(story);
     let attempts: Vec<serde_json::Value> = story.attempts.iter().map(attempt_json).collect();
     serde_json::json!({

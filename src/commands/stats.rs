@@ -90,7 +90,8 @@ impl Intervals {
         self.first + i64::try_from(self.count).unwrap_or(0) * self.step - 1
     }
 
-    fn index(&self, minute: i64) -> Option<usize> {
+    /// The interval `minute` falls in, if the window covers it.
+    pub fn index(&self, minute: i64) -> Option<usize> {
         usize::try_from((minute - self.first).div_euclid(self.step))
             .ok()
             .filter(|i| *i < self.count)
@@ -103,6 +104,9 @@ pub struct TaskStats {
     pub total: MinuteStat,
     pub counts: Vec<u64>,
     pub failures: Vec<u64>,
+    /// Wall and wait times per interval (the dashboard's percentile charts).
+    pub walls: Vec<Histogram>,
+    pub waits: Vec<Histogram>,
 }
 
 impl TaskStats {
@@ -111,6 +115,8 @@ impl TaskStats {
             total: MinuteStat::default(),
             counts: vec![0; intervals],
             failures: vec![0; intervals],
+            walls: vec![Histogram::default(); intervals],
+            waits: vec![Histogram::default(); intervals],
         }
     }
 
@@ -118,6 +124,8 @@ impl TaskStats {
         self.total.merge(stat);
         self.counts[interval] = self.counts[interval].saturating_add(stat.count);
         self.failures[interval] = self.failures[interval].saturating_add(stat.failed);
+        self.walls[interval].merge(&stat.wall_hist);
+        self.waits[interval].merge(&stat.wait_hist);
     }
 }
 
@@ -299,6 +307,11 @@ impl Stats {
 
     /// The JSON form: one document, keys documented in docs/guide/operations.md.
     pub fn json(&self) -> String {
+        format!("{}\n", self.document())
+    }
+
+    /// The JSON document (`stats --json`, and the dashboard's overview).
+    pub fn document(&self) -> serde_json::Value {
         let starts: Vec<i64> = (0..self.intervals.count)
             .map(|i| {
                 (self.intervals.first + i64::try_from(i).unwrap_or(0) * self.intervals.step) * 60
@@ -309,7 +322,7 @@ impl Stats {
             .iter()
             .map(|(name, stats)| (name.clone(), figures_json(stats)))
             .collect();
-        let doc = serde_json::json!({
+        serde_json::json!({
             "window_seconds": self.window.as_secs_f64(),
             "task": self.task,
             "now": rounded(self.now),
@@ -317,8 +330,7 @@ impl Stats {
             "interval_starts": starts,
             "total": figures_json(&self.all),
             "by_task": by_task,
-        });
-        format!("{doc}\n")
+        })
     }
 }
 

@@ -428,8 +428,13 @@ impl Status {
 
     /// The JSON form: one document, keys documented in docs/guide/operations.md.
     pub fn json(&self) -> String {
+        format!("{}\n", self.document())
+    }
+
+    /// The JSON document (`status --json`, and the dashboard's overview).
+    pub fn document(&self) -> serde_json::Value {
         let workers = self.obs.daemon.workers(&self.obs.running);
-        let doc = serde_json::json!({
+        serde_json::json!({
             "db": self.db,
             "now": rounded(self.obs.now),
             "daemon": self.daemon_json(),
@@ -449,8 +454,7 @@ impl Status {
             "paused": health::paused_json(&self.obs.paused, self.obs.now),
             "dead": self.dead,
             "last_minute": self.last_minute_json(),
-        });
-        format!("{doc}\n")
+        })
     }
 
     /// The running daemon, or the last one when none runs.

@@ -57,7 +57,7 @@ impl Control {
     }
 }
 
-impl Foreman<'_> {
+impl Foreman {
     /// Reads the control state again if a control wake came, or if the database changed since
     /// the last read (or long ago): the tick's and the wake's check.
     pub(super) fn watch_control(&mut self, poked: bool) {

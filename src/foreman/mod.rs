@@ -3,16 +3,17 @@
 //! event channels and, bounded by the busy timeout, on the database's write lock.
 //!
 //! `serve` reads as two calls: `next_event` (the `select!` over the channels) and `handle` (the
-//! `match` over what came). The state is grouped by what it is for: the attempts out, the
-//! workers, the stop phase, the operator's pauses and aborts (`Control`, in `control.rs`), and
-//! the upkeep parts (`QueueLook`, `ClockWatch`, `Pruning`, `Figures`, `DbTrouble`) in `upkeep.rs`;
-//! popping and finishing are in `work.rs`, stopping in `stop.rs`.
+//! `match` over what came). The state is grouped by what it is for: the configuration in force,
+//! the attempts out, the workers, the stop phase, the operator's pauses and aborts (`Control`, in
+//! `control.rs`), and the upkeep parts (`QueueLook`, `ClockWatch`, `Pruning`, `Figures`,
+//! `DbTrouble`) in `upkeep.rs`; popping and finishing are in `work.rs`, stopping in `stop.rs`,
+//! reloading the configuration and replacing the pools' processes in `reload.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, select};
+use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::children::Children;
 use crate::config::Config;
@@ -30,6 +31,7 @@ use crate::thread_pool::ThreadPool;
 use crate::wake::Wakeups;
 
 mod control;
+mod reload;
 mod stop;
 mod upkeep;
 mod work;
@@ -52,6 +54,8 @@ enum Event {
     /// The fallback tick: catches missed wakeups and stale wakeup files.
     Tick,
     Shutdown(Shutdown),
+    /// SIGHUP: read the configuration again and apply it.
+    Reload,
     /// The current shutdown phase ran out of time.
     Deadline,
     /// A delayed task or a schedule is due.
@@ -68,8 +72,6 @@ struct Channels {
     finished: Receiver<Finished>,
     pool_events: Receiver<PoolEvent>,
     wakes: Receiver<()>,
-    ticker: Receiver<Instant>,
-    beats: Receiver<Instant>,
 }
 
 /// A task handed to a worker (or waiting for one, prefetched) and not finished yet.
@@ -100,12 +102,56 @@ struct Attempts {
 /// the record of every child process, so that none outlives the daemon.
 struct Workers {
     threads: ThreadPool,
-    pools: Vec<ProcessPool>,
+    /// Every pool's processes, a generation per `ProcessPool`: one per configured pool, and
+    /// during and after a reload the ones on their way out.
+    pools: Vec<PoolGen>,
     children: Arc<Children>,
+    /// The id the next `ProcessPool` gets.
+    next_pool_id: usize,
+    /// Where workers report, kept to start more of them on a reload.
+    finished: Sender<Finished>,
+    pool_events: Sender<PoolEvent>,
 }
 
-struct Foreman<'c> {
-    config: &'c Config,
+/// One generation of a pool's processes, and what it is to the loop.
+struct PoolGen {
+    pool: ProcessPool,
+    role: Role,
+}
+
+/// What a pool generation is for: a reload replaces each pool by a new generation, whose
+/// processes start one at a time while the previous one's leave, each after its current task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Takes the pool's tasks; during a reload, `previous` (a pool id) is the generation it
+    /// replaces.
+    Current { previous: Option<usize> },
+    /// Being replaced: takes what the current generation cannot take yet, and gives up a
+    /// process for each of the current one's that says hello.
+    Previous,
+    /// Removed by a reload, or replaced before its replacement was done: takes no task; its
+    /// processes leave as they become idle, and it is stopped once it runs nothing.
+    Draining,
+    /// Told to stop; dropped once its drivers have ended.
+    Stopping,
+}
+
+impl Workers {
+    /// The position in `pools` of the generation with this id.
+    fn find(&self, id: usize) -> Option<usize> {
+        find_pool(&self.pools, id)
+    }
+}
+
+fn find_pool(pools: &[PoolGen], id: usize) -> Option<usize> {
+    pools.iter().position(|g| g.pool.id == id)
+}
+
+struct Foreman {
+    config: Config,
+    /// The handlers `run` was given (built-in and in-process), to which a reload adds the
+    /// configuration's again.
+    base_registry: Registry,
     registry: Registry,
     store: Store,
     wake: Wakeups,
@@ -127,14 +173,20 @@ struct Foreman<'c> {
 /// (or the graceful timeout passes). Takes the PID lock, creates the schema and wakeup dir if
 /// absent, and drains the backlog first. At the graceful deadline, command tasks are killed but an
 /// in-process handler cannot be: `run` returns without it, and it ends when the process exits.
-pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
+///
+/// SIGHUP on `shutdown` (`Shutdown(libc::SIGHUP)`) reloads the configuration: `Config::reload`,
+/// applied while the daemon runs (docs/guide/daemon.md, *Reloading*).
+pub fn run(config: &Config, registry: Registry, shutdown: &Receiver<Shutdown>) -> Result<()> {
     Store::preflight(&config.db)?;
     Wakeups::preflight(config)?;
     if let Some(pid_file) = &config.pid_file {
         crate::fs_check::pid_file_writable(pid_file)?;
     }
     config.check_commands()?;
-    registry.add_config(config)?;
+    let base_registry = registry.clone();
+    let mut registry = registry;
+    // The pools get ids 0.. in the config's order.
+    registry.add_config(config, 0)?;
     registry.check_schedules(config)?;
     let _guard = config
         .pid_file
@@ -154,20 +206,38 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         .pools
         .iter()
         .enumerate()
-        .map(|(index, (name, pool))| {
-            ProcessPool::start(index, name, pool, &pool_tx, &finished_tx, &children)
+        .map(|(id, (name, pool))| {
+            let env = config.launch_env(&pool.command);
+            let pool = ProcessPool::start(
+                id,
+                name,
+                pool,
+                env,
+                pool.processes,
+                &pool_tx,
+                &finished_tx,
+                &children,
+            )?;
+            Ok(PoolGen {
+                pool,
+                role: Role::Current { previous: None },
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     log_startup(config, &registry, &wake, &pools);
     let mut foreman = Foreman {
-        config,
+        config: config.clone(),
+        base_registry,
         registry,
         store,
         wake,
         workers: Workers {
             threads,
+            next_pool_id: pools.len(),
             pools,
             children,
+            finished: finished_tx,
+            pool_events: pool_tx,
         },
         attempts: Attempts {
             running: HashMap::with_capacity(config.workers),
@@ -177,10 +247,10 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
         claims: ClaimPlan::default(),
         stop: Stop::default(),
         control: Control::default(),
-        look: QueueLook::default(),
+        look: QueueLook::new(config.tick),
         clock: ClockWatch::default(),
         pruning: Pruning::default(),
-        figures: Figures::default(),
+        figures: Figures::new(config.heartbeat),
         db_trouble: DbTrouble::default(),
     };
     let stamp = foreman.store.changes();
@@ -191,25 +261,16 @@ pub fn run(config: &Config, mut registry: Registry, shutdown: &Receiver<Shutdown
     foreman.write_beat();
     let status = foreman.status_line();
     foreman.figures.notifier.ready(status);
-    // Figures are flushed by the tick too (at most once a second), so an idle daemon wakes for its
-    // heartbeat only every `heartbeat`.
-    let beat_every = foreman
-        .figures
-        .notifier
-        .watchdog_every()
-        .map_or(config.heartbeat, |w| w.min(config.heartbeat));
     let mut channels = Channels {
         shutdown: shutdown.clone(),
         finished,
         pool_events,
         wakes,
-        ticker: crossbeam_channel::tick(config.tick),
-        beats: crossbeam_channel::tick(beat_every),
     };
     foreman.serve(&mut channels)
 }
 
-impl Foreman<'_> {
+impl Foreman {
     /// The loop: one event at a time until the daemon has stopped.
     fn serve(&mut self, channels: &mut Channels) -> Result<()> {
         loop {
@@ -241,9 +302,17 @@ impl Foreman<'_> {
                 .control
                 .next_kill()
                 .map_or_else(crossbeam_channel::never, crossbeam_channel::at);
+            // Figures are flushed by the tick too (at most once a second while busy), and an idle
+            // daemon's tick comes with its heartbeat: it wakes once per heartbeat.
+            let tick = crossbeam_channel::at(self.look.next_tick);
+            let beat = crossbeam_channel::at(self.figures.next_beat);
             return select! {
                 recv(channels.shutdown) -> signal => if let Ok(signal) = signal {
-                    Event::Shutdown(signal)
+                    if signal.0 == libc::SIGHUP {
+                        Event::Reload
+                    } else {
+                        Event::Shutdown(signal)
+                    }
                 } else {
                     // Nobody can ask for a shutdown any more; stop listening instead of spinning.
                     channels.shutdown = crossbeam_channel::never();
@@ -252,16 +321,19 @@ impl Foreman<'_> {
                 recv(channels.finished) -> done => done.map_or(Event::Tick, Event::WorkerFinished),
                 recv(channels.pool_events) -> event => event.map_or(Event::Tick, Event::Pool),
                 recv(channels.wakes) -> _ => Event::Wakeup,
-                recv(channels.ticker) -> _ => Event::Tick,
+                recv(tick) -> _ => Event::Tick,
                 recv(deadline) -> _ => Event::Deadline,
                 recv(due) -> _ => Event::Due,
-                recv(channels.beats) -> _ => Event::Beat,
+                recv(beat) -> _ => Event::Beat,
                 recv(kill) -> _ => Event::Kill,
             };
         }
     }
 
     fn handle(&mut self, event: Event, channels: &Channels) -> Result<()> {
+        if !matches!(event, Event::Tick | Event::Beat) {
+            self.active();
+        }
         match event {
             Event::Wakeup => {
                 self.wake.woken();
@@ -277,6 +349,9 @@ impl Foreman<'_> {
                     self.finish(done);
                 }
                 self.gather(&channels.finished);
+                if self.replacing_pools() {
+                    self.advance_pools();
+                }
                 self.fill();
             }
             Event::Pool(event) => {
@@ -284,13 +359,20 @@ impl Foreman<'_> {
                 // say a pool is down (or serves nothing) after its workers said hello.
                 let before = self.pools_json();
                 self.pool_event(event);
+                self.advance_pools();
                 if self.pools_json() != before {
                     self.write_beat();
                 }
                 self.fill();
             }
-            Event::Tick => self.tick(),
+            Event::Tick => {
+                if self.replacing_pools() {
+                    self.advance_pools();
+                }
+                self.tick();
+            }
             Event::Shutdown(signal) => self.shutdown(signal)?,
+            Event::Reload => self.reload(),
             Event::Deadline => self.deadline(),
             Event::Due => {
                 self.look.next_task_due = None;
@@ -341,11 +423,11 @@ fn open_store(
     Ok(store)
 }
 
-fn log_startup(config: &Config, registry: &Registry, wake: &Wakeups, pools: &[ProcessPool]) {
+fn log_startup(config: &Config, registry: &Registry, wake: &Wakeups, pools: &[PoolGen]) {
     let pools = if pools.is_empty() {
         String::new()
     } else {
-        let names: Vec<&str> = pools.iter().map(|p| &*p.name).collect();
+        let names: Vec<&str> = pools.iter().map(|g| &*g.pool.name).collect();
         format!(", pools starting: {}", names.join(", "))
     };
     log::info!(

@@ -40,7 +40,7 @@ impl Default for Stop {
     }
 }
 
-impl Foreman<'_> {
+impl Foreman {
     /// Whether the daemon is done: stopping with nothing left running, or past the terminating
     /// phase's deadline (then whatever still runs is killed).
     pub(super) fn stopped(&mut self) -> bool {

@@ -5,12 +5,13 @@
 use std::time::{Duration, Instant};
 
 use super::stop::Phase;
-use super::{Foreman, lost_database};
+use super::{Foreman, Role, lost_database};
 use crate::clock::{StepDetector, unix_now};
 use crate::config::Config;
 use crate::duration::format_duration;
 use crate::error::Error;
 use crate::notify::Notifier;
+use crate::process_pool::ProcessPool;
 use crate::stats::{Tally, minute_of};
 use crate::store::{Beat, BeatNews, ChangeToken};
 
@@ -38,7 +39,7 @@ pub(super) fn stale_after(config: &Config) -> Duration {
     (config.heartbeat * STALE_BEATS).max(MIN_STALE)
 }
 
-/// What the loop knows of the queue between pops.
+/// What the loop knows of the queue between pops, and when the fallback tick looks next.
 pub(super) struct QueueLook {
     /// What had been committed at the tick's last look at the queue.
     pub(super) seen: Option<ChangeToken>,
@@ -49,18 +50,28 @@ pub(super) struct QueueLook {
     /// What a cycle that claims costs, averaged: whether waiting a moment for more endings
     /// before the next one pays (`Foreman::gather`).
     pub(super) cycle_cost: Duration,
+    /// When the next tick fires.
+    pub(super) next_tick: Instant,
+    /// Ticks in a row that found the daemon idle, nothing committed and the wake source healthy:
+    /// each doubles the time to the next one, up to the heartbeat.
+    pub(super) quiet_ticks: u32,
 }
 
-impl Default for QueueLook {
-    fn default() -> QueueLook {
+impl QueueLook {
+    pub(super) fn new(tick: Duration) -> QueueLook {
         QueueLook {
             seen: None,
             at: Instant::now(),
             next_task_due: None,
             cycle_cost: Duration::ZERO,
+            next_tick: Instant::now() + tick,
+            quiet_ticks: 0,
         }
     }
 }
+
+/// The most a quiet tick doubles: 2^8 ticks, past any heartbeat worth having.
+const MAX_QUIET_DOUBLINGS: u32 = 8;
 
 /// Backward steps of the wall clock, and what is still to be done about one.
 #[derive(Default)]
@@ -99,16 +110,37 @@ pub(super) struct Figures {
     pub(super) notifier: Notifier,
     /// When the heartbeat row was last written.
     pub(super) last_beat: Instant,
+    /// How often the beat timer fires: the heartbeat, or half the watchdog's period if shorter.
+    pub(super) beat_every: Duration,
+    /// When it fires next.
+    pub(super) next_beat: Instant,
 }
 
-impl Default for Figures {
-    fn default() -> Figures {
+impl Figures {
+    pub(super) fn new(heartbeat: Duration) -> Figures {
+        let notifier = Notifier::from_env();
+        let beat_every = beat_every(&notifier, heartbeat);
         Figures {
             tally: Tally::default(),
-            notifier: Notifier::from_env(),
+            notifier,
             last_beat: Instant::now(),
+            beat_every,
+            next_beat: Instant::now() + beat_every,
         }
     }
+
+    /// A reload changed the heartbeat: the beat timer follows from now.
+    pub(super) fn set_heartbeat(&mut self, heartbeat: Duration) {
+        self.beat_every = beat_every(&self.notifier, heartbeat);
+        self.next_beat = Instant::now() + self.beat_every;
+    }
+}
+
+/// The heartbeat, or half the watchdog's period if shorter.
+fn beat_every(notifier: &Notifier, heartbeat: Duration) -> Duration {
+    notifier
+        .watchdog_every()
+        .map_or(heartbeat, |w| w.min(heartbeat))
 }
 
 /// The DB's failures since it last took a write, so that a lasting one is logged once per
@@ -121,14 +153,54 @@ pub(super) struct DbTrouble {
     logged_at: Option<Instant>,
 }
 
-impl Foreman<'_> {
+impl Foreman {
+    /// The fallback tick: catches what no wake said (a producer that skipped its wakeup, an
+    /// overflowed watch), and does the upkeep. Then sets when it fires next (`schedule_tick`).
     pub(super) fn tick(&mut self) {
+        let quiet = self.tick_once();
+        self.look.quiet_ticks = if quiet {
+            self.look.quiet_ticks.saturating_add(1)
+        } else {
+            0
+        };
+        self.schedule_tick();
+    }
+
+    /// When the tick fires next: `tick` after this one, or, after ticks that found the daemon
+    /// idle with nothing committed and its wake source healthy, twice as long each time, up to
+    /// the heartbeat — and then with the heartbeat, so that an idle daemon wakes once per
+    /// heartbeat. A producer's wake (or anything else that happens) brings `tick` back.
+    pub(super) fn schedule_tick(&mut self) {
+        let tick = self.config.tick;
+        let doublings = self.look.quiet_ticks.min(MAX_QUIET_DOUBLINGS);
+        let stretched = tick.saturating_mul(1 << doublings);
+        let longest = tick.max(self.figures.beat_every);
+        let now = Instant::now();
+        self.look.next_tick = if stretched >= longest && self.figures.next_beat > now {
+            self.figures.next_beat
+        } else {
+            now + stretched.min(longest)
+        };
+    }
+
+    /// Something happened besides a tick: the next tick comes `tick` from now at the latest.
+    pub(super) fn active(&mut self) {
+        self.look.quiet_ticks = 0;
+        let soon = Instant::now() + self.config.tick;
+        if self.look.next_tick > soon {
+            self.look.next_tick = soon;
+        }
+    }
+
+    /// One tick's work; returns whether it found the daemon quiet: running nothing, nothing
+    /// committed since the last look, and the wake source healthy.
+    fn tick_once(&mut self) -> bool {
         if !matches!(self.stop.phase, Phase::Running) {
             self.flush();
-            return;
+            return false;
         }
         if self.db_lost() {
-            return;
+            return false;
         }
         self.watch_clock();
         if Instant::now() >= self.pruning.next {
@@ -144,7 +216,7 @@ impl Foreman<'_> {
             if !self.attempts.ended.is_empty() {
                 self.fill(); // A DB error kept them from being recorded; try again.
             }
-            return;
+            return false;
         }
         let woken = self.wake.look();
         // Taken before the look, so a commit during it shows as a change next time.
@@ -155,7 +227,8 @@ impl Foreman<'_> {
             && self.attempts.ended.is_empty()
             && self.look.at.elapsed() < LOOK_ANYWAY
         {
-            return; // Nothing was committed since the last look: the queue is as it was.
+            // Nothing was committed since the last look: the queue is as it was.
+            return self.attempts.running.is_empty() && self.wake.healthy();
         }
         self.look.seen = stamp;
         self.look.at = Instant::now();
@@ -169,6 +242,7 @@ impl Foreman<'_> {
             }
             Err(e) => self.db_error("cannot read the queue", &e),
         }
+        false
     }
 
     /// Whether the database was lost under the daemon (its file deleted, or replaced by a restored
@@ -288,6 +362,7 @@ impl Foreman<'_> {
     /// The heartbeat timer: pings systemd's watchdog (from this loop, so a stuck loop gets the
     /// daemon restarted), and writes the heartbeat row with the figures when they are due.
     pub(super) fn beat(&mut self) {
+        self.figures.next_beat = Instant::now() + self.figures.beat_every;
         // A tenth short of the period: the timer fires every `heartbeat` (or more often, for the
         // watchdog), and the last write ended a little after its firing.
         let due = self.config.heartbeat.mul_f64(0.9);
@@ -310,11 +385,12 @@ impl Foreman<'_> {
             .iter()
             .filter(|(_, r)| r.leased)
             .map(|(id, r)| {
-                let length = super::lease_length(self.config, &r.name);
+                let length = super::lease_length(&self.config, &r.name);
                 (*id, length.as_secs_f64())
             })
             .collect();
         let beat = Beat {
+            workers: self.config.workers,
             pools_json: &pools,
             totals_json: &totals,
             served: &self.claims.served,
@@ -342,7 +418,7 @@ impl Foreman<'_> {
         if let Some(by) = news.recovered_by {
             log::error!(
                 "this daemon was recovered by daemon {by}: its heartbeat was older than {} (it was cut off from the database, or stopped); its running attempts were recorded lost and its leases released. It registered again and carries on; the tasks it still runs record how they really ended",
-                format_duration(stale_after(self.config))
+                format_duration(stale_after(&self.config))
             );
         }
         for daemon in &news.recovered {
@@ -364,18 +440,29 @@ impl Foreman<'_> {
 
     /// The pools as the heartbeat row shows them: what `foreman status` and `health` need to tell
     /// a saturated pool from a stalled queue.
+    /// During and after a reload a pool is its current generation and the ones it replaces,
+    /// counted together: they all run its tasks until they are gone.
     pub(super) fn pools_json(&self) -> String {
-        let pools: Vec<serde_json::Value> = self
-            .workers
-            .pools
+        let pools = &self.workers.pools;
+        let pools: Vec<serde_json::Value> = pools
             .iter()
-            .map(|pool| {
-                let tasks: Vec<&String> = pool.served().into_iter().flatten().collect();
+            .filter(|g| matches!(g.role, Role::Current { .. }))
+            .map(|current| {
+                let pool = &current.pool;
+                let same: Vec<&ProcessPool> = pools
+                    .iter()
+                    .filter(|g| g.role != Role::Stopping && g.pool.name == pool.name)
+                    .map(|g| &g.pool)
+                    .collect();
+                let served = pool
+                    .served()
+                    .or_else(|| same.iter().find_map(|p| p.served()));
+                let tasks: Vec<&String> = served.into_iter().flatten().collect();
                 serde_json::json!({
                     "name": &*pool.name,
-                    "processes": pool.processes(),
-                    "up": pool.up(),
-                    "busy": pool.in_flight(),
+                    "processes": pool.target(),
+                    "up": same.iter().map(|p| p.up()).sum::<usize>(),
+                    "busy": same.iter().map(|p| p.in_flight()).sum::<usize>(),
                     "tasks": tasks,
                 })
             })

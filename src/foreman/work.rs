@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::control::Control;
 use super::stop::Phase;
-use super::{Foreman, MAX_DUE_WAIT, Running, lease_length};
+use super::{Foreman, MAX_DUE_WAIT, PoolGen, Role, Running, find_pool, lease_length};
 use crate::config::{Config, Delivery, Runner};
 use crate::outcome::{Finished, Outcome, headline};
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
@@ -44,7 +44,7 @@ impl ClaimPlan {
     pub(super) fn new(
         config: &Config,
         registry: &Registry,
-        pools: &[ProcessPool],
+        pools: &[PoolGen],
         control: &Control,
     ) -> ClaimPlan {
         let mut by_runner: std::collections::BTreeMap<Option<usize>, Vec<String>> =
@@ -58,9 +58,8 @@ impl ClaimPlan {
             }
             let pool = match handler {
                 Handler::Pool { pool, .. } => {
-                    let up = pools
-                        .get(*pool)
-                        .is_some_and(|p| p.settled() && !p.is_down());
+                    let up =
+                        generations(pools, *pool).any(|g| g.pool.settled() && !g.pool.is_down());
                     if !up {
                         continue;
                     }
@@ -93,11 +92,14 @@ impl ClaimPlan {
         plan
     }
 
-    /// The claim for `free` slots: each pool's group limited to its free processes.
-    fn claim(&mut self, free: usize, pools: &[ProcessPool]) -> Claim<'_> {
+    /// The claim for `free` slots: each pool's group limited to its free processes (during a
+    /// reload, the generation being replaced's too).
+    fn claim(&mut self, free: usize, pools: &[PoolGen]) -> Claim<'_> {
         for (group, pool) in self.groups.iter_mut().zip(&self.pools) {
-            group.limit = match pool.and_then(|p| pools.get(p)) {
-                Some(pool) => pool.processes().saturating_sub(pool.in_flight()),
+            group.limit = match pool {
+                Some(id) => generations(pools, *id)
+                    .map(|g| g.pool.processes().saturating_sub(g.pool.in_flight()))
+                    .sum(),
                 None => usize::MAX,
             };
         }
@@ -108,13 +110,26 @@ impl ClaimPlan {
     }
 }
 
+/// The generations that run pool `id`'s tasks: the current one, and during a reload the one it
+/// replaces.
+fn generations(pools: &[PoolGen], id: usize) -> impl Iterator<Item = &PoolGen> {
+    let current = find_pool(pools, id).map(|i| &pools[i]);
+    let previous = current.and_then(|g| match g.role {
+        Role::Current {
+            previous: Some(previous),
+        } => find_pool(pools, previous).map(|i| &pools[i]),
+        _ => None,
+    });
+    current.into_iter().chain(previous)
+}
+
 /// How `task` runs now: on its handler, not at all (dead letter), not yet, not while its name is
 /// paused, or (an expired lease of a task this daemon still runs) not again.
 #[allow(clippy::too_many_arguments)] // The loop's parts it reads, borrowed one by one.
 fn resolve(
     config: &Config,
     registry: &Registry,
-    pools: &[ProcessPool],
+    pools: &[PoolGen],
     running: &HashMap<i64, Running>,
     control: &Control,
     taken: &mut [usize],
@@ -133,15 +148,17 @@ fn resolve(
         Delivery::AtMostOnce => None,
         Delivery::AtLeastOnce => Some(lease()),
     };
+    let current = pools
+        .iter()
+        .filter(|g| matches!(g.role, Role::Current { .. }));
     let Some(handler) = registry.get(name) else {
         // A pool still starting may serve it: its hello has not said yet.
-        if pools.iter().any(|p| !p.settled()) {
+        if current.clone().any(|g| !g.pool.settled()) {
             return Resolved::Defer;
         }
-        let down: Vec<&str> = pools
-            .iter()
-            .filter(|p| p.is_down())
-            .map(|p| &*p.name)
+        let down: Vec<&str> = current
+            .filter(|g| g.pool.is_down())
+            .map(|g| &*g.pool.name)
             .collect();
         return Resolved::Dead(if down.is_empty() {
             format!("unknown task name {name:?}")
@@ -152,26 +169,69 @@ fn resolve(
             )
         });
     };
-    let Handler::Pool { pool: index, .. } = handler else {
+    let Handler::Pool { pool: id, timeout } = handler else {
         return Resolved::Run(handler.clone(), lease);
     };
-    let (Some(pool), Some(taken)) = (pools.get(*index), taken.get_mut(*index)) else {
+    let Some(index) = find_pool(pools, *id) else {
         return Resolved::Dead(format!("task {name:?} is routed to a missing pool"));
     };
-    if !pool.settled() {
-        return Resolved::Defer;
+    let here = place(&pools[index].pool, taken[index], name);
+    if let Place::Take = here {
+        taken[index] += 1;
+        return Resolved::Run(handler.clone(), lease);
     }
-    if let Err(reason) = pool.accepts(name) {
-        return Resolved::Dead(reason);
+    // During a reload, the generation being replaced takes what the new one cannot take yet.
+    if let Role::Current {
+        previous: Some(previous),
+    } = pools[index].role
+        && let Some(before) = find_pool(pools, previous)
+    {
+        match place(&pools[before].pool, taken[before], name) {
+            Place::Take => {
+                taken[before] += 1;
+                let handler = Handler::Pool {
+                    pool: previous,
+                    timeout: *timeout,
+                };
+                return Resolved::Run(handler, lease);
+            }
+            Place::Full => return Resolved::Defer,
+            Place::Unsettled | Place::Refuse(_) => {}
+        }
     }
-    if pool.in_flight() + *taken >= pool.processes() {
-        return Resolved::Defer;
+    match here {
+        Place::Take | Place::Unsettled | Place::Full => Resolved::Defer,
+        Place::Refuse(reason) => Resolved::Dead(reason),
     }
-    *taken += 1;
-    Resolved::Run(handler.clone(), lease)
 }
 
-impl Foreman<'_> {
+/// Whether a pool generation can take a task of `name` now.
+enum Place {
+    Take,
+    /// No process has said hello yet, and none has given up.
+    Unsettled,
+    /// Every process is busy (or has a task waiting for it).
+    Full,
+    /// It cannot run it: the dead letter's reason.
+    Refuse(String),
+}
+
+/// `taken`: the pool's tasks popped in this cycle, not submitted yet.
+fn place(pool: &ProcessPool, taken: usize, name: &str) -> Place {
+    if !pool.settled() {
+        return Place::Unsettled;
+    }
+    if let Err(reason) = pool.accepts(name) {
+        return Place::Refuse(reason);
+    }
+    match pool.processes() {
+        0 => Place::Refuse(format!("pool {:?} has no process left", pool.name)),
+        processes if pool.in_flight() + taken >= processes => Place::Full,
+        _ => Place::Take,
+    }
+}
+
+impl Foreman {
     /// Records the ended attempts, then pops and starts tasks until the slots are full, the queue
     /// has nothing due, or the due rows must wait (their pool is busy or still starting; they stay
     /// queued until a pool event or a finished task calls `fill` again).
@@ -194,7 +254,7 @@ impl Foreman<'_> {
             }
             let now = self.store.now();
             let (config, registry, pools, running, control) = (
-                self.config,
+                &self.config,
                 &self.registry,
                 &self.workers.pools,
                 &self.attempts.running,
@@ -247,7 +307,7 @@ impl Foreman<'_> {
                     Handler::Pool { pool, .. } => Some(*pool),
                     _ => None,
                 };
-                let leased = config.policy(&task.name).delivery == Delivery::AtLeastOnce;
+                let leased = self.config.policy(&task.name).delivery == Delivery::AtLeastOnce;
                 let due = match (task.run_after, task.created_at) {
                     (Some(a), Some(b)) => a.max(b),
                     (a, b) => a.or(b).unwrap_or(now),
@@ -266,7 +326,12 @@ impl Foreman<'_> {
                 );
                 match handler {
                     Handler::Pool { pool, timeout } => {
-                        self.workers.pools[pool].submit(PoolJob { task, timeout });
+                        // `resolve` found it a moment ago.
+                        if let Some(index) = self.workers.find(pool) {
+                            self.workers.pools[index]
+                                .pool
+                                .submit(PoolJob { task, timeout });
+                        }
                     }
                     handler => self.workers.threads.submit(Job { task, handler }),
                 }
@@ -467,22 +532,26 @@ impl Foreman<'_> {
         let Some(running) = self.attempts.running.remove(&task_id) else {
             return (false, 0.0);
         };
-        if let Some(pool) = running.pool.and_then(|p| self.workers.pools.get_mut(p)) {
-            pool.done_one();
+        if let Some(index) = running.pool.and_then(|id| self.workers.find(id)) {
+            self.workers.pools[index].pool.done_one();
         }
         (running.leased, running.waited)
     }
 
     pub(super) fn pool_event(&mut self, event: PoolEvent) {
-        let Some(pool) = self.workers.pools.get_mut(event.pool) else {
+        // None: a pool generation stopped and dropped since (its last events come late).
+        let Some(index) = self.workers.find(event.pool) else {
             return;
         };
-        let applied = pool.apply(event.slot, event.kind);
-        let name = pool.name.clone();
-        if let Some(served) = applied.first_hello {
+        let generation = &mut self.workers.pools[index];
+        let applied = generation.pool.apply(event.slot, event.kind);
+        let name = generation.pool.name.clone();
+        // Only the current generation routes: a draining one's hello serves nobody.
+        let routes = matches!(generation.role, Role::Current { .. });
+        if let Some(served) = applied.first_hello.filter(|_| routes) {
             let elsewhere = self
                 .registry
-                .add_pool_tasks(event.pool, &served, self.config);
+                .add_pool_tasks(event.pool, &served, &self.config);
             if !elsewhere.is_empty() {
                 log::warn!(
                     "pool {name}: task(s) {} already run another way (config or in-process); they stay there",
@@ -508,7 +577,7 @@ impl Foreman<'_> {
         }
         for job in applied.orphans {
             let (leased, _) = self.forget(job.task.id);
-            let reason = match self.workers.pools[event.pool].accepts(&job.task.name) {
+            let reason = match self.workers.pools[index].pool.accepts(&job.task.name) {
                 Err(reason) => reason,
                 Ok(()) => format!("pool {name:?} went down before the task started"),
             };
@@ -532,21 +601,22 @@ impl Foreman<'_> {
     /// Plans the claims again, after the pools or the registry changed.
     pub(super) fn plan_claims(&mut self) {
         self.claims = ClaimPlan::new(
-            self.config,
+            &self.config,
             &self.registry,
             &self.workers.pools,
             &self.control,
         );
     }
 
-    /// Stops every pool's processes (all at once) and waits until they are gone.
+    /// Stops every pool's processes (all at once, of every generation) and waits until they
+    /// are gone.
     pub(super) fn stop_pools(&mut self) {
         let mut pools = std::mem::take(&mut self.workers.pools);
-        for pool in &mut pools {
-            pool.request_stop();
+        for generation in &mut pools {
+            generation.pool.request_stop();
         }
-        for pool in pools {
-            pool.join();
+        for generation in pools {
+            generation.pool.join();
         }
     }
 }

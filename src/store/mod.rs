@@ -49,6 +49,9 @@ pub enum Store {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeToken {
     Sqlite(sqlite::cycle::FileStamp),
+    /// The daemon's count of changes its heartbeats saw (`PgStore::changes`).
+    #[cfg(feature = "postgres")]
+    Postgres(u64),
 }
 
 /// Runs `$body` with `$backend` bound to the open backend, whichever it is.
@@ -190,7 +193,11 @@ impl Store {
     /// A token of what has been committed so far; `None` when the store cannot tell (then
     /// whoever asks must look at the queue).
     pub fn changes(&self) -> Option<ChangeToken> {
-        split!(self, s => s.changes().map(ChangeToken::Sqlite), _p => None)
+        split!(
+            self,
+            s => s.changes().map(ChangeToken::Sqlite),
+            p => p.changes().map(ChangeToken::Postgres)
+        )
     }
 
     /// Runs `write`, one of the daemon's own writes, so that it does not read as a change to
@@ -479,9 +486,13 @@ impl Store {
         each!(self, s => s.dead_letters(task, limit))
     }
 
-    /// Queues dead letters again as new tasks.
-    pub fn requeue_dead(&mut self, which: DeadSelection<'_>) -> Result<Vec<Requeued>> {
-        each!(self, s => s.requeue_dead(which))
+    /// Queues dead letters again as new tasks; `by` (who asked) goes into their origin.
+    pub fn requeue_dead(
+        &mut self,
+        which: DeadSelection<'_>,
+        by: Option<&str>,
+    ) -> Result<Vec<Requeued>> {
+        each!(self, s => s.requeue_dead(which, by))
     }
 
     /// Deletes dead letters; returns how many.
@@ -491,6 +502,50 @@ impl Store {
         task: Option<&str>,
     ) -> Result<usize> {
         each!(self, s => s.purge_dead(older_than, task))
+    }
+
+    // ---- The dashboard's reads (`foreman ui`) ----
+
+    /// How many tasks `q` matches, counting no further than `cap` in each of its sources
+    /// (`more`: at least that many); its `after` and `limit` are ignored.
+    pub fn count_up_to(&self, q: &ListQuery<'_>, cap: usize) -> Result<CappedCount> {
+        each!(self, s => s.count_up_to(q, cap))
+    }
+
+    /// A page of dead letters, newest first, below `before`, looking at at most `window` rows.
+    pub fn dead_page(
+        &self,
+        filter: DeadFilter<'_>,
+        before: Option<i64>,
+        limit: usize,
+        window: usize,
+    ) -> Result<Page<DeadLetter>> {
+        each!(self, s => s.dead_page(filter, before, limit, window))
+    }
+
+    /// The ids of the dead letters `filter` matches, oldest first, at most `cap` + 1.
+    pub fn dead_ids(&self, filter: DeadFilter<'_>, cap: usize) -> Result<Vec<i64>> {
+        each!(self, s => s.dead_ids(filter, cap))
+    }
+
+    /// How many dead letters `filter` matches, up to `cap`, looking at at most `window` rows.
+    pub fn count_dead(
+        &self,
+        filter: DeadFilter<'_>,
+        cap: usize,
+        window: usize,
+    ) -> Result<CappedCount> {
+        each!(self, s => s.count_dead(filter, cap, window))
+    }
+
+    /// Deletes the dead letters with these ids; returns how many there were.
+    pub fn purge_dead_ids(&mut self, ids: &[i64]) -> Result<usize> {
+        each!(self, s => s.purge_dead_ids(ids))
+    }
+
+    /// The newest failures' texts (attempt errors and dead-letter reasons), for grouping.
+    pub fn failure_texts(&self, window: usize) -> Result<Vec<FailureText>> {
+        each!(self, s => s.failure_texts(window))
     }
 
     /// A watch that tells a reader (`wait`) when another process may have committed. On
@@ -624,29 +679,47 @@ impl Producer {
         }
     }
 
-    /// Runs `sql` (the bench's own setup: a schema per run). PostgreSQL only: SQLite's bench
-    /// files are the run's own.
-    pub fn execute(&self, sql: &str) -> Result<()> {
+    /// Creates schema `name` afresh (PostgreSQL: a bench run's own); nothing on SQLite, whose
+    /// bench files are the run's own.
+    pub fn create_schema(&self, name: &str) -> Result<()> {
         match self {
             Producer::Sqlite(_) => {
-                let _ = sql;
+                let _ = name;
                 Ok(())
             }
             #[cfg(feature = "postgres")]
-            Producer::Postgres(p) => p.execute(sql),
+            Producer::Postgres(p) => p.create_schema(name),
         }
     }
 
-    /// One number `sql` answers on a PostgreSQL server (the bench's server figures); `None` on
-    /// SQLite.
-    pub fn server_number(&self, sql: &str) -> Result<Option<f64>> {
+    /// Drops schema `name` and what it holds (PostgreSQL); nothing on SQLite.
+    pub fn drop_schema(&self, name: &str) -> Result<()> {
         match self {
             Producer::Sqlite(_) => {
-                let _ = sql;
-                Ok(None)
+                let _ = name;
+                Ok(())
             }
             #[cfg(feature = "postgres")]
-            Producer::Postgres(p) => p.number(sql).map(Some),
+            Producer::Postgres(p) => p.drop_schema(name),
+        }
+    }
+
+    /// The server's process serving this connection (PostgreSQL); `None` on SQLite.
+    pub fn backend_pid(&self) -> Result<Option<i64>> {
+        match self {
+            Producer::Sqlite(_) => Ok(None),
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.backend_pid().map(Some),
+        }
+    }
+
+    /// The database's transactions so far, as the server counts them (PostgreSQL); `None` on
+    /// SQLite.
+    pub fn transactions(&self) -> Result<Option<i64>> {
+        match self {
+            Producer::Sqlite(_) => Ok(None),
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.transactions().map(Some),
         }
     }
 }

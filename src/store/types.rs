@@ -209,6 +209,8 @@ pub struct DaemonInfo {
 /// What a heartbeat writes besides its time.
 #[derive(Debug, Default)]
 pub struct Beat<'a> {
+    /// Worker threads now: a reload may have changed them since the daemon registered.
+    pub workers: usize,
     pub pools_json: &'a str,
     pub totals_json: &'a str,
     /// The task names the daemon serves now.
@@ -693,4 +695,44 @@ pub fn parse_totals(text: &str) -> BTreeMap<String, Totals> {
             )
         })
         .collect()
+}
+
+// ---- The dashboard's reads (`foreman ui`) ----
+
+/// A page of dead letters and where the next one starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub rows: Vec<T>,
+    /// The `before` of the next page; `None` when the search reached the table's start.
+    pub next_before: Option<i64>,
+    /// Every matching row above this id is on this page or an earlier one; set when the page is
+    /// short because the search window ran out, not the rows.
+    pub searched_to: Option<i64>,
+}
+
+/// A count that stops at a cap, so that counting never walks a big table: `more` means "at
+/// least `count`".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CappedCount {
+    pub count: i64,
+    pub more: bool,
+}
+
+/// Which dead letters `Store::dead_page` and `Store::dead_ids` take.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadFilter<'a> {
+    pub task: Option<&'a str>,
+    /// Text that the args, the kwargs or the reason must contain.
+    pub search: Option<&'a str>,
+}
+
+/// One failure's text, for grouping: a failed attempt's error or a dead letter's reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureText {
+    pub task_name: Option<String>,
+    pub text: String,
+    /// When it ended or died.
+    pub at: Option<f64>,
+    /// From `foreman_dead` (else `foreman_run`).
+    pub dead: bool,
 }

@@ -412,6 +412,12 @@ impl DirWakeups {
         }
     }
 
+    /// Whether a file a producer creates reaches the loop now: the directory is watched, and
+    /// neither it nor its watch was lost.
+    pub fn healthy(&self) -> bool {
+        self.watcher.is_some() && self.trouble.is_none() && !self.dir.watch_lost()
+    }
+
     /// (Re)creates and watches the directory. Each distinct failure is logged once; the tick
     /// tries again, and meanwhile moves the queue by itself.
     fn rewatch(&mut self, lost: Option<Lost>) {

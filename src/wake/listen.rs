@@ -29,6 +29,8 @@ pub struct ListenWakeups {
     /// Set by the thread when a notification asked to read the control state again (or when it
     /// could have been missed: a new connection, or polling).
     control: Arc<AtomicBool>,
+    /// Whether the thread listens now (not polling after a failure, nor told not to listen).
+    listening: Arc<AtomicBool>,
     listen: bool,
 }
 
@@ -42,17 +44,23 @@ impl ListenWakeups {
             None
         };
         let control = Arc::new(AtomicBool::new(false));
-        let (flag, told) = (Arc::clone(&stop), Arc::clone(&control));
+        let listening = Arc::new(AtomicBool::new(false));
+        let (flag, told, up) = (
+            Arc::clone(&stop),
+            Arc::clone(&control),
+            Arc::clone(&listening),
+        );
         std::thread::Builder::new()
             .name("foreman-listen".to_owned())
             .spawn(move || match listener {
-                Some(listener) => listen_loop(listener, &flag, &told, &wakes),
+                Some(listener) => listen_loop(listener, &flag, &told, &up, &wakes),
                 None => poll_loop(&flag, &told, &wakes, None),
             })
             .map_err(|e| Error::io("cannot start the LISTEN thread", e))?;
         Ok(ListenWakeups {
             stop,
             control,
+            listening,
             listen,
         })
     }
@@ -61,6 +69,12 @@ impl ListenWakeups {
     /// poll, which cannot tell, or a new connection, which may have missed one).
     pub fn take_control(&self) -> bool {
         self.control.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether every producer's `NOTIFY` reaches the loop now: the thread listens (it has not
+    /// failed since it last listened), so the idle tick may stretch.
+    pub fn healthy(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
     }
 
     pub fn describe(&self) -> String {
@@ -98,12 +112,14 @@ fn listen_loop(
     mut listener: Listener,
     stop: &AtomicBool,
     control: &AtomicBool,
+    listening: &AtomicBool,
     wakes: &Sender<()>,
 ) {
     let mut failing = false;
     while !stop.load(Ordering::SeqCst) {
         match listener.wait(WAIT) {
             Ok(heard) => {
+                listening.store(true, Ordering::SeqCst);
                 if failing {
                     log::info!("LISTEN foreman works again: back to waking on notifications");
                     failing = false;
@@ -117,6 +133,7 @@ fn listen_loop(
                 }
             }
             Err(e) => {
+                listening.store(false, Ordering::SeqCst);
                 if !failing {
                     log::warn!(
                         "cannot LISTEN for wake-ups ({e}); polling every {} instead, and trying to listen again every {}",

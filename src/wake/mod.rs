@@ -94,6 +94,16 @@ impl Wakeups {
         }
     }
 
+    /// Whether every producer's signal reaches the loop now (an inotify watch that is set up
+    /// and has lost nothing): the fallback tick may then stretch while the daemon is idle.
+    pub fn healthy(&self) -> bool {
+        match self {
+            Wakeups::Dir(dir) => dir.healthy(),
+            #[cfg(feature = "postgres")]
+            Wakeups::Listen(listen) => listen.healthy(),
+        }
+    }
+
     /// Where wakes come from, for the startup line.
     pub fn describe(&self) -> String {
         match self {

@@ -370,7 +370,7 @@ fn configs_it_cannot_use_stop_run_and_check_config_with_exit_2_naming_file_and_k
         ),
         (
             b"[tasks.myapp.send_email]\ncommand = [\"true\"]",
-            "key `tasks.myapp.send_email`: unknown field `send_email`, expected one of `command`, `pool`, `timeout`, `max_retries`, `retry_backoff`, `delivery` (a name with dots must be quoted: [tasks.\"myapp.send_email\"])",
+            "key `tasks.myapp.send_email`: unknown field `send_email`, expected one of `command`, `cwd`, `env`, `pool`, `timeout`, `max_retries`, `retry_backoff`, `delivery` (a name with dots must be quoted: [tasks.\"myapp.send_email\"])",
         ),
         (
             b"tick = true",

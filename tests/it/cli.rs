@@ -319,20 +319,17 @@ fn a_producer_host_without_the_task_programs_can_still_enqueue() {
 }
 
 #[test]
-fn sighup_stops_the_daemon_gracefully() {
+fn sighup_reloads_instead_of_stopping_and_the_running_task_goes_on() {
     let env = Env::new();
     env.init();
-    let mut daemon = env.daemon(&[]);
+    let daemon = env.daemon(&[]);
     let id = env.insert("foreman.sleep", "[0.3]");
     env.touch_wakeup("w");
     daemon.expect_log(&format!("task {id} foreman.sleep started"));
     daemon.signal(libc::SIGHUP);
-    assert!(daemon.wait_exit(crate::support::PATIENCE).success());
-    assert!(
-        daemon
-            .log()
-            .contains(&format!("task {id} foreman.sleep done")),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("reloaded: ");
+    daemon.expect_log(&format!("task {id} foreman.sleep done"));
+    env.assert_healthy();
+    let log = daemon.stop();
+    assert!(!log.contains("signal 1:"), "{log}");
 }

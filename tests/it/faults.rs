@@ -721,8 +721,12 @@ fn a_task_flooding_stderr_is_read_at_full_speed_and_logged_within_a_budget() {
     let id = enqueue(&env, "faulttasks.flood", r#"["pool flooded", 20]"#);
     let worker = wait_record(&env, "pool flooded");
     daemon.expect_log(&format!("task {id} faulttasks.flood done"));
+    // Its lines are the task's, tagged with the process too: `task 7 faulttasks.flood (pool py
+    // pid 42) stderr: …`; the process's budget counts them.
     let who = format!("pool py pid {worker}");
-    daemon.expect_log(&format!("{who} writes more than 100 lines a second"));
+    daemon.expect_log(&format!(
+        "task {id} faulttasks.flood ({who}) writes more than 100 lines a second"
+    ));
     // The worker lives on, and its count comes with its next line (or its exit).
     enqueue(&env, "faulttasks.record", r#"["after the flood"]"#);
     assert_eq!(wait_record(&env, "after the flood"), worker);
@@ -733,7 +737,9 @@ fn a_task_flooding_stderr_is_read_at_full_speed_and_logged_within_a_budget() {
     );
     env.assert_healthy();
     let log = daemon.stop();
-    let (logged, skipped) = logged_and_skipped(&log, &who);
+    let (in_task, in_task_skipped) = logged_and_skipped(&log, &format!("{who})"));
+    let (between, between_skipped) = logged_and_skipped(&log, &who);
+    let (logged, skipped) = (in_task + between, in_task_skipped + between_skipped);
     assert_eq!(
         logged + skipped,
         200_000,

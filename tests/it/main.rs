@@ -5,6 +5,8 @@
 mod admin;
 mod bad_input;
 mod bench;
+#[cfg(feature = "ui")]
+mod browser;
 mod cli;
 mod cli_reference;
 mod commands;
@@ -16,6 +18,7 @@ mod environment;
 mod faults;
 mod frameworks;
 mod history;
+mod launch;
 mod layout;
 mod library;
 mod load;
@@ -24,8 +27,11 @@ mod ops;
 mod pg;
 mod pools;
 mod publish;
+mod reload;
 mod schedules;
 mod sentry;
 mod shutdown;
 mod support;
 mod tidy;
+#[cfg(feature = "ui")]
+mod ui;

@@ -543,3 +543,53 @@ fn a_pool_slow_to_start_delays_only_the_tasks_it_may_serve() {
     // Stopping does not wait for the hello.
     daemon.stop();
 }
+
+/// A task module that talks on stderr: at import (no task runs), and in each task.
+const TALK_TASKS: &str = r#"
+import sys
+from foreman_worker import task
+
+print("talk module loading")
+
+@task
+def talk(n):
+    print("said %d" % n)
+    sys.stderr.write("more %d\n" % n)
+"#;
+
+#[test]
+fn a_workers_stderr_during_a_task_is_tagged_with_the_task() {
+    let env = Env::new();
+    std::fs::write(env.path("talktasks.py"), TALK_TASKS).unwrap();
+    env.config(
+        "[pools.py]\ncommand = [\"python3\", \"-m\", \"foreman_worker\", \"talktasks\"]\nprocesses = 1",
+    );
+    env.init();
+    let daemon = env.daemon(&[]);
+    daemon.expect_log("talktasks.talk");
+    let pid = worker_pids(&daemon)[0];
+    // Back to back on one process: a task's last line is often read after its answer, or
+    // while the next task runs, and must still be its own.
+    let ids: Vec<i64> = (0..30)
+        .map(|n| env.insert("talktasks.talk", &format!("[{n}]")))
+        .collect();
+    env.touch_wakeup("t");
+    for (n, id) in ids.iter().enumerate() {
+        let tag = format!("task {id} talktasks.talk (pool py pid {pid}) stderr:");
+        daemon.expect_log(&format!("{tag} more {n}"));
+        assert!(
+            daemon.has_log(&format!("{tag} said {n}")),
+            "said {n} is not tagged {tag}; log:\n{}",
+            daemon.log()
+        );
+    }
+    // Outside a task, a line is the process's.
+    assert!(daemon.has_log(&format!("pool py pid {pid} stderr: talk module loading")));
+    assert!(
+        daemon
+            .log_lines("said ")
+            .iter()
+            .all(|l| l.contains("(pool py pid "))
+    );
+    daemon.stop();
+}

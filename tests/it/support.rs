@@ -205,11 +205,15 @@ impl Env {
     /// The real binary, run in the temp dir with `--db` set and no `FOREMAN_*` or `RUST_LOG` from
     /// the caller's environment.
     pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command_without_db(&[]);
+        cmd.arg("--db").arg(self.db_arg()).args(args);
+        cmd
+    }
+
+    /// `command` without `--db`: the database is what the config file or the defaults say.
+    pub fn command_without_db(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
-        cmd.current_dir(self.dir.path())
-            .arg("--db")
-            .arg(self.db_arg())
-            .args(args);
+        cmd.current_dir(self.dir.path()).args(args);
         for (key, _) in std::env::vars_os() {
             let name = key.to_string_lossy();
             // SENTRY_*: no test reports to the caller's Sentry; proxies would take the stand-in

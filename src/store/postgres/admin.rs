@@ -286,7 +286,12 @@ impl PgStore {
 
     /// Queues the selected dead letters again as new tasks and deletes them, in one
     /// transaction, notifying the daemons at its commit.
-    pub fn requeue_dead(&mut self, which: DeadSelection<'_>) -> Result<Vec<Requeued>> {
+    /// `by` (who asked) goes into their origin.
+    pub fn requeue_dead(
+        &mut self,
+        which: DeadSelection<'_>,
+        by: Option<&str>,
+    ) -> Result<Vec<Requeued>> {
         self.with(|c| {
             let mut tx = c.transaction()?;
             let ids: Vec<i64> = match which {
@@ -316,7 +321,10 @@ impl PgStore {
                     outcomes.push(Requeued::NoName { dead_id });
                     continue;
                 }
-                let origin = format!("requeue of dead {dead_id} (task {old_task_id})");
+                let origin = match by {
+                    Some(who) => format!("requeue of dead {dead_id} (task {old_task_id}) by {who}"),
+                    None => format!("requeue of dead {dead_id} (task {old_task_id})"),
+                };
                 let dead = tx.query_one(
                     "SELECT task_name, coalesce(args, '[]')::text, coalesce(kwargs, '{}')::text, \
                      priority::int8, unique_key FROM foreman_dead WHERE id = $1",

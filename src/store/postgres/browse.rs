@@ -8,7 +8,9 @@ use postgres::types::ToSql;
 
 use super::{PgStore, opt_secs};
 use crate::error::Result;
-use crate::store::types::{AttemptRecord, DeadLetter, ListQuery, ListedTask, TaskStory};
+use crate::store::types::{
+    AttemptRecord, CappedCount, DeadLetter, ListQuery, ListedTask, TaskStory,
+};
 
 const QUEUE_STATES: [&str; 4] = ["due", "later", "paused", "leased"];
 const ATTEMPT_STATES: [&str; 5] = ["done", "failed", "timeout", "lost", "cancelled"];
@@ -45,6 +47,7 @@ impl Sql {
         priority: &str,
         args: &str,
         kwargs: &str,
+        error: &str,
     ) -> Sql {
         let mut sql = Sql::new();
         if let Some(task) = q.task {
@@ -58,7 +61,8 @@ impl Sql {
         if let Some(search) = q.search {
             let p = sql.param(search.to_owned());
             sql.conditions.push(format!(
-                "(strpos({args}::text, {p}) > 0 OR strpos({kwargs}::text, {p}) > 0)"
+                "(strpos({args}::text, {p}) > 0 OR strpos({kwargs}::text, {p}) > 0 \
+                 OR strpos({error}, {p}) > 0)"
             ));
         }
         if let Some(after) = q.after {
@@ -151,7 +155,15 @@ fn sources(q: &ListQuery<'_>) -> Result<Vec<Source>> {
 
     let queue: Vec<&str> = QUEUE_STATES.into_iter().filter(|s| wants(s)).collect();
     if !queue.is_empty() {
-        let mut sql = Sql::filters(q, "t.id", "t.task_name", "t.priority", "t.args", "t.kwargs");
+        let mut sql = Sql::filters(
+            q,
+            "t.id",
+            "t.task_name",
+            "t.priority",
+            "t.args",
+            "t.kwargs",
+            "NULL::text",
+        );
         let now = sql.param(q.now);
         if queue.len() < QUEUE_STATES.len() {
             let any: Vec<String> = queue.iter().map(|s| queue_condition(s, &now)).collect();
@@ -173,6 +185,7 @@ fn sources(q: &ListQuery<'_>) -> Result<Vec<Source>> {
             "coalesce(r.priority, 0)",
             "r.args",
             "r.kwargs",
+            "r.error",
         )
     };
     let explicit = states.as_ref().is_some_and(|s| s.contains(&"running"));
@@ -225,6 +238,7 @@ fn sources(q: &ListQuery<'_>) -> Result<Vec<Source>> {
             "d.priority",
             "d.args",
             "d.kwargs",
+            "d.reason",
         );
         sources.push(Source {
             columns: DEAD_COLUMNS.to_owned(),
@@ -293,6 +307,34 @@ impl PgStore {
                 total += rows.first().map_or(0, |r| r.get::<_, i64>(0));
             }
             Ok(total)
+        })
+    }
+
+    /// `count` that stops at `cap` + 1 rows of each source: what a dashboard can ask on every
+    /// refresh ("10,000+"), however big the tables.
+    pub fn count_up_to(&self, q: &ListQuery<'_>, cap: usize) -> Result<CappedCount> {
+        let mut wide = q.clone();
+        wide.after = None;
+        let limit = i64::try_from(cap).unwrap_or(i64::MAX - 1) + 1;
+        let sources = sources(&wide)?;
+        let (total, more) = self.snapshot(|| {
+            let (mut total, mut more) = (0_i64, false);
+            for source in &sources {
+                let text = format!(
+                    "SELECT count(*) FROM (SELECT 1 {} LIMIT {limit}) capped",
+                    source.from
+                );
+                let rows = self.with(|c| c.query(text.as_str(), &source.sql.refs(&text)))?;
+                let n = rows.first().map_or(0, |r| r.get::<_, i64>(0));
+                more |= n >= limit;
+                total += n;
+            }
+            Ok((total, more))
+        })?;
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        Ok(CappedCount {
+            count: total.min(cap),
+            more: more || total > cap,
         })
     }
 

@@ -147,7 +147,9 @@ SELECT (SELECT count(*) FROM me), (SELECT recovered_by FROM me),
             FROM priorities WHERE priorities.p IS NOT NULL)
         SELECT extract(epoch FROM min(n.run_after))::float8 FROM priorities
         CROSS JOIN LATERAL (SELECT run_after FROM foreman_task WHERE priority = priorities.p
-                            ORDER BY run_after LIMIT 1) AS n)";
+                            ORDER BY run_after LIMIT 1) AS n),
+       -- The newest row: a producer that did not notify shows here within a heartbeat.
+       (SELECT max(id) FROM foreman_task)";
 
 const SQL_REGISTER: &str = "\
 INSERT INTO foreman_daemon (host, pid, pid_start, version, workers, served, stale_after)
@@ -269,7 +271,10 @@ impl PgStore {
             .next()
             .ok_or_else(|| self.err("the heartbeat returned nothing"))?;
         self.observe_clock(row.get(2), sent);
-        self.looked_at_queue(row.get::<_, Option<f64>>(10).unwrap_or(f64::INFINITY));
+        self.looked_at_queue(
+            row.get::<_, Option<f64>>(10).unwrap_or(f64::INFINITY),
+            row.get::<_, Option<i64>>(11),
+        );
         if let Some(daemon) = self.daemon.as_mut() {
             for ((minute, task), stat) in rows.merged {
                 daemon.written.insert((minute, task), stat);

@@ -52,7 +52,9 @@ impl Listener {
                 .batch_execute(&format!("LISTEN {CHANNEL}"))
                 .map_err(|e| self.target.error(&e))?;
             self.client = Some(client);
+            // Said at once: the caller knows it listens, and looks for what it may have missed.
             heard.reconnected = true;
+            return Ok(heard);
         }
         let Some(client) = self.client.as_mut() else {
             return Ok(heard);

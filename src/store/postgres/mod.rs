@@ -3,7 +3,8 @@
 //! SQLite store: `schema` (creation and version), `cycle` (the loop's claim, one statement),
 //! `enqueue` (new tasks and schedules, compare-and-set), `daemon` (registration, the heartbeat
 //! with recovery of stale daemons and lease renewal, maintenance under advisory locks), `report`
-//! and `admin` (the operator's queries), `listen` (the `LISTEN` connection), `producer` (the
+//! and `admin` (the operator's queries), `browse` (`list` and `show`), `ui` (the dashboard's
+//! reads), `control` (pauses and aborts), `listen` (the `LISTEN` connection), `producer` (the
 //! bench's producer), `pgpass` (the password file).
 //!
 //! Every time comparison is the database's (`now()`): a duration the loop measured crosses the
@@ -33,6 +34,7 @@ pub mod pgpass;
 pub mod producer;
 pub mod report;
 pub mod schema;
+pub mod ui;
 
 pub use connect::{Role, Target};
 
@@ -60,6 +62,13 @@ pub struct PgStore {
     /// When the heartbeat last looked at the whole queue, and the next due time it saw (∞: none):
     /// the idle tick skips its own look right after one, so a heartbeat costs no statement more.
     looked: std::cell::Cell<Option<(Instant, f64)>>,
+    /// What the heartbeat's last look saw (next due time, newest row), and a count of the looks
+    /// that saw something else than the one before, and of broken connections: the daemon's
+    /// token of change (`changes`).
+    queue_seen: std::cell::Cell<(f64, Option<i64>)>,
+    queue_changes: std::cell::Cell<u64>,
+    /// How deep `snapshot`s are nested: only the outermost begins and ends the transaction.
+    snapshot_depth: std::cell::Cell<u32>,
 }
 
 /// How long a look at the queue stands in for the tick's (the default tick).
@@ -152,6 +161,9 @@ impl PgStore {
             daemon: None,
             claim: cycle::ClaimState::default(),
             looked: std::cell::Cell::new(None),
+            queue_seen: std::cell::Cell::new((f64::NAN, None)),
+            queue_changes: std::cell::Cell::new(0),
+            snapshot_depth: std::cell::Cell::new(0),
         })
     }
 
@@ -174,6 +186,7 @@ impl PgStore {
         if conn.client.take().is_some() {
             conn.statements.clear();
             conn.broke = true;
+            self.queue_changes.set(self.queue_changes.get() + 1);
         }
         if let (Some(at), Some(last)) = (conn.retry_at, &conn.last_error)
             && Instant::now() < at
@@ -220,6 +233,7 @@ impl PgStore {
                     conn.client = None;
                     conn.statements.clear();
                     conn.broke = true;
+                    self.queue_changes.set(self.queue_changes.get() + 1);
                 }
                 Err(self.target.error(&e))
             }
@@ -257,6 +271,7 @@ impl PgStore {
                     conn.client = None;
                     conn.statements.clear();
                     conn.broke = true;
+                    self.queue_changes.set(self.queue_changes.get() + 1);
                 }
                 Err(self.target.error(&e))
             }
@@ -277,9 +292,25 @@ impl PgStore {
         std::mem::take(&mut self.conn.borrow_mut().broke)
     }
 
-    /// A statement looked at the queue: the next due time it saw (∞: nothing queued).
-    fn looked_at_queue(&self, next_due: f64) {
+    /// A statement looked at the queue: the next due time it saw (∞: nothing queued), and the
+    /// newest row's id.
+    fn looked_at_queue(&self, next_due: f64, newest: Option<i64>) {
         self.looked.set(Some((Instant::now(), next_due)));
+        let (due, id) = self.queue_seen.get();
+        if due.to_bits() != next_due.to_bits() || id != newest {
+            self.queue_changes.set(self.queue_changes.get() + 1);
+        }
+        self.queue_seen.set((next_due, newest));
+    }
+
+    /// The daemon's token of change: it changes when a heartbeat saw the queue's next due time
+    /// or its newest row change, or the connection broke. A daemon that listens is woken by each
+    /// producer's `NOTIFY`; this catches the producer that did not notify, within a heartbeat
+    /// (as SQLite's idle tick does with a file's change counter). `None` for other stores, which
+    /// do not heartbeat: they must look.
+    pub fn changes(&self) -> Option<u64> {
+        self.daemon.as_ref()?;
+        Some(self.queue_changes.get())
     }
 
     /// When the next row is due, as the heartbeat's look saw it if that was within the last
@@ -305,9 +336,16 @@ impl PgStore {
 
     /// Runs `read` in one read-only, repeatable-read transaction: every figure it reads is of
     /// the same moment.
+    /// A snapshot inside another is part of it.
     pub fn snapshot<T>(&self, read: impl FnOnce() -> Result<T>) -> Result<T> {
+        let depth = self.snapshot_depth.get();
+        if depth > 0 {
+            return read();
+        }
         self.with(|c| c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"))?;
+        self.snapshot_depth.set(1);
         let value = read();
+        self.snapshot_depth.set(0);
         // Nothing was written: ending it either way only releases the snapshot.
         let end = self.with(|c| c.batch_execute(if value.is_ok() { "COMMIT" } else { "ROLLBACK" }));
         let value = value?;

@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use postgres::Client;
 
 use super::{Role, Target};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::RecordedAttempts;
 
 pub struct Producer {
@@ -184,14 +184,52 @@ impl Producer {
         })
     }
 
-    /// Runs `sql` (the bench's own setup and figures: schemas, server statistics).
-    pub fn execute(&self, sql: &str) -> Result<()> {
-        self.run(|c| c.batch_execute(sql))
+    /// Creates schema `name` afresh (dropping one left by a bench that was killed).
+    pub fn create_schema(&self, name: &str) -> Result<()> {
+        let name = schema_name(name)?;
+        self.run(|c| {
+            c.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+            ))
+        })
     }
 
-    /// One number `sql` answers (the bench's server figures).
-    pub fn number(&self, sql: &str) -> Result<f64> {
-        let row = self.run(|c| c.query_one(sql, &[]))?;
-        Ok(row.get::<_, Option<f64>>(0).unwrap_or(0.0))
+    /// Drops schema `name` and all it holds.
+    pub fn drop_schema(&self, name: &str) -> Result<()> {
+        let name = schema_name(name)?;
+        self.run(|c| c.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")))
+    }
+
+    /// The process id of this connection's backend on the server.
+    pub fn backend_pid(&self) -> Result<i64> {
+        let row = self.run(|c| c.query_one("SELECT pg_backend_pid()::int8", &[]))?;
+        Ok(row.get(0))
+    }
+
+    /// The transactions of this database so far (committed and rolled back), as the server
+    /// counts them: each statement a client sends in autocommit is one.
+    pub fn transactions(&self) -> Result<i64> {
+        let row = self.run(|c| {
+            c.query_one(
+                "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database \
+                 WHERE datname = current_database()",
+                &[],
+            )
+        })?;
+        Ok(row.get(0))
+    }
+}
+
+/// A schema name the bench made up, checked to need no quoting.
+fn schema_name(name: &str) -> Result<&str> {
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if plain {
+        Ok(name)
+    } else {
+        Err(Error::Config(format!("not a plain schema name: {name:?}")))
     }
 }

@@ -88,9 +88,14 @@ impl SqliteStore {
     }
 
     /// Queues the selected dead letters again as new tasks (same name, args, kwargs and priority,
-    /// due now, origin naming the dead row) and deletes them, all in one transaction. Returns one
-    /// outcome per dead letter, in id order for `All`, in the given order for `Ids`.
-    pub fn requeue_dead(&mut self, which: DeadSelection<'_>) -> Result<Vec<Requeued>> {
+    /// due now, origin naming the dead row and, if given, who asked) and deletes them, all in one
+    /// transaction. Returns one outcome per dead letter, in id order for `All`, in the given order
+    /// for `Ids`.
+    pub fn requeue_dead(
+        &mut self,
+        which: DeadSelection<'_>,
+        by: Option<&str>,
+    ) -> Result<Vec<Requeued>> {
         self.write(|tx| {
             let ids = match which {
                 DeadSelection::Ids(ids) => ids.to_vec(),
@@ -101,7 +106,7 @@ impl SqliteStore {
                     .query_map([task], |r| r.get(0))?
                     .collect::<rusqlite::Result<Vec<i64>>>()?,
             };
-            ids.into_iter().map(|id| requeue_one(tx, id)).collect()
+            ids.into_iter().map(|id| requeue_one(tx, id, by)).collect()
         })
     }
 
@@ -374,7 +379,7 @@ fn retry_one(tx: &Connection, task_id: i64) -> rusqlite::Result<Retried> {
     })
 }
 
-fn requeue_one(tx: &Connection, dead_id: i64) -> rusqlite::Result<Requeued> {
+fn requeue_one(tx: &Connection, dead_id: i64, by: Option<&str>) -> rusqlite::Result<Requeued> {
     let found: Option<(i64, bool)> = tx
         .prepare_cached("SELECT task_id, task_name IS NULL FROM foreman_dead WHERE id = ?1")?
         .query_row([dead_id], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -389,7 +394,10 @@ fn requeue_one(tx: &Connection, dead_id: i64) -> rusqlite::Result<Requeued> {
     // NULL (which `foreman_task` forbids) becomes the empty default.
     let select = "SELECT task_name, coalesce(args, '[]'), coalesce(kwargs, '{}'), priority, ?2, \
          unique_key FROM foreman_dead WHERE id = ?1";
-    let origin = format!("requeue of dead {dead_id} (task {old_task_id})");
+    let origin = match by {
+        Some(who) => format!("requeue of dead {dead_id} (task {old_task_id}) by {who}"),
+        None => format!("requeue of dead {dead_id} (task {old_task_id})"),
+    };
     match insert_copy(tx, select, dead_id, &origin)? {
         Ok(task_id) => {
             tx.prepare_cached("DELETE FROM foreman_dead WHERE id = ?1")?

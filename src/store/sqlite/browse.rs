@@ -14,7 +14,7 @@ use super::admin::{DEAD_COLUMNS, dead_letter};
 use super::{SqliteStore, cell};
 use crate::error::Result;
 use crate::store::row::Cell;
-use crate::store::types::{AttemptRecord, ListQuery, ListedTask, TaskStory};
+use crate::store::types::{AttemptRecord, CappedCount, ListQuery, ListedTask, TaskStory};
 
 /// The states a task's row in `foreman_task` can be in.
 const QUEUE_STATES: [&str; 4] = ["due", "later", "paused", "leased"];
@@ -62,6 +62,8 @@ struct Columns {
     priority: &'static str,
     args: &'static str,
     kwargs: &'static str,
+    /// The attempt's error or the dead letter's reason, which a search looks in too.
+    error: &'static str,
 }
 
 const TASK: Columns = Columns {
@@ -70,6 +72,7 @@ const TASK: Columns = Columns {
     priority: "t.priority",
     args: "t.args",
     kwargs: "t.kwargs",
+    error: "NULL",
 };
 // An attempt's `task` document leaves out what is usual; an attempt of schema version 3 has none.
 const RUN: Columns = Columns {
@@ -78,6 +81,7 @@ const RUN: Columns = Columns {
     priority: "coalesce(json_extract(r.task, '$.priority'), 0)",
     args: "CASE WHEN r.task IS NOT NULL THEN coalesce(json_extract(r.task, '$.args'), '[]') END",
     kwargs: "CASE WHEN r.task IS NOT NULL THEN coalesce(json_extract(r.task, '$.kwargs'), '{}') END",
+    error: "r.error",
 };
 const DEAD: Columns = Columns {
     id: "d.task_id",
@@ -85,6 +89,7 @@ const DEAD: Columns = Columns {
     priority: "d.priority",
     args: "d.args",
     kwargs: "d.kwargs",
+    error: "d.reason",
 };
 
 impl Sql {
@@ -104,8 +109,8 @@ impl Sql {
         }
         if let Some(search) = q.search {
             sql.conditions.push(format!(
-                "(instr({}, :search) > 0 OR instr({}, :search) > 0)",
-                c.args, c.kwargs
+                "(instr({}, :search) > 0 OR instr({}, :search) > 0 OR instr({}, :search) > 0)",
+                c.args, c.kwargs, c.error
             ));
             sql.params.push((":search", Value::Text(search.to_owned())));
         }
@@ -319,6 +324,34 @@ impl SqliteStore {
     }
 
     /// Everything known of task `id`, in one snapshot; `None` when no table knows it.
+    /// `count` that stops at `cap` + 1 rows of each source: what a dashboard can ask on every
+    /// refresh ("10,000+"), however big the tables.
+    pub fn count_up_to(&self, q: &ListQuery<'_>, cap: usize) -> Result<CappedCount> {
+        let err = |e| self.err(e);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let mut wide = q.clone();
+        wide.after = None;
+        let limit = i64::try_from(cap).unwrap_or(i64::MAX - 1) + 1;
+        let mut total: i64 = 0;
+        let mut more = false;
+        for source in sources(&wide)? {
+            let sql = format!(
+                "SELECT count(*) FROM (SELECT 1 {} LIMIT {limit})",
+                source.from
+            );
+            let n: i64 = tx
+                .query_row(&sql, &*source.sql.named(&sql), |r| r.get(0))
+                .map_err(err)?;
+            more |= n >= limit;
+            total += n;
+        }
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        Ok(CappedCount {
+            count: total.min(cap),
+            more: more || total > cap,
+        })
+    }
+
     pub fn task_story(&self, id: i64, now: f64) -> Result<Option<TaskStory>> {
         let err = |e| self.err(e);
         let tx = self.conn.unchecked_transaction().map_err(err)?;

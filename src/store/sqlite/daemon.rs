@@ -46,9 +46,15 @@ impl SqliteStore {
         let pid = std::process::id();
         self.write(|tx| {
             tx.prepare_cached(
-                "UPDATE foreman_daemon SET heartbeat_at = ?1, pools = ?2, totals = ?3 WHERE id = 1 AND pid = ?4",
+                "UPDATE foreman_daemon SET heartbeat_at = ?1, pools = ?2, totals = ?3, workers = ?5 WHERE id = 1 AND pid = ?4",
             )?
-            .execute(params![now, beat.pools_json, beat.totals_json, pid])?;
+            .execute(params![
+                now,
+                beat.pools_json,
+                beat.totals_json,
+                pid,
+                i64::try_from(beat.workers).unwrap_or(i64::MAX)
+            ])?;
             for ((minute, name), stat) in stats {
                 add_stat(tx, *minute, name, stat)?;
             }

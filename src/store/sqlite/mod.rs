@@ -3,7 +3,7 @@
 //! transaction). The work is split by job: `schema` (creation and migration), `cycle` (the loop's
 //! transaction), `enqueue` (new tasks and schedule firings), `upkeep` (recovery, pruning, a file
 //! lost under the daemon), `daemon` (its heartbeat row and figures), `report`, `admin` and
-//! `browse` (the operator's queries), `control` (pauses and aborts), `producer` (the benchmark's
+//! `browse` (the operator's queries), `ui` (the dashboard's), `control` (pauses and aborts), `producer` (the benchmark's
 //! bulk rows), `files` (the file system's view of the database) and `watch` (commits seen from
 //! another process).
 
@@ -29,6 +29,7 @@ pub mod files;
 pub mod producer;
 pub mod report;
 pub mod schema;
+pub mod ui;
 pub mod upkeep;
 pub mod watch;
 
