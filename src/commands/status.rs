@@ -439,6 +439,7 @@ impl Status {
             "now": rounded(self.obs.now),
             "daemon": self.daemon_json(),
             "daemons": self.daemons_json(),
+            "shared": self.obs.shared,
             "health": {
                 "healthy": self.verdict.reason.is_healthy(),
                 "reason": self.verdict.reason.as_str(),

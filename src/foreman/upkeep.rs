@@ -405,6 +405,11 @@ impl Foreman {
                 self.db_works();
                 self.figures.last_beat = Instant::now();
                 self.beat_news(&news);
+                // Another process committed (on PostgreSQL: the heartbeat's look at the queue
+                // saw it change): a stretched tick looks soon, not a heartbeat later.
+                if self.store.changes() != self.look.seen {
+                    self.active();
+                }
             }
             Err(e) => {
                 self.figures.tally.restore(stats);
