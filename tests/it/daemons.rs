@@ -2,7 +2,7 @@
 //! with each task run exactly once, recover a daemon killed with `kill -9` (its running attempts
 //! recorded lost, no task run twice, at-least-once tasks run again: none lost), and fire a
 //! schedule they all configure once per window. The several-host runs (network namespaces, a link
-//! cut, PostgreSQL restarted) are in `load.rs`, run by tests/reliability.sh.
+//! cut, PostgreSQL restarted) are in `hosts.rs`, run by tests/reliability.sh.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -18,6 +18,7 @@ mod environment;
 mod faults;
 mod frameworks;
 mod history;
+mod hosts;
 mod launch;
 mod layout;
 mod library;

@@ -124,6 +124,13 @@ impl Env {
         Some(env)
     }
 
+    /// An env on PostgreSQL database `db` of a server the test started itself.
+    pub fn with_pg(db: PgDb) -> Env {
+        let mut env = Env::new();
+        env.pg = Some(db);
+        env
+    }
+
     pub fn is_pg(&self) -> bool {
         self.pg.is_some()
     }
