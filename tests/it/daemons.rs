@@ -357,3 +357,24 @@ print(json.dumps(ids + [last]))
     assert_eq!(unique.len(), ran.len(), "a task ran twice");
     daemon.stop();
 }
+
+#[test]
+fn a_database_with_synchronous_commit_off_gets_durable_commits_in_the_daemons_session() {
+    let Some(env) = Env::pg() else { return };
+    env.record_config("");
+    env.init();
+    let name = env.pg.as_ref().expect("a PostgreSQL env").name.clone();
+    env.pg_sql()
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} SET synchronous_commit = off"
+        ))
+        .unwrap();
+    let daemon = env.daemon(&[]);
+    daemon.expect_log(
+        "synchronous_commit is off for this role or server; the daemon's own session uses on",
+    );
+    let id = env.insert("record", "[]");
+    env.touch_wakeup("producer");
+    assert_eq!(env.wait_ran(1), vec![id]);
+    daemon.stop();
+}

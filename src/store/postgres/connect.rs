@@ -215,6 +215,41 @@ impl Target {
     /// Connects in `role`. A server (or a pooler) that refuses the startup `options` is asked
     /// again without them; the daemon then warns that its settings are not in force.
     pub fn connect(&self, role: Role) -> Result<Client> {
+        let mut client = self.connect_with_settings(role)?;
+        if role == Role::Daemon {
+            self.durable_commits(&mut client)?;
+        }
+        Ok(client)
+    }
+
+    /// The daemon's commits wait for the WAL's flush whatever the server's default says: a claim
+    /// that a crash of the server forgot would put its rows back in the queue, and their tasks,
+    /// started already, would run again. A server (or role) with `synchronous_commit = off` gets
+    /// `on` in the daemon's session, once per connection, said once per process; any other value
+    /// (`local`, `remote_write`, `remote_apply`) is the operator's choice about standbys and stays.
+    fn durable_commits(&self, client: &mut Client) -> Result<()> {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        let rows = client
+            .simple_query("SHOW synchronous_commit")
+            .map_err(|e| self.error(&e))?;
+        let off = rows.iter().any(|message| {
+            matches!(message, postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("off"))
+        });
+        if off {
+            client
+                .batch_execute("SET synchronous_commit = on")
+                .map_err(|e| self.error(&e))?;
+            SAID.call_once(|| {
+                log::warn!(
+                    "{}: synchronous_commit is off for this role or server; the daemon's own session uses on, since a claim that a server crash forgot would run its tasks again (producers may keep off)",
+                    self.label.display()
+                );
+            });
+        }
+        Ok(())
+    }
+
+    fn connect_with_settings(&self, role: Role) -> Result<Client> {
         match self.config_for(role, true).connect(NoTls) {
             Ok(client) => Ok(client),
             Err(e) if refuses_options(&e) => {
