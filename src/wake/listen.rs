@@ -17,10 +17,11 @@ use crate::store::postgres::listen::Listener;
 /// How often the daemon polls when it cannot listen.
 pub const POLL: Duration = Duration::from_millis(250);
 /// How long one wait for notifications lasts: how soon the thread notices it should stop (the
-/// daemon's exit does not wait for it). Each wait costs a wake-up of the thread, so an idle
-/// daemon pays for this one every `WAIT`; a notification ends it at once, and a broken connection
-/// (a server that went away) too.
-const WAIT: Duration = Duration::from_secs(10);
+/// daemon's exit does not wait for it). A notification ends it at once, and a broken connection
+/// (a server that went away, or one the keepalives found silent) too. An idle daemon pays for
+/// each wait: the driver's timer wheel wakes the thread a few times per wait, whatever its length,
+/// so a long one costs the least (a 10 s wait was a quarter of an idle daemon's CPU).
+const WAIT: Duration = Duration::from_secs(60);
 /// After a failure, how long the thread polls before it tries to listen again.
 const RELISTEN: Duration = Duration::from_secs(5);
 

@@ -179,6 +179,12 @@ fn a_delayed_task_waits_for_its_time_and_others_pass_it(env: Env) {
         "started {started} < due {}",
         created + 1.0
     );
+    // On time: the due-time timer, not a later look at the queue (a tick, a heartbeat).
+    assert!(
+        started <= created + 1.5,
+        "started {:.3} s after its due time",
+        started - created - 1.0
+    );
     daemon.stop();
 }
 }

@@ -259,6 +259,9 @@ impl PgStore {
         now: f64,
         mut resolve: impl FnMut(&Task) -> Resolved<H>,
     ) -> Result<Popped<H>> {
+        // The heartbeat's look at the queue no longer stands in for the tick's: this cycle may
+        // have seen rows it had not (a delayed row, whose due time the loop now waits for).
+        self.forget_look();
         let mut popped = Popped {
             tasks: Vec::with_capacity(claim.limit.min(1024)),
             dead: Vec::new(),

@@ -303,6 +303,11 @@ impl PgStore {
         self.queue_seen.set((next_due, newest));
     }
 
+    /// A cycle ran: the next `next_due` looks at the queue itself.
+    fn forget_look(&self) {
+        self.looked.set(None);
+    }
+
     /// The daemon's token of change: it changes when a heartbeat saw the queue's next due time
     /// or its newest row change, or the connection broke. A daemon that listens is woken by each
     /// producer's `NOTIFY`; this catches the producer that did not notify, within a heartbeat
