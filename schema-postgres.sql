@@ -26,7 +26,14 @@
 --                   clock (never the producer's): a delay of 10 minutes is  now() + interval '10 min'.
 --        priority   smallint from -100 to 100, default 0; higher runs first. (Each priority in use
 --                   costs the pop an index lookup: use a handful, not a timestamp.)
+--        unique_key text: at most one task with this key is queued or running (UNIQUE TASKS below).
 --      Leave the other columns (id, created_at, attempt, origin, leased_by, leased_at) to foreman.
+--      A producer may commit with synchronous_commit = off (SET on its connection, or
+--      ?options=-csynchronous_commit%3Doff in its URL): a commit then returns before the WAL reaches
+--      disk, several times faster; a crash of the server may lose the last enqueues it reported,
+--      never corrupt anything (SQLite's synchronous = NORMAL makes the same trade). Behind
+--      PgBouncer in transaction mode, use SET LOCAL in the transaction, or ALTER ROLE … SET. The
+--      daemons keep their own claims durable: a lost claim could run a task twice.
 --   2. Optionally, after the transaction commits: NOTIFY foreman  (the one channel foreman listens
 --      on; the payload is ignored). A daemon that listens pops at once; without a NOTIFY, or behind
 --      PgBouncer in transaction mode where LISTEN cannot work, the daemons find the task at their
@@ -34,7 +41,22 @@
 --      process, after the commit, and never from a trigger on foreman_task: every NOTIFY takes a
 --      lock that serialises the commits of the whole cluster.
 --
--- PYTHON (psycopg 3):
+-- UNIQUE TASKS
+--   A task with a unique_key is not queued while another with that key is queued or running. The
+--   queued case is the unique index: INSERT … ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL
+--   DO NOTHING. To cover a running task too, in one transaction first take the key's lock, then
+--   insert only if no attempt with that key runs:
+--     BEGIN;
+--     SELECT pg_advisory_xact_lock(hashtextextended('foreman:' || $key, 0));
+--     INSERT INTO foreman_task(task_name, args, unique_key) SELECT $1, $2, $key
+--         WHERE NOT EXISTS (SELECT 1 FROM foreman_run WHERE state = 'running' AND unique_key = $key)
+--         ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING RETURNING id;
+--     COMMIT;
+--   (A daemon takes the same lock when it claims a keyed row, so the two cannot cross.) No id back:
+--   a task with that key is queued or running.
+--
+-- PYTHON: clients/python/foreman_client.py does all of this when psycopg 3 is installed
+-- (Client("postgresql://…").enqueue(name, *args, **kwargs)). By hand, with psycopg 3:
 --   import json, psycopg
 --   with psycopg.connect("postgresql://app@db/app", autocommit=True) as db:
 --       db.execute("INSERT INTO foreman_task(task_name, args, kwargs) VALUES (%s, %s::jsonb, %s::jsonb)",
@@ -96,6 +118,8 @@ CREATE TABLE IF NOT EXISTS foreman_task (
     -- every lease would cost the claim, and a daemon row is never deleted while it holds leases.
     leased_by  bigint,
     leased_at  timestamptz,
+    -- At most one task with a given key is queued or running (UNIQUE TASKS above).
+    unique_key text,
     CONSTRAINT foreman_task_lease_whole CHECK ((leased_by IS NULL) = (leased_at IS NULL))
 ) WITH (
     -- Every claimed row leaves a dead tuple, and claims walk the dead ones at the head of the due
@@ -117,6 +141,9 @@ CREATE TABLE IF NOT EXISTS foreman_task (
 CREATE INDEX IF NOT EXISTS foreman_task_due ON foreman_task (priority, run_after, id);
 -- What recovering a dead daemon must find: the leases it held.
 CREATE INDEX IF NOT EXISTS foreman_task_leased ON foreman_task (leased_by) WHERE leased_by IS NOT NULL;
+-- One queued task per unique key.
+CREATE UNIQUE INDEX IF NOT EXISTS foreman_task_unique ON foreman_task (unique_key)
+    WHERE unique_key IS NOT NULL;
 
 -- Rows that could not be run, or failed with no retries left. task_id is the id the row had in
 -- foreman_task; task_name, args, kwargs, created_at, priority and origin are copied from it, so
@@ -133,7 +160,9 @@ CREATE TABLE IF NOT EXISTS foreman_dead (
     -- Attempts made (0: it never ran), and the row's priority and origin.
     attempts   integer NOT NULL DEFAULT 0,
     priority   smallint NOT NULL DEFAULT 0,
-    origin     text
+    origin     text,
+    -- The task's unique_key, given back to it by `foreman dead requeue`.
+    unique_key text
 );
 
 -- `foreman wait` and `foreman cancel` look dead letters up by task id.
@@ -143,7 +172,9 @@ CREATE INDEX IF NOT EXISTS foreman_dead_task ON foreman_dead (task_id);
 -- one of running, done, failed, timeout, lost (its daemon died or was cut off while it ran), dead
 -- (it could not run), cancelled; a newer foreman may add states, so readers treat an unknown one
 -- as not final. retry_at is set on an attempt that will be tried again. error is the failure's
--- text, truncated to 8 KiB.
+-- text, truncated to 8 KiB. args, kwargs, priority and origin are the task as the attempt ran it
+-- (what `foreman retry` queues again); unique_key its key, which a running attempt holds; result
+-- the JSON text the task returned (up to 64 KiB), exit_code a command's exit status.
 CREATE TABLE IF NOT EXISTS foreman_run (
     task_id     bigint NOT NULL,
     attempt     integer NOT NULL,
@@ -155,6 +186,13 @@ CREATE TABLE IF NOT EXISTS foreman_run (
     finished_at timestamptz,
     error       text,
     retry_at    timestamptz,
+    args        jsonb,
+    kwargs      jsonb,
+    priority    smallint,
+    origin      text,
+    unique_key  text,
+    result      text,
+    exit_code   integer,
     PRIMARY KEY (task_id, attempt)
 ) WITH (
     -- Written twice per task (running, then its ending), pruned after 7 days.
@@ -165,6 +203,26 @@ CREATE TABLE IF NOT EXISTS foreman_run (
 -- The running set (`status`, `health`) and what recovering a dead daemon must find: its attempts
 -- that were running. Only running attempts are in it, so it stays small.
 CREATE INDEX IF NOT EXISTS foreman_run_running ON foreman_run (daemon_id) WHERE state = 'running';
+-- Whether a running attempt holds a unique key.
+CREATE INDEX IF NOT EXISTS foreman_run_unique ON foreman_run (unique_key)
+    WHERE state = 'running' AND unique_key IS NOT NULL;
+
+-- `foreman cancel` of a running attempt: the daemon running it aborts it (SIGTERM, then SIGKILL
+-- after grace seconds) and records it cancelled.
+CREATE TABLE IF NOT EXISTS foreman_abort (
+    task_id      bigint NOT NULL,
+    attempt      integer NOT NULL,
+    grace        double precision NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (task_id, attempt)
+);
+
+-- `foreman pause`: no daemon claims a paused task name ('' pauses every task) until `foreman
+-- resume`; its rows stay queued as they are.
+CREATE TABLE IF NOT EXISTS foreman_pause (
+    task_name text PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT now()
+);
 
 -- Recurring tasks ([schedules.NAME] in the config), shared by every daemon that configures them:
 -- a daemon fires one by moving next_due from the value it read to the next window, in the
@@ -190,7 +248,9 @@ CREATE TABLE IF NOT EXISTS foreman_schedule (
 -- boot (field 22 of /proc/PID/stat) on `host`, so a reused pid is not taken for the daemon.
 -- pools is a JSON array of {"name", "processes", "up", "busy", "tasks"}; totals a JSON object
 -- {task name: {"done": n, "failed": n}} counted since started_at; served the task names it
--- claims. The running set is foreman_run's rows in state 'running' with its id.
+-- claims; stale_after the seconds its heartbeat may be silent before another daemon recovers it
+-- (a few of its heartbeats, its own choice). The running set is foreman_run's rows in state
+-- 'running' with its id.
 CREATE TABLE IF NOT EXISTS foreman_daemon (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     host         text NOT NULL,
@@ -205,6 +265,7 @@ CREATE TABLE IF NOT EXISTS foreman_daemon (
     pools        jsonb NOT NULL DEFAULT '[]',
     totals       jsonb NOT NULL DEFAULT '{}',
     served       text[] NOT NULL DEFAULT '{}',
+    stale_after  double precision NOT NULL DEFAULT 30,
     recovered_at timestamptz,
     recovered_by bigint
 ) WITH (

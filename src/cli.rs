@@ -22,8 +22,8 @@ Exit codes:
 `wait`, `show`, `cancel`, `health` and `reload` have exit codes of their own, and `retry` and
 `dead requeue` exit 1 when they could not do it for every id: see their --help.";
 
-/// A background-task runner: web apps enqueue by inserting a row into SQLite and touching a file;
-/// `foreman run` wakes through inotify and runs the task.
+/// A background-task runner: web apps enqueue by inserting a row into SQLite and touching a file
+/// (or into PostgreSQL, with NOTIFY); `foreman run` wakes at once and runs the task.
 #[derive(Parser, Debug)]
 #[command(name = "foreman", version, about, after_help = EXIT_CODES, propagate_version = true)]
 pub struct Cli {

@@ -28,6 +28,10 @@ pub const DEFAULT_STATS_RETENTION: Duration = Duration::from_hours(168);
 /// How often an idle daemon rewrites its heartbeat row (a busy one writes it with its work, at most
 /// once a second). `foreman health --max-age` defaults to six of these.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// PostgreSQL: how long a due row waits for a daemon that serves its name before it becomes a
+/// dead letter for "no handler" (a deploy that adds a task name reaches the producers and the
+/// daemons in either order).
+pub const DEFAULT_UNSERVED_AFTER: Duration = Duration::from_mins(5);
 /// More threads than this is a typo, not a configuration.
 const MAX_WORKERS: usize = 1024;
 /// Popped-but-not-started tasks are lost in a crash: more than this is a typo, not a trade-off.
@@ -225,6 +229,14 @@ pub struct Config {
     pub history_retention: Duration,
     pub stats_retention: Duration,
     pub heartbeat: Duration,
+    /// PostgreSQL: wake on `LISTEN foreman` (true), or poll (false: behind PgBouncer in
+    /// transaction mode, where `LISTEN` cannot work).
+    pub listen: bool,
+    /// PostgreSQL: a due row whose name no daemon seen alive during this long serves is buried.
+    pub unserved_after: Duration,
+    /// PostgreSQL: a daemon started while the server cannot be reached waits for it (true), or
+    /// exits with status 1 (false).
+    pub wait_for_db: bool,
     pub sentry: SentryConfig,
     /// What this configuration was loaded from, so that a reload reads it the same way.
     source: Source,
@@ -285,6 +297,9 @@ struct FileConfig {
     history_retention: Option<DurationValue>,
     stats_retention: Option<DurationValue>,
     heartbeat: Option<DurationValue>,
+    listen: Option<bool>,
+    unserved_after: Option<DurationValue>,
+    wait_for_db: Option<bool>,
     sentry_dsn: Option<String>,
     sentry_environment: Option<String>,
     sentry_send_args: Option<bool>,
@@ -419,6 +434,7 @@ impl Config {
     }
 
     /// The configuration from a parsed file (or none) and the overrides, validated.
+    #[allow(clippy::too_many_lines)] // One field per setting, in the order `Config` lists them.
     fn build(file: Option<PathBuf>, parsed: FileConfig, overrides: &Overrides) -> Result<Config> {
         // Paths written in a config file are relative to that file, so the file means the same
         // whatever directory the daemon is started from.
@@ -507,6 +523,11 @@ impl Config {
                 .stats_retention
                 .map_or(DEFAULT_STATS_RETENTION, |d| d.0),
             heartbeat: parsed.heartbeat.map_or(DEFAULT_HEARTBEAT, |d| d.0),
+            listen: parsed.listen.unwrap_or(true),
+            unserved_after: parsed
+                .unserved_after
+                .map_or(DEFAULT_UNSERVED_AFTER, |d| d.0),
+            wait_for_db: parsed.wait_for_db.unwrap_or(true),
             sentry: SentryConfig::new(
                 parsed.sentry_dsn,
                 parsed.sentry_environment,
@@ -561,6 +582,7 @@ impl Config {
             ("history_retention", self.history_retention),
             ("stats_retention", self.stats_retention),
             ("heartbeat", self.heartbeat),
+            ("unserved_after", self.unserved_after),
         ] {
             if value.is_zero() {
                 return Err(self.key_error(key, "must be greater than 0"));
@@ -798,6 +820,15 @@ impl Config {
             format_duration(self.stats_retention)
         );
         let _ = writeln!(out, "heartbeat = \"{}\"", format_duration(self.heartbeat));
+        if matches!(self.db, Database::Postgres(_)) {
+            let _ = writeln!(out, "listen = {}", self.listen);
+            let _ = writeln!(
+                out,
+                "unserved_after = \"{}\"",
+                format_duration(self.unserved_after)
+            );
+            let _ = writeln!(out, "wait_for_db = {}", self.wait_for_db);
+        }
         if let Some(dsn) = &self.sentry.dsn {
             // The key is a secret of sorts; say where events go, not how to send them.
             let host = dsn.rsplit('@').next().unwrap_or_default();
@@ -1736,6 +1767,9 @@ mod fuzz {
             "history_retention",
             "stats_retention",
             "heartbeat",
+            "listen",
+            "unserved_after",
+            "wait_for_db",
             "sentry_dsn",
             "sentry_environment",
             "sentry_send_args",

@@ -82,11 +82,19 @@ fn init_sentry(_cli: &Cli) -> Option<std::convert::Infallible> {
 fn init_logging(level: Option<log::LevelFilter>) {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(log::LevelFilter::Info);
+    // The PostgreSQL driver logs every statement with its parameters (tasks' args) at debug:
+    // only when RUST_LOG names it.
+    for driver in ["postgres", "tokio_postgres"] {
+        builder.filter_module(driver, log::LevelFilter::Warn);
+    }
     if let Ok(spec) = std::env::var("RUST_LOG") {
         builder.parse_filters(&spec);
     }
     if let Some(level) = level {
         builder.filter_level(level);
+        for driver in ["postgres", "tokio_postgres"] {
+            builder.filter_module(driver, level.min(log::LevelFilter::Warn));
+        }
     }
     if stderr_is_journal() {
         builder.format(|buf, record| {

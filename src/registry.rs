@@ -237,6 +237,11 @@ impl Registry {
         self.handlers.get(name)
     }
 
+    /// Every task name with how it runs, in no particular order.
+    pub fn handlers(&self) -> impl Iterator<Item = (&str, &Handler)> {
+        self.handlers.iter().map(|(name, h)| (name.as_str(), h))
+    }
+
     /// Task names, sorted, for the startup log line.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();

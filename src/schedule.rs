@@ -9,7 +9,7 @@ use croner::Cron;
 use crate::config::{ScheduleConfig, When};
 use crate::cron::parse_cron;
 use crate::error::{Error, Result};
-use crate::store::{NewTask, ScheduleState, Store};
+use crate::store::{Fired, NewTask, ScheduleState, Store};
 
 /// Seconds before a firing the DB refused is tried again (it stays due, so it is not lost).
 const RETRY_AFTER_ERROR: f64 = 1.0;
@@ -116,8 +116,12 @@ impl Schedules {
                         state.interval = Some(start.as_secs_f64());
                     }
                     state.next_due += jitter(config.jitter);
-                    store.save_schedule(name, &state)?;
-                    state
+                    if store.save_schedule(name, &state, None)? {
+                        state
+                    } else {
+                        // Another daemon stored the same definition meanwhile: its state wins.
+                        stored_state(store, name)?.unwrap_or(state)
+                    }
                 }
             };
             entries.push(Entry {
@@ -157,18 +161,23 @@ impl Schedules {
             if entry.state.next_due > now {
                 continue;
             }
+            let expected = entry.state.next_due;
             let mut state = entry.state.clone();
             state.next_due = following(entry, now);
             // A paused task's window passes without a firing, as if the daemon had been down:
             // a resume does not bring a pile of catch-up runs.
             if paused(&entry.config.task) {
-                log::info!(
-                    "schedule {}: task {} is paused; skipping this window",
-                    entry.name,
-                    entry.config.task
-                );
-                if let Err(e) = store.save_schedule(&entry.name, &state) {
-                    refused.push((entry.name.clone(), e));
+                match store.save_schedule(&entry.name, &state, Some(expected)) {
+                    Ok(true) => log::info!(
+                        "schedule {}: task {} is paused; skipping this window",
+                        entry.name,
+                        entry.config.task
+                    ),
+                    Ok(false) => {
+                        reload(store, entry, now);
+                        continue;
+                    }
+                    Err(e) => refused.push((entry.name.clone(), e)),
                 }
                 entry.state = state;
                 continue;
@@ -178,12 +187,17 @@ impl Schedules {
                 .last_task_id
                 .filter(|&id| busy(id) || store.is_queued(id).unwrap_or(true));
             if let Some(previous) = previous {
-                log::info!(
-                    "schedule {}: task {previous} from its last firing has not finished; skipping this one",
-                    entry.name
-                );
-                if let Err(e) = store.save_schedule(&entry.name, &state) {
-                    refused.push((entry.name.clone(), e));
+                match store.save_schedule(&entry.name, &state, Some(expected)) {
+                    Ok(true) => log::info!(
+                        "schedule {}: task {previous} from its last firing has not finished; skipping this one",
+                        entry.name
+                    ),
+                    // Another daemon moved it first: its view of this window stands.
+                    Ok(false) => {
+                        reload(store, entry, now);
+                        continue;
+                    }
+                    Err(e) => refused.push((entry.name.clone(), e)),
                 }
                 // Even unsaved: a restart may then skip once more, which is harmless.
                 entry.state = state;
@@ -204,14 +218,18 @@ impl Schedules {
                 origin: Some(&origin),
                 unique_key: None,
             };
-            match store.fire_schedule(&entry.name, &task, &mut state) {
-                Ok(crate::store::Enqueued { id, .. }) => {
+            match store.fire_schedule(&entry.name, &task, expected, &mut state) {
+                Ok(Fired::Task(id)) => {
                     log::info!(
                         "schedule {}: enqueued task {id} {}",
                         entry.name,
                         entry.config.task
                     );
                     entry.state = state;
+                }
+                Ok(Fired::Elsewhere) => {
+                    log::debug!("schedule {}: another daemon fired this window", entry.name);
+                    reload(store, entry, now);
                 }
                 Err(e) => {
                     refused.push((entry.name.clone(), e));
@@ -258,8 +276,9 @@ impl Schedules {
             if eventful { "eventful" } else { "uneventful" },
             current
         );
-        match store.save_schedule(&entry.name, &state) {
-            Ok(()) => entry.state = state,
+        match store.save_schedule(&entry.name, &state, Some(entry.state.next_due)) {
+            Ok(true) => entry.state = state,
+            Ok(false) => reload(store, entry, now),
             Err(e) => log::error!("schedule {}: {e}", entry.name),
         }
     }
@@ -285,12 +304,6 @@ pub fn run_now(
     };
     // Loading one schedule stores its state first if it has none yet (the daemon never ran it).
     let one = std::collections::BTreeMap::from([(name.clone(), config.clone())]);
-    let mut schedules = Schedules::load(&one, store, now)?;
-    let Some(entry) = schedules.entries.pop() else {
-        return Err(Error::Config(format!("no schedule {name:?}")));
-    };
-    let mut state = entry.state;
-    state.last_fired = Some(now);
     let (args, kwargs) = (config.args.to_string(), config.kwargs.to_string());
     let task = NewTask {
         name: &config.task,
@@ -301,7 +314,27 @@ pub fn run_now(
         origin: Some(origin),
         unique_key: None,
     };
-    let id = store.fire_schedule(name, &task, &mut state)?.id;
+    // A daemon sharing the database (PostgreSQL) may fire it between the read and the firing,
+    // which then refuses: read it again and fire after that one.
+    let mut tries = 0;
+    let id = loop {
+        let mut schedules = Schedules::load(&one, store, now)?;
+        let Some(entry) = schedules.entries.pop() else {
+            return Err(Error::Config(format!("no schedule {name:?}")));
+        };
+        let expected = entry.state.next_due;
+        let mut state = entry.state;
+        state.last_fired = Some(now);
+        match store.fire_schedule(name, &task, expected, &mut state)? {
+            Fired::Task(id) => break id,
+            Fired::Elsewhere if tries < 3 => tries += 1,
+            Fired::Elsewhere => {
+                return Err(Error::Config(format!(
+                    "schedule {name:?} kept changing under this firing: try again"
+                )));
+            }
+        }
+    };
     log::info!(
         "schedule {name}: enqueued task {id} {} ({origin})",
         config.task
@@ -322,11 +355,42 @@ impl Schedules {
             }
             let mut state = entry.state.clone();
             state.next_due = (state.next_due - seconds).max(now);
-            if let Err(e) = store.save_schedule(&entry.name, &state) {
+            if let Err(e) = store.save_schedule(&entry.name, &state, Some(entry.state.next_due)) {
                 log::error!("schedule {}: {e}", entry.name);
             }
             // Even unsaved: a restart reads the later time, which only makes one firing late.
             entry.state = state;
+        }
+    }
+}
+
+/// The stored state of schedule `name`, if there is one.
+fn stored_state(store: &Store, name: &str) -> Result<Option<ScheduleState>> {
+    Ok(store
+        .schedules()?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, state)| state))
+}
+
+/// Another daemon fired or moved the schedule first: takes its stored state. One stored with
+/// another definition (daemons configured differently) is left to them: this daemon looks again
+/// a little later rather than fight over it.
+fn reload(store: &Store, entry: &mut Entry, now: f64) {
+    match stored_state(store, &entry.name) {
+        Ok(Some(stored)) if stored.spec == entry.state.spec => entry.state = stored,
+        Ok(stored) => {
+            log::warn!(
+                "schedule {}: another daemon stores it as {:?}, not {:?}: configure it the same on every daemon",
+                entry.name,
+                stored.map(|s| s.spec).unwrap_or_default(),
+                entry.state.spec
+            );
+            entry.state.next_due = now + RETRY_AFTER_ERROR * 60.0;
+        }
+        Err(e) => {
+            log::error!("schedule {}: {e}", entry.name);
+            entry.state.next_due = now + RETRY_AFTER_ERROR;
         }
     }
 }

@@ -18,6 +18,11 @@ This is the producer protocol of schema.sql, done carefully: one INSERT per task
 transaction, then a file in the wakeup directory. A Client is safe to share between threads and
 survives a fork (each process gets its own SQLite connection). Creating one touches no file, so a
 module may create it at import time.
+
+Given a ``postgresql://`` (or ``postgres://``) URL instead of a path, it speaks the PostgreSQL
+protocol of schema-postgres.sql through psycopg 3 (``pip install "psycopg[binary]"``): the INSERT,
+then ``NOTIFY foreman`` after the commit, at most one per 100 ms per process (a burst of enqueues
+sends one, and a last one 100 ms after the first if more came meanwhile).
 """
 
 import datetime
@@ -36,6 +41,44 @@ import weakref
 __version__ = "1.2.0"
 
 __all__ = ["Client", "TaskFailed", "__version__"]
+
+# PostgreSQL (schema-postgres.sql). The JSON goes as text and is cast: the columns are jsonb, whose
+# CHECKs refuse args that are not an array and kwargs that are not an object.
+_PG_INSERT = (
+    "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority) "
+    "VALUES (%s, %s::jsonb, %s::jsonb, now() + make_interval(secs => %s), %s) RETURNING id"
+)
+_PG_INSERT_AT = (
+    "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority) "
+    "VALUES (%s, %s::jsonb, %s::jsonb, to_timestamp(%s), %s) RETURNING id"
+)
+_PG_LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtextextended('foreman:' || %s, 0))"
+_PG_INSERT_UNIQUE = (
+    "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority, unique_key) "
+    "SELECT %s, %s::jsonb, %s::jsonb, {run_after}, %s, %s "
+    "WHERE NOT EXISTS (SELECT 1 FROM foreman_run WHERE state = 'running' AND unique_key = %s) "
+    "ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING RETURNING id"
+)
+_PG_KEY_HOLDER = (
+    "SELECT id FROM foreman_task WHERE unique_key = %s UNION ALL "
+    "SELECT task_id FROM foreman_run WHERE unique_key = %s AND state = 'running' LIMIT 1"
+)
+_PG_INSERT_MANY = (
+    "INSERT INTO foreman_task(task_name, args, kwargs, run_after, priority) "
+    "SELECT t.name, t.args::jsonb, t.kwargs::jsonb, {run_after}, %s "
+    "FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t(name, args, kwargs, i) "
+    "ORDER BY t.i RETURNING id"
+)
+_PG_PROGRESS = (
+    "(SELECT 'run', attempt, state, error, retry_at IS NOT NULL, result FROM foreman_run "
+    " WHERE task_id = %(id)s ORDER BY attempt DESC LIMIT 1) UNION ALL "
+    "(SELECT 'task', attempt, NULL, NULL, false, NULL FROM foreman_task WHERE id = %(id)s) "
+    "UNION ALL (SELECT 'dead', 0, 'dead', reason, false, NULL FROM foreman_dead "
+    " WHERE task_id = %(id)s ORDER BY id DESC LIMIT 1)"
+)
+# At most one NOTIFY per this many seconds per process: every NOTIFY takes a lock that
+# serialises the commits of the whole cluster.
+_NOTIFY_EVERY = 0.1
 
 log = logging.getLogger("foreman_client")
 
@@ -132,16 +175,16 @@ class Client:
 
     def __init__(self, db_path=None, wakeup_dir=None, *, timeout=5.0):
         self.db_path, self._db_source = _setting(db_path, "FOREMAN_DB", "foreman.sqlite3")
-        if self.db_path.startswith(("postgres://", "postgresql://")):
-            # The URL is not repeated: it may hold a password.
-            raise ValueError(
-                f"the database ({self._db_source}) is a PostgreSQL URL; "
-                "this client speaks SQLite only"
-            )
-        # Absolute paths, so that a later os.chdir() cannot point the client somewhere else.
-        self.db_path = os.path.abspath(self.db_path)
-        wakeup_dir, _ = _setting(wakeup_dir, "FOREMAN_WAKEUP_DIR", self.db_path + ".wakeup")
-        self.wakeup_dir = os.path.abspath(wakeup_dir)
+        # A PostgreSQL server (schema-postgres.sql), reached through psycopg 3, imported at the
+        # first use so that a SQLite user needs no psycopg.
+        self._postgres = self.db_path.lower().startswith(("postgres://", "postgresql://"))
+        if self._postgres:
+            self.wakeup_dir = None
+        else:
+            # Absolute paths, so that a later os.chdir() cannot point the client elsewhere.
+            self.db_path = os.path.abspath(self.db_path)
+            wakeup_dir, _ = _setting(wakeup_dir, "FOREMAN_WAKEUP_DIR", self.db_path + ".wakeup")
+            self.wakeup_dir = os.path.abspath(wakeup_dir)
         self.timeout = timeout
         self._lock = threading.Lock()
         self._conn = None
@@ -157,6 +200,9 @@ class Client:
         _clients.add(self)
 
     def __repr__(self):
+        if self._postgres:
+            # Never the URL's password.
+            return f"<foreman_client.Client db={_redacted(self.db_path)!r}>"
         return f"<foreman_client.Client db_path={self.db_path!r} wakeup_dir={self.wakeup_dir!r}>"
 
     def __enter__(self):
@@ -171,6 +217,9 @@ class Client:
         For a readiness check, or to fail at start-up rather than at the first enqueue.
         """
         with self._lock:
+            if self._postgres:
+                self._pg_version(self._connection())
+                return
             version = self._connection().execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 raise sqlite3.OperationalError(_no_schema(self.db_path))
@@ -200,6 +249,8 @@ class Client:
             _encode_json(args, "args", task_name) if args else _EMPTY_ARGS,
             _encode_json(kwargs, "kwargs", task_name) if kwargs else _EMPTY_KWARGS,
         )
+        if self._postgres:
+            return self._pg_insert(_PG_INSERT, row + (0.0, 0))
         return self._insert_one(_INSERT, row)
 
     def enqueue_with(
@@ -235,6 +286,13 @@ class Client:
         """
         row = _task_row(task_name, args, kwargs, "enqueue_with")
         sql, timing = _timing(delay, run_at, priority)
+        if unique_key is not None and not isinstance(unique_key, str):
+            raise TypeError(f"unique_key must be a str, not {type(unique_key).__name__}")
+        if self._postgres:
+            pg_sql, pg_timing = _pg_timing(sql, timing)
+            if unique_key is None:
+                return self._pg_insert(pg_sql, row + pg_timing)
+            return self._pg_insert_unique(sql, row + pg_timing, unique_key)
         if unique_key is None:
             return self._insert_one(sql, row + timing)
         if not isinstance(unique_key, str):
@@ -257,8 +315,11 @@ class Client:
         while True:
             with self._lock:
                 conn = self._connection()
-                self._check_schema(conn, _SCHEMA_VERSION_CONTROL, "Client.wait")
-                found = _progress(conn, task_id)
+                if self._postgres:
+                    found = _pg_progress(conn, task_id)
+                else:
+                    self._check_schema(conn, _SCHEMA_VERSION_CONTROL, "Client.wait")
+                    found = _progress(conn, task_id)
             if found is None:
                 raise LookupError(f"no task {task_id} (never enqueued, or its history was pruned)")
             state, attempt, final, error, result = found
@@ -281,6 +342,9 @@ class Client:
         inserted: on an error nothing is.
         """
         sql, timing = _timing(delay, run_at, priority)
+        if self._postgres:
+            rows = [_row(index, item) for index, item in enumerate(items)]
+            return self._pg_insert_many(sql, timing, rows) if rows else []
         rows = [_row(index, item) + timing for index, item in enumerate(items)]
         if not rows:
             return []
@@ -354,6 +418,97 @@ class Client:
             self._wake()
         return task_id
 
+    # ---- PostgreSQL ----
+
+    def _pg_insert(self, sql, params):
+        """One autocommit INSERT … RETURNING id, then the debounced NOTIFY."""
+        with self._lock:
+            conn = self._connection()
+            task_id = conn.execute(sql, params).fetchone()[0]
+            self._pg_notify(conn)
+        return task_id
+
+    def _pg_insert_unique(self, sql, params, unique_key):
+        """Insert unless the key is held (queued or running): under the key's advisory lock, as
+        schema-postgres.sql says, so that a daemon's claim of the holder cannot cross the check."""
+        run_after = "to_timestamp(%s)" if sql is _INSERT_AT else "now() + make_interval(secs => %s)"
+        statement = _PG_INSERT_UNIQUE.format(run_after=run_after)
+        name, args, kwargs, when, priority = params
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction():
+                conn.execute(_PG_LOCK_KEY, (unique_key,))
+                row = conn.execute(
+                    statement, (name, args, kwargs, when, priority, unique_key, unique_key)
+                ).fetchone()
+                if row is None:
+                    holder = conn.execute(_PG_KEY_HOLDER, (unique_key, unique_key)).fetchone()
+                    if holder is None:  # the holder ended between the two: cannot happen
+                        raise RuntimeError(f"unique key {unique_key!r} refused")
+            if row is not None:
+                self._pg_notify(conn)
+                return row[0]
+            return holder[0]
+
+    def _pg_insert_many(self, sql, timing, rows):
+        """Every row in one statement (one transaction); the ids in the items' order."""
+        run_after = "to_timestamp(%s)" if sql is _INSERT_AT else "now() + make_interval(secs => %s)"
+        when, priority = timing if timing else (0.0, 0)
+        statement = _PG_INSERT_MANY.format(run_after=run_after)
+        names, args, kwargs = (list(column) for column in zip(*rows))
+        with self._lock:
+            conn = self._connection()
+            ids = [r[0] for r in conn.execute(statement, (when, priority, names, args, kwargs))]
+            self._pg_notify(conn)
+        return ids
+
+    def _pg_notify(self, conn):
+        """NOTIFY foreman after a commit, at most once per _NOTIFY_EVERY per process: the first of
+        a burst at once, the rest folded into one at the end of the interval. Never raises: the
+        rows are committed, and the daemons find them at their next poll anyway."""
+        global _last_notify, _notify_pending
+        now = time.monotonic()
+        with _notify_lock:
+            wait = _last_notify + _NOTIFY_EVERY - now
+            if wait <= 0:
+                _last_notify = now
+            elif _notify_pending:
+                return
+            else:
+                _notify_pending = True
+        if wait <= 0:
+            try:
+                conn.execute("NOTIFY foreman")
+            except Exception as exc:  # noqa: BLE001 - a wake-up is only a hint
+                self._warn_once(exc)
+            return
+        timer = threading.Timer(wait, self._pg_notify_later)
+        timer.daemon = True
+        timer.start()
+
+    def _pg_notify_later(self):
+        global _last_notify, _notify_pending
+        with _notify_lock:
+            _notify_pending = False
+            _last_notify = time.monotonic()
+        try:
+            with self._lock:
+                if not self._closed:
+                    self._connection().execute("NOTIFY foreman")
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once(exc)
+
+    def _pg_version(self, conn):
+        row = conn.execute(
+            "SELECT CASE WHEN to_regclass('foreman_meta') IS NULL THEN 0 "
+            "ELSE 1 END"
+        ).fetchone()
+        if row[0] == 0:
+            raise _pg_module().errors.UndefinedTable(
+                f"the database {_redacted(self.db_path)} has no foreman schema in its "
+                "search_path (run `foreman init` or start a daemon)"
+            )
+
     def _check_schema(self, conn, needed, what):
         """Raise unless the database's schema is at least version ``needed``. With the lock held."""
         if self._schema_version >= needed:
@@ -392,9 +547,12 @@ class Client:
             # never touch the parent's connection, open our own.
             if self._conn is not None:
                 _inherited_connections.append(self._conn)
-            self._conn = _connect(self.db_path, self._db_source, self.timeout)
+            if self._postgres:
+                self._conn = _pg_connect(self.db_path, self._db_source, self.timeout)
+            else:
+                self._conn = _connect(self.db_path, self._db_source, self.timeout)
+                self._wakeup_path = os.path.join(self.wakeup_dir, f"py-{pid}")
             self._pid = pid
-            self._wakeup_path = os.path.join(self.wakeup_dir, f"py-{pid}")
         return self._conn
 
     def _wake(self):
@@ -422,11 +580,14 @@ class Client:
     def _warn_once(self, exc):
         if not self._warned:
             self._warned = True
+            what = "NOTIFY foreman failed" if self._postgres else (
+                f"cannot create the wakeup file {self._wakeup_path}"
+            )
             log.warning(
-                "cannot create the wakeup file %s (%s); tasks are still queued, and the daemon "
-                "finds them on its fallback tick (1 s by default) instead of at once. "
-                "Further wakeup errors of this client are not logged.",
-                self._wakeup_path,
+                "%s (%s); tasks are still queued, and the daemon finds them on its fallback "
+                "tick (1 s by default) instead of at once. Further wakeup errors of this client "
+                "are not logged.",
+                what,
                 exc,
             )
 
@@ -453,6 +614,84 @@ def _progress(conn, task_id):
         return None
     finally:
         conn.execute("COMMIT")
+
+
+# The process's last NOTIFY, and whether one is scheduled: shared by every client of the process.
+_notify_lock = threading.Lock()
+_last_notify = float("-inf")
+_notify_pending = False
+
+
+def _pg_module():
+    try:
+        import psycopg
+    except ImportError:
+        raise ImportError(
+            'a postgresql:// database needs psycopg 3: pip install "psycopg[binary]"'
+        ) from None
+    return psycopg
+
+
+def _pg_connect(url, source, timeout):
+    psycopg = _pg_module()
+    try:
+        return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)))
+    except psycopg.OperationalError as exc:
+        # psycopg's message names the host and the user, never the password.
+        raise psycopg.OperationalError(
+            f"cannot connect to the foreman database {_redacted(url)} ({source}): {exc}"
+        ) from None
+
+
+def _redacted(url):
+    """The URL with any password replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user_info, host = netloc.rsplit("@", 1)
+        if ":" in user_info:
+            netloc = user_info.split(":", 1)[0] + ":***@" + host
+    query = "&".join(
+        "password=***" if pair.lower().startswith("password=") else pair
+        for pair in parts.query.split("&")
+    ) if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _pg_timing(sql, timing):
+    """The PostgreSQL INSERT for _timing's choice, and its (when, priority) parameters."""
+    if sql is _INSERT_AT:
+        return _PG_INSERT_AT, timing
+    if sql is _INSERT:
+        return _PG_INSERT, (0.0, 0)
+    return _PG_INSERT, timing
+
+
+def _pg_progress(conn, task_id):
+    """(state, attempt, final, error, result) as `foreman wait` decides it; None if unknown."""
+    run = task = dead = None
+    for kind, attempt, state, error, will_retry, result in conn.execute(
+        _PG_PROGRESS, {"id": task_id}
+    ):
+        if kind == "run":
+            run = (attempt, state, error, will_retry, result)
+        elif kind == "task":
+            task = attempt
+        else:
+            dead = error
+    if run is not None and run[1] == "running":
+        return "running", run[0], False, None, None
+    if task is not None:
+        return "queued", task, False, None, None
+    if run is not None:
+        attempt, state, error, will_retry, result = run
+        final = state in ("done", "dead", "cancelled") or (
+            state in ("failed", "timeout", "lost") and not will_retry
+        )
+        return state, attempt, final, error, result
+    if dead is not None:
+        return "dead", 0, True, dead, None
+    return None
 
 
 def _setting(value, env_name, default):
@@ -622,8 +861,13 @@ def _after_fork_in_child():
     # A lock that another thread held at the moment of the fork stays locked forever in the child,
     # where that thread does not exist. The child is single-threaded here, so replacing is safe.
     # (The connection itself is replaced on first use, by the pid check in _connection.)
+    global _notify_lock, _notify_pending, _last_notify
     for client in list(_clients):
         client._lock = threading.Lock()
+    # A NOTIFY timer was the parent's thread: the child starts afresh.
+    _notify_lock = threading.Lock()
+    _notify_pending = False
+    _last_notify = float("-inf")
 
 
 if hasattr(os, "register_at_fork"):

@@ -1,7 +1,8 @@
 //! The bench's files and processes: the `Workspace` (a temporary directory removed on drop), one
-//! `Run` per daemon start (a fresh database, wakeup dir, config and record file), and the
-//! `Daemon` child (`foreman run` from this very executable), which is killed on every way out,
-//! and whose CPU time and peak RSS are read from `/proc`. It measures nothing itself.
+//! `Run` per daemon start (a fresh database, wakeup dir, config and record file; on PostgreSQL a
+//! fresh schema in the given database, dropped afterwards), and the `Daemon` child (`foreman run`
+//! from this very executable), which is killed on every way out, and whose CPU time and peak RSS
+//! are read from `/proc`. It measures nothing itself.
 
 use std::io::{BufRead as _, Read as _, Seek as _};
 use std::ops::RangeInclusive;
@@ -28,6 +29,9 @@ pub(crate) struct Workspace {
     /// `--db`: every run's database goes there instead (removed between runs).
     db: Option<PathBuf>,
     wakeup_dir: Option<PathBuf>,
+    /// `--db postgresql://…`: every run gets a schema of its own in that database (the URL's
+    /// `search_path` set to it), dropped after the run.
+    postgres: Option<String>,
     runs: std::cell::Cell<usize>,
 }
 
@@ -35,7 +39,16 @@ impl Workspace {
     /// Creates a new directory under the system's temp dir (`$TMPDIR`, else /tmp) and writes the
     /// Python modules there. A `--db` or `--wakeup-dir` that exists is refused: the bench deletes
     /// its databases between runs, and must never delete a real queue.
-    pub fn create(db: Option<PathBuf>, wakeup_dir: Option<PathBuf>) -> Result<Workspace> {
+    pub fn create(db: Option<Database>, wakeup_dir: Option<PathBuf>) -> Result<Workspace> {
+        let (db, postgres) = match db {
+            Some(Database::Postgres(url)) => {
+                // Reached now, so that a wrong URL fails before the machine is measured.
+                Producer::open(&Database::Postgres(url.clone()))?;
+                (None, Some(url))
+            }
+            Some(Database::Sqlite(path)) => (Some(path), None),
+            None => (None, None),
+        };
         for (path, what) in [
             (&db, "--db (or FOREMAN_DB)"),
             (&wakeup_dir, "--wakeup-dir (or FOREMAN_WAKEUP_DIR)"),
@@ -55,6 +68,7 @@ impl Workspace {
             root,
             db,
             wakeup_dir,
+            postgres,
             runs: std::cell::Cell::new(0),
         };
         python::write_modules(&work.root)?;
@@ -65,6 +79,11 @@ impl Workspace {
         &self.root
     }
 
+    /// The PostgreSQL database the runs use, if `--db` named one.
+    pub fn postgres(&self) -> Option<&str> {
+        self.postgres.as_deref()
+    }
+
     /// A fresh run: its directory, a database with the schema, the wakeup dir and `config`.
     pub fn run(&self, config: &str) -> Outcome<Run> {
         let n = self.runs.get() + 1;
@@ -72,14 +91,33 @@ impl Workspace {
         let dir = self.root.join(format!("run-{n}"));
         std::fs::create_dir(&dir)
             .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
+        let config_path = dir.join("foreman.toml");
+        std::fs::write(&config_path, config)
+            .map_err(|e| Failure::new(format!("cannot write {}: {e}", config_path.display())))?;
+        if let Some(base) = &self.postgres {
+            let schema = format!("foreman_bench_{}_{n}", std::process::id());
+            let mut run = Run {
+                pid_file: dir.join("q.pid"),
+                out: dir.join("started.txt"),
+                log: dir.join("daemon.log"),
+                config: config_path,
+                dir,
+                db: Database::Postgres(with_search_path(base, &schema)),
+                wakeup: None,
+                schema: Some((base.clone(), schema.clone())),
+                conn: None,
+                last_notify: std::cell::Cell::new(None),
+            };
+            Producer::open(&Database::Postgres(base.clone()))?.create_schema(&schema)?;
+            Store::open(&run.db, Access::Create)?.ensure_schema()?;
+            run.conn = Some(Producer::open(&run.db)?);
+            return Ok(run);
+        }
         let db = self.db.clone().unwrap_or_else(|| dir.join("q.sqlite3"));
         let wakeup = self
             .wakeup_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{}.wakeup", db.display())));
-        let config_path = dir.join("foreman.toml");
-        std::fs::write(&config_path, config)
-            .map_err(|e| Failure::new(format!("cannot write {}: {e}", config_path.display())))?;
         // The run owns these from here on: its drop removes them, even if what follows fails.
         let mut run = Run {
             pid_file: dir.join("q.pid"),
@@ -87,12 +125,14 @@ impl Workspace {
             log: dir.join("daemon.log"),
             config: config_path,
             dir,
-            db,
-            wakeup,
+            db: Database::Sqlite(db),
+            wakeup: Some(wakeup.clone()),
+            schema: None,
             conn: None,
+            last_notify: std::cell::Cell::new(None),
         };
-        Store::open(&Database::Sqlite(run.db.clone()), Access::Create)?.ensure_schema()?;
-        WakeupDir::prepare(&run.wakeup)?;
+        Store::open(&run.db, Access::Create)?.ensure_schema()?;
+        WakeupDir::prepare(&wakeup)?;
         run.conn = Some(Producer::open(&run.db)?);
         Ok(run)
     }
@@ -132,11 +172,30 @@ pub(crate) fn config(workers: usize, prefetch: usize, extra: &str) -> String {
     format!("workers = {workers}\nprefetch = {prefetch}\ngraceful_timeout = \"5s\"\n{extra}")
 }
 
+/// `url` with its `search_path` set to `schema` (in the startup packet's `options`).
+pub(crate) fn with_search_path(url: &str, schema: &str) -> String {
+    let setting = format!("-c%20search_path%3D{schema}");
+    if let Some(at) = url.find("options=") {
+        let end = url[at..].find('&').map_or(url.len(), |e| at + e);
+        return format!("{}%20{setting}{}", &url[..end], &url[end..]);
+    }
+    let joiner = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{joiner}options={setting}")
+}
+
+/// A producer sends at most one `NOTIFY foreman` per this long (schema-postgres.sql).
+const NOTIFY_EVERY: Duration = Duration::from_millis(100);
+
 /// One daemon start's files and the producer's connection to its database.
 pub(crate) struct Run {
     pub dir: PathBuf,
-    pub db: PathBuf,
-    pub wakeup: PathBuf,
+    pub db: Database,
+    /// The wakeup dir (SQLite).
+    pub wakeup: Option<PathBuf>,
+    /// (the database's URL, the run's schema in it) on PostgreSQL: dropped with the run.
+    schema: Option<(String, String)>,
+    /// When the producer last sent `NOTIFY foreman`.
+    last_notify: std::cell::Cell<Option<Instant>>,
     pub pid_file: PathBuf,
     /// `FOREMAN_BENCH_OUT`: where tasks record their start.
     pub out: PathBuf,
@@ -150,10 +209,21 @@ impl Drop for Run {
         self.conn = None;
         // The database and wakeup dir may be outside `dir` (--db); the pid file never is.
         let _ = std::fs::remove_dir_all(&self.dir);
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
+        if let Some((base, schema)) = &self.schema {
+            let dropped = Producer::open(&Database::Postgres(base.clone()))
+                .and_then(|p| p.drop_schema(schema));
+            if let Err(e) = dropped {
+                eprintln!("foreman bench: could not drop schema {schema}: {e}");
+            }
         }
-        let _ = std::fs::remove_dir_all(&self.wakeup);
+        if let Database::Sqlite(db) = &self.db {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+            }
+        }
+        if let Some(wakeup) = &self.wakeup {
+            let _ = std::fs::remove_dir_all(wakeup);
+        }
     }
 }
 
@@ -200,9 +270,44 @@ impl Run {
         Ok(self.conn()?.attempts(ids)?)
     }
 
-    /// The producer's wakeup: create a file in the wakeup dir if it is not there (schema.sql).
+    /// The producer's wakeup after a batch: create a file in the wakeup dir if it is not there
+    /// (schema.sql), or `NOTIFY foreman` (schema-postgres.sql).
     pub fn wake(&self) -> Outcome<()> {
-        touch_if_absent(&self.wakeup.join("bench"))
+        if self.wakeup.is_some() {
+            return self.wake_as("bench");
+        }
+        self.wake_now()
+    }
+
+    /// The wakeup of producer `name`: its own file in the wakeup dir, or (PostgreSQL) a
+    /// `NOTIFY foreman`, at most one per 100 ms as the producer protocol asks. `wake_now` sends
+    /// the one a burst may still owe.
+    pub fn wake_as(&self, name: &str) -> Outcome<()> {
+        if let Some(dir) = &self.wakeup {
+            return touch_if_absent(&dir.join(name));
+        }
+        let due = self
+            .last_notify
+            .get()
+            .is_none_or(|at| at.elapsed() >= NOTIFY_EVERY);
+        if due {
+            self.wake_now()?;
+        }
+        Ok(())
+    }
+
+    /// `NOTIFY foreman` now (PostgreSQL).
+    pub fn wake_now(&self) -> Outcome<()> {
+        if self.wakeup.is_none() {
+            self.conn()?.notify()?;
+            self.last_notify.set(Some(Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Whether the run is on PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        self.schema.is_some()
     }
 }
 
@@ -248,11 +353,15 @@ impl Daemon {
             .arg("--config")
             .arg(&run.config)
             .arg("--db")
-            .arg(&run.db)
-            .arg("--wakeup-dir")
-            .arg(&run.wakeup)
-            .arg("--pid-file")
-            .arg(&run.pid_file)
+            .arg(run.db.as_os_str());
+        if let Some(wakeup) = &run.wakeup {
+            command
+                .arg("--wakeup-dir")
+                .arg(wakeup)
+                .arg("--pid-file")
+                .arg(&run.pid_file);
+        }
+        command
             .args(["--log-level", "warn", "run"])
             .current_dir(work.root())
             .stdin(Stdio::null())

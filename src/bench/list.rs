@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use super::report::{ScenarioReport, at_most};
 use super::{Bench, Failure, Outcome, Scenario};
-use crate::database::Database;
 use crate::store::{Access, ListQuery, Store};
 
 /// Calls per query and repetition; the median is kept.
@@ -25,7 +24,7 @@ pub(crate) fn list(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
         super::report::number(rows as f64)
     ));
     run.conn()?.insert_list_fixture(rows)?;
-    let store = Store::open_checked(&Database::Sqlite(run.db.clone()), Access::ReadOnly)?;
+    let store = Store::open_checked(&run.db, Access::ReadOnly)?;
     let middle = i64::try_from(rows / 2).unwrap_or(i64::MAX);
     let base = ListQuery {
         newest_first: true,

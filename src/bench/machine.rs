@@ -27,6 +27,9 @@ pub(crate) struct Machine {
     pub pop_limit_4: f64,
     /// The same, 256 rows at a time.
     pub pop_limit_256: f64,
+    /// With `--db postgresql://…`: the same through the PostgreSQL store's claim, on the server,
+    /// 4 and 256 rows at a time.
+    pub pg_pop_limit: Option<(f64, f64)>,
 }
 
 /// How much each measurement does.
@@ -37,12 +40,20 @@ pub(crate) struct MachineSizes {
 }
 
 /// Measures the machine in `dir`, which must be on the disk the runs use.
-pub(crate) fn measure(dir: &Path, sizes: MachineSizes) -> Outcome<Machine> {
+pub(crate) fn measure(dir: &Path, sizes: MachineSizes, postgres: Option<&str>) -> Outcome<Machine> {
+    let pg_pop_limit = match postgres {
+        Some(url) => Some((
+            pg_pop_limit(url, sizes.pop_rows, 4)?,
+            pg_pop_limit(url, sizes.pop_rows, 256)?,
+        )),
+        None => None,
+    };
     Ok(Machine {
         thread_wake_us: thread_wake(sizes.wakes)?,
         inotify_wake_us: inotify_wake(dir, sizes.wakes)?,
         pop_limit_4: pop_limit(dir, sizes.pop_rows, 4)?,
         pop_limit_256: pop_limit(dir, sizes.pop_rows, 256)?,
+        pg_pop_limit,
     })
 }
 
@@ -55,6 +66,10 @@ impl Machine {
         machine.insert("inotify_wake_us".into(), pair(self.inotify_wake_us));
         machine.insert("pop_limit_4_rows_per_s".into(), self.pop_limit_4.into());
         machine.insert("pop_limit_256_rows_per_s".into(), self.pop_limit_256.into());
+        if let Some((four, many)) = self.pg_pop_limit {
+            machine.insert("pg_pop_limit_4_rows_per_s".into(), four.into());
+            machine.insert("pg_pop_limit_256_rows_per_s".into(), many.into());
+        }
         serde_json::json!({ "machine": machine })
     }
 }
@@ -137,6 +152,69 @@ fn inotify_wake(dir: &Path, n: usize) -> Outcome<(f64, f64)> {
     quantiles_us(samples)
 }
 
+/// `pop_limit` on PostgreSQL: the daemon's own claim statement, back to back, through a
+/// registered daemon's store on a schema of its own in the database of `url`, dropped after.
+fn pg_pop_limit(url: &str, rows: usize, batch: usize) -> Outcome<f64> {
+    let base = Database::Postgres(url.to_owned());
+    let schema = format!("foreman_bench_machine_{}", std::process::id());
+    let admin = Producer::open(&base)?;
+    admin.create_schema(&schema)?;
+    let db = Database::Postgres(super::daemon::with_search_path(url, &schema));
+    let result = (|| {
+        let mut store = Store::open_daemon(&db, |_| false)?;
+        store.ensure_schema()?;
+        store.register_daemon(&crate::store::DaemonInfo {
+            served: vec!["foreman.bench".to_owned()],
+            stale_after: std::time::Duration::from_mins(1),
+            pid: std::process::id(),
+            pid_start: None,
+            host: crate::sys::hostname(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: unix_now(),
+            workers: batch,
+        })?;
+        Producer::open(&db)?.insert_many("foreman.bench", rows, None)?;
+        let groups = [crate::store::ClaimGroup {
+            names: vec!["foreman.bench".to_owned()],
+            leases: vec![0.0],
+            limit: usize::MAX,
+        }];
+        let claim = crate::store::Claim {
+            limit: batch,
+            groups: &groups,
+        };
+        let mut ended: Vec<Ending> = Vec::new();
+        let mut popped_rows = 0;
+        let start = Instant::now();
+        loop {
+            let now = store.now();
+            let popped = store.cycle(&ended, claim, now, |_| Resolved::Run((), None))?;
+            ended = popped
+                .tasks
+                .into_iter()
+                .map(|(task, ())| Ending {
+                    task,
+                    state: RunState::Done,
+                    finished_at: now,
+                    error: None,
+                    next: Next::Finished,
+                    leased: false,
+                    result: None,
+                    exit_code: None,
+                })
+                .collect();
+            if ended.is_empty() {
+                break;
+            }
+            popped_rows += ended.len();
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        Ok::<_, Failure>(popped_rows as f64 / seconds)
+    })();
+    let _ = admin.drop_schema(&schema);
+    result
+}
+
 /// Rows/s of the daemon's own transaction, back to back on a fresh database in `dir`: pop up to
 /// `batch` rows and record the previous pop's attempts as done, until `rows` rows are gone. No
 /// task runs: this is what the database allows the loop, whatever the workers do.
@@ -146,13 +224,19 @@ fn pop_limit(dir: &Path, rows: usize, batch: usize) -> Outcome<f64> {
     let result = (|| {
         let mut store = Store::open(&db, Access::Create)?;
         store.ensure_schema()?;
-        Producer::open(&path)?.insert_many("foreman.bench", rows, None)?;
+        Producer::open(&Database::Sqlite(path.clone()))?.insert_many(
+            "foreman.bench",
+            rows,
+            None,
+        )?;
         let mut ended: Vec<Ending> = Vec::new();
         let mut popped_rows = 0;
         let start = Instant::now();
         loop {
             let now = unix_now();
-            let popped = store.cycle(&ended, batch, now, |_| Resolved::Run((), None))?;
+            let popped = store.cycle(&ended, crate::store::Claim::any(batch), now, |_| {
+                Resolved::Run((), None)
+            })?;
             ended = popped
                 .tasks
                 .into_iter()

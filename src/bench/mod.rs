@@ -20,10 +20,12 @@ mod daemon;
 mod drain;
 mod list;
 mod machine;
+mod postmaster;
 mod producer;
 mod python;
 mod records;
 mod report;
+mod server;
 mod timing;
 
 use daemon::Workspace;
@@ -58,10 +60,14 @@ pub enum Scenario {
     Delay,
     /// `foreman list` queries over 1,000,000 queued rows
     List,
+    /// PostgreSQL server CPU per drained task, read from its processes (`--db postgresql://…`)
+    PgCpuPerTask,
+    /// 1, 2 and 4 daemons draining one queue: aggregate tasks/s (`--db postgresql://…`)
+    DrainScale,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::DrainInproc,
         Scenario::DrainPool,
         Scenario::DrainCommand,
@@ -75,6 +81,8 @@ impl Scenario {
         Scenario::Depth,
         Scenario::Delay,
         Scenario::List,
+        Scenario::PgCpuPerTask,
+        Scenario::DrainScale,
     ];
 
     /// The name on the command line, in the table and in the JSON.
@@ -93,7 +101,14 @@ impl Scenario {
             Scenario::Depth => "depth",
             Scenario::Delay => "delay",
             Scenario::List => "list",
+            Scenario::PgCpuPerTask => "pg-cpu-per-task",
+            Scenario::DrainScale => "drain-scale",
         }
+    }
+
+    /// Whether it measures a PostgreSQL server (a default run on SQLite leaves it out).
+    fn postgres_only(self) -> bool {
+        matches!(self, Scenario::PgCpuPerTask | Scenario::DrainScale)
     }
 }
 
@@ -108,8 +123,9 @@ pub struct Options {
     pub reps: Option<usize>,
     /// Empty: all of them.
     pub scenarios: Vec<Scenario>,
-    /// Where the databases go instead of the temporary directory (must not exist yet).
-    pub db: Option<PathBuf>,
+    /// Where the databases go instead of the temporary directory (a SQLite path that must not
+    /// exist yet), or the PostgreSQL database whose fresh schemas the runs use.
+    pub db: Option<crate::database::Database>,
     /// Where the wakeup dirs go instead of `<db>.wakeup` (must not exist yet).
     pub wakeup_dir: Option<PathBuf>,
 }
@@ -213,15 +229,32 @@ pub(crate) struct Bench<'a> {
     pub work: &'a Workspace,
     /// Why the Python figures are skipped, if they are.
     pub no_python: Option<String>,
+    /// Why the Python client's figures are skipped (on PostgreSQL it needs psycopg 3).
+    pub no_python_client: Option<String>,
     pub progress: Progress,
     pub shutdown: &'a Receiver<Shutdown>,
     /// The in-process drains, by prefetch: drain-inproc, cpu-per-task and rss read the same runs.
     inproc: HashMap<usize, Vec<drain::DrainRun>>,
     /// What the machine allows, measured before the scenarios.
     pub machine: machine::Machine,
+    /// The runs are on PostgreSQL (`--db postgresql://…`): its targets apply.
+    pub postgres: bool,
 }
 
 impl Bench<'_> {
+    /// `sqlite` as the target on SQLite, `postgres` on PostgreSQL (issue 16's table).
+    pub fn target(
+        &self,
+        sqlite: impl Into<Option<report::Target>>,
+        postgres: impl Into<Option<report::Target>>,
+    ) -> Option<report::Target> {
+        if self.postgres {
+            postgres.into()
+        } else {
+            sqlite.into()
+        }
+    }
+
     /// Stops the bench at a signal; scenarios call it between steps.
     pub fn check_interrupt(&self) -> Outcome<()> {
         match self.shutdown.try_recv() {
@@ -247,8 +280,13 @@ impl Bench<'_> {
 /// Runs the chosen scenarios and prints their figures. `Ok` when every scenario ran correctly
 /// (missed targets included); exit 1 when one failed or a signal stopped the bench.
 pub fn run(options: &Options, shutdown: &Receiver<Shutdown>) -> Result<()> {
+    let on_postgres = matches!(options.db, Some(crate::database::Database::Postgres(_)));
     let mut chosen = if options.scenarios.is_empty() {
-        Scenario::ALL.to_vec()
+        // The PostgreSQL scenarios only where they can run (named, they say why they cannot).
+        Scenario::ALL
+            .into_iter()
+            .filter(|s| on_postgres || !s.postgres_only())
+            .collect()
     } else {
         options.scenarios.clone()
     };
@@ -262,13 +300,13 @@ pub fn run(options: &Options, shutdown: &Receiver<Shutdown>) -> Result<()> {
     let mut progress = Progress::on_stderr();
     progress.begin("machine".to_owned());
     // On the disk the runs' databases go to: the temporary directory, or --db's.
-    let machine_dir = match &options.db {
+    let machine_dir = match options.db.as_ref().and_then(|db| db.sqlite_path()) {
         Some(db) => crate::fs_check::suffixed(db, ".machine"),
         None => work.root().join("machine"),
     };
     let measured = std::fs::create_dir(&machine_dir)
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", machine_dir.display())))
-        .and_then(|()| machine::measure(&machine_dir, sizes.machine));
+        .and_then(|()| machine::measure(&machine_dir, sizes.machine, work.postgres()));
     let _ = std::fs::remove_dir_all(&machine_dir);
     let machine = match measured {
         Ok(machine) => machine,
@@ -289,11 +327,13 @@ pub fn run(options: &Options, shutdown: &Receiver<Shutdown>) -> Result<()> {
     let mut bench = Bench {
         sizes,
         work: &work,
-        no_python: python::missing(),
+        no_python: python::missing(false),
+        no_python_client: python::missing(work.postgres().is_some()),
         progress,
         shutdown,
         inproc: HashMap::new(),
         machine,
+        postgres: work.postgres().is_some(),
     };
     let out = report::Output::new(options.json, &sizes);
     out.header(&machine);
@@ -346,6 +386,8 @@ fn run_scenario(bench: &mut Bench<'_>, scenario: Scenario) -> Outcome<ScenarioRe
         Scenario::Startup => timing::startup(bench),
         Scenario::Delay => timing::delay(bench),
         Scenario::List => list::list(bench),
+        Scenario::PgCpuPerTask => server::pg_cpu_per_task(bench),
+        Scenario::DrainScale => server::drain_scale(bench),
     }
 }
 

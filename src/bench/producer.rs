@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use super::daemon::{self, Run, touch_if_absent};
+use super::daemon::{self, Run};
 use super::drain::{BENCH_TASK, WORKERS};
 use super::python;
 use super::records::Records;
@@ -24,6 +24,8 @@ enum Mode {
 /// Rows per second of each producer, one value per repetition.
 struct Rates {
     rust: Vec<f64>,
+    /// PostgreSQL: the same producer with each commit waiting for the WAL's flush.
+    rust_durable: Vec<f64>,
     python: Vec<f64>,
 }
 
@@ -31,6 +33,7 @@ impl Bench<'_> {
     fn enqueue_reps(&mut self, scenario: Scenario, mode: Mode, rows: usize) -> Outcome<Rates> {
         let mut rates = Rates {
             rust: Vec::new(),
+            rust_durable: Vec::new(),
             python: Vec::new(),
         };
         for rep in 1..=self.sizes.reps {
@@ -46,12 +49,26 @@ impl Bench<'_> {
             rates.rust.push(rows as f64 / seconds);
             let target = records.len() + rows;
             self.wait_records(&mut daemon, &mut records, "started", target)?;
-            if self.no_python.is_none() {
+            if run.is_postgres() && mode == Mode::OneByOne {
+                let durable = crate::store::Producer::open_with(&run.db, true)?;
+                let start = Instant::now();
+                for _ in 0..rows {
+                    ids.push(durable.insert_name(BENCH_TASK)?);
+                    run.wake_as("bench-rust")?;
+                }
+                run.wake_now()?;
+                rates
+                    .rust_durable
+                    .push(rows as f64 / start.elapsed().as_secs_f64());
+                let target = records.len() + rows;
+                self.wait_records(&mut daemon, &mut records, "started", target)?;
+            }
+            if self.no_python_client.is_none() {
                 let method = match mode {
                     Mode::OneByOne => "enqueue",
                     Mode::Batch => "enqueue_many",
                 };
-                let done = python::enqueue(self.work.root(), &run.db, method, rows)?;
+                let done = python::enqueue(self.work.root(), &run.db.as_os_str(), method, rows)?;
                 if done.ids.len() != rows {
                     return Err(Failure::new(format!(
                         "the Python producer returned {} ids for {rows} rows",
@@ -71,22 +88,22 @@ impl Bench<'_> {
     }
 }
 
-/// One INSERT per transaction (autocommit), each followed by the wakeup file if it is absent.
+/// One INSERT per transaction (autocommit), each followed by the wakeup file if it is absent
+/// (PostgreSQL: `NOTIFY foreman`, at most one per 100 ms, and one after the last row).
 fn rust_one_by_one(run: &Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
-    let wakeup = run.wakeup.join("bench-rust");
     let producer = run.conn()?;
     let mut ids = Vec::with_capacity(rows);
     let start = Instant::now();
     for _ in 0..rows {
         ids.push(producer.insert_name(BENCH_TASK)?);
-        touch_if_absent(&wakeup)?;
+        run.wake_as("bench-rust")?;
     }
+    run.wake_now()?;
     Ok((ids, start.elapsed().as_secs_f64()))
 }
 
 /// Every row in one transaction with one prepared statement, then the wakeup file.
 fn rust_batch(run: &Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
-    let wakeup = run.wakeup.join("bench-rust");
     let producer = run.conn()?;
     let start = Instant::now();
     let last = producer.in_transaction(|p| {
@@ -95,25 +112,43 @@ fn rust_batch(run: &Run, rows: usize) -> Outcome<(Vec<i64>, f64)> {
         }
         Ok(p.last_id())
     })?;
-    touch_if_absent(&wakeup)?;
+    run.wake_now()?;
+    run.wake_as("bench-rust")?;
     let seconds = start.elapsed().as_secs_f64();
     // Consecutive: the transaction held the write lock from BEGIN IMMEDIATE to COMMIT.
     let first = last - i64::try_from(rows).map_err(|_| Failure::new("too many rows"))? + 1;
     Ok(((first..=last).collect(), seconds))
 }
 
-fn report(bench: &Bench<'_>, scenario: Scenario, rates: &Rates, target: f64) -> ScenarioReport {
+fn report(
+    bench: &Bench<'_>,
+    scenario: Scenario,
+    rates: &Rates,
+    target: Option<super::report::Target>,
+) -> ScenarioReport {
     let mut report = ScenarioReport::new(scenario, bench.sizes.reps);
+    let rust = if bench.postgres {
+        "Rust (synchronous_commit = off)"
+    } else {
+        "Rust"
+    };
     report
-        .figure("rust", "Rust", "rows/s", &rates.rust, at_least(target))
+        .figure("rust", rust, "rows/s", &rates.rust, target)
+        .figure(
+            "rust_durable",
+            "Rust, each commit flushed",
+            "rows/s",
+            &rates.rust_durable,
+            None,
+        )
         .figure(
             "python",
             "Python (foreman_client)",
             "rows/s",
             &rates.python,
-            at_least(target),
+            target,
         );
-    if let Some(why) = &bench.no_python {
+    if let Some(why) = &bench.no_python_client {
         report.note(format!("Python figures skipped: {why}"));
     }
     report
@@ -122,7 +157,8 @@ fn report(bench: &Bench<'_>, scenario: Scenario, rates: &Rates, target: f64) -> 
 pub(crate) fn enqueue(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
     let rows = bench.sizes.enqueue_rows;
     let rates = bench.enqueue_reps(Scenario::Enqueue, Mode::OneByOne, rows)?;
-    let mut report = report(bench, Scenario::Enqueue, &rates, 8_000.0);
+    let target = bench.target(at_least(8_000.0), at_least(5_000.0));
+    let mut report = report(bench, Scenario::Enqueue, &rates, target);
     report.extra("rows", rows);
     Ok(report)
 }
@@ -130,7 +166,8 @@ pub(crate) fn enqueue(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
 pub(crate) fn enqueue_batch(bench: &mut Bench<'_>) -> Outcome<ScenarioReport> {
     let rows = bench.sizes.batch_rows;
     let rates = bench.enqueue_reps(Scenario::EnqueueBatch, Mode::Batch, rows)?;
-    let mut report = report(bench, Scenario::EnqueueBatch, &rates, 200_000.0);
+    let target = bench.target(at_least(200_000.0), None);
+    let mut report = report(bench, Scenario::EnqueueBatch, &rates, target);
     report.extra("rows", rows);
     Ok(report)
 }

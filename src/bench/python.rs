@@ -83,10 +83,12 @@ pub(crate) fn write_modules(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Why the Python figures cannot be had here, or `None` when `python3` runs with its sqlite3.
-pub(crate) fn missing() -> Option<String> {
+/// Why the Python figures cannot be had here, or `None` when `python3` runs with its sqlite3
+/// (and, for a PostgreSQL bench, psycopg 3).
+pub(crate) fn missing(postgres: bool) -> Option<String> {
+    let module = if postgres { "psycopg" } else { "sqlite3" };
     let probe = Command::new("python3")
-        .args(["-c", "import json, sqlite3"])
+        .args(["-c", &format!("import json, {module}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -94,7 +96,7 @@ pub(crate) fn missing() -> Option<String> {
     match probe {
         Ok(status) if status.success() => None,
         Ok(status) => Some(format!(
-            "python3 cannot import sqlite3 ({})",
+            "python3 cannot import {module} ({})",
             crate::command::describe(status)
         )),
         Err(e) => Some(format!("python3 not found ({e})")),
@@ -117,7 +119,12 @@ pub(crate) struct Enqueued {
 }
 
 /// Runs the producer script: `mode` is `enqueue` (one row per call) or `enqueue_many`.
-pub(crate) fn enqueue(dir: &Path, db: &Path, mode: &str, rows: usize) -> Outcome<Enqueued> {
+pub(crate) fn enqueue(
+    dir: &Path,
+    db: &std::ffi::OsStr,
+    mode: &str,
+    rows: usize,
+) -> Outcome<Enqueued> {
     let out = Command::new("python3")
         .arg(dir.join("foreman_bench_enqueue.py"))
         .arg(db)

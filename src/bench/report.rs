@@ -266,10 +266,19 @@ impl Output {
             text,
             "machine: thread wake-up p50 {t50:.0} µs, p99 {t99:.0} µs; inotify wake-up p50 \
              {i50:.0} µs, p99 {i99:.0} µs;\n         SQLite pop limit {} rows/s at 4 rows per pop, \
-             {} at 256\n\n",
+             {} at 256",
             number(machine.pop_limit_4),
             number(machine.pop_limit_256)
         );
+        if let Some((four, many)) = machine.pg_pop_limit {
+            let _ = write!(
+                text,
+                ";\n         PostgreSQL claim limit {} rows/s at 4 rows per claim, {} at 256",
+                number(four),
+                number(many)
+            );
+        }
+        text.push_str("\n\n");
         let heads = ["scenario", "figure", "median", "", "[min–max]", "target"];
         let line = row(&heads.map(str::to_owned), "");
         text.push_str(&self.style.paint(Paint::Bold, line.trim_end()));

@@ -84,6 +84,7 @@ pub fn run(globals: &Globals, args: &CancelArgs) -> Result<()> {
     if !aborting.is_empty() {
         crate::wake::poke_control(
             &config,
+            &store,
             &format!("abort of {} running task(s) requested", aborting.len()),
         );
         let watch = store.watch();

@@ -143,29 +143,57 @@ pub fn observe(
     })
 }
 
-/// The longest-waiting due row that the daemon should have started by now: due for over
+/// The longest-waiting due row that a daemon should have started by now: due for over
 /// `--max-queue-age`, not of a paused task name (a pause holds it back on purpose), and not a
-/// task of a pool whose every process is busy (by the pools `row` lists).
+/// task of a pool whose every process is busy (by the pools the daemons' `rows` list). With
+/// several daemons (PostgreSQL), a name waits for capacity only when every daemon that serves it
+/// serves it from a saturated pool.
 pub fn waiting(
     store: &Store,
     now: f64,
-    row: Option<&DaemonRow>,
+    rows: &[DaemonRow],
     paused: &[PausedName],
     thresholds: Thresholds,
 ) -> crate::Result<Option<DueRow>> {
-    let saturated: HashSet<&str> = row
-        .map(|row| {
-            row.pools
-                .iter()
-                .filter(|pool| pool.is_saturated())
-                .flat_map(|pool| pool.tasks.iter().map(String::as_str))
-                .collect()
+    // SQLite's one row counts whatever its state; of several, those that run.
+    let rows: Vec<&DaemonRow> = if rows.len() > 1 || rows.iter().any(|r| !r.served.is_empty()) {
+        rows.iter().filter(|r| r.is_open()).collect()
+    } else {
+        rows.iter().collect()
+    };
+    let saturated_in = |row: &DaemonRow, name: &str| {
+        row.pools
+            .iter()
+            .any(|pool| pool.is_saturated() && pool.tasks.iter().any(|t| t == name))
+    };
+    let names: HashSet<&str> = rows
+        .iter()
+        .flat_map(|row| row.pools.iter())
+        .filter(|pool| pool.is_saturated())
+        .flat_map(|pool| pool.tasks.iter().map(String::as_str))
+        .collect();
+    let saturated: HashSet<&str> = names
+        .into_iter()
+        .filter(|name| {
+            rows.iter().all(|row| {
+                saturated_in(row, name) || !row.served.iter().any(|served| served == name)
+            })
         })
-        .unwrap_or_default();
+        .collect();
     let before = now - thresholds.max_queue_age.as_secs_f64();
     store.first_waiting(before, STALL_LOOKAHEAD, |due| {
         !saturated.contains(due.task_name.as_str()) && !is_paused(paused, &due.task_name)
     })
+}
+
+/// Of the daemons sharing the database, the one that serves `name` with the most free workers:
+/// (its row, free workers), if any runs.
+fn freest_for<'o>(obs: &'o Observation, name: &str, max_age: f64) -> Option<(&'o DaemonRow, i64)> {
+    obs.live(max_age)
+        .filter(|row| row.stopping_at.is_none())
+        .filter(|row| row.served.is_empty() || row.served.iter().any(|s| s == name))
+        .map(|row| (row, row.workers - obs.busy(row.id)))
+        .max_by_key(|(_, free)| *free)
 }
 
 /// `, paused: a, b` (or `every task`) for a summary; empty when nothing is paused.
@@ -215,6 +243,9 @@ pub fn judge(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds
     let daemon = &obs.daemon;
     let max_age = thresholds.max_age.as_secs_f64();
     let max_queue_age = thresholds.max_queue_age.as_secs_f64();
+    if obs.shared && daemon.row.is_none() {
+        return judge_fleet(obs, waiting, thresholds);
+    }
     if !daemon.running {
         return judge_down(obs, max_age);
     }
@@ -235,7 +266,7 @@ pub fn judge(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds
             ),
         );
     }
-    let busy = i64::try_from(obs.running.len()).unwrap_or(i64::MAX);
+    let busy = daemon.workers(&obs.running).map_or(0, |(_, busy)| busy);
     let workers = row.workers;
     if let Some(stopping) = row.stopping_at {
         // Due rows wait on purpose now: the next daemon pops them.
@@ -251,8 +282,12 @@ pub fn judge(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds
         .oldest_due
         .as_ref()
         .map(|due| (now - due.due_since).max(0.0));
+    let others = match obs.live(max_age).count().saturating_sub(1) {
+        n if n > 0 && obs.shared => format!(" (and {n} more daemon(s))"),
+        _ => String::new(),
+    };
     let summary = format!(
-        "daemon pid {pid} up {}, heartbeat {} ago, {busy} of {workers} workers busy, {}{}",
+        "daemon pid {pid} up {}, heartbeat {} ago, {busy} of {workers} workers busy, {}{}{others}",
         age(now - row.started_at),
         age(heartbeat),
         oldest.map_or_else(
@@ -261,6 +296,9 @@ pub fn judge(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds
         ),
         paused_note(&obs.paused)
     );
+    if let Some(verdict) = shared_stall(obs, waiting, row, thresholds) {
+        return verdict;
+    }
     match (waiting, oldest) {
         // A backlog older than the daemon: its rows have waited for this daemon only as long as
         // it has run (a pool may still be starting), so a stall is judged once that is long enough.
@@ -301,6 +339,117 @@ pub fn judge(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds
             Verdict::new(Reason::Busy, format!("{why}: {summary}"))
         }
         _ => Verdict::new(Reason::Ok, summary),
+    }
+}
+
+/// With several daemons, a stall is a due task that no daemon with a free worker has started,
+/// though one that serves its name (other than this host's, judged by the caller) has been up
+/// long enough to.
+fn shared_stall(
+    obs: &Observation,
+    waiting: Option<&DueRow>,
+    row: &DaemonRow,
+    thresholds: Thresholds,
+) -> Option<Verdict> {
+    let now = obs.now;
+    let max_age = thresholds.max_age.as_secs_f64();
+    let max_queue_age = thresholds.max_queue_age.as_secs_f64();
+    let due = waiting.filter(|_| obs.shared)?;
+    let (other, free) = freest_for(obs, &due.task_name, max_age)?;
+    if free <= 0 || other.id == row.id || now - other.started_at <= max_queue_age {
+        return None;
+    }
+    Some(Verdict::new(
+        Reason::Stalled,
+        format!(
+            "task {} ({}) has waited {} since it was due (limit {}) while daemon {} (pid {} on {}) has {free} of {} workers free",
+            due.task_id,
+            due.task_name,
+            age(now - due.due_since),
+            age(max_queue_age),
+            other.id,
+            other.pid,
+            other.host,
+            other.workers
+        ),
+    ))
+}
+
+/// A database that daemons share, judged where none of them runs (a monitoring host): the
+/// daemons that run anywhere, and whether a due task waits while one of them has a free worker.
+fn judge_fleet(obs: &Observation, waiting: Option<&DueRow>, thresholds: Thresholds) -> Verdict {
+    let now = obs.now;
+    let max_age = thresholds.max_age.as_secs_f64();
+    let max_queue_age = thresholds.max_queue_age.as_secs_f64();
+    let live: Vec<&DaemonRow> = obs.live(max_age).collect();
+    if live.is_empty() {
+        return Verdict::new(
+            Reason::DaemonDown,
+            format!(
+                "no daemon is running on any host ({})",
+                fleet_down_detail(obs)
+            ),
+        );
+    }
+    if let Some(due) = waiting
+        && let Some((row, free)) = freest_for(obs, &due.task_name, max_age)
+        && free > 0
+        && now - row.started_at > max_queue_age
+    {
+        return Verdict::new(
+            Reason::Stalled,
+            format!(
+                "task {} ({}) has waited {} since it was due (limit {}) while daemon {} (pid {} on {}) has {free} of {} workers free",
+                due.task_id,
+                due.task_name,
+                age(now - due.due_since),
+                age(max_queue_age),
+                row.id,
+                row.pid,
+                row.host,
+                row.workers
+            ),
+        );
+    }
+    let workers: i64 = live.iter().map(|row| row.workers).sum();
+    let busy: i64 = live.iter().map(|row| obs.busy(row.id)).sum();
+    let mut hosts: Vec<&str> = live.iter().map(|row| row.host.as_str()).collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let oldest = obs
+        .oldest_due
+        .as_ref()
+        .map(|due| (now - due.due_since).max(0.0));
+    let summary = format!(
+        "{} daemon(s) up on {}, none on this host; {busy} of {workers} workers busy, {}",
+        live.len(),
+        hosts.join(", "),
+        oldest.map_or_else(
+            || "nothing due".to_owned(),
+            |o| format!("oldest due task waited {}", age(o))
+        )
+    );
+    if oldest.is_some_and(|o| o > max_queue_age) {
+        return Verdict::new(Reason::Busy, format!("every worker is busy: {summary}"));
+    }
+    Verdict::new(Reason::Ok, summary)
+}
+
+/// When the daemons of a shared database were last seen.
+fn fleet_down_detail(obs: &Observation) -> String {
+    match obs
+        .daemons
+        .iter()
+        .max_by(|a, b| a.heartbeat_at.total_cmp(&b.heartbeat_at))
+    {
+        None => "none has run on this database".to_owned(),
+        Some(row) => format!(
+            "the last heartbeat was daemon {}'s (pid {} on {}), {} ago",
+            row.id,
+            row.pid,
+            row.host,
+            age(obs.now - row.heartbeat_at)
+        ),
     }
 }
 
@@ -434,6 +583,7 @@ mod tests {
 
     fn row() -> DaemonRow {
         DaemonRow {
+            id: 1,
             pid: 42,
             pid_start: Some(7),
             host: "h".to_owned(),
@@ -451,6 +601,9 @@ mod tests {
                 tasks: vec!["pooled".to_owned()],
             }],
             totals: std::collections::BTreeMap::new(),
+            served: Vec::new(),
+            recovered_at: None,
+            recovered_by: None,
         }
     }
 
@@ -458,8 +611,11 @@ mod tests {
         Observation {
             now: NOW,
             daemon: DaemonView::observe(lock, row, "h", |_| Some(7), 30.0, NOW),
+            daemons: Vec::new(),
+            shared: false,
             running: (0..running)
                 .map(|i| RunningAttempt {
+                    daemon_id: None,
                     task_id: i64::try_from(i).unwrap(),
                     attempt: 1,
                     task_name: "t".to_owned(),

@@ -63,6 +63,9 @@ const ERROR_HELP: &str = "Whether `foreman metrics` could not read the database 
 pub fn render(status: &Status) -> String {
     let mut out = Exposition::default();
     daemon_families(&mut out, status);
+    if status.obs.shared {
+        fleet_families(&mut out, status);
+    }
     queue_families(&mut out, status);
     throughput_families(&mut out, status);
     out.text
@@ -75,7 +78,14 @@ fn daemon_families(out: &mut Exposition, status: &Status) {
         "foreman_up",
         "gauge",
         UP_HELP,
-        [(vec![], f64::from(u8::from(daemon.running)))],
+        // Of daemons sharing the database, any that runs, wherever it does.
+        [(
+            vec![],
+            f64::from(u8::from(
+                daemon.running
+                    || (status.obs.shared && status.obs.live(status.max_age).count() > 0),
+            )),
+        )],
     );
     out.family(
         "foreman_metrics_error",
@@ -134,6 +144,65 @@ fn daemon_families(out: &mut Exposition, status: &Status) {
             }),
         );
     }
+}
+
+/// Every daemon of a shared database (PostgreSQL), labelled by its id, host and pid: whether it
+/// runs, its heartbeat's age, its workers and busy ones, and its tasks since it started. Ended
+/// daemons are left out (their series end with them).
+fn fleet_families(out: &mut Exposition, status: &Status) {
+    let now = status.obs.now;
+    let daemons: Vec<(String, &crate::store::DaemonRow)> = status
+        .obs
+        .daemons
+        .iter()
+        .filter(|d| d.is_open())
+        .map(|d| (d.id.to_string(), d))
+        .collect();
+    let pids: Vec<String> = daemons.iter().map(|(_, d)| d.pid.to_string()).collect();
+    let labels = |i: usize| {
+        let (id, d) = &daemons[i];
+        vec![
+            ("daemon", id.as_str()),
+            ("host", d.host.as_str()),
+            ("pid", pids[i].as_str()),
+        ]
+    };
+    out.family(
+        "foreman_daemons_up",
+        "gauge",
+        "Daemons sharing the database whose heartbeat is fresh.",
+        [(
+            vec![],
+            count(i64::try_from(status.obs.live(status.max_age).count()).unwrap_or(0)),
+        )],
+    );
+    out.family(
+        "foreman_daemon_up",
+        "gauge",
+        "Whether a daemon sharing the database runs (1: its heartbeat is fresh) or is stale (0).",
+        (0..daemons.len()).map(|i| {
+            let up = now - daemons[i].1.heartbeat_at <= status.max_age;
+            (labels(i), f64::from(u8::from(up)))
+        }),
+    );
+    out.family(
+        "foreman_daemon_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since a daemon sharing the database wrote its heartbeat.",
+        (0..daemons.len()).map(|i| (labels(i), (now - daemons[i].1.heartbeat_at).max(0.0))),
+    );
+    out.family(
+        "foreman_daemon_workers",
+        "gauge",
+        "Worker slots of a daemon sharing the database.",
+        (0..daemons.len()).map(|i| (labels(i), count(daemons[i].1.workers))),
+    );
+    out.family(
+        "foreman_daemon_workers_busy",
+        "gauge",
+        "Tasks a daemon sharing the database is running.",
+        (0..daemons.len()).map(|i| (labels(i), count(status.obs.busy(daemons[i].1.id)))),
+    );
 }
 
 /// When the daemon was last seen and since when it runs, as ages and as timestamps.

@@ -211,12 +211,14 @@ impl DaemonView {
     }
 
     /// Worker slots and how many are busy, while the daemon runs and has said how many it has.
+    /// Of a daemon that shares its database, only its own attempts count.
     pub fn workers(&self, running: &[RunningAttempt]) -> Option<(i64, i64)> {
         let row = self.current_row()?;
-        Some((
-            row.workers,
-            i64::try_from(running.len()).unwrap_or(i64::MAX),
-        ))
+        let busy = running
+            .iter()
+            .filter(|r| r.daemon_id.is_none_or(|id| id == row.id))
+            .count();
+        Some((row.workers, i64::try_from(busy).unwrap_or(i64::MAX)))
     }
 }
 
@@ -225,11 +227,19 @@ impl DaemonView {
 const LOCK_CLOCK_SLACK: f64 = 1.0;
 
 /// What every operator command reads: the daemon, its running set, the paused task names and the
-/// oldest due row that is not paused, in one snapshot; all index lookups.
+/// oldest due row that is not paused, in one snapshot; all index lookups. On PostgreSQL, where
+/// several daemons share the queue, `daemon` is the one on this host (the worst of them, if
+/// several run here) and `daemons` all of them.
 #[derive(Debug, Clone)]
 pub struct Observation {
+    /// The database's clock (PostgreSQL: the server's, not this host's).
     pub now: f64,
     pub daemon: DaemonView,
+    /// Every daemon row the store shows: SQLite's one; on PostgreSQL every daemon that runs and
+    /// those that ended lately, newest first.
+    pub daemons: Vec<DaemonRow>,
+    /// Whether the daemons share the database (PostgreSQL): then `daemon` is only this host's.
+    pub shared: bool,
     pub running: Vec<RunningAttempt>,
     pub oldest_due: Option<DueRow>,
     pub paused: Vec<PausedName>,
@@ -246,21 +256,71 @@ pub fn is_paused(paused: &[PausedName], name: &str) -> bool {
 }
 
 impl Observation {
+    /// The daemons that run, as their rows say: not stopped or recovered, and a heartbeat younger
+    /// than `max_age`.
+    pub fn live(&self, max_age: f64) -> impl Iterator<Item = &DaemonRow> {
+        let now = self.now;
+        self.daemons
+            .iter()
+            .filter(move |row| row.is_open() && now - row.heartbeat_at <= max_age)
+    }
+
+    /// The attempts daemon `id` is running.
+    pub fn busy(&self, id: i64) -> i64 {
+        let n = self
+            .running
+            .iter()
+            .filter(|r| r.daemon_id == Some(id))
+            .count();
+        i64::try_from(n).unwrap_or(i64::MAX)
+    }
+}
+
+/// What a daemon's row says of it: `up`, `stale` (its heartbeat is older than `max_age`),
+/// `stopping`, `stopped` (cleanly) or `recovered` (another daemon took back its work).
+pub fn daemon_state(row: &DaemonRow, now: f64, max_age: f64) -> &'static str {
+    if row.recovered_at.is_some() {
+        "recovered"
+    } else if row.stopped_at.is_some() {
+        "stopped"
+    } else if now - row.heartbeat_at > max_age {
+        "stale"
+    } else if row.stopping_at.is_some() {
+        "stopping"
+    } else {
+        "up"
+    }
+}
+
+/// The row of the daemon on `host` among the shared database's `rows`: of those that run, the
+/// one whose heartbeat is oldest (health answers for the worst); else the newest that ran here.
+fn row_on_host(rows: &[DaemonRow], host: &str) -> Option<DaemonRow> {
+    let here = rows.iter().filter(|row| row.host == host);
+    here.clone()
+        .filter(|row| row.is_open())
+        .min_by(|a, b| a.heartbeat_at.total_cmp(&b.heartbeat_at))
+        .or_else(|| here.max_by(|a, b| a.started_at.total_cmp(&b.started_at)))
+        .cloned()
+}
+
+impl Observation {
     /// Reads the observation and, in the same snapshot, whatever `more` reads (given the time,
-    /// the daemon row and the paused names).
+    /// the daemons' rows and the paused names).
     pub fn read_with<T>(
         store: &Store,
         config: &Config,
         max_age: Duration,
-        more: impl FnOnce(&Store, f64, Option<&DaemonRow>, &[PausedName]) -> crate::Result<T>,
+        more: impl FnOnce(&Store, f64, &[DaemonRow], &[PausedName]) -> crate::Result<T>,
     ) -> crate::Result<(Observation, T)> {
         // The lock first: a daemon that starts after it was read only makes the row look newer.
         let lock = Lock::read(config.pid_file.as_deref());
-        let now = crate::clock::unix_now();
-        let (row, running, oldest_due, paused, more) = store.snapshot(|q| {
-            let row = q.daemon_row()?;
+        let now = store.now();
+        let shared = !store.follows_host_clock();
+        let host = hostname();
+        let (rows, running, oldest_due, paused, more) = store.snapshot(|q| {
+            let rows = q.daemon_rows()?;
             let paused = q.control()?.paused;
-            let more = more(q, now, row.as_ref(), &paused)?;
+            let more = more(q, now, &rows, &paused)?;
             // A paused task waits on purpose: it is nobody's oldest due task.
             let oldest_due = if paused.is_empty() {
                 q.oldest_due(now)?
@@ -269,20 +329,26 @@ impl Observation {
                     !is_paused(&paused, &due.task_name)
                 })?
             };
-            Ok((row, q.running_attempts()?, oldest_due, paused, more))
+            Ok((rows, q.running_attempts()?, oldest_due, paused, more))
         })?;
+        let row = if shared {
+            row_on_host(&rows, &host)
+        } else {
+            rows.first().cloned()
+        };
         let start_of = |pid: i64| {
             u32::try_from(pid)
                 .ok()
                 .and_then(process_start)
                 .and_then(|s| i64::try_from(s).ok())
         };
-        let daemon =
-            DaemonView::observe(lock, row, &hostname(), start_of, max_age.as_secs_f64(), now);
+        let daemon = DaemonView::observe(lock, row, &host, start_of, max_age.as_secs_f64(), now);
         Ok((
             Observation {
                 now,
                 daemon,
+                daemons: rows,
+                shared,
                 running,
                 oldest_due,
                 paused,
@@ -310,6 +376,7 @@ mod tests {
 
     fn row(pid: i64, started_at: f64, heartbeat_at: f64) -> DaemonRow {
         DaemonRow {
+            id: 1,
             pid,
             pid_start: Some(777),
             host: "here".to_owned(),
@@ -321,6 +388,9 @@ mod tests {
             workers: 4,
             pools: Vec::new(),
             totals: std::collections::BTreeMap::new(),
+            served: Vec::new(),
+            recovered_at: None,
+            recovered_by: None,
         }
     }
 

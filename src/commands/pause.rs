@@ -50,7 +50,7 @@ pub fn run(globals: &Globals, args: &PauseArgs) -> Result<()> {
             let _ = writeln!(out, "{what} was already paused{since}");
         }
     }
-    crate::wake::poke_control(&config, "the pause is recorded");
+    crate::wake::poke_control(&config, &store, "the pause is recorded");
     print(&out)
 }
 

@@ -51,6 +51,6 @@ pub fn run(globals: &Globals, args: &ResumeArgs) -> Result<()> {
             out.push_str("every task is still paused (foreman pause --all): foreman resume --all lifts that\n");
         }
     }
-    crate::wake::poke_control(&config, "the resume is recorded");
+    crate::wake::poke_control(&config, &store, "the resume is recorded");
     print(&out)
 }

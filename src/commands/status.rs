@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::format::{Paint, Style, age, colour_wanted, columns, one_line, rounded};
 use super::health::{self, Verdict};
-use super::observe::{Observation, Thresholds, is_paused, open};
+use super::observe::{Observation, Thresholds, daemon_state, is_paused, open};
 use super::{Globals, print};
 use crate::config::Config;
 use crate::stats::{MinuteStat, minute_of};
@@ -17,6 +17,7 @@ use crate::store::{Store, TaskDepth};
 
 /// Running tasks and task names the text form lists before it says `… N more`: one screen.
 const MAX_RUNNING_LINES: usize = 10;
+const MAX_DAEMON_LINES: usize = 10;
 const MAX_TASK_LINES: usize = 15;
 /// Task names are cut to this width in the text form.
 const NAME_WIDTH: usize = 40;
@@ -47,6 +48,8 @@ pub fn run(globals: &Globals, args: &StatusArgs) -> crate::Result<()> {
 pub struct Status {
     pub db: String,
     pub obs: Observation,
+    /// The heartbeat age past which a daemon counts as stale.
+    pub max_age: f64,
     pub verdict: Verdict,
     pub depth: Vec<TaskDepth>,
     pub dead: i64,
@@ -81,6 +84,7 @@ impl Status {
         Ok(Status {
             db: config.db.to_string(),
             obs,
+            max_age: thresholds.max_age.as_secs_f64(),
             verdict,
             depth,
             dead,
@@ -126,11 +130,68 @@ impl Status {
     pub fn text(&self, style: Style) -> String {
         let mut out = String::new();
         self.daemon_text(&mut out, style);
+        if self.obs.shared {
+            self.daemons_text(&mut out, style);
+        }
         self.running_text(&mut out, style);
         self.paused_text(&mut out, style);
         self.queue_text(&mut out, style);
         self.tail_text(&mut out, style);
         out
+    }
+
+    /// Every daemon of a shared database (PostgreSQL): the ones that run, and those that ended in
+    /// the last hour.
+    fn daemons_text(&self, out: &mut String, style: Style) {
+        let now = self.obs.now;
+        let live = self.obs.live(self.max_age).count();
+        let ended =
+            self.obs.daemons.len() - self.obs.daemons.iter().filter(|d| d.is_open()).count();
+        let workers: i64 = self.obs.live(self.max_age).map(|d| d.workers).sum();
+        let busy: i64 = self
+            .obs
+            .live(self.max_age)
+            .map(|d| self.obs.busy(d.id))
+            .sum();
+        let mut summary = format!("{live} up, {busy} of {workers} workers busy");
+        if ended > 0 {
+            let _ = write!(summary, " · {ended} ended in the last hour");
+        }
+        let _ = writeln!(out, "{}{summary}", label(style, "daemons"));
+        if self.obs.daemons.is_empty() {
+            return;
+        }
+        let rows: Vec<Vec<String>> = self
+            .obs
+            .daemons
+            .iter()
+            .take(MAX_DAEMON_LINES)
+            .map(|d| {
+                let state = daemon_state(d, now, self.max_age);
+                let state = match state {
+                    "up" => style.paint(Paint::Green, state),
+                    "stopping" | "stopped" => state.to_owned(),
+                    _ => style.paint(Paint::Red, state),
+                };
+                vec![
+                    d.id.to_string(),
+                    one_line(&d.host, 30),
+                    d.pid.to_string(),
+                    state,
+                    format!("{}/{}", self.obs.busy(d.id), d.workers),
+                    age((now - d.heartbeat_at).max(0.0)),
+                    one_line(&d.served.join(", "), 40),
+                ]
+            })
+            .collect();
+        out.push_str(&columns(
+            "  ",
+            &["ID", "HOST", "PID", "STATE", "BUSY", "HEARTBEAT", "SERVES"],
+            &rows,
+            &[true, false, true, false, true, true, false],
+            style,
+        ));
+        more(out, self.obs.daemons.len(), MAX_DAEMON_LINES, "daemons");
     }
 
     /// The daemon, the verdict, the workers and the pools.
@@ -377,6 +438,8 @@ impl Status {
             "db": self.db,
             "now": rounded(self.obs.now),
             "daemon": self.daemon_json(),
+            "daemons": self.daemons_json(),
+            "shared": self.obs.shared,
             "health": {
                 "healthy": self.verdict.reason.is_healthy(),
                 "reason": self.verdict.reason.as_str(),
@@ -419,6 +482,34 @@ impl Status {
             "stopping_at": row.and_then(|r| r.stopping_at),
             "stopped_at": row.and_then(|r| r.stopped_at),
         })
+    }
+
+    /// Every daemon row: SQLite's one, or every daemon of a shared database.
+    fn daemons_json(&self) -> Vec<serde_json::Value> {
+        let now = self.obs.now;
+        self.obs
+            .daemons
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "id": d.id,
+                    "host": d.host,
+                    "pid": d.pid,
+                    "version": d.version,
+                    "state": daemon_state(d, now, self.max_age),
+                    "started_at": d.started_at,
+                    "heartbeat_at": d.heartbeat_at,
+                    "heartbeat_age_seconds": rounded((now - d.heartbeat_at).max(0.0)),
+                    "workers": d.workers,
+                    "workers_busy": self.obs.busy(d.id),
+                    "served": d.served,
+                    "stopping_at": d.stopping_at,
+                    "stopped_at": d.stopped_at,
+                    "recovered_at": d.recovered_at,
+                    "recovered_by": d.recovered_by,
+                })
+            })
+            .collect()
     }
 
     fn pools_json(&self) -> Vec<serde_json::Value> {

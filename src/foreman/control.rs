@@ -62,7 +62,9 @@ impl Foreman {
     /// the last read (or long ago): the tick's and the wake's check.
     pub(super) fn watch_control(&mut self, poked: bool) {
         let stamp = self.store.changes();
-        let changed = stamp.is_none()
+        // A store that cannot tell what changed is looked at every tick, unless the wake source
+        // tells of every control change itself (PostgreSQL's `NOTIFY foreman, 'control'`).
+        let changed = (stamp.is_none() && !self.wake.tells_control())
             || stamp != self.control.seen
             || self.control.at.elapsed() >= LOOK_ANYWAY;
         if poked || changed {
@@ -107,8 +109,13 @@ impl Foreman {
                 self.control.unpausing = true;
             }
         }
+        let changed = paused != self.control.paused || all_paused != self.control.all_paused;
         self.control.paused = paused;
         self.control.all_paused = all_paused;
+        if changed {
+            // A store that claims by name (PostgreSQL) leaves paused names out of its claims.
+            self.plan_claims();
+        }
         for request in control.aborts {
             self.abort(&request);
         }

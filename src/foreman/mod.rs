@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::children::Children;
-use crate::clock::unix_now;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::outcome::Finished;
@@ -26,7 +25,7 @@ use crate::process_pool::{PoolEvent, ProcessPool};
 use crate::registry::Registry;
 use crate::schedule::Schedules;
 use crate::signals::Shutdown;
-use crate::store::{Access, DaemonInfo, Ending, Store};
+use crate::store::{DaemonInfo, Ending, Store};
 use crate::sys::{hostname, process_start};
 use crate::task::CancelFlag;
 use crate::thread_pool::ThreadPool;
@@ -41,6 +40,7 @@ mod work;
 use control::Control;
 use stop::{Phase, Stop};
 use upkeep::{ClockWatch, DbTrouble, Figures, Pruning, QueueLook};
+use work::ClaimPlan;
 
 /// Everything the daemon reacts to.
 // A finished task is moved once, by value: boxing it would cost an allocation per task.
@@ -159,6 +159,8 @@ struct Foreman {
     workers: Workers,
     attempts: Attempts,
     schedules: Schedules,
+    /// What each cycle may claim, by name (see `ClaimPlan`).
+    claims: ClaimPlan,
     stop: Stop,
     control: Control,
     look: QueueLook,
@@ -192,8 +194,9 @@ pub fn run(config: &Config, registry: Registry, shutdown: &Receiver<Shutdown>) -
         .as_deref()
         .map(PidGuard::acquire)
         .transpose()?;
-    let mut store = open_store(config)?;
-    let schedules = Schedules::load(&config.schedules, &mut store, unix_now())?;
+    let mut store = open_store(config, &registry, shutdown)?;
+    let now = store.now();
+    let schedules = Schedules::load(&config.schedules, &mut store, now)?;
     let (wake_tx, wakes) = crossbeam_channel::bounded(1);
     let wake = Wakeups::start(config, wake_tx)?;
     let (finished_tx, finished) = crossbeam_channel::unbounded();
@@ -242,6 +245,7 @@ pub fn run(config: &Config, registry: Registry, shutdown: &Receiver<Shutdown>) -
             ended: Vec::new(),
         },
         schedules,
+        claims: ClaimPlan::default(),
         stop: Stop::default(),
         control: Control::default(),
         look: QueueLook::new(config.tick),
@@ -252,6 +256,7 @@ pub fn run(config: &Config, registry: Registry, shutdown: &Receiver<Shutdown>) -
     };
     let stamp = foreman.store.changes();
     foreman.read_control(stamp);
+    foreman.plan_claims();
     foreman.schedules_due();
     foreman.fill();
     foreman.write_beat();
@@ -344,6 +349,7 @@ impl Foreman {
                 while let Ok(done) = channels.finished.try_recv() {
                     self.finish(done);
                 }
+                self.gather(&channels.finished);
                 if self.replacing_pools() {
                     self.advance_pools();
                 }
@@ -382,23 +388,38 @@ impl Foreman {
 }
 
 /// Opens the database, creating or upgrading the schema, and takes back what a crashed predecessor
-/// left running. Called with the PID lock held: this daemon is the only one.
-fn open_store(config: &Config) -> Result<Store> {
-    let mut store = Store::open(&config.db, Access::Create)?;
+/// left running (SQLite, with the PID lock held: this daemon is the only one), then registers.
+/// A PostgreSQL server that cannot be reached is waited for (`wait_for_db`), until a signal.
+fn open_store(
+    config: &Config,
+    registry: &Registry,
+    shutdown: &Receiver<crate::signals::Shutdown>,
+) -> Result<Store> {
+    let mut store = Store::open_daemon(&config.db, |pause| {
+        config.wait_for_db && shutdown.recv_timeout(pause).is_err()
+    })?;
     store.ensure_schema()?;
-    let (requeued, lost) = store.recover(unix_now())?;
+    let (requeued, lost) = store.recover(store.now())?;
     if requeued + lost > 0 {
         log::warn!(
             "the previous daemon stopped with tasks running: {lost} recorded lost (at-most-once), {requeued} queued again (at-least-once)"
         );
     }
+    let mut served: Vec<String> = registry
+        .handlers()
+        .filter(|(_, h)| !matches!(h, crate::registry::Handler::Pool { .. }))
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    served.sort_unstable();
     store.register_daemon(&DaemonInfo {
         pid: std::process::id(),
         pid_start: process_start(std::process::id()),
         host: hostname(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        started_at: unix_now(),
+        started_at: store.now(),
         workers: config.workers,
+        served,
+        stale_after: upkeep::stale_after(config),
     })?;
     Ok(store)
 }
@@ -425,6 +446,18 @@ fn lost_database(db: &dyn std::fmt::Display, what: &str) -> Error {
     Error::Environment(format!(
         "database {db} {what} while the daemon ran; restart foreman to use the file now at that path"
     ))
+}
+
+/// How long an at-least-once task's lease lasts (longer for a task with a longer timeout). The
+/// daemon running the task renews it (SQLite: when it expires; PostgreSQL: with its heartbeat).
+/// A dead daemon's leases are taken back at the next start (SQLite) or by the daemon that
+/// recovers it (PostgreSQL): the length matters only when that never comes.
+const MIN_LEASE: Duration = Duration::from_mins(10);
+
+/// How long an at-least-once task of `name` is leased for.
+fn lease_length(config: &Config, name: &str) -> Duration {
+    let timeout = config.tasks.get(name).and_then(|t| t.timeout);
+    timeout.map_or(MIN_LEASE, |t| (t + MIN_LEASE / 10).max(MIN_LEASE))
 }
 
 /// The longest sleep before re-checking due times; a far-off due time is re-read after it.

@@ -117,6 +117,7 @@ impl Foreman {
             self.schedule_tick();
         }
         self.advance_pools();
+        self.plan_claims();
         self.write_beat();
         self.fill();
         Ok(Applied {
@@ -258,6 +259,7 @@ impl Foreman {
         if !matches!(self.stop.phase, Phase::Running) {
             return;
         }
+        let roles_before = self.pool_roles();
         let replacements: Vec<(usize, usize)> = self
             .workers
             .pools
@@ -295,6 +297,18 @@ impl Foreman {
             );
             generation.pool.join();
         }
+        // What the claims may take follows the generations' roles.
+        if self.pool_roles() != roles_before {
+            self.plan_claims();
+        }
+    }
+
+    fn pool_roles(&self) -> Vec<(usize, Role)> {
+        self.workers
+            .pools
+            .iter()
+            .map(|g| (g.pool.id, g.role))
+            .collect()
     }
 
     /// One step of the replacement of generation `previous` by `current`.

@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use super::Foreman;
 use crate::children::KILL_GRACE;
-use crate::clock::unix_now;
 use crate::error::{Error, Result};
 use crate::signals::Shutdown;
 
@@ -74,7 +73,7 @@ impl Foreman {
             return; // The row is in a file nobody reads any more.
         }
         self.write_beat();
-        if let Err(e) = self.store.daemon_stopped(unix_now()) {
+        if let Err(e) = self.store.daemon_stopped(self.store.now()) {
             log::warn!("could not mark the daemon stopped in the DB: {e}");
         }
     }
@@ -124,7 +123,7 @@ impl Foreman {
         if self.store.was_lost() {
             return;
         }
-        if let Err(e) = self.store.daemon_stopping(unix_now()) {
+        if let Err(e) = self.store.daemon_stopping(self.store.now()) {
             self.db_error("cannot mark the daemon stopping", &e);
         }
     }

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use super::stop::Phase;
 use super::{Foreman, Role, lost_database};
 use crate::clock::{StepDetector, unix_now};
+use crate::config::Config;
 use crate::duration::format_duration;
 use crate::error::Error;
 use crate::notify::Notifier;
 use crate::process_pool::ProcessPool;
 use crate::stats::{Tally, minute_of};
-use crate::store::{Beat, ChangeToken};
+use crate::store::{Beat, BeatNews, ChangeToken};
 
 /// History rows looked at per pruning transaction, so pruning never holds the write lock for long.
 const PRUNE_BATCH: usize = 1000;
@@ -26,6 +27,17 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub(super) const LOOK_ANYWAY: Duration = Duration::from_secs(30);
 /// A DB error that lasts is logged again this often (the loop retries it at every tick).
 const DB_ERROR_EVERY: Duration = Duration::from_secs(10);
+/// Heartbeats a daemon may miss before another daemon sharing its PostgreSQL database recovers
+/// it: its running attempts become lost, its leases are released. (A busy daemon beats at least
+/// once a second, an idle one every `heartbeat`.)
+const STALE_BEATS: u32 = 4;
+/// The least staleness limit, whatever the heartbeat: a server's hiccup is not a daemon's death.
+const MIN_STALE: Duration = Duration::from_secs(2);
+
+/// How long this daemon's heartbeat may be silent before another daemon recovers it.
+pub(super) fn stale_after(config: &Config) -> Duration {
+    (config.heartbeat * STALE_BEATS).max(MIN_STALE)
+}
 
 /// What the loop knows of the queue between pops, and when the fallback tick looks next.
 pub(super) struct QueueLook {
@@ -35,6 +47,9 @@ pub(super) struct QueueLook {
     pub(super) at: Instant,
     /// When the earliest delayed task is due, as the last short pop saw it.
     pub(super) next_task_due: Option<f64>,
+    /// What a cycle that claims costs, averaged: whether waiting a moment for more endings
+    /// before the next one pays (`Foreman::gather`).
+    pub(super) cycle_cost: Duration,
     /// When the next tick fires.
     pub(super) next_tick: Instant,
     /// Ticks in a row that found the daemon idle, nothing committed and the wake source healthy:
@@ -48,6 +63,7 @@ impl QueueLook {
             seen: None,
             at: Instant::now(),
             next_task_due: None,
+            cycle_cost: Duration::ZERO,
             next_tick: Instant::now() + tick,
             quiet_ticks: 0,
         }
@@ -72,6 +88,8 @@ pub(super) struct Pruning {
     pub(super) next: Instant,
     /// Where the next history pruning pass goes on from (a `foreman_run` key).
     pub(super) from: Option<(i64, i64)>,
+    /// Where the next sweep for rows no daemon serves goes on from (a task id).
+    pub(super) sweep_from: Option<i64>,
 }
 
 impl Default for Pruning {
@@ -79,6 +97,7 @@ impl Default for Pruning {
         Pruning {
             next: Instant::now(),
             from: None,
+            sweep_from: None,
         }
     }
 }
@@ -214,7 +233,7 @@ impl Foreman {
         self.look.seen = stamp;
         self.look.at = Instant::now();
         match self.store.next_due() {
-            Ok(Some(due)) if due <= unix_now() => self.fill(),
+            Ok(Some(due)) if due <= self.store.now() => self.fill(),
             Ok(due) => {
                 self.look.next_task_due = due;
                 if !self.attempts.ended.is_empty() {
@@ -248,6 +267,11 @@ impl Foreman {
     /// by as much, so that a delay or an `every` interval lasts what was asked, not that plus
     /// the step. (A forward step needs nothing: what became due runs, a missed window once.)
     pub(super) fn watch_clock(&mut self) {
+        // The database's own clock (PostgreSQL) keeps its due times: the host's steps do not
+        // touch them.
+        if !self.store.follows_host_clock() {
+            return;
+        }
         let now = unix_now();
         if let Some(back) = self.clock.detector.observe(Instant::now(), now) {
             log::warn!(
@@ -276,7 +300,8 @@ impl Foreman {
     /// Prunes history older than the retention, a window of rows at a time: the next window at
     /// the next tick until the whole history has been looked at, then again after a while.
     pub(super) fn prune(&mut self) {
-        let now = unix_now();
+        self.sweep_unserved();
+        let now = self.store.now();
         let before = now - self.config.history_retention.as_secs_f64();
         if self.pruning.from.is_none() {
             // Once per pass over the history: a minute's figures are few rows.
@@ -311,6 +336,29 @@ impl Foreman {
         }
     }
 
+    /// Buries the rows whose task name no daemon has served for `unserved_after` (PostgreSQL,
+    /// where each daemon claims only the names it serves), a window of rows per pass.
+    fn sweep_unserved(&mut self) {
+        match self
+            .store
+            .bury_unserved(self.config.unserved_after, self.pruning.sweep_from)
+        {
+            Ok((buried, next)) => {
+                self.pruning.sweep_from = next;
+                for row in &buried {
+                    log::error!(
+                        "task {} {} moved to foreman_dead: {}",
+                        row.task_id,
+                        row.task_name.as_deref().unwrap_or("(no name)"),
+                        row.reason
+                    );
+                    crate::alert::row_buried(row);
+                }
+            }
+            Err(e) => self.db_error("cannot look for tasks no daemon serves", &e),
+        }
+    }
+
     /// The heartbeat timer: pings systemd's watchdog (from this loop, so a stuck loop gets the
     /// daemon restarted), and writes the heartbeat row with the figures when they are due.
     pub(super) fn beat(&mut self) {
@@ -331,24 +379,67 @@ impl Foreman {
         let stats = self.figures.tally.take();
         let pools = self.pools_json();
         let totals = self.figures.tally.totals_json();
+        let leases: Vec<(i64, f64)> = self
+            .attempts
+            .running
+            .iter()
+            .filter(|(_, r)| r.leased)
+            .map(|(id, r)| {
+                let length = super::lease_length(&self.config, &r.name);
+                (*id, length.as_secs_f64())
+            })
+            .collect();
         let beat = Beat {
             workers: self.config.workers,
             pools_json: &pools,
             totals_json: &totals,
+            served: &self.claims.served,
+            leases: &leases,
         };
-        let now = unix_now();
+        let now = self.store.now();
         let written = self.store.own_write(&mut self.look.seen, |store| {
             store.heartbeat(now, &beat, &stats)
         });
         match written {
-            Ok(()) => {
+            Ok(news) => {
                 self.db_works();
                 self.figures.last_beat = Instant::now();
+                self.beat_news(&news);
+                // Another process committed (on PostgreSQL: the heartbeat's look at the queue
+                // saw it change): a stretched tick looks soon, not a heartbeat later.
+                if self.store.changes() != self.look.seen {
+                    self.active();
+                }
             }
             Err(e) => {
                 self.figures.tally.restore(stats);
                 self.db_error("cannot write the heartbeat", &e);
             }
+        }
+    }
+
+    /// What the heartbeat learnt of the other daemons sharing the database, and of this one.
+    fn beat_news(&mut self, news: &BeatNews) {
+        if let Some(by) = news.recovered_by {
+            log::error!(
+                "this daemon was recovered by daemon {by}: its heartbeat was older than {} (it was cut off from the database, or stopped); its running attempts were recorded lost and its leases released. It registered again and carries on; the tasks it still runs record how they really ended",
+                format_duration(stale_after(&self.config))
+            );
+        }
+        for daemon in &news.recovered {
+            log::warn!(
+                "daemon {} (pid {} on {}) stopped heartbeating: recovered it: {} running attempt(s) recorded lost, {} lease(s) released to run again",
+                daemon.id,
+                daemon.pid,
+                daemon.host,
+                daemon.lost,
+                daemon.released
+            );
+        }
+        for id in &news.leases_lost {
+            log::warn!(
+                "task {id}: another daemon holds its lease now; it may run there too (at-least-once)"
+            );
         }
     }
 
@@ -398,7 +489,7 @@ impl Foreman {
         format!(
             "{phase}{busy}/{} busy{prefetched}; {} task(s) ended in the last minute",
             self.config.workers,
-            self.figures.tally.last_minute(unix_now())
+            self.figures.tally.last_minute(self.store.now())
         )
     }
 

@@ -7,23 +7,22 @@ use std::time::{Duration, Instant};
 
 use super::control::Control;
 use super::stop::Phase;
-use super::{Foreman, MAX_DUE_WAIT, PoolGen, Role, Running, find_pool};
-use crate::clock::unix_now;
+use super::{Foreman, MAX_DUE_WAIT, PoolGen, Role, Running, find_pool, lease_length};
 use crate::config::{Config, Delivery, Runner};
 use crate::outcome::{Finished, Outcome, headline};
 use crate::process_pool::{PoolEvent, PoolJob, ProcessPool};
 use crate::registry::{Handler, Registry};
-use crate::store::{Ending, Next, Resolved, RunState};
+use crate::store::{Claim, ClaimGroup, Ending, Next, Resolved, RunState};
 use crate::task::Task;
 use crate::thread_pool::Job;
 
-/// How long an at-least-once task's lease lasts (longer for a task with a longer timeout). The
-/// running daemon renews a lease that expires under a task still running; a dead daemon's leases
-/// are taken back at the next start, so this only matters if another daemon shares the DB.
-const MIN_LEASE: Duration = Duration::from_mins(10);
 /// Attempts to record the last ended attempts before the daemon exits (each may wait out the busy
 /// timeout).
 const FLUSH_TRIES: usize = 3;
+/// A cycle that costs at least this makes a finished task wait for the others (`gather`)…
+const GATHER_ABOVE: Duration = Duration::from_micros(100);
+/// …at most this long, and a quarter of a cycle.
+const GATHER_AT_MOST: Duration = Duration::from_micros(200);
 /// What a failure without any text is said to be.
 const NO_REASON: &str = "(no reason given)";
 
@@ -33,6 +32,107 @@ const NO_REASON: &str = "(no reason given)";
 struct Slots {
     general: usize,
     taken: Vec<usize>,
+}
+
+/// The names this daemon can claim, by what limits them: each pool's (its free processes), then
+/// the worker threads' (the free slots). A store that claims by name (PostgreSQL) takes only
+/// these; the others read only the total.
+#[derive(Default)]
+pub(super) struct ClaimPlan {
+    groups: Vec<ClaimGroup>,
+    /// For each group, the pool whose free processes limit it (`None`: the worker threads).
+    pools: Vec<Option<usize>>,
+    /// Every name in the groups, sorted: what the daemon serves (its heartbeat publishes them).
+    pub(super) served: Vec<String>,
+}
+
+impl ClaimPlan {
+    /// The plan for what the registry serves now: a pool's names only once it is up (a pool
+    /// still starting or that cannot start serves nothing yet), paused names left out.
+    pub(super) fn new(
+        config: &Config,
+        registry: &Registry,
+        pools: &[PoolGen],
+        control: &Control,
+    ) -> ClaimPlan {
+        let mut by_runner: std::collections::BTreeMap<Option<usize>, Vec<String>> =
+            std::collections::BTreeMap::new();
+        let mut plan = ClaimPlan::default();
+        for (name, handler) in registry.handlers() {
+            // A paused name is served, but not claimed until it is resumed.
+            if control.is_paused(name) {
+                plan.served.push(name.to_owned());
+                continue;
+            }
+            let pool = match handler {
+                Handler::Pool { pool, .. } => {
+                    let up =
+                        generations(pools, *pool).any(|g| g.pool.settled() && !g.pool.is_down());
+                    if !up {
+                        continue;
+                    }
+                    Some(*pool)
+                }
+                Handler::InProcess(_) | Handler::Command { .. } => None,
+            };
+            by_runner.entry(pool).or_default().push(name.to_owned());
+        }
+        // Pools first: the worker threads' names take whatever slots are left.
+        let threads = by_runner.remove(&None);
+        for (pool, mut names) in by_runner.into_iter().chain(threads.map(|n| (None, n))) {
+            names.sort_unstable();
+            let leases = names
+                .iter()
+                .map(|name| match config.policy(name).delivery {
+                    Delivery::AtMostOnce => 0.0,
+                    Delivery::AtLeastOnce => lease_length(config, name).as_secs_f64(),
+                })
+                .collect();
+            plan.served.extend(names.iter().cloned());
+            plan.groups.push(ClaimGroup {
+                names,
+                leases,
+                limit: 0,
+            });
+            plan.pools.push(pool);
+        }
+        plan.served.sort_unstable();
+        plan
+    }
+
+    /// The claim for `general` free slots and `ahead` ones: each pool's group limited to its free
+    /// processes plus, when pipelined, its room behind running tasks (during a reload, the
+    /// generation being replaced's too); the worker threads' to the general slots. `resolve`
+    /// counts exactly which slot each claimed task takes and defers the rare one left over.
+    fn claim(&mut self, general: usize, ahead: usize, pools: &[PoolGen]) -> Claim<'_> {
+        for (group, pool) in self.groups.iter_mut().zip(&self.pools) {
+            group.limit = match pool {
+                Some(id) => generations(pools, *id)
+                    .map(|g| {
+                        g.pool.processes().saturating_sub(g.pool.in_flight()) + g.pool.ahead_room()
+                    })
+                    .sum(),
+                None => general,
+            };
+        }
+        Claim {
+            limit: general + ahead,
+            groups: &self.groups,
+        }
+    }
+}
+
+/// The generations that run pool `id`'s tasks: the current one, and during a reload the one it
+/// replaces.
+fn generations(pools: &[PoolGen], id: usize) -> impl Iterator<Item = &PoolGen> {
+    let current = find_pool(pools, id).map(|i| &pools[i]);
+    let previous = current.and_then(|g| match g.role {
+        Role::Current {
+            previous: Some(previous),
+        } => find_pool(pools, previous).map(|i| &pools[i]),
+        _ => None,
+    });
+    current.into_iter().chain(previous)
 }
 
 /// How `task` runs now: on its handler, not at all (dead letter), not yet, not while its name is
@@ -49,11 +149,7 @@ fn resolve(
     now: f64,
 ) -> Resolved<Handler> {
     let name = task.name.as_str();
-    let lease = || {
-        let timeout = config.tasks.get(name).and_then(|t| t.timeout);
-        let lease = timeout.map_or(MIN_LEASE, |t| (t + MIN_LEASE / 10).max(MIN_LEASE));
-        now + lease.as_secs_f64()
-    };
+    let lease = || now + lease_length(config, name).as_secs_f64();
     if task.was_leased && running.contains_key(&task.id) {
         return Resolved::Hold(lease());
     }
@@ -179,7 +275,7 @@ impl Foreman {
             if free == 0 && self.attempts.ended.is_empty() {
                 return;
             }
-            let now = unix_now();
+            let now = self.store.now();
             let (config, registry, pools, running, control) = (
                 &self.config,
                 &self.registry,
@@ -187,6 +283,7 @@ impl Foreman {
                 &self.attempts.running,
                 &self.control,
             );
+            let claim = self.claims.claim(general, ahead, pools);
             // Pool tasks taken in this pop, by pool: with the pool's running ones, never more than
             // its processes, so no popped task waits for a process.
             let mut slots = Slots {
@@ -198,13 +295,16 @@ impl Foreman {
                     config, registry, pools, running, control, &mut slots, task, now,
                 )
             };
-            let popped = match self.store.cycle(&self.attempts.ended, free, now, resolve) {
+            let started_at = Instant::now();
+            let popped = match self.store.cycle(&self.attempts.ended, claim, now, resolve) {
                 Ok(popped) => popped,
                 Err(e) => {
                     self.db_error("cannot pop tasks", &e);
                     return;
                 }
             };
+            let cost = self.look.cycle_cost;
+            self.look.cycle_cost = (cost * 7 + started_at.elapsed()) / 8;
             // Only a cycle that wrote says the database takes writes again: one with nothing to
             // record or pop commits an empty transaction, which a full disk lets through.
             if !self.attempts.ended.is_empty()
@@ -229,43 +329,67 @@ impl Foreman {
                 self.look.next_task_due = popped.next_due;
             }
             for (task, handler) in popped.tasks {
-                let pool = match &handler {
-                    Handler::Pool { pool, .. } => Some(*pool),
-                    _ => None,
-                };
-                let leased = self.config.policy(&task.name).delivery == Delivery::AtLeastOnce;
-                let due = match (task.run_after, task.created_at) {
-                    (Some(a), Some(b)) => a.max(b),
-                    (a, b) => a.or(b).unwrap_or(now),
-                };
-                self.attempts.running.insert(
-                    task.id,
-                    Running {
-                        name: task.name.clone(),
-                        attempt: task.attempt,
-                        cancel: task.cancel.clone(),
-                        started: Instant::now(),
-                        pool,
-                        leased,
-                        waited: (now - due).max(0.0),
-                    },
-                );
-                match handler {
-                    Handler::Pool { pool, timeout } => {
-                        // `resolve` found it a moment ago.
-                        if let Some(index) = self.workers.find(pool) {
-                            self.workers.pools[index]
-                                .pool
-                                .submit(PoolJob { task, timeout });
-                        }
-                    }
-                    handler => self.workers.threads.submit(Job { task, handler }),
-                }
+                self.hand_out(task, handler, now);
             }
             // Buried or paused rows were progress: the rows behind them get their turn now, not
             // at a tick.
             if started < free && popped.dead.is_empty() && popped.paused == 0 {
                 return; // Nothing more is due, or what is due must wait.
+            }
+        }
+    }
+
+    /// Records `task` running and gives it to its pool or the worker threads.
+    fn hand_out(&mut self, task: Task, handler: Handler, now: f64) {
+        let pool = match &handler {
+            Handler::Pool { pool, .. } => Some(*pool),
+            _ => None,
+        };
+        let leased = self.config.policy(&task.name).delivery == Delivery::AtLeastOnce;
+        let due = match (task.run_after, task.created_at) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b).unwrap_or(now),
+        };
+        self.attempts.running.insert(
+            task.id,
+            Running {
+                name: task.name.clone(),
+                attempt: task.attempt,
+                cancel: task.cancel.clone(),
+                started: Instant::now(),
+                pool,
+                leased,
+                waited: (now - due).max(0.0),
+            },
+        );
+        match handler {
+            Handler::Pool { pool, timeout } => {
+                // `resolve` found it a moment ago.
+                if let Some(index) = self.workers.find(pool) {
+                    self.workers.pools[index]
+                        .pool
+                        .submit(PoolJob { task, timeout });
+                }
+            }
+            handler => self.workers.threads.submit(Job { task, handler }),
+        }
+    }
+
+    /// After a task ended, waits a moment for the others still out, when a cycle costs more than
+    /// that (a database over a socket, whose claim commits to disk): with tasks of a few
+    /// microseconds, each cycle would otherwise record one or two endings and fill as few slots,
+    /// paying a whole commit each time. A cheap cycle (SQLite's) never waits.
+    pub(super) fn gather(&mut self, finished: &crossbeam_channel::Receiver<Finished>) {
+        let cost = self.look.cycle_cost;
+        if cost < GATHER_ABOVE || self.attempts.running.is_empty() {
+            return;
+        }
+        let until = Instant::now() + (cost / 4).min(GATHER_AT_MOST);
+        while !self.attempts.running.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            match finished.recv_timeout(left) {
+                Ok(done) => self.finish(done),
+                Err(_) => return,
             }
         }
     }
@@ -321,9 +445,10 @@ impl Foreman {
             return;
         }
         let resolve = |_: &Task| Resolved::<()>::Defer;
+        let now = self.store.now();
         match self
             .store
-            .cycle(&self.attempts.ended, 0, unix_now(), resolve)
+            .cycle(&self.attempts.ended, Claim::any(0), now, resolve)
         {
             Ok(_) => {
                 self.db_works();
@@ -339,14 +464,19 @@ impl Foreman {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
         };
-        Instant::now().checked_add(crate::clock::wait_until(due, unix_now(), MAX_DUE_WAIT))
+        Instant::now().checked_add(crate::clock::wait_until(
+            due,
+            self.store.now(),
+            MAX_DUE_WAIT,
+        ))
     }
 
     pub(super) fn schedules_due(&mut self) {
         let (running, control) = (&self.attempts.running, &self.control);
+        let now = self.store.now();
         let refused = self.schedules.fire_due(
             &mut self.store,
-            unix_now(),
+            now,
             |id| running.contains_key(&id),
             |name| control.is_paused(name),
         );
@@ -366,7 +496,7 @@ impl Foreman {
             result,
             exit_code,
         } = done;
-        let now = unix_now();
+        let now = self.store.now();
         let ok = matches!(outcome, Outcome::Done { .. });
         let aborted = !ok && task.cancelled();
         // An aborted attempt is the operator's doing, not the task's: it is no failure to count.
@@ -504,7 +634,7 @@ impl Foreman {
             self.attempts.ended.push(Ending {
                 task: job.task,
                 state: RunState::Dead,
-                finished_at: unix_now(),
+                finished_at: self.store.now(),
                 error: Some(reason.clone()),
                 next: Next::Bury(reason),
                 leased,
@@ -512,6 +642,18 @@ impl Foreman {
                 exit_code: None,
             });
         }
+        // A pool that said hello, or went down, serves other names now.
+        self.plan_claims();
+    }
+
+    /// Plans the claims again, after the pools or the registry changed.
+    pub(super) fn plan_claims(&mut self) {
+        self.claims = ClaimPlan::new(
+            &self.config,
+            &self.registry,
+            &self.workers.pools,
+            &self.control,
+        );
     }
 
     /// Stops every pool's processes (all at once, of every generation) and waits until they

@@ -1,7 +1,8 @@
 //! The store: every line of SQL foreman runs, behind one type, `Store`, which the loop, the
 //! commands and the benchmark ask questions in their own words ("pop what is due", "has anything
 //! changed since this token?", "was the database lost under me?"). Backend-neutral types live in
-//! `types` and `row`; each backend lives in a folder of its own (`sqlite/`).
+//! `types` and `row`; each backend lives in a folder of its own (`sqlite/`, and `postgres/` with
+//! the cargo feature `postgres`).
 //!
 //! `Store` is an enum over the backends, not a trait object: the pop takes the loop's resolver as
 //! a generic closure, which a `dyn` method cannot, and a `match` on a variant costs one predictable
@@ -9,28 +10,38 @@
 //! dynamic call per row. A generic `Foreman<S: Store>` would avoid the branch but compile the loop
 //! once per backend, and the binary's code pages are most of the daemon's memory.
 
+use std::path::Path;
 use std::time::Duration;
 
 use crate::database::Database;
-use crate::error::{Error, Result};
+#[cfg(not(feature = "postgres"))]
+use crate::error::Error;
+use crate::error::Result;
 use crate::stats::MinuteStat;
 use crate::task::Task;
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod row;
 pub mod sqlite;
 pub mod types;
 
-pub use sqlite::producer::{Producer, RecordedAttempts};
+pub use sqlite::producer::RecordedAttempts;
 pub use sqlite::schema::{SCHEMA_SQL, SCHEMA_VERSION};
 pub use sqlite::watch::DbWatch;
 pub use sqlite::{BUSY_TIMEOUT, WAL_SIZE_LIMIT};
 pub use types::*;
 
+#[cfg(feature = "postgres")]
+use self::postgres::PgStore;
 use sqlite::SqliteStore;
 
 /// One open database, of whichever backend `--db` named.
 pub enum Store {
     Sqlite(SqliteStore),
+    /// Boxed: the SQLite variant, whose loop is the one to keep lean, stays small.
+    #[cfg(feature = "postgres")]
+    Postgres(Box<PgStore>),
 }
 
 /// A note of what had been committed when it was taken, to tell later whether anything was
@@ -38,6 +49,9 @@ pub enum Store {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeToken {
     Sqlite(sqlite::cycle::FileStamp),
+    /// The daemon's count of changes its heartbeats saw (`PgStore::changes`).
+    #[cfg(feature = "postgres")]
+    Postgres(u64),
 }
 
 /// Runs `$body` with `$backend` bound to the open backend, whichever it is.
@@ -45,8 +59,29 @@ macro_rules! each {
     ($store:expr, $backend:ident => $body:expr) => {
         match $store {
             Store::Sqlite($backend) => $body,
+            #[cfg(feature = "postgres")]
+            Store::Postgres($backend) => $body,
         }
     };
+}
+
+/// Runs `$sqlite` on SQLite and `$postgres` on PostgreSQL, where the two differ in what they do.
+macro_rules! split {
+    ($store:expr, $s:ident => $sqlite:expr, $p:ident => $postgres:expr) => {
+        match $store {
+            Store::Sqlite($s) => $sqlite,
+            #[cfg(feature = "postgres")]
+            Store::Postgres($p) => $postgres,
+        }
+    };
+}
+
+/// The error of a PostgreSQL URL given to a foreman built without the backend.
+#[cfg(not(feature = "postgres"))]
+fn no_postgres(db: &Database) -> Error {
+    Error::Config(format!(
+        "{db}: this foreman was built without PostgreSQL (cargo feature `postgres`); give --db a SQLite file"
+    ))
 }
 
 impl Store {
@@ -55,10 +90,50 @@ impl Store {
     pub fn open(db: &Database, access: Access) -> Result<Store> {
         match db {
             Database::Sqlite(path) => SqliteStore::open(path, access).map(Store::Sqlite),
-            Database::Postgres(_) => Err(Error::Config(format!(
-                "{db}: this foreman has no PostgreSQL backend yet; give --db a SQLite file"
-            ))),
+            #[cfg(feature = "postgres")]
+            Database::Postgres(url) => PgStore::open(url, &db.to_string(), access, None)
+                .map(|s| Store::Postgres(Box::new(s))),
+            #[cfg(not(feature = "postgres"))]
+            Database::Postgres(_) => Err(no_postgres(db)),
         }
+    }
+
+    /// Opens the database for the daemon. A PostgreSQL server that cannot be reached yet is
+    /// waited for, saying so, for as long as `keep_waiting` (given how long it may sleep) says.
+    pub fn open_daemon(db: &Database, keep_waiting: impl FnMut(Duration) -> bool) -> Result<Store> {
+        match db {
+            Database::Sqlite(path) => {
+                let _ = keep_waiting;
+                SqliteStore::open(path, Access::Create).map(Store::Sqlite)
+            }
+            #[cfg(feature = "postgres")]
+            Database::Postgres(url) => {
+                let store =
+                    PgStore::open_lazily(url, &db.to_string(), self::postgres::Role::Daemon)?;
+                store.wait_for_server(keep_waiting)?;
+                Ok(Store::Postgres(Box::new(store)))
+            }
+            #[cfg(not(feature = "postgres"))]
+            Database::Postgres(_) => Err(no_postgres(db)),
+        }
+    }
+
+    /// The schema version this backend's foreman creates.
+    pub fn schema_version(&self) -> i64 {
+        split!(self, _s => SCHEMA_VERSION, _p => self::postgres::schema::SCHEMA_VERSION)
+    }
+
+    /// The database's clock, as Unix seconds: what due times, leases and schedules are compared
+    /// with. SQLite's is this host's; PostgreSQL's is the server's `now()`, as this host
+    /// estimates it on its monotonic clock.
+    pub fn now(&self) -> f64 {
+        split!(self, _s => crate::clock::unix_now(), p => p.now())
+    }
+
+    /// Whether due times in the database were written on this host's wall clock, so that a step
+    /// of that clock must move them (SQLite); PostgreSQL's are the server's.
+    pub fn follows_host_clock(&self) -> bool {
+        split!(self, _s => true, _p => false)
     }
 
     /// Opens the database and checks that its schema is one this binary understands: what every
@@ -93,28 +168,36 @@ impl Store {
 
     // ---- The loop ----
 
-    /// One transaction of the loop: records the attempts that `ended` (with their retries and
-    /// dead letters), then pops up to `limit` due rows, highest priority first, each with what
-    /// `resolve` gave for it.
+    /// One cycle of the loop: records the attempts that `ended` (with their retries and dead
+    /// letters), then pops what `claim` allows, highest priority first, each row with what
+    /// `resolve` gave for it. `now` is `Store::now` as the loop read it: the endings' times and
+    /// due times are on that clock.
     pub fn cycle<H>(
         &mut self,
         ended: &[Ending],
-        limit: usize,
+        claim: Claim<'_>,
         now: f64,
         resolve: impl FnMut(&Task) -> Resolved<H>,
     ) -> Result<Popped<H>> {
-        each!(self, s => s.cycle(ended, limit, now, resolve))
+        split!(self, s => s.cycle(ended, claim, now, resolve), p => p.cycle(ended, claim, now, resolve))
     }
 
-    /// When the earliest queued row is due (it may be past), without writing anything.
+    /// When the earliest queued row is due (it may be past), without writing anything. A store
+    /// that cannot tell without claiming (PostgreSQL, where other daemons claim too) answers
+    /// what its heartbeat saw if that was within the last second,
+    /// else the past: the caller's cycle looks, and writes nothing when nothing is due.
     pub fn next_due(&self) -> Result<Option<f64>> {
-        each!(self, s => s.next_due())
+        split!(self, s => s.next_due(), p => Ok(p.next_due()))
     }
 
     /// A token of what has been committed so far; `None` when the store cannot tell (then
     /// whoever asks must look at the queue).
     pub fn changes(&self) -> Option<ChangeToken> {
-        each!(self, s => s.changes().map(ChangeToken::Sqlite))
+        split!(
+            self,
+            s => s.changes().map(ChangeToken::Sqlite),
+            p => p.changes().map(ChangeToken::Postgres)
+        )
     }
 
     /// Runs `write`, one of the daemon's own writes, so that it does not read as a change to
@@ -127,11 +210,11 @@ impl Store {
     ) -> Result<T> {
         let mark = match (&*self, seen.as_ref()) {
             (Store::Sqlite(s), Some(ChangeToken::Sqlite(token))) => s.own_write_mark(Some(token)),
-            (Store::Sqlite(_), None) => None,
+            _ => None,
         };
         let done = write(self)?;
-        if let Some(mark) = mark {
-            *seen = each!(&*self, s => s.after_own_write(mark).map(ChangeToken::Sqlite));
+        if let (Some(mark), Store::Sqlite(s)) = (mark, &*self) {
+            *seen = s.after_own_write(mark).map(ChangeToken::Sqlite);
         }
         Ok(done)
     }
@@ -139,22 +222,24 @@ impl Store {
     /// Whether the database was lost under this process (its file deleted or replaced): what
     /// happened, if so. From then on the store writes nothing more to it.
     pub fn lost(&mut self) -> Option<&'static str> {
-        each!(self, s => s.lost())
+        split!(self, s => s.lost(), _p => None)
     }
 
     /// Whether `lost` said so once: nothing more is written.
     pub fn was_lost(&self) -> bool {
-        each!(self, s => s.was_lost())
+        split!(self, s => s.was_lost(), _p => false)
     }
 
     /// At startup: the attempts a crashed predecessor left running become lost (at-most-once) or
-    /// due again (at-least-once). Returns (requeued, lost).
+    /// due again (at-least-once). Returns (requeued, lost). On PostgreSQL a new daemon has a new
+    /// registration, and the stale daemons are recovered by the heartbeats: nothing to do here.
     pub fn recover(&mut self, now: f64) -> Result<(usize, usize)> {
-        each!(self, s => s.recover(now))
+        split!(self, s => s.recover(now), _p => Ok((0, 0)))
     }
 
     /// Deletes, among the next `batch` history rows after `after`, those that finished before
-    /// `before`; returns how many, and where to go on from (`None`: start over next time).
+    /// `before` (the database's clock); returns how many, and where to go on from (`None`: start
+    /// over next time). On PostgreSQL, one daemon at a time does it.
     pub fn prune_history(
         &mut self,
         before: f64,
@@ -169,34 +254,59 @@ impl Store {
         each!(self, s => s.prune_stats(minute))
     }
 
-    /// After the wall clock stepped back by `seconds`: moves waiting rows' due times back as much.
+    /// After the host's wall clock stepped back by `seconds`: moves waiting rows' due times back
+    /// as much (only when `follows_host_clock`).
     pub fn move_due_back(&mut self, seconds: f64, now: f64) -> Result<usize> {
-        each!(self, s => s.move_due_back(seconds, now))
+        split!(self, s => s.move_due_back(seconds, now), _p => Ok(0))
     }
 
-    /// Makes `info` the daemon of this database.
+    /// Registers `info` as a daemon of this database (SQLite: the daemon).
     pub fn register_daemon(&mut self, info: &DaemonInfo) -> Result<()> {
         each!(self, s => s.register_daemon(info))
     }
 
-    /// Writes the heartbeat and adds `stats` to the per-minute figures, in one transaction.
+    /// Writes the heartbeat and adds `stats` to the per-minute figures, in one transaction. On
+    /// PostgreSQL it also renews the daemon's leases and recovers daemons whose heartbeat is
+    /// older than the staleness limit each registered with, and tells what it learnt.
     pub fn heartbeat(
         &mut self,
         now: f64,
         beat: &Beat<'_>,
         stats: &std::collections::BTreeMap<(i64, String), MinuteStat>,
-    ) -> Result<()> {
-        each!(self, s => s.heartbeat(now, beat, stats))
+    ) -> Result<BeatNews> {
+        split!(
+            self,
+            s => s.heartbeat(now, beat, stats).map(|()| BeatNews::default()),
+            p => p.heartbeat(beat, stats)
+        )
     }
 
     /// Stamps the start of a shutdown on this daemon's row.
     pub fn daemon_stopping(&mut self, now: f64) -> Result<()> {
-        each!(self, s => s.daemon_stopping(now))
+        split!(self, s => s.daemon_stopping(now), p => p.daemon_stopping())
     }
 
     /// Stamps a clean exit on this daemon's row.
     pub fn daemon_stopped(&mut self, now: f64) -> Result<()> {
-        each!(self, s => s.daemon_stopped(now))
+        split!(self, s => s.daemon_stopped(now), p => p.daemon_stopped())
+    }
+
+    /// Buries rows whose task name no daemon seen alive during `grace` serves, among the next
+    /// rows after `after`; returns them and where to go on from. Only PostgreSQL's daemons serve
+    /// some names and not others: SQLite's pop buries an unknown name when it meets it.
+    pub fn bury_unserved(
+        &mut self,
+        grace: Duration,
+        after: Option<i64>,
+    ) -> Result<(Vec<Buried>, Option<i64>)> {
+        split!(
+            self,
+            _s => {
+                let _ = (grace, after);
+                Ok((Vec::new(), None))
+            },
+            p => p.bury_unserved(grace, after)
+        )
     }
 
     // ---- New tasks and schedules ----
@@ -213,7 +323,8 @@ impl Store {
         each!(self, s => s.enqueue_many(tasks))
     }
 
-    /// Whether the task is still queued (not popped yet, or waiting for a retry).
+    /// Whether the task is still queued (not popped yet, or waiting for a retry), or (PostgreSQL)
+    /// running on any daemon.
     pub fn is_queued(&self, id: i64) -> Result<bool> {
         each!(self, s => s.is_queued(id))
     }
@@ -223,19 +334,42 @@ impl Store {
         each!(self, s => s.schedules())
     }
 
-    /// Stores a schedule's state.
-    pub fn save_schedule(&mut self, name: &str, state: &ScheduleState) -> Result<()> {
-        each!(self, s => s.save_schedule(name, state))
+    /// Stores a schedule's state. With `expected`, only if its stored due time is still that
+    /// (another daemon may have moved it: then `false`); without, a new or changed definition.
+    pub fn save_schedule(
+        &mut self,
+        name: &str,
+        state: &ScheduleState,
+        expected: Option<f64>,
+    ) -> Result<bool> {
+        split!(
+            self,
+            s => {
+                // One daemon per file: nobody else moves its schedules.
+                let _ = expected;
+                s.save_schedule(name, state).map(|()| true)
+            },
+            p => p.save_schedule(name, state, expected)
+        )
     }
 
-    /// Fires a schedule: enqueues its task and stores its new state in one transaction.
+    /// Fires a schedule whose stored due time is `expected`: enqueues its task and stores its new
+    /// state in one transaction, unless another daemon fired this window first.
     pub fn fire_schedule(
         &mut self,
         name: &str,
         task: &NewTask<'_>,
+        expected: f64,
         state: &mut ScheduleState,
-    ) -> Result<Enqueued> {
-        each!(self, s => s.fire_schedule(name, task, state))
+    ) -> Result<Fired> {
+        split!(
+            self,
+            s => {
+                let _ = expected;
+                s.fire_schedule(name, task, state).map(|e| Fired::Task(e.id))
+            },
+            p => p.fire_schedule(name, task, expected, state)
+        )
     }
 
     // ---- The operator's questions ----
@@ -245,9 +379,10 @@ impl Store {
         each!(self, s => s.snapshot(|| read(self)))
     }
 
-    /// The daemon's heartbeat row, if a daemon ever started here.
-    pub fn daemon_row(&self) -> Result<Option<DaemonRow>> {
-        each!(self, s => s.daemon_row())
+    /// The daemons' rows, newest first: SQLite's one (if a daemon ever started here); on
+    /// PostgreSQL every daemon that runs, and those that stopped or were recovered lately.
+    pub fn daemon_rows(&self) -> Result<Vec<DaemonRow>> {
+        split!(self, s => s.daemon_row().map(|row| row.into_iter().collect()), p => p.daemon_rows())
     }
 
     /// The attempts recorded as running.
@@ -255,9 +390,9 @@ impl Store {
         each!(self, s => s.running_attempts())
     }
 
-    /// The queue per task name, as of `now`.
+    /// The queue per task name, as of `now` (PostgreSQL: the server's `now()`).
     pub fn queue_depth(&self, now: f64) -> Result<Vec<TaskDepth>> {
-        each!(self, s => s.queue_depth(now))
+        split!(self, s => s.queue_depth(now), p => p.queue_depth())
     }
 
     /// The due row that has waited longest, if any.
@@ -332,7 +467,7 @@ impl Store {
 
     /// Pauses a task name (every task: `None`); false when it already was.
     pub fn pause(&mut self, name: Option<&str>, now: f64) -> Result<bool> {
-        each!(self, s => s.pause(name, now))
+        split!(self, s => s.pause(name, now), p => p.pause(name))
     }
 
     /// Resumes a task name (`None`: every pause); returns how many pauses it lifted.
@@ -340,9 +475,10 @@ impl Store {
         each!(self, s => s.resume(name))
     }
 
-    /// Puts back up to `batch` rows a pause set aside whose name is no longer paused.
+    /// Puts back up to `batch` rows a pause set aside whose name is no longer paused. On
+    /// PostgreSQL a pause sets no row aside (the claims leave the name out): nothing to do.
     pub fn unpause_rows(&mut self, batch: usize) -> Result<usize> {
-        each!(self, s => s.unpause_rows(batch))
+        split!(self, s => s.unpause_rows(batch), _p => { let _ = batch; Ok(0) })
     }
 
     /// Dead letters, newest first, with how many there are in all.
@@ -412,8 +548,178 @@ impl Store {
         each!(self, s => s.failure_texts(window))
     }
 
-    /// A watch that tells a reader (`wait`) when another process may have committed.
+    /// A watch that tells a reader (`wait`) when another process may have committed. On
+    /// PostgreSQL it is a short timer: the daemons do not notify their commits.
     pub fn watch(&self) -> DbWatch {
-        each!(self, s => DbWatch::new(s.path()))
+        split!(self, s => DbWatch::new(s.path()), _p => DbWatch::every(WATCH_POLL))
+    }
+
+    /// `NOTIFY` on PostgreSQL (what a producer does after its commit, with `payload`); SQLite is
+    /// woken through its wakeup directory instead (`wake::poke`).
+    pub fn notify(&self, payload: &str) -> Result<()> {
+        split!(self, _s => { let _ = payload; Ok(()) }, p => p.notify(payload))
+    }
+}
+
+/// How often `wait` looks on PostgreSQL, whose daemons do not notify their commits.
+#[cfg(feature = "postgres")]
+const WATCH_POLL: Duration = Duration::from_millis(100);
+
+/// A producer's connection, as the schema's comment tells producers to open one: for the
+/// benchmark, which measures what a producer pays.
+pub enum Producer {
+    Sqlite(sqlite::producer::Producer),
+    #[cfg(feature = "postgres")]
+    Postgres(Box<self::postgres::producer::Producer>),
+}
+
+/// Runs `$body` with `$p` bound to the producer's backend.
+macro_rules! each_producer {
+    ($producer:expr, $p:ident => $body:expr) => {
+        match $producer {
+            Producer::Sqlite($p) => $body,
+            #[cfg(feature = "postgres")]
+            Producer::Postgres($p) => $body,
+        }
+    };
+}
+
+impl Producer {
+    /// A producer's connection as the schema's comment recommends: on SQLite `synchronous =
+    /// NORMAL`, on PostgreSQL `synchronous_commit = off` (a crash may lose the last commits,
+    /// never corrupt).
+    pub fn open(db: &Database) -> Result<Producer> {
+        Producer::open_with(db, false)
+    }
+
+    /// `open`, with each PostgreSQL commit waiting for the WAL's flush when `durable`.
+    pub fn open_with(db: &Database, durable: bool) -> Result<Producer> {
+        match db {
+            Database::Sqlite(path) => {
+                let _ = durable;
+                sqlite::producer::Producer::open(path).map(Producer::Sqlite)
+            }
+            #[cfg(feature = "postgres")]
+            Database::Postgres(url) => {
+                self::postgres::producer::Producer::open(url, &db.to_string(), durable)
+                    .map(|p| Producer::Postgres(Box::new(p)))
+            }
+            #[cfg(not(feature = "postgres"))]
+            Database::Postgres(_) => Err(no_postgres(db)),
+        }
+    }
+
+    /// The SQLite file, if this is one.
+    pub fn sqlite_path(db: &Database) -> Option<&Path> {
+        db.sqlite_path()
+    }
+
+    /// Inserts `count` rows of `name` in one transaction; with `keys_from`, row i gets
+    /// `args = [keys_from + i]`. Returns the ids.
+    pub fn insert_many(
+        &mut self,
+        name: &str,
+        count: usize,
+        keys_from: Option<i64>,
+    ) -> Result<std::ops::RangeInclusive<i64>> {
+        each_producer!(self, p => p.insert_many(name, count, keys_from))
+    }
+
+    /// The `list` bench's rows: `count` of them, one in 1,000 `bench.rare`, one in 100 delayed
+    /// far ahead, priorities 0 to 2.
+    pub fn insert_list_fixture(&self, count: usize) -> Result<()> {
+        each_producer!(self, p => p.insert_list_fixture(count))
+    }
+
+    /// Inserts one row in a transaction of its own; returns its id.
+    pub fn insert_one(&self, name: &str, args: &str) -> Result<i64> {
+        each_producer!(self, p => p.insert_one(name, args))
+    }
+
+    /// Runs `inserts` in one transaction.
+    pub fn in_transaction<T>(&self, inserts: impl FnOnce(&Producer) -> Result<T>) -> Result<T> {
+        match self {
+            Producer::Sqlite(p) => p.in_transaction(|_| inserts(self)),
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.in_transaction(|_| inserts(self)),
+        }
+    }
+
+    pub fn insert_name(&self, name: &str) -> Result<i64> {
+        each_producer!(self, p => p.insert_name(name))
+    }
+
+    pub fn append_name(&self, name: &str) -> Result<()> {
+        each_producer!(self, p => p.append_name(name))
+    }
+
+    pub fn last_id(&self) -> i64 {
+        each_producer!(self, p => p.last_id())
+    }
+
+    pub fn insert_due_at(&self, name: &str, run_after: f64) -> Result<i64> {
+        each_producer!(self, p => p.insert_due_at(name, run_after))
+    }
+
+    pub fn queued(&self, ids: &std::ops::RangeInclusive<i64>) -> Result<usize> {
+        each_producer!(self, p => p.queued(ids))
+    }
+
+    pub fn attempts(&self, ids: &std::ops::RangeInclusive<i64>) -> Result<RecordedAttempts> {
+        each_producer!(self, p => p.attempts(ids))
+    }
+
+    /// The PostgreSQL producer's `NOTIFY foreman` after its commit; SQLite's producer touches a
+    /// file instead, which the bench does itself.
+    pub fn notify(&self) -> Result<()> {
+        match self {
+            Producer::Sqlite(_) => Ok(()),
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.notify(),
+        }
+    }
+
+    /// Creates schema `name` afresh (PostgreSQL: a bench run's own); nothing on SQLite, whose
+    /// bench files are the run's own.
+    pub fn create_schema(&self, name: &str) -> Result<()> {
+        match self {
+            Producer::Sqlite(_) => {
+                let _ = name;
+                Ok(())
+            }
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.create_schema(name),
+        }
+    }
+
+    /// Drops schema `name` and what it holds (PostgreSQL); nothing on SQLite.
+    pub fn drop_schema(&self, name: &str) -> Result<()> {
+        match self {
+            Producer::Sqlite(_) => {
+                let _ = name;
+                Ok(())
+            }
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.drop_schema(name),
+        }
+    }
+
+    /// The server's process serving this connection (PostgreSQL); `None` on SQLite.
+    pub fn backend_pid(&self) -> Result<Option<i64>> {
+        match self {
+            Producer::Sqlite(_) => Ok(None),
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.backend_pid().map(Some),
+        }
+    }
+
+    /// The database's transactions so far, as the server counts them (PostgreSQL); `None` on
+    /// SQLite.
+    pub fn transactions(&self) -> Result<Option<i64>> {
+        match self {
+            Producer::Sqlite(_) => Ok(None),
+            #[cfg(feature = "postgres")]
+            Producer::Postgres(p) => p.transactions().map(Some),
+        }
     }
 }

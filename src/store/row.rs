@@ -131,6 +131,61 @@ pub fn decode(raw: &RawRow) -> Result<Task, String> {
     })
 }
 
+/// A row whose columns a typed backend (PostgreSQL: `jsonb`, `text`, `smallint`) read already:
+/// the same checks as `decode`, on values instead of cells.
+pub struct TypedRow {
+    pub id: i64,
+    pub task_name: String,
+    pub args: Json,
+    pub kwargs: Json,
+    pub created_at: Option<f64>,
+    pub run_after: Option<f64>,
+    pub priority: i64,
+    pub attempt: i64,
+    pub origin: Option<String>,
+    pub unique_key: Option<String>,
+}
+
+/// Turns a typed row into a `Task`, or says in one line why it cannot run. Its schema's CHECKs
+/// refuse such rows at the INSERT; this is the pop's own defence, as on SQLite.
+pub fn decode_typed(row: TypedRow) -> Result<Task, String> {
+    if let Some(problem) = name_problem(&row.task_name) {
+        return Err(format!("task_name {problem}"));
+    }
+    let args = match row.args {
+        Json::Array(items) => items,
+        other => {
+            return Err(format!(
+                "args is not a JSON array (got {})",
+                json_kind(&other)
+            ));
+        }
+    };
+    let kwargs = match row.kwargs {
+        Json::Object(map) => map,
+        other => {
+            return Err(format!(
+                "kwargs is not a JSON object (got {})",
+                json_kind(&other)
+            ));
+        }
+    };
+    Ok(Task {
+        id: row.id,
+        name: row.task_name,
+        args,
+        kwargs,
+        created_at: row.created_at.filter(|t| t.is_finite()),
+        run_after: row.run_after.filter(|t| t.is_finite()),
+        attempt: row.attempt.max(1),
+        priority: row.priority,
+        origin: row.origin,
+        was_leased: false,
+        unique_key: row.unique_key,
+        cancel: crate::task::CancelFlag::default(),
+    })
+}
+
 fn text_column<'a>(column: &str, value: &'a Cell) -> Result<&'a str, String> {
     match value {
         Cell::Text(text) => Ok(text),

@@ -17,6 +17,51 @@ pub enum Access {
     ReadOnly,
 }
 
+/// Error text kept per attempt: a traceback's end says what went wrong, so the end is kept.
+pub const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// An attempt's error as stored: its last `MAX_ERROR_BYTES` (on a character boundary).
+pub fn truncate_error(error: &str) -> std::borrow::Cow<'_, str> {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error.into();
+    }
+    let mut start = error.len() - MAX_ERROR_BYTES;
+    while !error.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[…] {}", &error[start..]).into()
+}
+
+/// What one cycle may claim. The SQLite store pops in one index walk and resolves each row, so it
+/// reads only `limit`; the PostgreSQL store, whose queue several daemons share, claims only the
+/// names of `groups`, each group up to its own limit, so that it never takes a row it would have
+/// to put back (a busy pool's, or a name only other daemons serve).
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// The most rows in all: free worker slots plus the prefetch.
+    pub limit: usize,
+    /// The names this daemon can run now, by what limits them, in the order they are claimed.
+    pub groups: &'a [ClaimGroup],
+}
+
+impl Claim<'_> {
+    /// Up to `limit` rows of any name: what the loop asks when it records endings only.
+    pub fn any(limit: usize) -> Claim<'static> {
+        Claim { limit, groups: &[] }
+    }
+}
+
+/// Task names that share a capacity: a pool's (its free processes) or the worker threads'.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClaimGroup {
+    pub names: Vec<String>,
+    /// For each name (same order), the lease in seconds of an at-least-once task; 0 for an
+    /// at-most-once one.
+    pub leases: Vec<f64>,
+    /// The most rows of these names one claim may take.
+    pub limit: usize,
+}
+
 /// What one cycle transaction popped. `H` is whatever the caller's resolver gives for a task name.
 #[derive(Debug)]
 pub struct Popped<H> {
@@ -147,6 +192,11 @@ pub struct Enqueued {
 /// Who the running daemon is, as it registers itself at startup.
 #[derive(Debug, Clone)]
 pub struct DaemonInfo {
+    /// The task names it serves (so far: a pool's hello adds its names at a heartbeat).
+    pub served: Vec<String>,
+    /// How long its heartbeat may be silent before another daemon may recover it (PostgreSQL):
+    /// a few of its heartbeats.
+    pub stale_after: std::time::Duration,
     pub pid: u32,
     /// Field 22 of /proc/PID/stat: with the pid, tells this process from one that reused its pid.
     pub pid_start: Option<u64>,
@@ -163,6 +213,46 @@ pub struct Beat<'a> {
     pub workers: usize,
     pub pools_json: &'a str,
     pub totals_json: &'a str,
+    /// The task names the daemon serves now.
+    pub served: &'a [String],
+    /// The at-least-once tasks it runs, with their lease in seconds: a store whose leases other
+    /// daemons could take (PostgreSQL) renews them with the heartbeat.
+    pub leases: &'a [(i64, f64)],
+}
+
+/// What a heartbeat learnt besides its own row: PostgreSQL's daemons watch each other.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct BeatNews {
+    /// Another daemon recovered this one (its heartbeat was stale: it was cut off from the
+    /// database, or stopped): its running attempts were recorded lost and its leases released.
+    /// It registered again under a new id.
+    pub recovered_by: Option<i64>,
+    /// Stale daemons this one recovered: (daemon id, host, pid, attempts recorded lost, leases
+    /// released, tasks buried).
+    pub recovered: Vec<RecoveredDaemon>,
+    /// Leases of running tasks that another daemon holds now.
+    pub leases_lost: Vec<i64>,
+}
+
+/// A stale daemon a heartbeat recovered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoveredDaemon {
+    pub id: i64,
+    pub host: String,
+    pub pid: i64,
+    /// Its running attempts, recorded `lost`.
+    pub lost: usize,
+    /// Its leases, released: those tasks run again (at-least-once).
+    pub released: usize,
+}
+
+/// What firing a schedule did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fired {
+    /// Its task was enqueued with this id.
+    Task(i64),
+    /// Another daemon fired this window first (or changed the schedule): nothing was enqueued.
+    Elsewhere,
 }
 
 /// Where a task stands, as `foreman wait` reports it.
@@ -286,6 +376,53 @@ pub struct ListQuery<'a> {
     pub now: f64,
 }
 
+/// Every state `list` knows, with `queued` (due, later and paused) as a shorthand.
+pub const LIST_STATES: [&str; 12] = [
+    "queued",
+    "due",
+    "later",
+    "paused",
+    "leased",
+    "running",
+    "done",
+    "failed",
+    "timeout",
+    "lost",
+    "cancelled",
+    "dead",
+];
+
+impl ListQuery<'_> {
+    /// The states a query asks for, shorthands expanded; `None` for the default (the live tasks).
+    /// Both backends read the query this way.
+    pub fn wanted_states(&self) -> crate::error::Result<Option<Vec<&'static str>>> {
+        let q = self;
+        if q.states.is_empty() {
+            return Ok(None);
+        }
+        let mut states = Vec::new();
+        for state in &q.states {
+            let Some(known) = LIST_STATES.iter().find(|s| *s == state) else {
+                return Err(crate::error::Error::Config(format!(
+                    "unknown state {state:?}: one of {}",
+                    LIST_STATES.join(", ")
+                )));
+            };
+            let expanded: &[&'static str] = if *known == "queued" {
+                &["due", "later", "paused"]
+            } else {
+                std::slice::from_ref(known)
+            };
+            for state in expanded {
+                if !states.contains(state) {
+                    states.push(*state);
+                }
+            }
+        }
+        Ok(Some(states))
+    }
+}
+
 /// One task as `foreman list` shows it. Text columns are as stored, read lossily.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListedTask {
@@ -398,9 +535,12 @@ pub enum Requeued {
     },
 }
 
-/// The `foreman_daemon` row: who the last daemon to start was, and what it last published.
+/// A `foreman_daemon` row: a daemon that started, and what it last published. SQLite keeps one
+/// (the last daemon's); PostgreSQL one per daemon run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonRow {
+    /// Its registration's id (SQLite: always 1).
+    pub id: i64,
     pub pid: i64,
     /// Field 22 of /proc/PID/stat when it started: tells it from a later process with its pid.
     pub pid_start: Option<i64>,
@@ -417,6 +557,19 @@ pub struct DaemonRow {
     pub pools: Vec<PoolRow>,
     /// Attempts that ended since it started, by task name.
     pub totals: BTreeMap<String, Totals>,
+    /// The task names it claims (PostgreSQL; empty on SQLite, whose daemon serves all).
+    pub served: Vec<String>,
+    /// Set when another daemon recovered it (its heartbeat went stale), by that daemon's id.
+    pub recovered_at: Option<f64>,
+    pub recovered_by: Option<i64>,
+}
+
+impl DaemonRow {
+    /// Neither stopped nor recovered: it runs, as far as its row says (its heartbeat tells
+    /// whether it still does).
+    pub fn is_open(&self) -> bool {
+        self.stopped_at.is_none() && self.recovered_at.is_none()
+    }
 }
 
 /// One element of the daemon row's `pools`. Fields a daemon did not publish are `None`.
@@ -446,6 +599,8 @@ pub struct Totals {
 /// An attempt recorded `running` in `foreman_run`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunningAttempt {
+    /// The daemon running it (`foreman_daemon.id`).
+    pub daemon_id: Option<i64>,
     pub task_id: i64,
     pub attempt: i64,
     pub task_name: String,
@@ -483,6 +638,63 @@ pub struct DueRow {
     /// When it became due: its `run_after`, or its insertion if that was later (a producer may
     /// set `run_after` in the past).
     pub due_since: f64,
+}
+
+/// The daemon row's `pools`; what cannot be read is left out (a figure is not worth failing a
+/// report over), and logged.
+pub fn parse_pools(text: &str) -> Vec<PoolRow> {
+    let Ok(serde_json::Value::Array(pools)) = serde_json::from_str(text) else {
+        log::debug!("foreman_daemon.pools is not a JSON array: {text:?}");
+        return Vec::new();
+    };
+    pools
+        .iter()
+        .filter_map(|pool| {
+            let field = |key: &str| pool.get(key).and_then(serde_json::Value::as_u64);
+            Some(PoolRow {
+                name: pool.get("name")?.as_str()?.to_owned(),
+                processes: field("processes"),
+                up: field("up"),
+                busy: field("busy"),
+                tasks: pool
+                    .get("tasks")
+                    .and_then(serde_json::Value::as_array)
+                    .map(|names| {
+                        names
+                            .iter()
+                            .filter_map(|n| n.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The daemon row's `totals`: `{task: {"done": n, "failed": n}}`.
+pub fn parse_totals(text: &str) -> BTreeMap<String, Totals> {
+    let Ok(serde_json::Value::Object(totals)) = serde_json::from_str(text) else {
+        log::debug!("foreman_daemon.totals is not a JSON object: {text:?}");
+        return BTreeMap::new();
+    };
+    totals
+        .iter()
+        .map(|(name, counts)| {
+            let field = |key: &str| {
+                counts
+                    .get(key)
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            };
+            (
+                name.clone(),
+                Totals {
+                    done: field("done"),
+                    failed: field("failed"),
+                },
+            )
+        })
+        .collect()
 }
 
 // ---- The dashboard's reads (`foreman ui`) ----
@@ -524,19 +736,3 @@ pub struct FailureText {
     /// From `foreman_dead` (else `foreman_run`).
     pub dead: bool,
 }
-
-/// Every state `list` knows, with `queued` (due, later and paused) as a shorthand.
-pub const LIST_STATES: [&str; 12] = [
-    "queued",
-    "due",
-    "later",
-    "paused",
-    "leased",
-    "running",
-    "done",
-    "failed",
-    "timeout",
-    "lost",
-    "cancelled",
-    "dead",
-];

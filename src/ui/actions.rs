@@ -60,7 +60,7 @@ pub fn handle(
                 store,
                 &name,
                 &origin,
-                crate::clock::unix_now(),
+                store.now(),
             )?;
             crate::wake::poke(&shared.config, &format!("task {id} enqueued"));
             let line = format!("schedule {name}: enqueued task {id}");
@@ -142,6 +142,7 @@ fn cancel(shared: &Shared, store: &mut Store, ids: &[i64], by: &str) -> Result<V
     if aborts > 0 {
         crate::wake::poke_control(
             &shared.config,
+            store,
             &format!("abort of {aborts} running task(s) requested"),
         );
     }

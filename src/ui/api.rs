@@ -467,6 +467,8 @@ fn daemons(config: &Config, store: &Store) -> Result<Value> {
         "now": doc["now"],
         "health": doc["health"],
         "daemon": doc["daemon"],
+        "daemons": doc["daemons"],
+        "shared": doc["shared"],
         "down_detail": (!status.obs.daemon.running)
             .then(|| crate::commands::health::down_detail(&status.obs)),
         "lock_note": status.obs.daemon.lock_note,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::on_both;
 use crate::support::{Env, PATIENCE, stderr, wait_until};
 
 fn stdout(out: &Output) -> String {
@@ -34,17 +35,21 @@ fn now() -> f64 {
 
 /// (state, attempt) of every `foreman_run` row of task `id`, by attempt.
 fn runs(env: &Env, id: i64) -> Vec<(String, i64)> {
-    env.sql()
-        .prepare("SELECT state, attempt FROM foreman_run WHERE task_id = ?1 ORDER BY attempt")
-        .unwrap()
-        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<rusqlite::Result<_>>()
-        .unwrap()
+    env.rows(&format!(
+        "SELECT state, attempt FROM foreman_run WHERE task_id = {id} ORDER BY attempt"
+    ))
+    .into_iter()
+    .map(|r| {
+        (
+            r[0].clone().unwrap(),
+            r[1].as_deref().unwrap().parse().unwrap(),
+        )
+    })
+    .collect()
 }
 
 fn count(env: &Env, sql: &str) -> i64 {
-    env.sql().query_row(sql, [], |r| r.get(0)).unwrap()
+    env.number(sql)
 }
 
 /// A `foreman` command running in the background, its stderr lines arriving on `lines`.
@@ -155,9 +160,8 @@ fn enqueue_delay_and_priority_set_run_after_and_priority() {
     assert_eq!(env.queued(), 3);
 }
 
-#[test]
-fn wait_exits_0_with_the_outcome_of_a_task_the_daemon_ran() {
-    let env = Env::new();
+on_both! {
+fn wait_exits_0_with_the_outcome_of_a_task_the_daemon_ran(env: Env) {
     env.init();
     let id = enqueue(&env, &["foreman.echo", r#"["hi"]"#]);
     // Started before the daemon, so it sees the task queued, then running, then done.
@@ -203,6 +207,7 @@ fn wait_exits_0_with_the_outcome_of_a_task_the_daemon_ran() {
     assert!(times[0] <= times[1] && times[1] <= times[2], "{doc}");
     daemon.stop();
 }
+}
 
 #[test]
 fn wait_returns_as_soon_as_the_state_changes_not_at_its_fallback_look() {
@@ -244,9 +249,8 @@ fn wait_returns_as_soon_as_the_state_changes_not_at_its_fallback_look() {
     );
 }
 
-#[test]
-fn wait_exits_1_when_the_last_retry_failed_and_reports_its_error() {
-    let env = Env::new();
+on_both! {
+fn wait_exits_1_when_the_last_retry_failed_and_reports_its_error(env: Env) {
     env.config(
         r#"
 [tasks.flaky]
@@ -283,6 +287,7 @@ retry_backoff = { base = "300ms", jitter = false }
     );
     daemon.stop();
 }
+}
 
 #[test]
 fn wait_exits_1_for_a_dead_letter_with_or_without_an_attempt() {
@@ -313,9 +318,8 @@ fn wait_exits_1_for_a_dead_letter_with_or_without_an_attempt() {
     daemon.stop();
 }
 
-#[test]
-fn wait_exits_2_at_its_timeout_saying_the_state() {
-    let env = Env::new();
+on_both! {
+fn wait_exits_2_at_its_timeout_saying_the_state(env: Env) {
     env.init();
     let queued = enqueue(&env, &["foreman.echo"]);
     let started = Instant::now();
@@ -345,10 +349,10 @@ fn wait_exits_2_at_its_timeout_saying_the_state() {
         stderr(&out)
     );
 }
+}
 
-#[test]
-fn wait_exits_3_at_once_for_an_unknown_id_and_documents_its_codes() {
-    let env = Env::new();
+on_both! {
+fn wait_exits_3_at_once_for_an_unknown_id_and_documents_its_codes(env: Env) {
     env.init();
     let started = Instant::now();
     let out = env.run(&["wait", "4242", "--timeout", "60s"]);
@@ -367,10 +371,10 @@ fn wait_exits_3_at_once_for_an_unknown_id_and_documents_its_codes() {
         assert!(help.contains(code), "{help}");
     }
 }
+}
 
-#[test]
-fn cancel_deletes_a_queued_task_and_records_the_attempt() {
-    let env = Env::new();
+on_both! {
+fn cancel_deletes_a_queued_task_and_records_the_attempt(env: Env) {
     env.init();
     let id = enqueue(&env, &["myapp.send", "[1]"]);
     let out = env.run(&["cancel", &id.to_string()]);
@@ -380,14 +384,14 @@ fn cancel_deletes_a_queued_task_and_records_the_attempt() {
         format!("cancelled task {id} (myapp.send) before it started\n")
     );
     assert_eq!(env.queued(), 0);
-    let (state, attempt, name, enqueued, finished): (String, i64, String, f64, f64) = env
-        .sql()
-        .query_row(
-            "SELECT state, attempt, task_name, enqueued_at, finished_at FROM foreman_run WHERE task_id = ?1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-        )
-        .unwrap();
+    let row = &env.rows(&format!(
+        "SELECT state, attempt, task_name, {}, {} FROM foreman_run WHERE task_id = {id}",
+        env.epoch("enqueued_at"),
+        env.epoch("finished_at")
+    ))[0];
+    let text = |i: usize| row[i].clone().unwrap();
+    let (state, attempt, name) = (text(0), text(1).parse::<i64>().unwrap(), text(2));
+    let (enqueued, finished): (f64, f64) = (text(3).parse().unwrap(), text(4).parse().unwrap());
     assert_eq!(
         (state.as_str(), attempt, name.as_str()),
         ("cancelled", 1, "myapp.send")
@@ -403,6 +407,7 @@ fn cancel_deletes_a_queued_task_and_records_the_attempt() {
         stdout(&out),
         format!("task {id} already finished (cancelled)\n")
     );
+}
 }
 
 #[test]
@@ -462,9 +467,8 @@ fn cancel_reports_each_id_and_marks_running_attempts_for_abort() {
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
 }
 
-#[test]
-fn cancel_aborts_an_in_process_task_the_daemon_is_running() {
-    let env = Env::new();
+on_both! {
+fn cancel_aborts_an_in_process_task_the_daemon_is_running(env: Env) {
     env.init();
     let daemon = env.daemon(&[]);
     let id = enqueue(&env, &["foreman.sleep", "[30]"]);
@@ -491,6 +495,7 @@ fn cancel_aborts_an_in_process_task_the_daemon_is_running() {
     daemon.expect_log(&format!("task {id} foreman.sleep aborted (foreman cancel)"));
     env.assert_healthy();
     daemon.stop();
+}
 }
 
 /// Inserts a dead letter by hand; returns its id.

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::process::Command;
 
+use crate::on_both;
 use crate::support::{Env, PATIENCE, RECORD_TASK, wait_until};
 
 fn assert_each_ran_once(ran: &[i64], expected: impl IntoIterator<Item = i64>) {
@@ -53,9 +54,8 @@ print(json.dumps(ids))
     assert!(!log.contains("database is locked"), "{log}");
 }
 
-#[test]
-fn a_backlog_present_before_start_is_drained_in_order() {
-    let env = Env::new();
+on_both! {
+fn a_backlog_present_before_start_is_drained_in_order(env: Env) {
     env.record_config("");
     env.init();
     let ids: Vec<i64> = (0..300).map(|_| env.insert("record", "[]")).collect();
@@ -65,6 +65,7 @@ fn a_backlog_present_before_start_is_drained_in_order() {
     assert_eq!(ran, ids);
     assert_eq!(env.queued(), 0);
     daemon.stop();
+}
 }
 
 #[test]
@@ -89,44 +90,77 @@ fn a_wakeup_file_wakes_the_daemon_through_inotify() {
 }
 
 #[test]
-fn a_row_without_a_wakeup_runs_within_the_tick() {
-    let env = Env::new();
+fn a_notify_wakes_the_daemon_through_listen() {
+    let Some(env) = Env::pg() else { return };
+    env.record_config("");
+    env.init();
+    // With a one-hour tick, only LISTEN can make these tasks run.
+    let daemon = env.daemon(&["--tick", "1h"]);
+    daemon.expect_log("LISTEN foreman");
+    let id = env.insert("record", "[]");
+    env.touch_wakeup("producer-1");
+    assert_eq!(env.wait_ran(1), vec![id]);
+    let id2 = env.insert("record", "[]");
+    env.touch_wakeup("producer-1");
+    assert_eq!(env.wait_ran(2), vec![id, id2]);
+    daemon.stop();
+}
+
+on_both! {
+fn a_row_without_a_wakeup_runs_within_the_tick(env: Env) {
     env.record_config("");
     env.init();
     let daemon = env.daemon(&["--tick", "200ms"]);
     // A stale wakeup entry is what stalled snappea (#492): a create-if-absent producer sees it and
     // signals nothing. This one cannot even be removed (a directory), and the row comes with no
     // wakeup at all: only the tick can find it.
-    std::fs::create_dir(env.wakeup.join("stale-dir-entry")).unwrap();
+    if !env.is_pg() {
+        std::fs::create_dir(env.wakeup.join("stale-dir-entry")).unwrap();
+    }
+    let id = env.insert("record", "[]");
+    assert_eq!(env.wait_ran(1), vec![id]);
+    daemon.stop();
+}
+}
+
+#[test]
+fn without_listen_the_daemon_polls() {
+    let Some(env) = Env::pg() else { return };
+    env.config(&format!("listen = false\n{}", crate::support::RECORD_TASK));
+    env.init();
+    // A one-hour tick: only the poll (every 250 ms) can find the row, which nobody notifies.
+    let daemon = env.daemon(&["--tick", "1h"]);
+    daemon.expect_log("polling every 250ms (listen = false)");
     let id = env.insert("record", "[]");
     assert_eq!(env.wait_ran(1), vec![id]);
     daemon.stop();
 }
 
-#[test]
-fn an_idle_daemons_tick_stretches_no_further_than_the_heartbeat() {
-    let env = Env::new();
-    env.config(&format!("heartbeat = \"1s\"\n{RECORD_TASK}"));
-    env.init();
-    let daemon = env.daemon(&["--tick", "100ms"]);
-    env.assert_healthy();
-    // Quiet for long enough that the tick has stretched as far as it goes (100 ms doubling to
-    // the 1 s heartbeat takes under 2 s); its daemon log says when it wakes, never why.
-    let quiet = std::time::Instant::now();
-    assert!(!wait_until(std::time::Duration::from_secs(3), || env
-        .queued()
-        > 0));
-    let id = env.insert("record", "[]");
-    let inserted = std::time::Instant::now();
-    assert_eq!(env.wait_ran(1), vec![id]);
-    let waited = inserted.elapsed();
-    // Within the heartbeat of the insert, give or take a slow machine: not at some doubled tick.
-    assert!(
-        waited < std::time::Duration::from_millis(2500),
-        "a row without a wakeup waited {waited:?} after {:?} idle",
-        inserted - quiet
-    );
-    daemon.stop();
+on_both! {
+    /// On PostgreSQL the heartbeat's look at the queue sees the row: no NOTIFY came.
+    fn an_idle_daemons_tick_stretches_no_further_than_the_heartbeat(env: Env) {
+        env.config(&format!("heartbeat = \"1s\"\n{RECORD_TASK}"));
+        env.init();
+        let daemon = env.daemon(&["--tick", "100ms"]);
+        env.assert_healthy();
+        // Quiet for long enough that the tick has stretched as far as it goes (100 ms doubling to
+        // the 1 s heartbeat takes under 2 s); its daemon log says when it wakes, never why.
+        let quiet = std::time::Instant::now();
+        assert!(!wait_until(std::time::Duration::from_secs(3), || env
+            .queued()
+            > 0));
+        let id = env.insert("record", "[]");
+        let inserted = std::time::Instant::now();
+        assert_eq!(env.wait_ran(1), vec![id]);
+        let waited = inserted.elapsed();
+        // Within the heartbeat of the insert, give or take a slow machine: not at some doubled tick.
+        assert!(
+            waited < std::time::Duration::from_millis(2500),
+            "a row without a wakeup waited {waited:?} after {:?} idle",
+            inserted - quiet
+        );
+        daemon.stop();
+    }
 }
 
 #[test]
@@ -193,9 +227,8 @@ fn rows_that_cannot_run_move_to_foreman_dead_with_the_reason() {
     daemon.stop();
 }
 
-#[test]
-fn kill_9_mid_drain_then_restart_runs_no_task_twice() {
-    let env = Env::new();
+on_both! {
+fn kill_9_mid_drain_then_restart_runs_no_task_twice(env: Env) {
     env.config(
         r#"
 workers = 4
@@ -223,6 +256,7 @@ command = ["sh", "-c", "echo \"$FOREMAN_TASK_ID\" >> \"$RECORD_FILE\"; sleep 0.0
     let lost = total - unique.len();
     assert!(lost <= 4, "lost {lost} tasks, more than the 4 in flight");
 }
+}
 
 #[test]
 fn the_daemon_creates_schema_and_wakeup_dir_on_a_fresh_path() {
@@ -235,9 +269,8 @@ fn the_daemon_creates_schema_and_wakeup_dir_on_a_fresh_path() {
     daemon.stop();
 }
 
-#[test]
-fn prefetch_pops_ahead_of_free_workers_and_still_runs_each_task_once() {
-    let env = Env::new();
+on_both! {
+fn prefetch_pops_ahead_of_free_workers_and_still_runs_each_task_once(env: Env) {
     let gate = env.path("gate");
     env.config(&format!(
         "workers = 1\nprefetch = 3\n[tasks.gated]\ncommand = [\"sh\", \"-c\", \"while [ ! -e '{}' ]; do sleep 0.01; done; echo $FOREMAN_TASK_ID >> \\\"$RECORD_FILE\\\"\"]\n",
@@ -247,18 +280,11 @@ fn prefetch_pops_ahead_of_free_workers_and_still_runs_each_task_once() {
     let ids: Vec<i64> = (0..6).map(|_| env.insert("gated", "[]")).collect();
     let daemon = env.daemon(&[]);
     // One running, three popped ahead (their rows gone, recorded running), two still queued.
-    let running = || -> i64 {
-        env.sql()
-            .query_row(
-                "SELECT count(*) FROM foreman_run WHERE state = 'running'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
-    };
+    let running = || env.number("SELECT count(*) FROM foreman_run WHERE state = 'running'");
     assert!(wait_until(PATIENCE, || running() == 4 && env.queued() == 2));
     std::fs::write(&gate, "").unwrap();
     let ran = env.wait_ran(6);
     assert_each_ran_once(&ran, ids);
     daemon.stop();
+}
 }

@@ -56,6 +56,16 @@ pub struct PgDb {
 }
 
 impl PgDb {
+    /// Database `name` of a server of the test's own, on `socket_dir` and `port` (trusted).
+    pub fn at(name: &str, socket_dir: &Path, port: u16) -> PgDb {
+        PgDb {
+            name: name.to_owned(),
+            socket_dir: socket_dir.to_owned(),
+            port,
+            password: String::new(),
+        }
+    }
+
     /// Over the cluster's unix socket: `postgresql://foreman@/t_N?host=/socket/dir&port=P`.
     pub fn url(&self) -> String {
         format!(
@@ -346,7 +356,7 @@ fn serve(
 
 /// Where `initdb` and `postgres` are: `$FOREMAN_PG_BIN`, else the newest Debian-style
 /// /usr/lib/postgresql/N/bin, else a directory on PATH that has both.
-fn server_bin_dir() -> Option<PathBuf> {
+pub fn server_bin_dir() -> Option<PathBuf> {
     let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Some(dir) = std::env::var_os("FOREMAN_PG_BIN") {
         return Some(PathBuf::from(dir)).filter(|d| has_both(d));
@@ -369,7 +379,7 @@ fn server_bin_dir() -> Option<PathBuf> {
 }
 
 /// The uid and gid of user `name`.
-fn user_ids(name: &str) -> Option<(u32, u32)> {
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     let name = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0u8; 4096];
     // SAFETY: getpwnam_r writes into `entry` and `buf`, both alive for the call, and returns the
@@ -534,9 +544,11 @@ fn concurrent_inits_all_succeed_in_the_search_path_schema() {
     assert_eq!(
         names,
         [
+            "foreman_abort",
             "foreman_daemon",
             "foreman_dead",
             "foreman_meta",
+            "foreman_pause",
             "foreman_run",
             "foreman_schedule",
             "foreman_stat",

@@ -69,20 +69,14 @@ fn positions(log: &str, needle: &str) -> Vec<usize> {
 
 /// The states of every attempt, from the history.
 fn run_states(env: &Env) -> Vec<(String, String)> {
-    let sql = env.sql();
-    let mut stmt = sql
-        .prepare("SELECT task_name, state FROM foreman_run ORDER BY task_id")
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
+    env.rows("SELECT task_name, state FROM foreman_run ORDER BY task_id")
+        .into_iter()
+        .map(|row| (row[0].clone().unwrap(), row[1].clone().unwrap()))
         .collect()
 }
 
 fn dead_count(env: &Env) -> i64 {
-    env.sql()
-        .query_row("SELECT count(*) FROM foreman_dead", [], |r| r.get(0))
-        .unwrap()
+    env.number("SELECT count(*) FROM foreman_dead")
 }
 
 /// `foreman reload`: (exit code, stdout, stderr).
@@ -95,89 +89,92 @@ fn reload(env: &Env) -> (Option<i32>, String, String) {
     )
 }
 
-#[test]
-fn sighup_loads_new_pool_code_replacing_processes_one_at_a_time_while_a_long_task_finishes() {
-    let env = Env::new();
-    std::fs::write(env.path("deploytasks.py"), TASKS_V1).unwrap();
-    env.config(&pool_config(2, ""));
-    env.init();
-    let daemon = env.daemon(&[]);
-    daemon.expect_log("serves deploytasks.hold, deploytasks.record");
-    assert!(wait_until(PATIENCE, || pool_processes(&env, "py").len() == 2));
-    let old = pool_processes(&env, "py");
-    enqueue(&env, "deploytasks.hold", r#"["long"]"#);
-    let long_pid = wait_record(&env, "start-long");
+crate::on_both! {
+    /// On PostgreSQL too: there the new code's task is not claimed until a new worker serves it.
+    fn sighup_loads_new_pool_code_replacing_processes_one_at_a_time_while_a_long_task_finishes(
+        env: Env
+    ) {
+        std::fs::write(env.path("deploytasks.py"), TASKS_V1).unwrap();
+        env.config(&pool_config(2, ""));
+        env.init();
+        let daemon = env.daemon(&[]);
+        daemon.expect_log("serves deploytasks.hold, deploytasks.record");
+        assert!(wait_until(PATIENCE, || pool_processes(&env, "py").len() == 2));
+        let old = pool_processes(&env, "py");
+        enqueue(&env, "deploytasks.hold", r#"["long"]"#);
+        let long_pid = wait_record(&env, "start-long");
 
-    // The deploy: new code, then SIGHUP. A task of the new code enqueued at once waits for the
-    // new workers instead of being refused as unknown; the old code's tasks keep running.
-    let mut code = TASKS_V1.to_owned();
-    code.push_str(TASKS_V2);
-    std::fs::write(env.path("deploytasks.py"), code).unwrap();
-    daemon.signal(libc::SIGHUP);
-    let fresh = enqueue(&env, "deploytasks.fresh", r#"["one"]"#);
-    let during: Vec<i64> = (0..10)
-        .map(|n| enqueue(&env, "deploytasks.record", &format!("[\"during-{n}\"]")))
-        .collect();
-    let fresh_pid = wait_record(&env, "fresh-one");
-    assert!(!old.contains(&fresh_pid), "{fresh_pid} is an old process");
-    for n in 0..during.len() {
-        wait_record(&env, &format!("during-{n}"));
+        // The deploy: new code, then SIGHUP. A task of the new code enqueued at once waits for the
+        // new workers instead of being refused as unknown; the old code's tasks keep running.
+        let mut code = TASKS_V1.to_owned();
+        code.push_str(TASKS_V2);
+        std::fs::write(env.path("deploytasks.py"), code).unwrap();
+        daemon.signal(libc::SIGHUP);
+        let fresh = enqueue(&env, "deploytasks.fresh", r#"["one"]"#);
+        let during: Vec<i64> = (0..10)
+            .map(|n| enqueue(&env, "deploytasks.record", &format!("[\"during-{n}\"]")))
+            .collect();
+        let fresh_pid = wait_record(&env, "fresh-one");
+        assert!(!old.contains(&fresh_pid), "{fresh_pid} is an old process");
+        for n in 0..during.len() {
+            wait_record(&env, &format!("during-{n}"));
+        }
+        daemon.expect_log("serves deploytasks.fresh, deploytasks.hold, deploytasks.record");
+
+        // The idle old process is replaced; the one running the long task is left to finish it.
+        let idle = *old.iter().find(|p| **p != long_pid).unwrap();
+        daemon.expect_log(&format!(
+            "worker pid {idle} stopped: replaced by the reload"
+        ));
+        assert!(wait_until(PATIENCE, || pool_processes(&env, "py")
+            .iter()
+            .filter(|p| !old.contains(p))
+            .count()
+            == 2));
+        assert!(
+            !is_dead(long_pid),
+            "the process of the long task was stopped"
+        );
+        assert!(!daemon.has_log(&format!("worker pid {long_pid} stopped")));
+        std::fs::write(env.path("ran.txt.go"), "").unwrap();
+        assert_eq!(wait_record(&env, "long"), long_pid);
+        daemon.expect_log(&format!(
+            "worker pid {long_pid} stopped: replaced by the reload"
+        ));
+        assert!(wait_until(PATIENCE, || is_dead(long_pid)));
+
+        // One at a time: the first new worker said hello before the first old one left, and the
+        // second new one started after that.
+        let log = daemon.log();
+        let new_hello = positions(&log, "serves deploytasks.fresh");
+        let left = positions(&log, "stopped: replaced by the reload");
+        let second = positions(&log, "ready");
+        assert_eq!(left.len(), 2, "{log}");
+        assert!(new_hello[0] < left[0], "{log}");
+        assert!(
+            second.iter().any(|at| *at > left[0] && *at < left[1]),
+            "the second new worker did not start between the old ones' exits:\n{log}"
+        );
+        assert!(log.contains("reloaded: "), "{log}");
+
+        // Nothing lost: every task ran once, none failed, nothing is left or dead.
+        let ran = records(&env);
+        assert_eq!(ran.iter().filter(|r| r.0 == "fresh-one").count(), 1);
+        for n in 0..during.len() {
+            let tag = format!("during-{n}");
+            assert_eq!(ran.iter().filter(|r| r.0 == tag).count(), 1, "{ran:?}");
+        }
+        assert!(wait_until(PATIENCE, || env.queued() == 0));
+        assert_eq!(dead_count(&env), 0);
+        let states = run_states(&env);
+        assert!(states.iter().all(|(_, s)| s == "done"), "{states:?}");
+        assert!(
+            states.iter().any(|(n, _)| n == "deploytasks.fresh"),
+            "{fresh}"
+        );
+        daemon.stop();
+        assert!(pool_processes(&env, "py").is_empty());
     }
-    daemon.expect_log("serves deploytasks.fresh, deploytasks.hold, deploytasks.record");
-
-    // The idle old process is replaced; the one running the long task is left to finish it.
-    let idle = *old.iter().find(|p| **p != long_pid).unwrap();
-    daemon.expect_log(&format!(
-        "worker pid {idle} stopped: replaced by the reload"
-    ));
-    assert!(wait_until(PATIENCE, || pool_processes(&env, "py")
-        .iter()
-        .filter(|p| !old.contains(p))
-        .count()
-        == 2));
-    assert!(
-        !is_dead(long_pid),
-        "the process of the long task was stopped"
-    );
-    assert!(!daemon.has_log(&format!("worker pid {long_pid} stopped")));
-    std::fs::write(env.path("ran.txt.go"), "").unwrap();
-    assert_eq!(wait_record(&env, "long"), long_pid);
-    daemon.expect_log(&format!(
-        "worker pid {long_pid} stopped: replaced by the reload"
-    ));
-    assert!(wait_until(PATIENCE, || is_dead(long_pid)));
-
-    // One at a time: the first new worker said hello before the first old one left, and the
-    // second new one started after that.
-    let log = daemon.log();
-    let new_hello = positions(&log, "serves deploytasks.fresh");
-    let left = positions(&log, "stopped: replaced by the reload");
-    let second = positions(&log, "ready");
-    assert_eq!(left.len(), 2, "{log}");
-    assert!(new_hello[0] < left[0], "{log}");
-    assert!(
-        second.iter().any(|at| *at > left[0] && *at < left[1]),
-        "the second new worker did not start between the old ones' exits:\n{log}"
-    );
-    assert!(log.contains("reloaded: "), "{log}");
-
-    // Nothing lost: every task ran once, none failed, nothing is left or dead.
-    let ran = records(&env);
-    assert_eq!(ran.iter().filter(|r| r.0 == "fresh-one").count(), 1);
-    for n in 0..during.len() {
-        let tag = format!("during-{n}");
-        assert_eq!(ran.iter().filter(|r| r.0 == tag).count(), 1, "{ran:?}");
-    }
-    assert!(wait_until(PATIENCE, || env.queued() == 0));
-    assert_eq!(dead_count(&env), 0);
-    let states = run_states(&env);
-    assert!(states.iter().all(|(_, s)| s == "done"), "{states:?}");
-    assert!(
-        states.iter().any(|(n, _)| n == "deploytasks.fresh"),
-        "{fresh}"
-    );
-    daemon.stop();
-    assert!(pool_processes(&env, "py").is_empty());
 }
 
 #[test]

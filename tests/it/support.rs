@@ -10,11 +10,47 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::pg::PgDb;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_foreman");
 /// Generous: CI machines are slow and shared; a passing test never waits this long.
 pub static PYTHON_CLIENT: std::sync::LazyLock<PathBuf> =
     std::sync::LazyLock::new(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python"));
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A Python that can import `imports`: `FOREMAN_PYTHON`, else /opt/foreman-venv's (made by
+/// .ci/python-venv), else `python3`. `None`, after a notice, when it cannot, unless
+/// `FOREMAN_PY_TESTS=required` (CI), which makes that a failure.
+pub fn python_with(imports: &str) -> Option<String> {
+    let venv = "/opt/foreman-venv/bin/python";
+    let python = std::env::var("FOREMAN_PYTHON").unwrap_or_else(|_| {
+        (if Path::new(venv).exists() {
+            venv
+        } else {
+            "python3"
+        })
+        .to_owned()
+    });
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {imports}")])
+        .stdin(Stdio::null())
+        .output();
+    let missing = match &probe {
+        Ok(out) if out.status.success() => return Some(python),
+        Ok(out) => stderr(out).trim().lines().last().unwrap_or("").to_owned(),
+        Err(err) => err.to_string(),
+    };
+    let notice = format!(
+        "{python} cannot import {imports} ({missing}); make a virtualenv with .ci/python-venv \
+         and set FOREMAN_PYTHON to its python"
+    );
+    assert!(
+        std::env::var("FOREMAN_PY_TESTS").as_deref() != Ok("required"),
+        "{notice} (FOREMAN_PY_TESTS=required)"
+    );
+    eprintln!("notice: skipped: {notice}");
+    None
+}
 
 /// Polls `check` every few milliseconds until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
@@ -34,6 +70,36 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub db: PathBuf,
     pub wakeup: PathBuf,
+    /// Set when the env's database is a PostgreSQL one (of the test binary's throwaway cluster)
+    /// instead of the SQLite file `db`.
+    pub pg: Option<PgDb>,
+}
+
+/// Declares a test that runs on both backends: `NAME::sqlite` and `NAME::postgres` (which skips,
+/// with a notice, where the machine has no PostgreSQL server binaries). The body takes the `Env`.
+#[macro_export]
+macro_rules! on_both {
+    ($(#[$meta:meta])* fn $name:ident($env:ident: Env) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($env: $crate::support::Env) $body
+
+            #[test]
+            fn sqlite() {
+                run($crate::support::Env::new());
+            }
+
+            #[test]
+            fn postgres() {
+                if let Some(env) = $crate::support::Env::pg() {
+                    run(env);
+                }
+            }
+        }
+    };
 }
 
 impl Env {
@@ -41,7 +107,102 @@ impl Env {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = dir.path().join("q.sqlite3");
         let wakeup = dir.path().join("q.sqlite3.wakeup");
-        Env { dir, db, wakeup }
+        Env {
+            dir,
+            db,
+            wakeup,
+            pg: None,
+        }
+    }
+
+    /// An env on a fresh database of the test binary's PostgreSQL cluster; `None` (the test skips,
+    /// with a notice) on a machine without PostgreSQL's server binaries.
+    pub fn pg() -> Option<Env> {
+        let db = crate::pg::cluster()?.database();
+        let mut env = Env::new();
+        env.pg = Some(db);
+        Some(env)
+    }
+
+    /// An env on PostgreSQL database `db` of a server the test started itself.
+    pub fn with_pg(db: PgDb) -> Env {
+        let mut env = Env::new();
+        env.pg = Some(db);
+        env
+    }
+
+    pub fn is_pg(&self) -> bool {
+        self.pg.is_some()
+    }
+
+    /// What `--db` is given: the SQLite file or the PostgreSQL URL.
+    pub fn db_arg(&self) -> std::ffi::OsString {
+        match &self.pg {
+            Some(pg) => pg.url().into(),
+            None => self.db.clone().into_os_string(),
+        }
+    }
+
+    /// A connection to the PostgreSQL database (the env must be one).
+    pub fn pg_sql(&self) -> postgres::Client {
+        self.pg.as_ref().expect("a PostgreSQL env").connect()
+    }
+
+    /// The rows `sql` answers, every value as text (`None` for NULL), on either backend (SQL both
+    /// understand; `Env::epoch` for a time column).
+    pub fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .connect()
+                .simple_query(sql)
+                .expect(sql)
+                .into_iter()
+                .filter_map(|message| match message {
+                    postgres::SimpleQueryMessage::Row(row) => Some(
+                        (0..row.len())
+                            .map(|i| row.get(i).map(str::to_owned))
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect();
+        }
+        let conn = self.sql();
+        let mut statement = conn.prepare(sql).expect(sql);
+        let columns = statement.column_count();
+        statement
+            .query_map([], |r| {
+                Ok((0..columns)
+                    .map(|i| match r.get_ref(i).unwrap() {
+                        rusqlite::types::ValueRef::Null => None,
+                        rusqlite::types::ValueRef::Integer(n) => Some(n.to_string()),
+                        rusqlite::types::ValueRef::Real(f) => Some(f.to_string()),
+                        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                            Some(String::from_utf8_lossy(t).into_owned())
+                        }
+                    })
+                    .collect())
+            })
+            .expect(sql)
+            .collect::<Result<_, _>>()
+            .expect(sql)
+    }
+
+    /// A time column as Unix seconds, in this env's SQL (`timestamptz` on PostgreSQL).
+    pub fn epoch(&self, column: &str) -> String {
+        if self.is_pg() {
+            format!("extract(epoch FROM {column})::float8")
+        } else {
+            column.to_owned()
+        }
+    }
+
+    /// The one number `sql` answers, on either backend (SQL both understand).
+    pub fn number(&self, sql: &str) -> i64 {
+        match &self.pg {
+            Some(pg) => pg.connect().query_one(sql, &[]).expect(sql).get(0),
+            None => self.sql().query_row(sql, [], |r| r.get(0)).expect(sql),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -52,7 +213,7 @@ impl Env {
     /// the caller's environment.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = self.command_without_db(&[]);
-        cmd.arg("--db").arg(&self.db).args(args);
+        cmd.arg("--db").arg(self.db_arg()).args(args);
         cmd
     }
 
@@ -140,14 +301,26 @@ impl Env {
         );
     }
 
+    /// A connection to the SQLite file (the env must be a SQLite one).
     pub fn sql(&self) -> rusqlite::Connection {
+        assert!(self.pg.is_none(), "Env::sql on a PostgreSQL env");
         let conn = rusqlite::Connection::open(&self.db).expect("open db");
         conn.busy_timeout(Duration::from_secs(5)).unwrap();
         conn
     }
 
-    /// Inserts a row the way a producer does, without touching the wakeup dir.
+    /// Inserts a row the way a producer does, without waking the daemon.
     pub fn insert(&self, name: &str, args: &str) -> i64 {
+        if let Some(pg) = &self.pg {
+            return pg
+                .connect()
+                .query_one(
+                    "INSERT INTO foreman_task(task_name, args) VALUES ($1, $2::text::jsonb) RETURNING id",
+                    &[&name, &args],
+                )
+                .expect("insert")
+                .get(0);
+        }
         self.sql()
             .query_row(
                 "INSERT INTO foreman_task(task_name, args) VALUES (?1, ?2) RETURNING id",
@@ -157,12 +330,54 @@ impl Env {
             .expect("insert")
     }
 
+    /// Inserts `count` rows of `name` in one statement; returns their ids (consecutive).
+    pub fn insert_many(&self, name: &str, count: i64) -> std::ops::RangeInclusive<i64> {
+        let (first, last): (i64, i64) = if let Some(pg) = &self.pg {
+            let row = pg
+                .connect()
+                .query_one(
+                    "WITH i AS (INSERT INTO foreman_task(task_name) \
+                     SELECT $1 FROM generate_series(1, $2::int8) RETURNING id) \
+                     SELECT min(id), max(id) FROM i",
+                    &[&name, &count],
+                )
+                .expect("insert");
+            (row.get(0), row.get(1))
+        } else {
+            let conn = self.sql();
+            conn.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2) \
+                 INSERT INTO foreman_task(task_name) SELECT ?1 FROM n",
+                rusqlite::params![name, count],
+            )
+            .expect("insert");
+            let last = conn.last_insert_rowid();
+            (last - count + 1, last)
+        };
+        assert_eq!(last - first + 1, count, "ids not consecutive");
+        first..=last
+    }
+
+    /// What a producer does after its commit: a file in the wakeup dir, or `NOTIFY foreman`.
     pub fn touch_wakeup(&self, name: &str) {
+        if let Some(pg) = &self.pg {
+            pg.connect()
+                .batch_execute("NOTIFY foreman")
+                .expect("notify");
+            return;
+        }
         std::fs::write(self.wakeup.join(name), b"").expect("touch wakeup");
     }
 
     /// The reason task `id` was moved to `foreman_dead` with, if it is there.
     pub fn dead_reason(&self, id: i64) -> Option<String> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .connect()
+                .query_opt("SELECT reason FROM foreman_dead WHERE task_id = $1", &[&id])
+                .expect("dead reason")
+                .map(|r| r.get(0));
+        }
         self.sql()
             .query_row(
                 "SELECT reason FROM foreman_dead WHERE task_id = ?1",
@@ -173,9 +388,7 @@ impl Env {
     }
 
     pub fn queued(&self) -> i64 {
-        self.sql()
-            .query_row("SELECT count(*) FROM foreman_task", [], |r| r.get(0))
-            .unwrap()
+        self.number("SELECT count(*) FROM foreman_task")
     }
 
     /// The ids the `record` task has written, in the order they ran.

@@ -723,3 +723,68 @@ fn run_now_fires_a_schedule_through_its_firing_code() {
         400
     );
 }
+
+crate::on_both! {
+    /// The dashboard's own reads and actions, on SQLite and on PostgreSQL: counts, a search that
+    /// looks in errors, dead letters paged, selected and requeued by who asked, a purge, failure
+    /// groups, a schedule run now, and on PostgreSQL every daemon of the shared database.
+    fn the_dashboard_reads_and_acts_the_same_on_both_backends(env: Env) {
+        env.config(
+            "[tasks.report]\ncommand = [\"true\"]\n\n[schedules.nightly]\ntask = \"report\"\ncron = \"0 3 * * *\"\n",
+        );
+        env.init();
+        env.ok(&["enqueue", "a", "[1]"]);
+        env.ok(&["enqueue", "a", "[2]", "--delay", "1h"]);
+        for (task, name) in [(11, "mail"), (12, "mail"), (13, "mail"), (14, "other")] {
+            env.rows(&format!(
+                "INSERT INTO foreman_dead(task_id, task_name, args, kwargs, reason, attempts) \
+                 VALUES ({task}, '{name}', '[1]', '{{}}', 'failed: ValueError: nope {task}', 1)"
+            ));
+        }
+        let ui = Ui::start(&env, &[]);
+        let overview = ui.get_json("/api/overview");
+        assert_eq!(overview["queue"]["total"], 2);
+        assert_eq!(overview["dead"], 4);
+        assert_eq!(overview["shared"], env.is_pg());
+        let later = ui.get_json("/api/tasks?state=later");
+        assert_eq!(later["count"], json!({"count": 1, "more": false}));
+        let found = ui.get_json("/api/tasks?state=dead&q=nope%2013");
+        assert_eq!(found["tasks"][0]["id"], 13, "a search looks in the reason");
+        let dead = ui.get_json("/api/dead?limit=2");
+        assert_eq!(dead["dead"].as_array().map(Vec::len), Some(2), "{dead}");
+        let next = ui.get_json(&format!("/api/dead?limit=2&before={}", dead["next_before"]));
+        assert_eq!(next["dead"].as_array().map(Vec::len), Some(2), "{next}");
+        assert_eq!(dead["count"], json!({"count": 4, "more": false}));
+        let errors = ui.get_json("/api/errors");
+        assert!(errors.to_string().contains("ValueError"), "{errors}");
+        let shown = ui.get_json("/api/dead/ids?name=mail");
+        assert_eq!(shown["ids"].as_array().map(Vec::len), Some(3));
+        let requeued = ui.post("/api/dead/requeue", &json!({"ids": shown["ids"]}));
+        assert_eq!(requeued.json()["done"], 3, "{}", requeued.body);
+        let origins = env.rows("SELECT origin FROM foreman_task WHERE task_name = 'mail'");
+        assert_eq!(origins.len(), 3);
+        assert!(
+            origins
+                .iter()
+                .all(|o| o[0].as_deref().is_some_and(|o| o.ends_with("by ui"))),
+            "{origins:?}"
+        );
+        let left = ui.get_json("/api/dead/ids");
+        let purged = ui.post(
+            "/api/dead/purge",
+            &json!({"ids": left["ids"], "confirm": "purge 1"}),
+        );
+        assert_eq!(purged.json()["done"], 1, "{}", purged.body);
+        assert_eq!(env.number("SELECT count(*) FROM foreman_dead"), 0);
+        let ran = ui.post("/api/schedules/run", &json!({"name": "nightly"}));
+        assert_eq!(ran.status, 200, "{}", ran.body);
+        let id = ran.json()["task_id"].as_i64().unwrap();
+        let origin = env.rows(&format!("SELECT origin FROM foreman_task WHERE id = {id}"));
+        assert_eq!(
+            origin[0][0].as_deref(),
+            Some("schedule nightly, run now by ui")
+        );
+        let daemons = ui.get_json("/api/daemons");
+        assert_eq!(daemons["shared"], env.is_pg());
+    }
+}

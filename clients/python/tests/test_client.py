@@ -463,11 +463,15 @@ class EnvironmentTest(ClientTestCase):
                 with self.assertRaisesRegex(ValueError, f"{name} is set but empty"):
                     Client(db_path)
 
-    def test_a_postgresql_url_is_refused_without_repeating_it(self):
-        for url in ("postgresql://app:secret@db/app", "postgres://app:secret@db/app"):
+    def test_a_postgresql_url_needs_psycopg_and_is_never_repeated_with_its_password(self):
+        for url in ("postgresql://app:secret@db/app", "postgres://app:secret@db/app?x=1"):
             os.environ["FOREMAN_DB"] = url
-            with self.assertRaisesRegex(ValueError, "SQLite only") as caught:
-                Client()
+            client = Client()  # opens nothing yet
+            self.assertNotIn("secret", repr(client))
+            self.assertIn("app:***@db", repr(client))
+            with mock.patch.dict(sys.modules, {"psycopg": None}):
+                with self.assertRaisesRegex(ImportError, "needs psycopg 3") as caught:
+                    client.enqueue("t")
             self.assertNotIn("secret", str(caught.exception))
 
 

@@ -12,17 +12,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::admin::{DEAD_COLUMNS, dead_letter};
 use super::{SqliteStore, cell};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::store::row::Cell;
-use crate::store::types::{
-    AttemptRecord, CappedCount, LIST_STATES, ListQuery, ListedTask, TaskStory,
-};
+use crate::store::types::{AttemptRecord, CappedCount, ListQuery, ListedTask, TaskStory};
 
 /// The states a task's row in `foreman_task` can be in.
 const QUEUE_STATES: [&str; 4] = ["due", "later", "paused", "leased"];
 /// The history states read from the task's latest attempt.
 const ATTEMPT_STATES: [&str; 5] = ["done", "failed", "timeout", "lost", "cancelled"];
-
 /// Whether the row's name is paused (or everything is): a lookup in the small pause table.
 const NAME_PAUSED: &str =
     "EXISTS (SELECT 1 FROM foreman_pause p WHERE p.task_name IN ('', t.task_name))";
@@ -152,33 +149,6 @@ impl Sql {
     }
 }
 
-/// The states a query asks for, shorthands expanded; `None` for the default (the live tasks).
-fn wanted(q: &ListQuery<'_>) -> Result<Option<Vec<&'static str>>> {
-    if q.states.is_empty() {
-        return Ok(None);
-    }
-    let mut states = Vec::new();
-    for state in &q.states {
-        let Some(known) = LIST_STATES.iter().find(|s| *s == state) else {
-            return Err(Error::Config(format!(
-                "unknown state {state:?}: one of {}",
-                LIST_STATES.join(", ")
-            )));
-        };
-        let expanded: &[&'static str] = if *known == "queued" {
-            &["due", "later", "paused"]
-        } else {
-            std::slice::from_ref(known)
-        };
-        for state in expanded {
-            if !states.contains(state) {
-                states.push(*state);
-            }
-        }
-    }
-    Ok(Some(states))
-}
-
 /// The sources a query reads: each a `SELECT` of the listed columns (or a count) with its
 /// parameters.
 struct Source {
@@ -201,7 +171,7 @@ const DEAD_LIST_COLUMNS: &str = "d.task_id, d.task_name, 'dead', d.args, d.kwarg
      NULL, d.attempts, d.created_at, d.origin, d.unique_key, NULL, d.died_at, d.reason";
 
 fn sources(q: &ListQuery<'_>) -> Result<Vec<Source>> {
-    let states = wanted(q)?;
+    let states = q.wanted_states()?;
     let wants = |state: &str| states.as_ref().is_none_or(|s| s.contains(&state));
     let mut sources = Vec::new();
 

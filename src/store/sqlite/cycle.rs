@@ -10,7 +10,9 @@ use rusqlite::{CachedStatement, Connection, params};
 use super::{SqliteStore, cell};
 use crate::error::Result;
 use crate::store::row::{Cell, RawRow, decode, printable_name};
-use crate::store::types::{Buried, Ending, Next, Popped, Resolved, RunState};
+use crate::store::types::{
+    Buried, Claim, Ending, Next, Popped, Resolved, RunState, truncate_error,
+};
 use crate::task::Task;
 
 /// What `changes` reads: the size and mtime of the database file and of its `-wal`.
@@ -43,26 +45,12 @@ const SQL_INSERT_RUN: &str = "INSERT OR REPLACE INTO foreman_run(task_id, attemp
 const SQL_END_ATTEMPT: &str = "UPDATE foreman_run SET state = ?3, finished_at = ?4, error = ?5, \
      retry_at = ?6 WHERE task_id = ?1 AND attempt = ?2";
 
-/// Error text kept per attempt: a traceback's end says what went wrong, so the end is kept.
-const MAX_ERROR_BYTES: usize = 8 * 1024;
-
 /// Rows looked at beyond the free slots in one pop, so that a head of rows waiting for a busy pool
 /// does not keep free slots from the rows behind it.
 const LOOKAHEAD: usize = 64;
 /// Rows of paused task names one pop sets aside at most (each an UPDATE): a backlog of a name just
 /// paused leaves the pop's index in bounded steps, while the rows behind it still run.
 const PAUSE_SWEEP: usize = 1000;
-
-fn truncate_error(error: &str) -> std::borrow::Cow<'_, str> {
-    if error.len() <= MAX_ERROR_BYTES {
-        return error.into();
-    }
-    let mut start = error.len() - MAX_ERROR_BYTES;
-    while !error.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("[…] {}", &error[start..]).into()
-}
 
 impl SqliteStore {
     /// One `BEGIN IMMEDIATE` transaction of the loop: records the attempts that `ended` (with
@@ -73,10 +61,12 @@ impl SqliteStore {
     pub fn cycle<H>(
         &mut self,
         ended: &[Ending],
-        limit: usize,
+        claim: Claim<'_>,
         now: f64,
         mut resolve: impl FnMut(&Task) -> Resolved<H>,
     ) -> Result<Popped<H>> {
+        // One index walk resolves every row: the names are the resolver's business here.
+        let limit = claim.limit;
         let mut popped = Popped {
             tasks: Vec::with_capacity(limit),
             dead: Vec::new(),
@@ -867,7 +857,7 @@ mod tests {
         );
         let now = crate::clock::unix_now();
         let popped = queue
-            .cycle(&[], 3, now, |_| Resolved::Run((), None))
+            .cycle(&[], Claim::any(3), now, |_| Resolved::Run((), None))
             .unwrap();
         let ending = |task: &Task, next: Next| Ending {
             task: task.clone(),
@@ -894,7 +884,7 @@ mod tests {
             ending(tasks[2], Next::Finished),
         ];
         queue
-            .cycle(&ended, 0, now, |_| Resolved::Run((), None))
+            .cycle(&ended, Claim::any(0), now, |_| Resolved::Run((), None))
             .unwrap();
         let state = |id: i64| -> String {
             queue
@@ -936,7 +926,7 @@ mod tests {
         for (round, limit) in [1, 4, 2, 3, 1, 4, 7, 2].into_iter().enumerate() {
             let now = crate::clock::unix_now() + f64::from(u32::try_from(round).unwrap());
             popped += queue
-                .cycle(&[], limit, now, |_| Resolved::Run((), None))
+                .cycle(&[], Claim::any(limit), now, |_| Resolved::Run((), None))
                 .unwrap()
                 .tasks
                 .len();

@@ -12,7 +12,9 @@ use super::cycle::{SQL_NEXT_PRIORITY, SQL_TOP_PRIORITY};
 use super::{SqliteStore, cell};
 use crate::error::Result;
 use crate::stats::{Histogram, MinuteStat};
-use crate::store::types::{DaemonRow, DueRow, PoolRow, RunningAttempt, TaskDepth, Totals};
+use crate::store::types::{
+    DaemonRow, DueRow, RunningAttempt, TaskDepth, parse_pools, parse_totals,
+};
 
 // The due rows of one priority, longest due first: a range search of `foreman_task_due`, like the
 // pop's. Leased rows in the range (an expired lease about to be taken again) are stepped over.
@@ -43,6 +45,7 @@ impl SqliteStore {
             .and_then(|mut s| {
                 s.query_row([], |r| {
                     Ok(DaemonRow {
+                        id: 1,
                         pid: r.get(0)?,
                         pid_start: r.get(1)?,
                         host: r.get(2)?,
@@ -54,6 +57,9 @@ impl SqliteStore {
                         pools: parse_pools(&r.get::<_, String>(8)?),
                         totals: parse_totals(&r.get::<_, String>(9)?),
                         stopping_at: r.get(10)?,
+                        served: Vec::new(),
+                        recovered_at: None,
+                        recovered_by: None,
                     })
                 })
                 .optional()
@@ -71,6 +77,8 @@ impl SqliteStore {
             .and_then(|mut s| {
                 s.query_map([], |r| {
                     Ok(RunningAttempt {
+                        // The one daemon of the file (its row's id is always 1).
+                        daemon_id: Some(1),
                         task_id: r.get(0)?,
                         attempt: r.get(1)?,
                         task_name: r.get(2)?,
@@ -273,63 +281,6 @@ impl SqliteStore {
     }
 }
 
-/// The daemon row's `pools`; what cannot be read is left out (a figure is not worth failing a
-/// report over), and logged.
-fn parse_pools(text: &str) -> Vec<PoolRow> {
-    let Ok(serde_json::Value::Array(pools)) = serde_json::from_str(text) else {
-        log::debug!("foreman_daemon.pools is not a JSON array: {text:?}");
-        return Vec::new();
-    };
-    pools
-        .iter()
-        .filter_map(|pool| {
-            let field = |key: &str| pool.get(key).and_then(serde_json::Value::as_u64);
-            Some(PoolRow {
-                name: pool.get("name")?.as_str()?.to_owned(),
-                processes: field("processes"),
-                up: field("up"),
-                busy: field("busy"),
-                tasks: pool
-                    .get("tasks")
-                    .and_then(serde_json::Value::as_array)
-                    .map(|names| {
-                        names
-                            .iter()
-                            .filter_map(|n| n.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-        })
-        .collect()
-}
-
-/// The daemon row's `totals`: `{task: {"done": n, "failed": n}}`.
-fn parse_totals(text: &str) -> BTreeMap<String, Totals> {
-    let Ok(serde_json::Value::Object(totals)) = serde_json::from_str(text) else {
-        log::debug!("foreman_daemon.totals is not a JSON object: {text:?}");
-        return BTreeMap::new();
-    };
-    totals
-        .iter()
-        .map(|(name, counts)| {
-            let field = |key: &str| {
-                counts
-                    .get(key)
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0)
-            };
-            (
-                name.clone(),
-                Totals {
-                    done: field("done"),
-                    failed: field("failed"),
-                },
-            )
-        })
-        .collect()
-}
-
 fn earliest(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -341,6 +292,7 @@ fn earliest(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 mod tests {
     use super::*;
     use crate::store::Access;
+    use crate::store::types::Totals;
 
     fn queue() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();

@@ -246,8 +246,11 @@
     const verdict = h('div', { class: 'verdict ' + (reason === 'ok' ? 'ok' : doc.health.healthy ? 'warn' : 'bad'), id: 'verdict' },
       h('b', {}, doc.health.healthy ? 'healthy' : 'unhealthy'), doc.health.healthy && reason === 'ok' ? doc.health.message : doc.health.line);
     const cards = h('div', { class: 'cards' },
-      card('card-daemon', 'Daemon', d.running ? 'up' : 'down',
-        d.running ? [`pid ${d.pid ?? '?'}`, d.uptime_seconds != null ? ` · up ${age(d.uptime_seconds)}` : ''] : (d.pid ? `last pid ${d.pid}` : 'never ran here')),
+      doc.shared
+        ? card('card-daemon', 'Daemons up', `${(doc.daemons || []).filter((x) => x.state === 'up').length}`,
+          `of ${(doc.daemons || []).length} on the database · ${new Set((doc.daemons || []).filter((x) => x.state === 'up').map((x) => x.host)).size} host(s)`)
+        : card('card-daemon', 'Daemon', d.running ? 'up' : 'down',
+          d.running ? [`pid ${d.pid ?? '?'}`, d.uptime_seconds != null ? ` · up ${age(d.uptime_seconds)}` : ''] : (d.pid ? `last pid ${d.pid}` : 'never ran here')),
       card('card-heartbeat', 'Heartbeat', d.heartbeat_at ? ago(d.heartbeat_at) : '–', d.version ? `foreman ${d.version}` : ''),
       card('card-workers', 'Workers busy', doc.workers.total != null ? `${doc.workers.busy} / ${doc.workers.total}` : '–', d.running ? '' : 'daemon down'),
       card('card-pools', 'Pools up', pools.length ? `${up} / ${processes}` : '–', pools.length ? pools.map((p) => p.name).join(', ') : 'no pools'),
@@ -692,7 +695,14 @@
       h('td', { class: 'num' }, p.busy ?? '?'),
       h('td', {}, p.saturated ? state('saturated') : p.busy ? 'busy' : p.up < p.processes ? 'starting or restarting' : 'idle'),
       h('td', { class: 'name' }, p.tasks.join(', ')))), 'No pools (or the daemon is down).');
-    setPage(h('h1', {}, 'Daemons and pools'), h('div', { class: 'panel' }, facts),
+    // A shared database (PostgreSQL): every daemon's row; the facts above are this host's.
+    const fleet = doc.shared ? [h('h2', {}, 'Every daemon on the database'),
+      table(['ID', 'HOST', 'PID', 'STATE', 'HEARTBEAT', 'BUSY', 'SERVES'], doc.daemons.map((x) => h('tr', {},
+        h('td', { class: 'num' }, x.id), h('td', { class: 'name' }, x.host), h('td', { class: 'num' }, x.pid),
+        h('td', {}, h('span', { class: 'state ' + (x.state === 'up' ? 'done' : x.state === 'stopping' ? 'running' : 'failed') }, x.state)),
+        h('td', {}, ago(x.heartbeat_at)), h('td', { class: 'num' }, `${x.workers_busy} / ${x.workers ?? '?'}`),
+        h('td', { class: 'name' }, (x.served || []).join(', ')))), 'No daemon has run on this database lately.')] : [];
+    setPage(h('h1', {}, 'Daemons and pools'), h('div', { class: 'panel' }, facts), ...fleet,
       h('h2', {}, 'Busy workers'), running, h('h2', {}, 'Pools'), pools);
   }
 
