@@ -6,6 +6,7 @@
 
 use std::process::Stdio;
 
+use crate::on_both;
 use crate::support::{
     Daemon, Env, PATIENCE, RECORD_TASK, is_dead, records, stderr, wait_record, wait_until,
 };
@@ -26,6 +27,10 @@ def _wait_go():
 @task
 def record(tag):
     _record(tag)
+
+@task
+def tick():
+    pass
 
 @task
 def block(tag):
@@ -57,7 +62,11 @@ def nap(tag):
 
 /// A daemon's directory with a pipelined pool of `processes` and `workers`, then `extra`.
 fn pipeline_env(processes: usize, workers: usize, extra: &str) -> Env {
-    let env = Env::new();
+    pipeline_env_on(Env::new(), processes, workers, extra)
+}
+
+/// `pipeline_env` on `env`'s database (SQLite or PostgreSQL).
+fn pipeline_env_on(env: Env, processes: usize, workers: usize, extra: &str) -> Env {
     std::fs::write(env.path("pipetasks.py"), TASKS).unwrap();
     env.config(&format!(
         r#"
@@ -416,4 +425,36 @@ fn a_worker_that_exits_after_an_answer_leaves_the_line_behind_to_another_process
     wait_runs(&env, after, &[("done", 1)]);
     daemon.stop();
     assert_eq!(count(&env, "after"), 1);
+}
+
+on_both! {
+    /// The claim by name (PostgreSQL's) takes a pipelined pool's room behind its running tasks
+    /// too, and every task still runs once.
+    fn a_pipelined_pool_on_either_backend_writes_tasks_behind_and_runs_each_once(env: Env) {
+        let env = pipeline_env_on(env, 2, 2, "");
+        let daemon = pipelined_daemon(&env);
+        let n: i64 = 2_000;
+        env.insert_many("pipetasks.tick", n);
+        env.touch_wakeup("t");
+        let done = || env.number("SELECT count(*) FROM foreman_run WHERE state = 'done'");
+        assert!(
+            wait_until(PATIENCE, || done() == n),
+            "{} of {n} done:\n{}",
+            done(),
+            daemon.log()
+        );
+        assert_eq!(
+            env.number("SELECT count(DISTINCT task_id) FROM foreman_run"),
+            n,
+            "each task once"
+        );
+        assert_eq!(env.number("SELECT count(*) FROM foreman_run"), n);
+        assert_eq!(env.queued(), 0);
+        assert!(
+            daemon.has_log("written behind task"),
+            "no task was written behind another:\n{}",
+            daemon.log()
+        );
+        daemon.stop();
+    }
 }
