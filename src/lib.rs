@@ -1,4 +1,4 @@
-//! foreman: a background-task runner fed through SQLite (or, later, PostgreSQL). The library holds
+//! foreman: a background-task runner fed through SQLite or PostgreSQL. The library holds
 //! everything; the binary only parses arguments, sets up logging and signals, and calls
 //! `cli::execute`.
 //!
