@@ -39,8 +39,8 @@ pub mod wait;
 /// The flags every subcommand takes, before or after its name.
 #[derive(Args, Debug, Default, Clone)]
 pub struct Globals {
-    /// SQLite database [default: ./foreman.sqlite3]
-    #[arg(long, global = true, env = "FOREMAN_DB", value_name = "PATH", value_parser = OsStringValueParser::new().map(Database::from_arg))]
+    /// The database: a SQLite file, or a postgresql:// URL [default: ./foreman.sqlite3]
+    #[arg(long, global = true, env = "FOREMAN_DB", value_name = "DB", value_parser = OsStringValueParser::new().map(Database::from_arg))]
     pub db: Option<Database>,
     /// Directory producers touch to wake the daemon [default: <db>.wakeup]
     #[arg(long, global = true, env = "FOREMAN_WAKEUP_DIR", value_name = "DIR")]
