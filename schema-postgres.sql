@@ -34,12 +34,24 @@
 --      never corrupt anything (SQLite's synchronous = NORMAL makes the same trade). Behind
 --      PgBouncer in transaction mode, use SET LOCAL in the transaction, or ALTER ROLE … SET. The
 --      daemons keep their own claims durable: a lost claim could run a task twice.
---   2. Optionally, after the transaction commits: NOTIFY foreman  (the one channel foreman listens
---      on; the payload is ignored). A daemon that listens pops at once; without a NOTIFY, or behind
---      PgBouncer in transaction mode where LISTEN cannot work, the daemons find the task at their
---      next poll (1 s by default, 250 ms in poll-only mode). Send at most one NOTIFY per 100 ms per
---      process, after the commit, and never from a trigger on foreman_task: every NOTIFY takes a
---      lock that serialises the commits of the whole cluster.
+--   2. Optionally, after the transaction commits: NOTIFY foreman  (the producers' channel, the one
+--      the daemons listen on; the payload is ignored). A daemon that listens pops at once; without a
+--      NOTIFY, or behind PgBouncer in transaction mode where LISTEN cannot work, the daemons find the
+--      task at their next poll (1 s by default, 250 ms in poll-only mode). Send at most one NOTIFY
+--      per 100 ms per process, after the commit, and never from a trigger on foreman_task: every
+--      NOTIFY takes a lock that serialises the commits of the whole cluster.
+--
+-- CHANNELS
+--   foreman          producers NOTIFY it after their commit (above); the daemons and the dashboards
+--                    (`foreman ui`) listen. The payload 'control' asks the daemons to read their
+--                    pauses and aborts again (`foreman pause`, `resume`, `cancel` send it).
+--   foreman_changed  the daemons NOTIFY it when they changed what an operator sees: in the commit
+--                    of a heartbeat, when the daemon started or ended tasks, buried some or
+--                    recovered a daemon since its previous heartbeat (so at most one per heartbeat,
+--                    about one a second while it works, none while it idles), and when a daemon
+--                    starts and stops; the dashboards' actions send it too. The dashboards listen,
+--                    to refresh their pages; anyone may. The payload is empty. Producers need not
+--                    send it: NOTIFY foreman is enough.
 --
 -- UNIQUE TASKS
 --   A task with a unique_key is not queued while another with that key is queued or running. The

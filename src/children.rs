@@ -1,6 +1,7 @@
-//! `Children`: the process groups of running command tasks, so the foreman loop can signal them at
-//! shutdown or when a task is aborted. A pid is removed before it is reaped, so a signal never
-//! reaches a recycled pid.
+//! `Children`: the process groups foreman started, so the foreman loop can signal them at shutdown
+//! or when a task is aborted: each running task's group (its command's, or the pool process's
+//! that runs it), by task id, and every pool process, busy or idle, by pool and slot. A pid is
+//! removed before it is reaped, so a signal never reaches a recycled pid.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};

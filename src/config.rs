@@ -230,7 +230,7 @@ pub struct Config {
     pub stats_retention: Duration,
     pub heartbeat: Duration,
     /// PostgreSQL: wake on `LISTEN foreman` (true), or poll (false: behind PgBouncer in
-    /// transaction mode, where `LISTEN` cannot work).
+    /// transaction mode, where `LISTEN` cannot work); the dashboard's live updates likewise.
     pub listen: bool,
     /// PostgreSQL: a due row whose name no daemon seen alive during this long serves is buried.
     pub unserved_after: Duration,

@@ -9,7 +9,6 @@ use clap::Args;
 
 use super::format::{Style, age, colour_wanted, columns, one_line, stored_json};
 use super::{Globals, print};
-use crate::clock::unix_now;
 use crate::error::Result;
 use crate::store::{Access, ListQuery, ListedTask, Store};
 
@@ -62,7 +61,7 @@ pub fn run(globals: &Globals, args: &ListArgs) -> Result<()> {
         newest_first: !args.oldest_first,
         after: args.after,
         limit: args.limit,
-        now: unix_now(),
+        now: store.now(),
     };
     if args.count {
         let count = store.count(&query)?;

@@ -8,7 +8,6 @@ use clap::Args;
 
 use super::format::{Style, age, colour_wanted, columns, one_line, span, stored_json};
 use super::{Globals, print};
-use crate::clock::unix_now;
 use crate::error::{Error, Result};
 use crate::outcome::headline;
 use crate::store::{Access, AttemptRecord, Store, TaskStory};
@@ -34,7 +33,7 @@ pub struct ShowArgs {
 pub fn run(globals: &Globals, args: &ShowArgs) -> Result<()> {
     let config = globals.load_config()?;
     let db = Store::open_checked(&config.db, Access::ReadOnly)?;
-    let now = unix_now();
+    let now = db.now();
     let Some(story) = db.task_story(args.id, now)? else {
         return Err(Error::Exit {
             code: 3,

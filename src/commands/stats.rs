@@ -151,7 +151,7 @@ impl Stats {
         if window.is_zero() {
             return Err(Error::Config("--window must be longer than 0".to_owned()));
         }
-        let now = crate::clock::unix_now();
+        let now = store.now();
         let intervals = Intervals::new(window, now);
         let rows = store.minute_stats(intervals.first, intervals.last_minute(), task)?;
         let mut by_task: BTreeMap<String, TaskStats> = BTreeMap::new();

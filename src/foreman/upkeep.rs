@@ -19,7 +19,9 @@ use crate::store::{Beat, BeatNews, ChangeToken};
 const PRUNE_BATCH: usize = 1000;
 /// How often the loop prunes history when the last pass found nothing more to prune.
 const PRUNE_EVERY: Duration = Duration::from_mins(1);
-/// The longest a busy daemon keeps its figures in memory before writing them (with a heartbeat).
+/// The longest a busy daemon keeps its figures in memory before writing them (with a heartbeat),
+/// or, on PostgreSQL, keeps a change from the dashboards (the heartbeat notifies
+/// `foreman_changed` when the daemon started or ended tasks since the last one).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// The idle tick skips its look at the queue while the store says nothing was committed; it
 /// looks anyway this often, in case a commit left no trace the store can see (a SQLite commit
@@ -206,7 +208,9 @@ impl Foreman {
         if Instant::now() >= self.pruning.next {
             self.prune();
         }
-        if !self.figures.tally.is_empty() && self.figures.last_beat.elapsed() >= FLUSH_EVERY {
+        if (!self.figures.tally.is_empty() || self.store.unannounced())
+            && self.figures.last_beat.elapsed() >= FLUSH_EVERY
+        {
             self.write_beat();
         }
         // Before the busy check: an abort matters most when every worker is busy.
@@ -366,7 +370,10 @@ impl Foreman {
         // A tenth short of the period: the timer fires every `heartbeat` (or more often, for the
         // watchdog), and the last write ended a little after its firing.
         let due = self.config.heartbeat.mul_f64(0.9);
-        if !self.figures.tally.is_empty() || self.figures.last_beat.elapsed() >= due {
+        if !self.figures.tally.is_empty()
+            || self.store.unannounced()
+            || self.figures.last_beat.elapsed() >= due
+        {
             self.write_beat();
         }
         let status = self.status_line();

@@ -549,7 +549,7 @@ impl Store {
     }
 
     /// A watch that tells a reader (`wait`) when another process may have committed. On
-    /// PostgreSQL it is a short timer: the daemons do not notify their commits.
+    /// PostgreSQL it is a short timer: the daemons notify their commits only with their heartbeat.
     pub fn watch(&self) -> DbWatch {
         split!(self, s => DbWatch::new(s.path()), _p => DbWatch::every(WATCH_POLL))
     }
@@ -559,9 +559,74 @@ impl Store {
     pub fn notify(&self, payload: &str) -> Result<()> {
         split!(self, _s => { let _ = payload; Ok(()) }, p => p.notify(payload))
     }
+
+    /// Tells whoever watches the whole database (the dashboards) that this process changed
+    /// something: `NOTIFY foreman_changed` on PostgreSQL. Nothing on SQLite, whose watchers see
+    /// the files change.
+    pub fn announce(&self) -> Result<()> {
+        split!(self, _s => Ok(()), p => p.announce())
+    }
+
+    /// Whether the daemon changed something its heartbeat has not announced yet (PostgreSQL:
+    /// the heartbeat notifies `foreman_changed`); the loop then writes its heartbeat soon.
+    /// Always false on SQLite, whose watchers see the files change.
+    pub fn unannounced(&self) -> bool {
+        split!(self, _s => false, p => p.unannounced())
+    }
+
+    /// What tells a reader of the whole database (the dashboard) that another process may have
+    /// committed, without a query: on PostgreSQL a `LISTEN` connection on the producers' channel
+    /// and the daemons' (`Feed::Listen`; `listen = false` polls instead); on SQLite the
+    /// database's directory watched and the files' stamps compared (`Feed::Files`, with
+    /// `changes`).
+    pub fn feed(&self, listen: bool) -> Feed {
+        match self {
+            Store::Sqlite(s) => {
+                let _ = listen;
+                Feed::Files(DbWatch::new(s.path()))
+            }
+            #[cfg(feature = "postgres")]
+            Store::Postgres(p) if listen => Feed::Listen(Notices(Box::new(
+                self::postgres::listen::Listener::watcher(p.target().clone()),
+            ))),
+            #[cfg(feature = "postgres")]
+            Store::Postgres(_) => Feed::Poll,
+        }
+    }
 }
 
-/// How often `wait` looks on PostgreSQL, whose daemons do not notify their commits.
+/// What `Store::feed` gives.
+pub enum Feed {
+    /// SQLite: inotify on the database's directory; `Store::changes` says whether it was a commit.
+    Files(DbWatch),
+    /// PostgreSQL: notifications.
+    #[cfg(feature = "postgres")]
+    Listen(Notices),
+    /// PostgreSQL with `listen = false`: nothing tells; the reader looks on a timer.
+    #[cfg(feature = "postgres")]
+    Poll,
+}
+
+/// A `LISTEN` connection on the producers' channel (`foreman`) and the daemons'
+/// (`foreman_changed`), connected at its first wait. Whoever holds one must keep waiting on it,
+/// or drop it: notifications that nobody reads fill the connection and hold back the server's
+/// notification queue.
+#[cfg(feature = "postgres")]
+pub struct Notices(Box<self::postgres::listen::Listener>);
+
+#[cfg(feature = "postgres")]
+impl Notices {
+    /// Waits up to `timeout` for a notification: true when one came, or when the connection is
+    /// new (whatever was notified before it listened was missed: look). An error is a
+    /// connection that could not be opened, broke, or refused `LISTEN`.
+    pub fn wait(&mut self, timeout: Duration) -> Result<bool> {
+        let heard = self.0.wait(timeout)?;
+        Ok(heard.notifications > 0 || heard.reconnected)
+    }
+}
+
+/// How often `wait` looks on PostgreSQL: the daemons notify their commits only with their
+/// heartbeat (`foreman_changed`), too late for a waiting producer.
 #[cfg(feature = "postgres")]
 const WATCH_POLL: Duration = Duration::from_millis(100);
 

@@ -1,6 +1,7 @@
 //! The dashboard's actions (`POST /api/…`): cancel queued tasks, requeue and purge dead letters,
 //! run a schedule now, enqueue a task. Each goes through the CLI's own code (`cancel`,
-//! `dead requeue`, `enqueue`, `schedule::run_now`) with the wakeup after, is logged with who asked,
+//! `dead requeue`, `enqueue`, `schedule::run_now`) with the wakeup after (and, on PostgreSQL, a
+//! `NOTIFY foreman_changed` that every dashboard's pages follow), is logged with who asked,
 //! and records who asked in the origin of the task it creates. A bulk action takes the exact ids
 //! the page showed the user (a frozen set, never "whatever matches now"), and a purge must be
 //! confirmed by typing its count.
@@ -118,6 +119,12 @@ pub fn handle(
         }
         _ => return Ok(Reply::error(404, &format!("no action {path}"))),
     };
+    // Every dashboard's pages follow (on SQLite they see the files change).
+    if let Err(e) = store.announce() {
+        log::warn!(
+            "dashboard: {by}: done, but telling the dashboards failed ({e}); their pages show it at their next change"
+        );
+    }
     Ok(Reply::ok(&doc))
 }
 

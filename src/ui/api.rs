@@ -172,8 +172,8 @@ impl TaskParams {
         })
     }
 
-    /// `foreman list`'s query for these values, newest first.
-    fn query(&self) -> ListQuery<'_> {
+    /// `foreman list`'s query for these values, newest first, as of `now` (the database's clock).
+    fn query(&self, now: f64) -> ListQuery<'_> {
         let mut states = Vec::new();
         for wanted in self.states.split(',').filter(|s| !s.is_empty()) {
             match GROUPS.iter().find(|(group, _)| *group == wanted) {
@@ -189,7 +189,7 @@ impl TaskParams {
             newest_first: true,
             after: self.before,
             limit: self.limit,
-            now: crate::clock::unix_now(),
+            now,
         }
     }
 }
@@ -198,7 +198,7 @@ impl TaskParams {
 /// page's cursor, and on the first page a count that stops at `COUNT_CAP`.
 fn tasks(store: &Store, request: &Request) -> Result<Value> {
     let params = TaskParams::read(request)?;
-    let query = params.query();
+    let query = params.query(store.now());
     let rows = store.list(&query)?;
     // Counted on the first page only: further pages keep the count the first one showed.
     let count = if query.after.is_none() {
@@ -227,7 +227,8 @@ fn tasks(store: &Store, request: &Request) -> Result<Value> {
 /// the filter matches, oldest first, at most `COUNT_CAP`: the frozen set a bulk cancel applies to.
 fn task_ids(store: &Store, request: &Request) -> Result<Value> {
     let mut params = TaskParams::read(request)?;
-    let asked = params.query().states.join(",");
+    let now = store.now();
+    let asked = params.query(now).states.join(",");
     let queued: Vec<&str> = ["due", "later", "paused"]
         .into_iter()
         .filter(|s| {
@@ -243,7 +244,7 @@ fn task_ids(store: &Store, request: &Request) -> Result<Value> {
     params.states = queued.join(",");
     params.before = None;
     params.limit = COUNT_CAP + 1;
-    let mut query = params.query();
+    let mut query = params.query(now);
     query.newest_first = false;
     let mut ids: Vec<i64> = store.list(&query)?.iter().map(|t| t.id).collect();
     let more = ids.len() > COUNT_CAP;
@@ -259,7 +260,7 @@ fn count_json(count: CappedCount) -> Value {
 /// attempt with its daemon, exit code, error and result, its dead letter), with what the page
 /// may do with it.
 fn task(store: &Store, id: i64) -> Result<Option<Value>> {
-    let Some(told) = store.task_story(id, crate::clock::unix_now())? else {
+    let Some(told) = store.task_story(id, store.now())? else {
         return Ok(None);
     };
     let mut doc = story_json(&told);
@@ -337,7 +338,7 @@ fn errors(store: &Store, request: &Request) -> Result<Value> {
         Some(text) => parse_duration(&text).map_err(|e| Error::Config(format!("window: {e}")))?,
         None => Duration::from_hours(7 * 24),
     };
-    let now = crate::clock::unix_now();
+    let now = store.now();
     let since = now - window.as_secs_f64();
     let texts = store.snapshot(|q| q.failure_texts(FAILURE_WINDOW))?;
     let read = texts.len();
@@ -435,7 +436,7 @@ fn schedules(config: &Config, store: &Store) -> Result<Value> {
             })
         })
         .collect();
-    Ok(json!({"now": rounded(crate::clock::unix_now()), "schedules": rows}))
+    Ok(json!({"now": rounded(store.now()), "schedules": rows}))
 }
 
 fn when_text(when: &crate::config::When) -> String {

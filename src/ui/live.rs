@@ -1,12 +1,19 @@
 //! Live updates: one watcher turns database changes into overview snapshots, at least `MIN_GAP`
 //! apart (two a second at most), shared by every open page through server-sent events (`GET /api/events`).
 //!
-//! A change is seen without asking the database: the database directory is watched (inotify, the
-//! same `DbWatch` that `wait` uses) and the files' sizes and times compared (`Store::changes`, what
-//! the daemon's idle tick uses). Nothing is read while nothing changes and nobody listens. Some
-//! verdicts change with time alone (a heartbeat goes stale, a due task waits too long, a daemon
-//! killed with `kill -9` writes nothing): the watcher also looks again when the last snapshot
-//! says such a moment comes, and probes the PID file's lock, which costs no query.
+//! A change is seen without asking the database (`Store::feed`). On SQLite the database directory
+//! is watched (inotify, the same `DbWatch` that `wait` uses) and the files' sizes and times
+//! compared (`Store::changes`, what the daemon's idle tick uses). On PostgreSQL a `LISTEN`
+//! connection hears the producers' `NOTIFY foreman` and the daemons' `foreman_changed` (sent with
+//! a heartbeat when a daemon changed something since its last one, and when one starts or stops);
+//! where `LISTEN` is turned off (`listen = false`) or fails, the watcher reads every `POLL_EVERY`
+//! instead, and says so once. Nothing is read while nothing changes and nobody listens.
+//!
+//! Some verdicts change with time alone (a heartbeat goes stale, a due task waits too long, a
+//! daemon killed with `kill -9` writes nothing): the watcher also looks again when the last
+//! snapshot says such a moment comes, and probes the PID file's lock, which costs no query. On
+//! PostgreSQL, where a daemon that dies says nothing (and may hold no lock on this host), that
+//! look comes at least once per staleness period: the one periodic read while a page is open.
 
 use std::io::Write as _;
 use std::sync::{Arc, Condvar, Mutex};
@@ -16,12 +23,23 @@ use super::Shared;
 use super::http::{Reply, Request, security_header_lines};
 use crate::commands::observe::{Lock, Thresholds};
 use crate::commands::status::Status;
+use crate::config::Config;
+#[cfg(feature = "postgres")]
+use crate::store::Notices;
+use crate::store::{ChangeToken, DbWatch, Feed, Store};
 
 /// The shortest time between two snapshots: two a second at most.
 const MIN_GAP: Duration = Duration::from_millis(500);
 /// How often the watcher looks at the files and the lock when inotify says nothing (a missed
 /// event, a watch the kernel refused): two `stat`s and a lock probe, no query.
 const LOOK_EVERY: Duration = Duration::from_secs(2);
+/// PostgreSQL without `LISTEN` (`listen = false`, or while it fails): a snapshot this often
+/// while a page is open.
+#[cfg(feature = "postgres")]
+const POLL_EVERY: Duration = Duration::from_secs(2);
+/// After `LISTEN` failed, how long the watcher polls before it tries to listen again.
+#[cfg(feature = "postgres")]
+const RELISTEN: Duration = Duration::from_secs(10);
 /// A comment line on an idle stream, so that proxies and the browser keep it open.
 const PING_EVERY: Duration = Duration::from_secs(15);
 /// Event streams open at once; each has a thread.
@@ -96,22 +114,148 @@ impl Hub {
     }
 }
 
+/// How the watcher learns that something may have changed (`Store::feed`).
+enum Source {
+    /// SQLite: the directory's watch, and the files' stamp when the last snapshot was read.
+    Files {
+        watch: DbWatch,
+        seen: Option<ChangeToken>,
+    },
+    /// PostgreSQL: notifications; after a failure, polling until `relisten_at`.
+    #[cfg(feature = "postgres")]
+    Listen {
+        notices: Notices,
+        relisten_at: Option<Instant>,
+        last_read: Option<Instant>,
+    },
+    /// PostgreSQL with `listen = false`: a snapshot every `POLL_EVERY`.
+    #[cfg(feature = "postgres")]
+    Poll { last_read: Option<Instant> },
+}
+
+impl Source {
+    fn new(store: &Store, config: &Config) -> Source {
+        match store.feed(config.listen) {
+            Feed::Files(watch) => Source::Files { watch, seen: None },
+            #[cfg(feature = "postgres")]
+            Feed::Listen(notices) => Source::Listen {
+                notices,
+                relisten_at: None,
+                last_read: None,
+            },
+            #[cfg(feature = "postgres")]
+            Feed::Poll => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    log::info!(
+                        "dashboard: listen = false: reading the overview every {} while a page is open",
+                        crate::duration::format_duration(POLL_EVERY)
+                    );
+                });
+                Source::Poll { last_read: None }
+            }
+        }
+    }
+
+    /// Waits up to `wait` for a sign of change (not at all when a snapshot is `wanted` anyway);
+    /// true when the database may have changed since the last snapshot.
+    fn changed(&mut self, store: &Store, wait: Duration, wanted: bool) -> bool {
+        let wait = if wanted { Duration::ZERO } else { wait };
+        match self {
+            Source::Files { watch, seen } => {
+                if !wanted && seen.is_some() {
+                    watch.changed_within(wait);
+                }
+                let stamp = store.changes();
+                wanted || stamp.is_none() || stamp != *seen
+            }
+            #[cfg(feature = "postgres")]
+            Source::Listen {
+                notices,
+                relisten_at,
+                last_read,
+            } => {
+                if let Some(at) = *relisten_at {
+                    if Instant::now() < at {
+                        return poll(*last_read, wait) || wanted;
+                    }
+                    *relisten_at = None;
+                }
+                // Wanted: only take what is pending (or connect), which this snapshot covers.
+                match notices.wait(wait) {
+                    Ok(heard) => {
+                        if heard && listen_failing(false) {
+                            log::info!(
+                                "dashboard: LISTEN works again: back to reading on notifications"
+                            );
+                        }
+                        heard || wanted
+                    }
+                    Err(e) => {
+                        if !listen_failing(true) {
+                            log::warn!(
+                                "dashboard: cannot LISTEN for changes ({e}); reading the overview every {} while a page is open, and trying to listen again every {}",
+                                crate::duration::format_duration(POLL_EVERY),
+                                crate::duration::format_duration(RELISTEN)
+                            );
+                        }
+                        *relisten_at = Some(Instant::now() + RELISTEN);
+                        true
+                    }
+                }
+            }
+            #[cfg(feature = "postgres")]
+            Source::Poll { last_read } => poll(*last_read, wait) || wanted,
+        }
+    }
+
+    /// A snapshot is about to be read: what it covers is the baseline for the next `changed`.
+    fn reading(&mut self, store: &Store) {
+        match self {
+            Source::Files { seen, .. } => *seen = store.changes(),
+            #[cfg(feature = "postgres")]
+            Source::Listen { last_read, .. } | Source::Poll { last_read } => {
+                *last_read = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Records whether `LISTEN` fails now and returns whether it failed before: a failure is
+/// warned of once, and its end said once, for the life of the process (a page closed and opened
+/// again while it lasts says nothing new).
+#[cfg(feature = "postgres")]
+fn listen_failing(now: bool) -> bool {
+    static FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    FAILING.swap(now, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Polling: waits until `POLL_EVERY` after the last read (at most `wait`); true once it is time.
+#[cfg(feature = "postgres")]
+fn poll(last_read: Option<Instant>, wait: Duration) -> bool {
+    let Some(next) = last_read.map(|at| at + POLL_EVERY) else {
+        return true;
+    };
+    let left = next.saturating_duration_since(Instant::now());
+    std::thread::sleep(left.min(wait));
+    Instant::now() >= next
+}
+
 /// The watcher: runs for the life of the process.
 pub fn watch(shared: &Shared) {
     let thresholds = Thresholds::defaults(&shared.config);
     let mut store = None;
-    let mut watch = None;
-    let mut last_stamp = None;
+    let mut source: Option<Source> = None;
     let mut last_lock = None;
     let mut last_sent: Option<Instant> = None;
     // When the verdict may change with time alone, by the last snapshot.
-    let mut deadline: Option<f64> = None;
+    let mut deadline: Option<Instant> = None;
     loop {
         let wanted = shared.hub.wait_for_listeners(LOOK_EVERY);
         if shared.hub.listeners() == 0 && !wanted {
-            // Nobody listens: forget what was seen, so that the next listener gets a fresh look.
-            last_stamp = None;
-            watch = None;
+            // Nobody listens: stop watching (on PostgreSQL, close the LISTEN connection, which
+            // nobody would read), so that the next listener gets a fresh look.
+            source = None;
             continue;
         }
         let store = match store.as_mut() {
@@ -125,24 +269,14 @@ pub fn watch(shared: &Shared) {
                 }
             },
         };
-        let watch = watch.get_or_insert_with(|| store.watch());
+        let source = source.get_or_insert_with(|| Source::new(store, &shared.config));
         let wait = deadline.map_or(LOOK_EVERY, |at| {
-            Duration::from_secs_f64(
-                (at - crate::clock::unix_now()).clamp(0.0, LOOK_EVERY.as_secs_f64()),
-            )
+            at.saturating_duration_since(Instant::now()).min(LOOK_EVERY)
         });
-        if !wanted && last_stamp.is_some() {
-            watch.changed_within(wait);
-        }
-        let stamp = store.changes();
+        let changed = source.changed(store, wait, wanted);
         let lock = Lock::read(shared.config.pid_file.as_deref());
-        let due = deadline.is_some_and(|at| crate::clock::unix_now() >= at);
-        let changed = wanted
-            || stamp.is_none()
-            || stamp != last_stamp
-            || last_lock.as_ref() != Some(&lock)
-            || due;
-        if !changed {
+        let due = deadline.is_some_and(|at| Instant::now() >= at);
+        if !changed && last_lock.as_ref() == Some(&lock) && !due {
             continue;
         }
         // At most one per MIN_GAP: changes that come meanwhile are in the next snapshot.
@@ -151,10 +285,10 @@ pub fn watch(shared: &Shared) {
         {
             std::thread::sleep(MIN_GAP.saturating_sub(sent.elapsed()));
         }
-        let stamp = store.changes();
+        source.reading(store);
         match super::api::overview(&shared.config, store) {
             Ok((doc, status)) => {
-                deadline = next_moment(&status, thresholds);
+                deadline = next_moment(&status, thresholds).map(|after| Instant::now() + after);
                 shared
                     .hub
                     .publish(format!("event: overview\ndata: {doc}\n\n"));
@@ -169,33 +303,46 @@ pub fn watch(shared: &Shared) {
             }
         }
         last_sent = Some(Instant::now());
-        last_stamp = stamp;
         last_lock = Some(lock);
     }
 }
 
-/// The next moment the verdict may change without a write: the heartbeat going stale, or the
-/// oldest due task waiting past the limit.
-fn next_moment(status: &Status, thresholds: Thresholds) -> Option<f64> {
-    let daemon = &status.obs.daemon;
-    if !daemon.running {
-        return None;
+/// How long after the snapshot's moment the verdict may change without a write: a heartbeat
+/// going stale, or the oldest due task waiting past the limit. On PostgreSQL, where daemons share
+/// the database, the first of the live daemons to go stale, and at the latest one staleness
+/// period on: a daemon that dies says nothing.
+fn next_moment(status: &Status, thresholds: Thresholds) -> Option<Duration> {
+    let obs = &status.obs;
+    let max_age = thresholds.max_age.as_secs_f64();
+    let mut moments = Vec::new();
+    if obs.shared {
+        moments.extend(obs.live(max_age).map(|row| row.heartbeat_at + max_age));
+        moments.push(obs.now + max_age);
+    } else if obs.daemon.running {
+        moments.extend(
+            obs.daemon
+                .current_row()
+                .map(|row| row.heartbeat_at + max_age),
+        );
     }
-    let goes_stale = daemon
-        .current_row()
-        .map(|row| row.heartbeat_at + thresholds.max_age.as_secs_f64());
-    let waits_too_long = status
-        .obs
-        .oldest_due
-        .as_ref()
-        .map(|due| due.due_since + thresholds.max_queue_age.as_secs_f64());
+    let up = if obs.shared {
+        obs.live(max_age).next().is_some()
+    } else {
+        obs.daemon.running
+    };
+    if up {
+        moments.extend(
+            obs.oldest_due
+                .as_ref()
+                .map(|due| due.due_since + thresholds.max_queue_age.as_secs_f64()),
+        );
+    }
     // Just after the moment, so that the look judges past it.
-    [goes_stale, waits_too_long]
+    moments
         .into_iter()
-        .flatten()
-        .filter(|at| *at > status.obs.now)
+        .filter(|at| *at > obs.now)
         .min_by(f64::total_cmp)
-        .map(|at| at + 0.05)
+        .map(|at| Duration::from_secs_f64(at - obs.now + 0.05))
 }
 
 /// `GET /api/events`: the connection becomes an event stream, served by a thread of its own.

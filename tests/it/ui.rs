@@ -7,7 +7,8 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -19,6 +20,8 @@ pub struct Ui {
     child: Child,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// Its log (stderr), line by line.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Ui {
@@ -30,11 +33,23 @@ impl Ui {
 
     pub fn start_bound(env: &Env, bind: &str, args: &[&str]) -> Ui {
         let mut cmd = env.command(&["ui", "--bind", bind]);
-        cmd.args(args)
-            .stdin(Stdio::null())
+        cmd.args(args);
+        Ui::spawn(cmd)
+    }
+
+    /// Starts `cmd`, a `foreman … ui` command line, and reads its URL.
+    pub fn spawn(mut cmd: Command) -> Ui {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn foreman ui");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stderr, sink) = (child.stderr.take().expect("piped stderr"), Arc::clone(&log));
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         let stdout = child.stdout.take().expect("piped stdout");
         let (send, lines) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
@@ -52,7 +67,13 @@ impl Ui {
             .unwrap_or_else(|| panic!("not a URL: {line:?}"))
             .to_owned();
         let addr = addr.replace("0.0.0.0", "127.0.0.1");
-        Ui { child, addr }
+        Ui { child, addr, log }
+    }
+
+    /// Its log lines that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).cloned().collect()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -205,6 +226,11 @@ fn unchunk(mut rest: &str) -> String {
 /// An open event stream: the frames `foreman ui` sends on `/api/events`.
 struct Events {
     reader: BufReader<TcpStream>,
+    /// A line read in part when a read timed out, and the frame read so far: the rest comes
+    /// with the next read.
+    line: Vec<u8>,
+    event: String,
+    data: String,
 }
 
 impl Events {
@@ -228,32 +254,36 @@ impl Events {
                 head.push_str(&line);
             }
         }
-        (Events { reader }, head)
+        let events = Events {
+            reader,
+            line: Vec::new(),
+            event: String::new(),
+            data: String::new(),
+        };
+        (events, head)
     }
 
     /// The next `event: overview` frame's document, if one comes within `timeout`.
     fn next_overview(&mut self, timeout: Duration) -> Option<Value> {
         let deadline = Instant::now() + timeout;
-        let mut event = String::new();
-        let mut data = String::new();
         while Instant::now() < deadline {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
+            // A timeout leaves what it read in `self.line`: the rest of the line comes next.
+            match self.reader.read_until(b'\n', &mut self.line) {
                 Ok(0) => return None,
-                Ok(_) => {}
-                Err(_) => continue,
+                Ok(_) if self.line.ends_with(b"\n") => {}
+                Ok(_) | Err(_) => continue,
             }
-            let line = line.trim_end_matches('\n');
+            let whole = String::from_utf8(std::mem::take(&mut self.line)).expect("UTF-8");
+            let line = whole.trim_end_matches('\n');
             if let Some(name) = line.strip_prefix("event: ") {
-                name.clone_into(&mut event);
+                name.clone_into(&mut self.event);
             } else if let Some(text) = line.strip_prefix("data: ") {
-                data.push_str(text);
+                self.data.push_str(text);
             } else if line.is_empty() {
-                if event == "overview" {
+                let data = std::mem::take(&mut self.data);
+                if std::mem::take(&mut self.event) == "overview" {
                     return Some(serde_json::from_str(&data).expect("a frame's data is JSON"));
                 }
-                event.clear();
-                data.clear();
             }
         }
         None
@@ -787,4 +817,225 @@ crate::on_both! {
         let daemons = ui.get_json("/api/daemons");
         assert_eq!(daemons["shared"], env.is_pg());
     }
+}
+
+/// Waits for an overview event that `wanted` accepts; panics, with the last one seen and the
+/// dashboard's log, after `PATIENCE`.
+fn overview_where(
+    events: &mut Events,
+    ui: &Ui,
+    what: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        if let Some(doc) = events.next_overview(Duration::from_millis(500)) {
+            if wanted(&doc) {
+                return doc;
+            }
+            last = doc;
+        }
+    }
+    panic!(
+        "no overview event {what}; the last one: {last}; the dashboard's log:\n{}",
+        ui.log_lines("").join("\n")
+    );
+}
+
+/// The dashboard's connections as the server sees them: each backend's pid and when its state
+/// last changed. A statement run on any of them (even `BEGIN`) moves its `state_change`; a
+/// notification it receives does not.
+fn backends(sql: &mut postgres::Client, application: &str) -> Vec<(i32, String)> {
+    sql.query(
+        "SELECT pid, state_change::text FROM pg_stat_activity \
+         WHERE application_name = $1 ORDER BY pid",
+        &[&application],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Notifications on `client`'s channels that came since the last call.
+fn notified(client: &mut postgres::Client) -> usize {
+    use postgres::fallible_iterator::FallibleIterator as _;
+    client
+        .notifications()
+        .timeout_iter(Duration::from_millis(50))
+        .count()
+        .unwrap()
+}
+
+#[test]
+fn on_postgresql_events_follow_notifications_and_no_query_is_made_while_nothing_changes() {
+    let Some(env) = Env::pg() else { return };
+    // The daemon beats every second; its task runs until the test creates `release`.
+    env.config(
+        "heartbeat = \"1s\"\n\n[tasks.hold]\ncommand = [\"sh\", \"-c\", \"while [ ! -e release ]; do sleep 0.05; done\"]\n",
+    );
+    // The dashboard's own staleness timer (six of its heartbeats) is an hour away: every event
+    // after the first is one that a notification caused.
+    std::fs::write(env.path("ui.toml"), "heartbeat = \"10m\"\n").unwrap();
+    env.init();
+    let daemon = env.daemon(&[]);
+    let application = "foreman-ui-under-test";
+    let url = format!(
+        "{}&application_name={application}",
+        env.pg.as_ref().unwrap().url()
+    );
+    let ui = Ui::spawn(env.command_without_db(&[
+        "--db",
+        &url,
+        "--config",
+        "ui.toml",
+        "ui",
+        "--bind",
+        "127.0.0.1:0",
+    ]));
+    let mut sql = env.pg_sql();
+    let mut heard = env.pg_sql();
+    heard.batch_execute("LISTEN foreman_changed").unwrap();
+    let (mut events, _) = Events::open(&ui);
+    let first = events.next_overview(PATIENCE).expect("a first snapshot");
+    assert_eq!(first["queue"]["total"], 0);
+
+    // Nothing changes: the daemon beats, the dashboard asks nothing.
+    let idle_backends = backends(&mut sql, application);
+    assert!(
+        idle_backends.len() >= 2,
+        "the dashboard listens and reads: {idle_backends:?}"
+    );
+    let beat = || {
+        env.number(
+            "SELECT (extract(epoch FROM max(heartbeat_at)) * 1000)::int8 FROM foreman_daemon",
+        )
+    };
+    let beat_before = beat();
+    notified(&mut heard);
+    assert!(
+        events.next_overview(Duration::from_secs(4)).is_none(),
+        "a snapshot while nothing changed"
+    );
+    assert!(beat() > beat_before, "the daemon beat meanwhile");
+    assert_eq!(
+        backends(&mut sql, application),
+        idle_backends,
+        "the dashboard's connections ran a statement while nothing changed"
+    );
+    assert_eq!(
+        notified(&mut heard),
+        0,
+        "an idle daemon announced something"
+    );
+
+    // A task that nobody notified: the daemon finds it, and its heartbeat tells the dashboard
+    // that it started, then that it ended.
+    let id = env.insert("hold", "[]");
+    let started = format!("SELECT count(*) FROM foreman_run WHERE task_id = {id}");
+    assert!(
+        wait_until(PATIENCE, || env.number(&started) == 1),
+        "the daemon never started task {id}; its log:\n{}",
+        daemon.log()
+    );
+    overview_where(&mut events, &ui, "with the task running", |doc| {
+        doc["running"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|t| t["task_id"] == id))
+    });
+    assert_ne!(
+        backends(&mut sql, application),
+        idle_backends,
+        "the measure sees the dashboard's reads"
+    );
+    std::fs::write(env.path("release"), b"").unwrap();
+    overview_where(&mut events, &ui, "with the task ended", |doc| {
+        doc["running"].as_array().is_some_and(Vec::is_empty) && doc["queue"]["total"] == 0
+    });
+    assert!(notified(&mut heard) > 0, "the daemon announced its work");
+
+    // A producer's NOTIFY foreman: a task delayed an hour (no daemon claims it, none announces).
+    sql.batch_execute(
+        "INSERT INTO foreman_task(task_name, run_after) VALUES ('hold', now() + interval '1 hour'); \
+         NOTIFY foreman",
+    )
+    .unwrap();
+    overview_where(&mut events, &ui, "with the producer's task", |doc| {
+        doc["queue"]["total"] == 1
+    });
+    assert_eq!(
+        notified(&mut heard),
+        0,
+        "no daemon announced the producer's task"
+    );
+
+    // A daemon that stops says so.
+    daemon.stop();
+    overview_where(&mut events, &ui, "with the daemon stopped", |doc| {
+        doc["daemons"][0]["stopped_at"].is_number()
+    });
+}
+
+#[test]
+fn on_postgresql_without_listen_the_dashboard_polls_and_says_so_once() {
+    let Some(env) = Env::pg() else { return };
+    env.config("listen = false\n");
+    env.init();
+    let ui = Ui::start(&env, &[]);
+    let (mut events, _) = Events::open(&ui);
+    events.next_overview(PATIENCE).expect("a first snapshot");
+    // Nobody notifies: the poll finds it.
+    env.insert("a", "[]");
+    overview_where(&mut events, &ui, "with the new task", |doc| {
+        doc["queue"]["total"] == 1
+    });
+    // A second page, and the first closed: still said once.
+    drop(events);
+    let (mut again, _) = Events::open(&ui);
+    again.next_overview(PATIENCE).expect("a snapshot");
+    let said = ui.log_lines("listen = false: reading the overview every 2s");
+    assert_eq!(said.len(), 1, "{said:?}");
+}
+
+#[test]
+fn on_postgresql_a_lost_listen_connection_falls_back_to_polling_then_listens_again() {
+    let Some(env) = Env::pg() else { return };
+    env.init();
+    let ui = Ui::start(&env, &[]);
+    let (mut events, _) = Events::open(&ui);
+    events.next_overview(PATIENCE).expect("a first snapshot");
+    let mut sql = env.pg_sql();
+    // The server ends the dashboard's LISTEN connection (a restart, a pooler, an operator).
+    let ended: i64 = sql
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'foreman ui (listen)'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1, "the dashboard's LISTEN connection, by its name");
+    assert!(
+        wait_until(PATIENCE, || !ui
+            .log_lines("cannot LISTEN for changes")
+            .is_empty()),
+        "no warning"
+    );
+    // Meanwhile a change nobody notifies is found by polling.
+    env.insert("a", "[]");
+    overview_where(&mut events, &ui, "with the new task", |doc| {
+        doc["queue"]["total"] == 1
+    });
+    assert!(
+        wait_until(PATIENCE, || !ui.log_lines("LISTEN works again").is_empty()),
+        "it never listened again"
+    );
+    assert_eq!(ui.log_lines("cannot LISTEN for changes").len(), 1);
+    // Listening again: a producer's NOTIFY is heard.
+    sql.batch_execute("INSERT INTO foreman_task(task_name) VALUES ('b'); NOTIFY foreman")
+        .unwrap();
+    overview_where(&mut events, &ui, "with the second task", |doc| {
+        doc["queue"]["total"] == 2
+    });
 }

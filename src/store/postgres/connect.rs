@@ -22,6 +22,8 @@ pub enum Role {
     Daemon,
     /// The daemon's `LISTEN` connection.
     Listener,
+    /// The dashboard's `LISTEN` connection (`foreman ui`).
+    Watcher,
     /// A command's connection (`init`, `enqueue`, `cancel`, `dead`…).
     Command,
     /// An operator's read (`status`, `health`…): every transaction read-only.
@@ -206,6 +208,7 @@ impl Target {
             config.application_name(match role {
                 Role::Daemon => "foreman run",
                 Role::Listener => "foreman run (listen)",
+                Role::Watcher => "foreman ui (listen)",
                 Role::Command | Role::ReadOnly => "foreman",
             });
         }

@@ -279,7 +279,13 @@ impl PgStore {
         // Claims known to have committed: their rows are gone from the queue, so their tasks run
         // whatever happens to the claims after them.
         let mut safe = Vec::new();
-        if let Err(e) = self.claim_all(me, ended, &arrays, claim, now, &mut popped, &mut safe) {
+        let claimed = self.claim_all(me, ended, &arrays, claim, now, &mut popped, &mut safe);
+        // Endings recorded (or perhaps recorded, before a failure), tasks started: the heartbeat
+        // tells the dashboards. Not a cycle that found nothing: an idle daemon announces nothing.
+        if !ended.is_empty() || !safe.is_empty() {
+            self.changed_something();
+        }
+        if let Err(e) = claimed {
             self.after_failure();
             if safe.is_empty() {
                 return Err(e);
@@ -379,6 +385,7 @@ impl PgStore {
         if let Some(row) = rows.first() {
             let (lost, released): (i64, i64) = (row.get(0), row.get(1));
             if lost + released > 0 {
+                self.changed_something();
                 log::warn!(
                     "the connection broke during a claim that committed: {lost} task(s) it claimed never started and are recorded lost ({released} at-least-once task(s) run again)"
                 );

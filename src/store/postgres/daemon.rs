@@ -47,8 +47,13 @@ pub struct Registration {
 
 /// The heartbeat (see the module comment). `$1` the daemon's id, `$2`-`$4` its pools, totals and
 /// served names, `$5`-`$6` its running leases and their lengths, `$7` unused (kept so the
-/// numbering of the figures stays), `$8` `MAX_LOST_RUNS`, `$9`-`$19` the figures to write. A
-/// daemon is stale once its heartbeat is older than the limit it registered with.
+/// numbering of the figures stays), `$8` `MAX_LOST_RUNS`, `$9`-`$19` the figures to write, `$20`
+/// whether the daemon changed something since its last heartbeat. A daemon is stale once its
+/// heartbeat is older than the limit it registered with.
+///
+/// It notifies `foreman_changed` (at its commit) when `$20` says so or it recovered a daemon: at
+/// most once per heartbeat, never while the daemon is idle, and in a commit the heartbeat makes
+/// anyway, since every `NOTIFY` takes a lock that serialises the commits of the whole cluster.
 const SQL_HEARTBEAT: &str = "\
 WITH me AS (
     UPDATE foreman_daemon SET heartbeat_at = now(), pools = $2::text::jsonb,
@@ -149,12 +154,17 @@ SELECT (SELECT count(*) FROM me), (SELECT recovered_by FROM me),
         CROSS JOIN LATERAL (SELECT run_after FROM foreman_task WHERE priority = priorities.p
                             ORDER BY run_after LIMIT 1) AS n),
        -- The newest row: a producer that did not notify shows here within a heartbeat.
-       (SELECT max(id) FROM foreman_task)";
+       (SELECT max(id) FROM foreman_task),
+       -- The dashboards' notification, when there is something to tell (a one-time filter: no
+       -- row, no call).
+       (SELECT count(*) FROM (SELECT pg_notify('foreman_changed', '')
+                              WHERE $20::bool OR EXISTS (SELECT 1 FROM stale)) AS told)";
 
+/// A daemon's registration; the dashboards hear of a daemon that starts (`foreman_changed`).
 const SQL_REGISTER: &str = "\
 INSERT INTO foreman_daemon (host, pid, pid_start, version, workers, served, stale_after)
 VALUES ($1::text, $2::int, $3::int8, $4::text, $5::int, $6::text[], $7::float8)
-RETURNING id, extract(epoch FROM clock_timestamp())::float8";
+RETURNING id, extract(epoch FROM clock_timestamp())::float8, pg_notify('foreman_changed', '')";
 
 impl PgStore {
     /// Waits for the server at the daemon's start, saying so, while `keep_waiting` says to: a
@@ -243,8 +253,9 @@ impl PgStore {
         let rows = self.minute_rows(stats)?;
         let (lease_ids, lease_secs): (Vec<i64>, Vec<f64>) = beat.leases.iter().copied().unzip();
         let staleness = 0.0_f64;
+        let announce = self.unannounced();
         let sent = Instant::now();
-        let params: [&(dyn ToSql + Sync); 19] = [
+        let params: [&(dyn ToSql + Sync); 20] = [
             &me,
             &beat.pools_json,
             &beat.totals_json,
@@ -264,12 +275,16 @@ impl PgStore {
             &rows.wait_max,
             &rows.wall_hist,
             &rows.wait_hist,
+            &announce,
         ];
         let row = self
             .query(SQL_HEARTBEAT, &params)?
             .into_iter()
             .next()
             .ok_or_else(|| self.err("the heartbeat returned nothing"))?;
+        if announce {
+            self.unannounced.set(false);
+        }
         self.observe_clock(row.get(2), sent);
         self.looked_at_queue(
             row.get::<_, Option<f64>>(10).unwrap_or(f64::INFINITY),
@@ -398,19 +413,20 @@ impl PgStore {
             .map_or_else(MinuteStat::default, super::report::minute_stat))
     }
 
-    /// Stamps the start of a shutdown on this daemon's row.
+    /// Stamps the start of a shutdown on this daemon's row, and tells the dashboards.
     pub fn daemon_stopping(&mut self) -> Result<()> {
         let me = self.daemon_id()?;
         self.with(|c| {
             c.execute(
-                "UPDATE foreman_daemon SET stopping_at = now() WHERE id = $1",
+                "UPDATE foreman_daemon SET stopping_at = now() WHERE id = $1
+                 RETURNING pg_notify('foreman_changed', '')",
                 &[&me],
             )
         })
         .map(drop)
     }
 
-    /// Stamps a clean exit on this daemon's row. Whatever it still had running (handlers
+    /// Stamps a clean exit on this daemon's row, and tells the dashboards. Whatever it still had running (handlers
     /// abandoned at the graceful deadline) is recorded lost now, and its leases released, since
     /// no other daemon recovers a daemon that stopped.
     pub fn daemon_stopped(&mut self) -> Result<()> {
@@ -429,7 +445,8 @@ impl PgStore {
                         error = 'the daemon stopped before it finished (graceful timeout)'
                     WHERE daemon_id = $1 AND state = 'running'
                  )
-                 UPDATE foreman_daemon SET stopped_at = now(), heartbeat_at = now() WHERE id = $1",
+                 UPDATE foreman_daemon SET stopped_at = now(), heartbeat_at = now() WHERE id = $1
+                 RETURNING pg_notify('foreman_changed', '')",
                 &[&me],
             )
         })
@@ -590,7 +607,11 @@ impl PgStore {
                 (buried, next)
             },
         )?;
-        Ok(done.unwrap_or((Vec::new(), None)))
+        let done = done.unwrap_or((Vec::new(), None));
+        if !done.0.is_empty() {
+            self.changed_something();
+        }
+        Ok(done)
     }
 }
 
@@ -613,4 +634,18 @@ struct MinuteRows {
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|_| serde_json::json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::listen::CHANGED_CHANNEL;
+    use super::*;
+
+    #[test]
+    fn the_daemons_statements_notify_the_documented_channel() {
+        let notify = format!("pg_notify('{CHANGED_CHANNEL}', '')");
+        for sql in [SQL_HEARTBEAT, SQL_REGISTER] {
+            assert!(sql.contains(&notify), "{sql}");
+        }
+    }
 }

@@ -69,6 +69,9 @@ pub struct PgStore {
     queue_changes: std::cell::Cell<u64>,
     /// How deep `snapshot`s are nested: only the outermost begins and ends the transaction.
     snapshot_depth: std::cell::Cell<u32>,
+    /// The daemon changed what an operator sees (started or ended tasks, buried some) since its
+    /// last heartbeat, which then notifies `foreman_changed` and clears it (`listen::CHANGED_CHANNEL`).
+    unannounced: std::cell::Cell<bool>,
 }
 
 /// How long a look at the queue stands in for the tick's (the default tick).
@@ -164,6 +167,7 @@ impl PgStore {
             queue_seen: std::cell::Cell::new((f64::NAN, None)),
             queue_changes: std::cell::Cell::new(0),
             snapshot_depth: std::cell::Cell::new(0),
+            unannounced: std::cell::Cell::new(false),
         })
     }
 
@@ -364,6 +368,25 @@ impl PgStore {
             c.execute("SELECT pg_notify('foreman', $1)", &[&payload])
                 .map(drop)
         })
+    }
+
+    /// `NOTIFY foreman_changed`: tells the dashboards that this process changed something
+    /// (a dashboard's action that need not wake a daemon: a purge, a cancel).
+    pub fn announce(&self) -> Result<()> {
+        self.with(|c| {
+            c.execute("SELECT pg_notify($1, '')", &[&listen::CHANGED_CHANNEL])
+                .map(drop)
+        })
+    }
+
+    /// This daemon changed what an operator sees: its next heartbeat says so.
+    fn changed_something(&self) {
+        self.unannounced.set(true);
+    }
+
+    /// Whether this daemon changed something that its heartbeat has not announced yet.
+    pub fn unannounced(&self) -> bool {
+        self.unannounced.get()
     }
 }
 
