@@ -63,13 +63,17 @@ pub fn run(globals: &Globals, args: &CancelArgs) -> Result<()> {
     let mut store = Store::open_checked(&config.db, Access::ReadWrite)?;
     let mut worst = Became::Cancelled;
     let mut aborting = Vec::new();
+    let mut cancelled = 0;
     let grace = args.grace.as_secs_f64();
     for id in distinct(&args.ids) {
         // Each in its own transaction, and printed at once: what was cancelled stays cancelled
         // and reported even if a later id fails.
         let outcome = store.cancel(id, grace)?;
         let became = match &outcome {
-            CancelOutcome::Cancelled { .. } => Became::Cancelled,
+            CancelOutcome::Cancelled { .. } => {
+                cancelled += 1;
+                Became::Cancelled
+            }
             CancelOutcome::Aborting { task_name, attempt } => {
                 aborting.push((id, task_name.clone(), *attempt));
                 continue;
@@ -80,6 +84,9 @@ pub fn run(globals: &Globals, args: &CancelArgs) -> Result<()> {
         let line = format!("{}\n", describe(id, &outcome));
         worst = worst.max(became);
         print(&line)?;
+    }
+    if cancelled > 0 {
+        crate::wake::announce(&store, &format!("{cancelled} queued task(s) cancelled"));
     }
     if !aborting.is_empty() {
         crate::wake::poke_control(

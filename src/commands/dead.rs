@@ -84,6 +84,9 @@ pub fn run(globals: &Globals, command: &DeadCommand) -> Result<()> {
             let mut store = Store::open_checked(&config.db, Access::ReadWrite)?;
             let purged = store.purge_dead(*older_than, task.as_deref())?;
             let plural = if purged == 1 { "" } else { "s" };
+            if purged > 0 {
+                crate::wake::announce(&store, &format!("purged {purged} dead letter{plural}"));
+            }
             print(&format!("purged {purged} dead letter{plural}\n"))
         }
     }
@@ -215,7 +218,11 @@ pub fn requeue(
         .filter(|outcome| matches!(outcome, Requeued::Task { .. }))
         .count();
     if requeued > 0 {
-        crate::wake::poke(config, &format!("{requeued} dead letter(s) requeued"));
+        crate::wake::poke(
+            config,
+            store,
+            &format!("{requeued} dead letter(s) requeued"),
+        );
     }
     Ok(outcomes)
 }

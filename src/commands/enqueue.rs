@@ -97,7 +97,7 @@ pub fn enqueue(config: &Config, store: &mut Store, task: &NewTask<'_>) -> Result
     let enqueued = store.enqueue_task(task)?;
     let id = enqueued.id;
     if enqueued.created {
-        crate::wake::poke(config, &format!("task {id} enqueued"));
+        crate::wake::poke(config, store, &format!("task {id} enqueued"));
     } else if let Some(key) = task.unique_key {
         log::info!("not enqueued: task {id} holds the unique key {key:?}");
     }

@@ -35,7 +35,7 @@ pub fn run(globals: &Globals, args: &RetryArgs) -> Result<()> {
         .filter(|o| matches!(o, Retried::Queued { .. }))
         .count();
     if queued > 0 {
-        crate::wake::poke(&config, &format!("{queued} task(s) retried"));
+        crate::wake::poke(&config, &store, &format!("{queued} task(s) retried"));
     }
     let mut out = String::new();
     for outcome in &outcomes {

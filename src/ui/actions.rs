@@ -63,7 +63,7 @@ pub fn handle(
                 &origin,
                 store.now(),
             )?;
-            crate::wake::poke(&shared.config, &format!("task {id} enqueued"));
+            crate::wake::poke(&shared.config, store, &format!("task {id} enqueued"));
             let line = format!("schedule {name}: enqueued task {id}");
             log::info!("dashboard: {by}: {line}");
             json!({"done": 1, "asked": 1, "lines": [line], "task_id": id})

@@ -117,10 +117,24 @@ impl Wakeups {
 /// What a producer does after its commit (the CLI's `enqueue` and `dead requeue`): wakes the
 /// daemon. The rows are committed already: a failed wake only delays them until the daemon's next
 /// tick, so it is a warning. `done` says what was committed. On PostgreSQL the store's own
-/// statement notified at its commit already (`NOTIFY foreman` is transactional).
-pub fn poke(config: &Config, done: &str) {
+/// statement notified the daemons at its commit already (`NOTIFY foreman` is transactional), and
+/// the dashboards are told too (`announce`): a delayed row notifies no daemon.
+pub fn poke(config: &Config, store: &crate::store::Store, done: &str) {
     if matches!(config.db, Database::Sqlite(_)) {
         touch(config, done, &format!("cli-{}", std::process::id()));
+    } else {
+        announce(store, done);
+    }
+}
+
+/// After a change no daemon needs to hear of (a dead letter purged, a queued task cancelled):
+/// tells the open dashboards, `NOTIFY foreman_changed` on PostgreSQL. On SQLite they see the
+/// files change, and this does nothing.
+pub fn announce(store: &crate::store::Store, done: &str) {
+    if let Err(e) = store.announce() {
+        log::warn!(
+            "{done}, but telling the dashboards failed ({e}); their pages show it at their next change"
+        );
     }
 }
 

@@ -978,6 +978,31 @@ fn on_postgresql_events_follow_notifications_and_no_query_is_made_while_nothing_
 }
 
 #[test]
+fn on_postgresql_the_clis_changes_that_wake_no_daemon_reach_the_page() {
+    let Some(env) = Env::pg() else { return };
+    // No daemon, and the dashboard's periodic read an hour away: only notifications count.
+    std::fs::write(env.path("ui.toml"), "heartbeat = \"10m\"\n").unwrap();
+    env.init();
+    let ui = Ui::start(&env, &["--config", "ui.toml"]);
+    let (mut events, _) = Events::open(&ui);
+    let first = events.next_overview(PATIENCE).expect("a first snapshot");
+    assert_eq!(first["queue"]["total"], 0);
+    // A delayed enqueue notifies no daemon; a cancel of a queued task neither.
+    let delayed: i64 = env
+        .ok(&["enqueue", "hold", "--delay", "1h"])
+        .trim()
+        .parse()
+        .unwrap();
+    overview_where(&mut events, &ui, "with the CLI's delayed task", |doc| {
+        doc["queue"]["total"] == 1
+    });
+    env.ok(&["cancel", &delayed.to_string()]);
+    overview_where(&mut events, &ui, "without the cancelled task", |doc| {
+        doc["queue"]["total"] == 0
+    });
+}
+
+#[test]
 fn on_postgresql_without_listen_the_dashboard_polls_and_says_so_once() {
     let Some(env) = Env::pg() else { return };
     env.config("listen = false\n");
