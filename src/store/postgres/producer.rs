@@ -2,7 +2,7 @@
 //! plain `INSERT`s, then `NOTIFY foreman` after the commit; and its checks of what became of the
 //! rows (still queued, attempts recorded).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::ops::RangeInclusive;
 
 use postgres::Client;
@@ -15,11 +15,16 @@ pub struct Producer {
     target: Target,
     client: RefCell<Client>,
     last_id: Cell<i64>,
-    /// The hot inserts, prepared once: a producer that enqueues one row per transaction pays
-    /// one round trip each.
-    insert_name: postgres::Statement,
-    insert_one: postgres::Statement,
+    /// The hot inserts, prepared at their first use (the bench's own connection, which only
+    /// creates and drops schemas, runs on a database without foreman's tables) and then kept: a
+    /// producer that enqueues one row per transaction pays one round trip each.
+    insert_name: OnceCell<postgres::Statement>,
+    insert_one: OnceCell<postgres::Statement>,
 }
+
+const INSERT_NAME: &str = "INSERT INTO foreman_task (task_name) VALUES ($1) RETURNING id";
+const INSERT_ONE: &str =
+    "INSERT INTO foreman_task (task_name, args) VALUES ($1, $2::text::jsonb) RETURNING id";
 
 impl Producer {
     /// A producer's connection; with `durable` false, its commits do not wait for the WAL to
@@ -34,21 +39,26 @@ impl Producer {
                 .batch_execute("SET synchronous_commit = off")
                 .map_err(err)?;
         }
-        let insert_name = client
-            .prepare("INSERT INTO foreman_task (task_name) VALUES ($1) RETURNING id")
-            .map_err(err)?;
-        let insert_one = client
-            .prepare(
-                "INSERT INTO foreman_task (task_name, args) VALUES ($1, $2::text::jsonb) RETURNING id",
-            )
-            .map_err(err)?;
         Ok(Producer {
             target,
             client: RefCell::new(client),
             last_id: Cell::new(0),
-            insert_name,
-            insert_one,
+            insert_name: OnceCell::new(),
+            insert_one: OnceCell::new(),
         })
+    }
+
+    /// The statement in `cell`, prepared from `sql` the first time.
+    fn prepared(
+        &self,
+        cell: &OnceCell<postgres::Statement>,
+        sql: &str,
+    ) -> Result<postgres::Statement> {
+        if let Some(statement) = cell.get() {
+            return Ok(statement.clone());
+        }
+        let statement = self.run(|c| c.prepare(sql))?;
+        Ok(cell.get_or_init(|| statement).clone())
     }
 
     fn run<T>(
@@ -104,7 +114,8 @@ impl Producer {
 
     /// Inserts one row in a transaction of its own; returns its id.
     pub fn insert_one(&self, name: &str, args: &str) -> Result<i64> {
-        self.run(|c| c.query_one(&self.insert_one, &[&name, &args]))
+        let statement = self.prepared(&self.insert_one, INSERT_ONE)?;
+        self.run(|c| c.query_one(&statement, &[&name, &args]))
             .map(|r| r.get(0))
     }
 
@@ -125,7 +136,8 @@ impl Producer {
 
     /// Inserts a row of `name` with only its name given, and returns its id.
     pub fn insert_name(&self, name: &str) -> Result<i64> {
-        let id = self.run(|c| c.query_one(&self.insert_name, &[&name]))?;
+        let statement = self.prepared(&self.insert_name, INSERT_NAME)?;
+        let id = self.run(|c| c.query_one(&statement, &[&name]))?;
         Ok(id.get(0))
     }
 
