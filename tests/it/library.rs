@@ -213,3 +213,45 @@ fn an_in_process_handler_sees_its_abort_and_stops() {
     );
     daemon.stop();
 }
+
+crate::on_both! {
+    /// `Client::enqueue_many` without unique keys: one statement on PostgreSQL, and still each
+    /// task's own fields, in order, with ids that say which is which.
+    fn enqueue_many_keeps_each_tasks_fields_in_order(env: Env) {
+        use foreman::{Client, TaskSpec};
+        use serde_json::json;
+
+        env.init();
+        let client = Client::open(env.db_arg()).unwrap();
+        let specs = [
+            TaskSpec::new("app.first").args([1]).priority(5),
+            TaskSpec::new("app.second")
+                .args(["two"])
+                .kwargs(json!({"k": 2}))
+                .delay(Duration::from_hours(1)),
+            TaskSpec::new("app.third").args([3, 3]).priority(-5),
+        ];
+        let many = client.enqueue_many(&specs).unwrap();
+        assert!(many.iter().all(|e| e.created));
+        assert!(many.windows(2).all(|w| w[0].id < w[1].id), "{many:?}");
+        let (run_after, created_at) = (env.epoch("run_after"), env.epoch("created_at"));
+        let row = |id: i64| {
+            env.rows(&format!(
+                "SELECT task_name, CAST(args AS text), CAST(kwargs AS text), priority, \
+                 CASE WHEN coalesce({run_after}, 0) > {created_at} + 600 THEN 'later' \
+                 ELSE 'now' END FROM foreman_task WHERE id = {id}"
+            ))
+            .remove(0)
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .map(|v| v.replace(' ', ""))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(row(many[0].id), ["app.first", "[1]", "{}", "5", "now"]);
+        assert_eq!(
+            row(many[1].id),
+            ["app.second", r#"["two"]"#, r#"{"k":2}"#, "0", "later"]
+        );
+        assert_eq!(row(many[2].id), ["app.third", "[3,3]", "{}", "-5", "now"]);
+    }
+}
