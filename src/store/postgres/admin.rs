@@ -10,7 +10,7 @@ use super::enqueue::insert_task;
 use super::{PgStore, big, opt_secs};
 use crate::error::Result;
 use crate::store::types::{
-    CancelOutcome, DeadLetter, DeadPage, DeadSelection, NewTask, Requeued, Retried, TaskProgress,
+    CancelOutcome, DeadPage, DeadSelection, NewTask, Requeued, Retried, TaskProgress,
 };
 
 /// The task's latest attempt, its queued row, and its latest dead letter, in one statement (so
@@ -244,14 +244,14 @@ impl PgStore {
             c.query(
                 "SELECT id, task_id, task_name, args::text, kwargs::text, reason, \
                  extract(epoch FROM created_at)::float8, extract(epoch FROM died_at)::float8, \
-                 attempts::int8, priority::int8, origin, count(*) OVER (), unique_key \
+                 attempts::int8, priority::int8, origin, unique_key, count(*) OVER () \
                  FROM foreman_dead WHERE $1::text IS NULL OR task_name = $1 \
                  ORDER BY id DESC LIMIT $2",
                 &[&task, &limit],
             )
         })?;
         let total = if let Some(row) = rows.first() {
-            row.get(11)
+            row.get(12)
         } else {
             // A page past the end still says how many there are.
             let rows = self.with(|c| {
@@ -264,23 +264,7 @@ impl PgStore {
         };
         Ok(DeadPage {
             total,
-            rows: rows
-                .iter()
-                .map(|r| DeadLetter {
-                    id: r.get(0),
-                    task_id: r.get(1),
-                    task_name: r.get(2),
-                    args: r.get(3),
-                    kwargs: r.get(4),
-                    reason: r.get(5),
-                    created_at: opt_secs(r, 6),
-                    died_at: opt_secs(r, 7),
-                    attempts: r.get(8),
-                    priority: r.get(9),
-                    origin: r.get(10),
-                    unique_key: r.get(12),
-                })
-                .collect(),
+            rows: rows.iter().map(super::dead_letter).collect(),
         })
     }
 

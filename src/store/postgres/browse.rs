@@ -8,9 +8,7 @@ use postgres::types::ToSql;
 
 use super::{PgStore, opt_secs};
 use crate::error::Result;
-use crate::store::types::{
-    AttemptRecord, CappedCount, DeadLetter, ListQuery, ListedTask, TaskStory,
-};
+use crate::store::types::{AttemptRecord, CappedCount, ListQuery, ListedTask, TaskStory};
 
 const QUEUE_STATES: [&str; 4] = ["due", "later", "paused", "leased"];
 const ATTEMPT_STATES: [&str; 5] = ["done", "failed", "timeout", "lost", "cancelled"];
@@ -400,20 +398,7 @@ impl PgStore {
                     )
                 })?
                 .first()
-                .map(|r| DeadLetter {
-                    id: r.get(0),
-                    task_id: r.get(1),
-                    task_name: r.get(2),
-                    args: r.get(3),
-                    kwargs: r.get(4),
-                    reason: r.get(5),
-                    created_at: opt_secs(r, 6),
-                    died_at: opt_secs(r, 7),
-                    attempts: r.get(8),
-                    priority: r.get(9),
-                    origin: r.get(10),
-                    unique_key: r.get(11),
-                });
+                .map(super::dead_letter);
             if queued.is_none() && attempts.is_empty() && dead.is_none() {
                 return Ok(None);
             }

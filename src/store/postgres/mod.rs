@@ -390,6 +390,25 @@ impl PgStore {
     }
 }
 
+/// A dead letter from a row that starts with its columns in this order: id, task_id, task_name,
+/// args, kwargs, reason, created_at, died_at, attempts, priority, origin, unique_key.
+fn dead_letter(r: &postgres::Row) -> crate::store::types::DeadLetter {
+    crate::store::types::DeadLetter {
+        id: r.get(0),
+        task_id: r.get(1),
+        task_name: r.get(2),
+        args: r.get(3),
+        kwargs: r.get(4),
+        reason: r.get(5),
+        created_at: opt_secs(r, 6),
+        died_at: opt_secs(r, 7),
+        attempts: r.get(8),
+        priority: r.get(9),
+        origin: r.get(10),
+        unique_key: r.get(11),
+    }
+}
+
 /// Unix seconds as a float from a row's `float8` column (times are read as
 /// `extract(epoch FROM …)::float8`, which also holds ±infinity a producer may have written).
 fn opt_secs(row: &postgres::Row, index: usize) -> Option<f64> {

@@ -3,7 +3,7 @@
 //! page walks the primary key down from a cursor and looks at no more than `window` rows; counts
 //! stop at a cap, so that a dashboard refreshing twice a second never scans a big table.
 
-use super::{PgStore, big, opt_secs};
+use super::{PgStore, big, dead_letter, opt_secs};
 use crate::error::Result;
 use crate::store::types::{CappedCount, DeadFilter, DeadLetter, FailureText, Page};
 
@@ -19,23 +19,6 @@ const SQL_DEAD_PAGE: &str = "SELECT id, task_id, task_name, args::text, kwargs::
      ORDER BY id DESC LIMIT $5";
 const SQL_DEAD_WINDOW: &str = "SELECT count(*), min(id) \
      FROM (SELECT id FROM foreman_dead WHERE id < $1 ORDER BY id DESC LIMIT $2) w";
-
-fn dead_letter(r: &postgres::Row) -> DeadLetter {
-    DeadLetter {
-        id: r.get(0),
-        task_id: r.get(1),
-        task_name: r.get(2),
-        args: r.get(3),
-        kwargs: r.get(4),
-        reason: r.get(5),
-        created_at: opt_secs(r, 6),
-        died_at: opt_secs(r, 7),
-        attempts: r.get(8),
-        priority: r.get(9),
-        origin: r.get(10),
-        unique_key: r.get(11),
-    }
-}
 
 impl PgStore {
     /// A page of dead letters below the id `before`, newest first, looking at no more than
