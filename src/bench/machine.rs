@@ -183,33 +183,7 @@ fn pg_pop_limit(url: &str, rows: usize, batch: usize) -> Outcome<f64> {
             limit: batch,
             groups: &groups,
         };
-        let mut ended: Vec<Ending> = Vec::new();
-        let mut popped_rows = 0;
-        let start = Instant::now();
-        loop {
-            let now = store.now();
-            let popped = store.cycle(&ended, claim, now, |_| Resolved::Run((), None))?;
-            ended = popped
-                .tasks
-                .into_iter()
-                .map(|(task, ())| Ending {
-                    task,
-                    state: RunState::Done,
-                    finished_at: now,
-                    error: None,
-                    next: Next::Finished,
-                    leased: false,
-                    result: None,
-                    exit_code: None,
-                })
-                .collect();
-            if ended.is_empty() {
-                break;
-            }
-            popped_rows += ended.len();
-        }
-        let seconds = start.elapsed().as_secs_f64();
-        Ok::<_, Failure>(popped_rows as f64 / seconds)
+        pop_back_to_back(&mut store, claim)
     })();
     let _ = admin.drop_schema(&schema);
     result
@@ -229,38 +203,41 @@ fn pop_limit(dir: &Path, rows: usize, batch: usize) -> Outcome<f64> {
             rows,
             None,
         )?;
-        let mut ended: Vec<Ending> = Vec::new();
-        let mut popped_rows = 0;
-        let start = Instant::now();
-        loop {
-            let now = unix_now();
-            let popped = store.cycle(&ended, crate::store::Claim::any(batch), now, |_| {
-                Resolved::Run((), None)
-            })?;
-            ended = popped
-                .tasks
-                .into_iter()
-                .map(|(task, ())| Ending {
-                    task,
-                    state: RunState::Done,
-                    finished_at: now,
-                    error: None,
-                    next: Next::Finished,
-                    leased: false,
-                    result: None,
-                    exit_code: None,
-                })
-                .collect();
-            if ended.is_empty() {
-                break;
-            }
-            popped_rows += ended.len();
-        }
-        let seconds = start.elapsed().as_secs_f64();
-        Ok::<_, Failure>(popped_rows as f64 / seconds)
+        pop_back_to_back(&mut store, crate::store::Claim::any(batch))
     })();
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
     result
+}
+
+/// Rows/s of `store`'s cycle run back to back with `claim`, each recording the previous one's
+/// attempts as done, until the queue is empty.
+fn pop_back_to_back(store: &mut Store, claim: crate::store::Claim<'_>) -> Outcome<f64> {
+    let mut ended: Vec<Ending> = Vec::new();
+    let mut popped_rows = 0;
+    let start = Instant::now();
+    loop {
+        let now = store.now();
+        let popped = store.cycle(&ended, claim, now, |_| Resolved::Run((), None))?;
+        ended = popped
+            .tasks
+            .into_iter()
+            .map(|(task, ())| Ending {
+                task,
+                state: RunState::Done,
+                finished_at: now,
+                error: None,
+                next: Next::Finished,
+                leased: false,
+                result: None,
+                exit_code: None,
+            })
+            .collect();
+        if ended.is_empty() {
+            break;
+        }
+        popped_rows += ended.len();
+    }
+    Ok(popped_rows as f64 / start.elapsed().as_secs_f64())
 }

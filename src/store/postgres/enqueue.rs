@@ -53,9 +53,10 @@ LIMIT 1";
 pub(super) const SQL_LOCK_KEY: &str =
     "SELECT pg_advisory_xact_lock(hashtextextended('foreman:' || $1::text, 0))";
 
-/// Inserts `task` in the open transaction `tx`; a held unique key gives its holder's id.
+/// Inserts `task` through `tx`, a transaction when the task has a unique key (the key's lock lasts
+/// until its end), else any connection; a held unique key gives its holder's id.
 pub(super) fn insert_task(
-    tx: &mut postgres::Transaction<'_>,
+    tx: &mut impl postgres::GenericClient,
     task: &NewTask<'_>,
 ) -> std::result::Result<Enqueued, postgres::Error> {
     if let Some(key) = task.unique_key {
@@ -99,24 +100,7 @@ impl PgStore {
                 .ok_or_else(|| self.err("the insert returned no id"));
         }
         // Without a key, one autocommit statement: one round trip.
-        let origin = task.origin.map(clean);
-        let rows = self.query(
-            SQL_ENQUEUE,
-            &[
-                &task.name,
-                &task.args,
-                &task.kwargs,
-                &task.delay,
-                &int(task.priority),
-                &origin,
-                &task.unique_key,
-            ],
-        )?;
-        let id = rows
-            .first()
-            .map(|r| r.get(0))
-            .ok_or_else(|| self.err("the insert returned no id"))?;
-        Ok(Enqueued { id, created: true })
+        self.with(|c| insert_task(c, task))
     }
 
     /// Inserts the tasks in one transaction, in order.
